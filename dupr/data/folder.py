@@ -1,0 +1,136 @@
+"""An unlabeled image folder: every decodable image file under a root, in a fixed order.
+
+Self-supervised pre-training needs no labels, so the dataset is simply the sorted list of image
+files under a folder (recursively). The order is deterministic so that a seed reproduces the same
+samples on every machine. Decoding is strict: a file that cannot be fully decoded raises one typed
+`ImageDecodeError` naming the file, fast, instead of silently yielding a partial or gray image;
+deciding whether to skip such files is left to a wrapper.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch.utils.data
+from PIL import Image, ImageOps
+
+# Lower-case suffixes (with the dot) of the files the folder reads; matching is case-insensitive.
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+)
+
+
+class ImageDecodeError(Exception):
+    """An image file that could not be decoded; `.path` names it, the message is one line."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = Path(path)
+        self.reason = " ".join(str(reason).split()) or "unknown error"
+        super().__init__(f"cannot decode image {self.path}: {self.reason}")
+
+    def __reduce__(self) -> tuple[type[ImageDecodeError], tuple[Path, str]]:
+        # Rebuilt from (path, reason), so the error survives pickling (DataLoader workers, Ray).
+        return (type(self), (self.path, self.reason))
+
+
+def is_image_file(path: str | os.PathLike[str]) -> bool:
+    """Whether the file name has one of `IMAGE_EXTENSIONS` (case-insensitive)."""
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
+
+
+def list_image_files(root: str | os.PathLike[str]) -> list[Path]:
+    """Image files under `root`, recursively, skipping hidden files and folders, sorted.
+
+    The sort key is the tuple of path components relative to `root`, so the order does not depend
+    on the file system's listing order or on the platform's path separator. Symbolic links to
+    folders are not followed (no cycles); links to files are listed like files.
+    """
+    root_path = Path(root)
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root_path, followlinks=False):
+        # Pruning in place stops os.walk from descending into hidden folders.
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.startswith(".") or not is_image_file(name):
+                continue
+            path = Path(dirpath, name)
+            if path.is_file():
+                found.append(path)
+    found.sort(key=lambda p: p.relative_to(root_path).parts)
+    return found
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any decoded mode to 8-bit RGB, scaling 16-bit samples instead of clipping them.
+
+    `convert("RGB")` clips 16-bit gray ("I;16", "I") values at 255, which would turn most 16-bit
+    images white, so those are scaled to 8 bits first. Alpha is dropped, as torchvision does.
+    """
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        if mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = np.clip(values, 0, 65535) >> 8
+        image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
+    elif mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        if values.max(initial=0.0) <= 1.0:
+            values = values * 255.0
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
+    """Decode the whole file at `path` into an upright RGB image, or raise `ImageDecodeError`.
+
+    `load()` forces the full decode while the file is open, so a truncated file raises here
+    (Pillow's global `LOAD_TRUNCATED_IMAGES` is left alone and must be False for that). The EXIF
+    orientation is applied so that phone photos are not sideways.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+            return _to_rgb(upright)
+    except Exception as exc:  # Pillow raises many types for malformed data; all mean "bad file".
+        raise ImageDecodeError(path, f"{type(exc).__name__}: {exc}") from exc
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Unlabeled images under `root` (recursively, sorted); item `i` is an RGB `PIL.Image`."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        if not self.root.exists():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        if not self.root.is_dir():
+            raise NotADirectoryError(f"image folder {self.root} is not a directory")
+        self.paths: list[Path] = list_image_files(self.root)
+        if not self.paths:
+            raise FileNotFoundError(
+                f"image folder {self.root} contains no image files "
+                f"(looked for {', '.join(IMAGE_EXTENSIONS)}, hidden files ignored)"
+            )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> Image.Image:
+        """The `index`-th image in RGB; raises `ImageDecodeError` if the file does not decode."""
+        return load_rgb(self.paths[index])
+
+    def __getitem__(self, index: int) -> Image.Image:
+        return self.load(index)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={str(self.root)!r}, num_images={len(self.paths)})"

@@ -1,0 +1,154 @@
+"""Pairs of views with crop records, reproducible per (seed, epoch, image) and resumable mid-epoch.
+
+Each sample's augmentation is drawn from a generator seeded by (seed, epoch, index), so the
+views do not depend on the number of loader processes, on the number of training workers, or
+on where a resumed run restarts. `EpochSampler` gives every epoch its own permutation, splits
+it over ranks like DistributedSampler, and can start part-way through an epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from dupr.data.folder import ImageDecodeError
+
+log = logging.getLogger(__name__)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one sample (SplitMix64-style mixing of the three numbers)."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (
+        2**64 - 1
+    )
+    x ^= x >> 31
+    x = (x * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x ^= x >> 27
+    return x & (2**63 - 1)
+
+
+class TwoViewDataset(Dataset):
+    """Wraps an image dataset (with a `load(i) -> PIL image`) into two-view training samples.
+
+    Items are dicts: ``view1, view2`` (3, P, P) float tensors, ``crop1, crop2`` (5,) crop
+    records, ``index``, and ``skipped``: how many undecodable files were passed over to produce
+    this sample. A file that fails to decode is logged and replaced by the next one, never fatal.
+    """
+
+    max_skips = 16
+
+    def __init__(self, images: Any, transform: Callable, seed: int = 0) -> None:
+        self.images, self.transform, self.seed = images, transform, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        for skipped in range(self.max_skips + 1):
+            i = (index + skipped) % len(self.images)
+            try:
+                img = self.images.load(i)
+                break
+            except ImageDecodeError as err:
+                log.warning("skipping undecodable image: %s", err)
+        else:
+            raise RuntimeError(
+                f"{self.max_skips + 1} consecutive images failed to decode at index {index}"
+            )
+        # Seeded locally: the global torch generator of the calling process is left untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            view1, view2, crop1, crop2 = self.transform(img)
+        return {
+            "view1": view1,
+            "view2": view2,
+            "crop1": crop1,
+            "crop2": crop2,
+            "index": index,
+            "skipped": skipped,
+        }
+
+
+class EpochSampler(Sampler):
+    """Per-epoch permutation split over ranks; yields (epoch, index) so workers need no state.
+
+    Like DistributedSampler with drop_last=True, every rank gets the same number of samples
+    (Shuffle BN needs equal per-rank batches). `start` skips the first samples of this rank's
+    share, to resume in the middle of an epoch.
+    """
+
+    def __init__(
+        self,
+        length: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank={rank}: must be in [0, {num_replicas})")
+        self.length, self.seed, self.shuffle = length, seed, shuffle
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> Sequence[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
+            order = torch.randperm(self.length, generator=g).tolist()
+        else:
+            order = list(range(self.length))
+        total = self.length - self.length % self.num_replicas
+        return order[self.rank : total : self.num_replicas]
+
+    def samples_per_replica(self) -> int:
+        """Samples of one rank in a whole epoch (the same for every rank)."""
+        return self.length // self.num_replicas
+
+    def __len__(self) -> int:
+        return self.samples_per_replica() - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self.indices()[self.start :]:
+            yield self.epoch, index
+
+
+def build_loader(
+    images: Any,
+    transform: Callable,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    num_workers: int = 0,
+    num_replicas: int = 1,
+    rank: int = 0,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader of two-view batches for one rank (`batch_size` is per rank)."""
+    dataset = TwoViewDataset(images, transform, seed=seed)
+    sampler = EpochSampler(len(dataset), seed=seed, num_replicas=num_replicas, rank=rank)
+    if sampler.samples_per_replica() < batch_size:
+        raise ValueError(
+            f"batch_size={batch_size}: larger than the {sampler.samples_per_replica()} images per "
+            f"worker ({len(dataset)} images over {num_replicas} workers)"
+        )
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=True,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )

@@ -1,0 +1,213 @@
+"""DUPR: multi-level MoCo v2 with patch re-identification (paper §3.2, Fig. 3).
+
+One query encoder (backbone f₁ with heads h₁, g₁) learns by gradient; its momentum twin (f₂, h₂,
+g₂) encodes the keys. For every level m with α_m > 0 there is an image-level InfoNCE (Eq. 8),
+for every level with β_m > 0 a patch-level InfoNCE over the S×S cells of the views'
+intersection (Eq. 7), each with its own memory bank; Eq. 2 adds them up. MoCo v2 is the special
+case α = (0, 0, 0, 1), β = 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from dupr import distributed as D
+from dupr.backbone import ResNetBackbone
+from dupr.config import LEVELS, STRIDES, ModelConfig
+from dupr.geometry import view_boxes
+from dupr.heads import ImageHead, PatchHead
+from dupr.losses import info_nce
+from dupr.memory_bank import MemoryBank
+
+
+class Encoder(nn.Module):
+    """Backbone plus the heads of the levels whose loss weight is non-zero.
+
+    Heads of zero-weight levels are not built: they would get no gradient, which DDP rejects.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        norm = nn.SyncBatchNorm if cfg.bn_mode == "sync" else None
+        self.backbone = ResNetBackbone(cfg.backbone, norm_layer=norm)
+        channels = self.backbone.channels
+        self.up_to = cfg.deepest_level()
+        self.image_heads = nn.ModuleDict(
+            {
+                LEVELS[m]: ImageHead(channels[m], cfg.hidden_dim or channels[m], cfg.embed_dim)
+                for m in cfg.image_levels()
+            }
+        )
+        self.patch_heads = nn.ModuleDict(
+            {
+                LEVELS[m]: PatchHead(
+                    channels[m],
+                    cfg.hidden_dim or channels[m],
+                    cfg.embed_dim,
+                    roi_size=cfg.roi_size[m],
+                    stride=STRIDES[m],
+                    aligned=cfg.roi_aligned,
+                    sampling_ratio=cfg.roi_sampling_ratio,
+                )
+                for m in cfg.patch_levels()
+            }
+        )
+
+    def forward(
+        self, images: Tensor, boxes: Tensor, crops: Tensor
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Image embeddings v (N, d) and patch embeddings r (N, d, S, S) per level name."""
+        feats = self.backbone(images, self.up_to)
+        image = {name: head(feats[LEVELS.index(name)]) for name, head in self.image_heads.items()}
+        patch = {
+            name: head(feats[LEVELS.index(name)], boxes, crops)
+            for name, head in self.patch_heads.items()
+        }
+        return image, patch
+
+
+class DUPR(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder_q = Encoder(cfg)
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        for p in self.encoder_k.parameters():
+            p.requires_grad_(False)
+        # One memory bank per loss term (§3.2.3).
+        self.banks = nn.ModuleDict(
+            {
+                f"image_{LEVELS[m]}": MemoryBank(cfg.queue_size, cfg.embed_dim)
+                for m in cfg.image_levels()
+            }
+            | {
+                f"patch_{LEVELS[m]}": MemoryBank(cfg.queue_size, cfg.embed_dim)
+                for m in cfg.patch_levels()
+            }
+        )
+
+    def forward(
+        self, im_q: Tensor, im_k: Tensor, crop_q: Tensor, crop_k: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total loss (Eq. 2) for a batch of view pairs, and detached metrics.
+
+        im_q, im_k: (N, 3, P, P) views; crop_q, crop_k: (N, 5) crop records (see dupr.geometry).
+        """
+        cfg = self.cfg
+        box_q, box_k, overlap = view_boxes(crop_q, crop_k, im_q.shape[-1])  # B1, B2 (Eq. 3–4)
+        image_q, patch_q = self.encoder_q(im_q, box_q, crop_q)
+        with torch.no_grad():
+            self.momentum_update()
+            image_k, patch_k = self.keys(im_k, box_k, crop_k)
+
+        total = im_q.new_zeros((), dtype=torch.float32)
+        metrics: dict[str, Tensor] = {"overlap": overlap.float().mean()}
+        for name, q in image_q.items():
+            weight = cfg.alpha[LEVELS.index(name)]
+            loss, correct = info_nce(q, image_k[name], self.bank_snapshot(f"image_{name}"), cfg.tau)
+            loss = loss.mean()  # Eq. 8, averaged over the images of the batch
+            total = total + weight * loss
+            metrics[f"loss/image_{name}"] = loss.detach()
+            metrics[f"acc/image_{name}"] = correct.float().mean()
+        # Patch losses are averaged over the valid cells of the GLOBAL batch (see patch_loss).
+        n_overlap = D.all_reduce_sum(overlap.sum()) if patch_q else overlap.sum()
+        for name, r_q in patch_q.items():
+            weight = cfg.beta[LEVELS.index(name)]
+            loss, acc = self.patch_loss(name, r_q, patch_k[name], overlap, n_overlap)
+            total = total + weight * loss
+            metrics[f"loss/patch_{name}"] = loss.detach()
+            metrics[f"acc/patch_{name}"] = acc
+        metrics["loss"] = total.detach()
+
+        self.enqueue(image_k, patch_k, overlap)  # after the loss: a key is never its own negative
+        return total, metrics
+
+    def patch_loss(
+        self, name: str, r_q: Tensor, r_k: Tensor, overlap: Tensor, n_overlap_global: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Eq. 7 for one level, normalised as a mean over valid cells and images.
+
+        The paper writes Eq. 7 as a sum over the S×S positions p; we divide by the number of
+        positions and images so that β_m = 1 weighs a level like α_m = 1 does for the mean of
+        Eq. 8. Pairs whose crops do not overlap contribute nothing. Under DDP each rank divides
+        by the global count / world size, so that DDP's gradient average equals the mean over
+        the global batch whatever the per-rank counts are.
+        """
+        cells = r_q.shape[-1] * r_q.shape[-2]
+        q = r_q.flatten(2).transpose(1, 2)[overlap].flatten(0, 1)  # (valid·S², d)
+        k = r_k.flatten(2).transpose(1, 2)[overlap].flatten(0, 1)
+        denom = (n_overlap_global * cells).clamp(min=1).float() / D.world_size()
+        if len(q) == 0:
+            # Nothing overlaps here: a zero that stays connected to the patch head, so every
+            # parameter still receives a (zero) gradient and DDP's reducer is satisfied.
+            return r_q.float().sum() * 0.0, r_q.new_tensor(math.nan)
+        losses, correct = info_nce(
+            q, k, self.bank_snapshot(f"patch_{name}"), self.cfg.tau, self.cfg.loss_memory_mb
+        )
+        return losses.sum() / denom, correct.float().mean()
+
+    def bank_snapshot(self, name: str) -> Tensor:
+        """The bank's keys as they are now; backward needs them after `enqueue` changed the bank."""
+        return self.banks[name].keys.clone()
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """θ_k ← m·θ_k + (1 − m)·θ_q over parameters (BN running statistics are not averaged)."""
+        k_params = list(self.encoder_k.parameters())
+        q_params = [p.detach() for p in self.encoder_q.parameters()]
+        torch._foreach_lerp_(k_params, q_params, 1.0 - self.cfg.momentum)
+
+    @torch.no_grad()
+    def keys(
+        self, im_k: Tensor, box_k: Tensor, crop_k: Tensor
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Key embeddings from the momentum encoder, with Shuffle BN under DDP.
+
+        The crop records and boxes travel with their images through the shuffle, so RoIAlign
+        and the BN-free patch heads run on the shuffled slice and only the small embeddings are
+        gathered back, not the feature maps.
+        """
+        if self.cfg.bn_mode != "shuffle" or not D.is_distributed():
+            return self.encoder_k(im_k, box_k, crop_k)
+        (im, box, crop), unshuffle = D.shuffle_batch(im_k, box_k, crop_k)
+        image, patch = self.encoder_k(im, box, crop)
+        return (
+            {n: D.unshuffle_batch(v, unshuffle) for n, v in image.items()},
+            {n: D.unshuffle_batch(r, unshuffle) for n, r in patch.items()},
+        )
+
+    @torch.no_grad()
+    def enqueue(
+        self, image_k: dict[str, Tensor], patch_k: dict[str, Tensor], overlap: Tensor
+    ) -> None:
+        """Image banks take every key of the global batch; patch banks a random sample."""
+        for name, k in image_k.items():
+            self.banks[f"image_{name}"].enqueue(D.all_gather(k.float()))
+        for name, r in patch_k.items():
+            self.banks[f"patch_{name}"].enqueue(self.sample_patch_keys(r, overlap))
+
+    @torch.no_grad()
+    def sample_patch_keys(self, r_k: Tensor, overlap: Tensor) -> Tensor:
+        """`patch_keys_per_enqueue` random valid patch keys of the GLOBAL batch (paper: 32).
+
+        The paper samples 32 patch keys per batch of 256 images, and its batch is the global
+        batch over 8 GPUs; taking 32 for the global batch keeps the bank's age (K / 32 steps)
+        independent of the number of workers. Each rank draws ceil(32 / world) of its valid
+        keys (padded, with a validity flag, so all_gather sees equal shapes), and the first 32
+        valid gathered keys are kept; every rank therefore enqueues the same keys.
+        """
+        want = self.cfg.patch_keys_per_enqueue
+        n_local = math.ceil(want / D.world_size())
+        keys = r_k.flatten(2).transpose(1, 2)[overlap].flatten(0, 1).float()
+        take = min(n_local, len(keys))
+        picked = keys[torch.randperm(len(keys), device=keys.device)[:take]]
+        sample = keys.new_zeros(n_local, keys.shape[1])
+        valid = torch.zeros(n_local, dtype=torch.uint8, device=keys.device)  # gloo has no bool
+        sample[:take], valid[:take] = picked, 1
+        sample, valid = D.all_gather(sample), D.all_gather(valid)
+        return sample[valid.bool()][:want]

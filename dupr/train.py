@@ -1,0 +1,212 @@
+"""The framework-neutral training step and loop (no Ray, no MLflow): SGD, cosine schedule, AMP.
+
+A launcher (the plain `dupr.pretrain` script, or the Ray Train worker in the platform) builds a
+`TrainState`, restores it from a checkpoint if there is one, and calls `train()` with callbacks
+for logging and checkpointing. `TrainState.state_dict()` holds everything needed to continue a
+run exactly: model with memory banks, optimizer, scheduler, AMP scaler, epoch and step, and the
+random generators; the data order and augmentation are functions of (seed, epoch, index).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from dupr.config import OptimConfig
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel (or similar) wrapper."""
+    return getattr(model, "module", model)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
+    """SGD over the trainable (query-side) parameters, as MoCo: weight decay on all of them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 (per step)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    total = cfg.epochs * steps_per_epoch
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class TrainState:
+    """Everything a run carries from one step to the next."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "rng"} - set(state)
+        if missing:
+            raise KeyError(f"checkpoint lacks {', '.join(sorted(missing))}")
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        set_rng_state(state["rng"])
+
+
+def build_state(
+    model: nn.Module, cfg: OptimConfig, steps_per_epoch: int, device: torch.device
+) -> TrainState:
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    # A loss scaler is only needed for float16 autocast on a GPU; bfloat16 has float32's range.
+    use_scaler = device.type == "cuda" and cfg.amp and cfg.amp_dtype == "float16"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    return TrainState(model, optimizer, scheduler, scaler)
+
+
+def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> tuple:
+    views = []
+    for key in ("view1", "view2"):
+        v = batch[key].to(device, non_blocking=True)
+        views.append(v.contiguous(memory_format=torch.channels_last) if channels_last else v)
+    crops = [batch[key].to(device, non_blocking=True) for key in ("crop1", "crop2")]
+    return views[0], views[1], crops[0], crops[1]
+
+
+def train_step(
+    state: TrainState, batch: dict[str, Any], cfg: OptimConfig, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """One optimizer step on a batch of view pairs; returns detached metrics (no host sync)."""
+    im_q, im_k, crop_q, crop_k = to_device(batch, device, cfg.channels_last)
+    amp = cfg.amp and device.type == "cuda"
+    with torch.autocast(device.type, dtype=getattr(torch, cfg.amp_dtype), enabled=amp):
+        loss, metrics = state.model(im_q, im_k, crop_q, crop_k)
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    metrics["lr"] = torch.tensor(state.optimizer.param_groups[0]["lr"])
+    state.scheduler.step()
+    state.step += 1
+    return metrics
+
+
+StepCallback = Callable[[int, dict[str, float]], None]
+EpochCallback = Callable[[TrainState], None]
+
+
+def _mean_metrics(window: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Average a window of per-step metrics with one device→host transfer; NaN entries ignored."""
+    keys = sorted(window[0])
+    stacked = torch.stack([torch.stack([m[k].float().cpu() for k in keys]) for m in window])
+    means = stacked.nanmean(dim=0).tolist()
+    return dict(zip(keys, means, strict=True))
+
+
+def train(
+    state: TrainState,
+    loader: DataLoader,
+    cfg: OptimConfig,
+    device: torch.device,
+    *,
+    global_batch: int | None = None,
+    log_every: int = 10,
+    on_log: StepCallback | None = None,
+    on_epoch_end: EpochCallback | None = None,
+) -> TrainState:
+    """Train from `state.epoch`/`state.step` to `cfg.epochs`.
+
+    The loader's sampler must have ``set_epoch(epoch, start)`` (`EpochSampler`); a state saved in
+    the middle of an epoch resumes at the next unseen batch. `on_log` receives the step and the
+    metrics averaged over the last `log_every` steps, plus throughput (images/s over all
+    workers), the time spent waiting for data, and the number of undecodable files skipped.
+    `on_epoch_end` is where checkpoints are written. A non-finite loss stops training with
+    FloatingPointError before the next checkpoint, so a diverged model is never saved.
+    """
+    if not loader.drop_last:
+        raise ValueError("the loader needs drop_last=True: Shuffle BN needs equal per-rank batches")
+    steps_per_epoch = loader.sampler.samples_per_replica() // loader.batch_size
+    global_batch = global_batch or loader.batch_size
+    state.model.train()
+    while state.epoch < cfg.epochs:
+        done_in_epoch = state.step - state.epoch * steps_per_epoch
+        loader.sampler.set_epoch(state.epoch, start=done_in_epoch * loader.batch_size)
+        window: list[dict[str, torch.Tensor]] = []
+        data_wait, skipped, tick = 0.0, 0, time.perf_counter()
+        fetch = time.perf_counter()
+        for batch in loader:
+            data_wait += time.perf_counter() - fetch
+            skipped += int(batch["skipped"].sum())
+            window.append(train_step(state, batch, cfg, device))
+            if len(window) == log_every or state.step % steps_per_epoch == 0:
+                logged = _mean_metrics(window)
+                if not math.isfinite(logged["loss"]):
+                    raise FloatingPointError(
+                        f"non-finite loss {logged['loss']} at step {state.step}"
+                    )
+                elapsed = time.perf_counter() - tick
+                logged |= {
+                    "images_per_s": len(window) * global_batch / elapsed,
+                    "data_wait_s": data_wait / len(window),
+                    "skipped_files": float(skipped),
+                    "epoch": state.step / steps_per_epoch,
+                }
+                if on_log:
+                    on_log(state.step, logged)
+                window, data_wait, skipped, tick = [], 0.0, 0, time.perf_counter()
+            fetch = time.perf_counter()
+        state.epoch += 1
+        if on_epoch_end:
+            on_epoch_end(state)
+    return state
