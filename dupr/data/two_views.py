@@ -151,4 +151,7 @@ def build_loader(
         drop_last=True,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        # Its own generator: starting an epoch must not draw from the global one, or a run
+        # resumed mid-epoch would see different random numbers than an uninterrupted one.
+        generator=torch.Generator().manual_seed(seed),
     )

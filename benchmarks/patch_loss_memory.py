@@ -1,0 +1,386 @@
+"""Peak memory of the patch-level InfoNCE loss: chunked log-sum-exp against the direct form.
+
+Why: at paper scale the patch queries of one GPU (32 images x 196 conv4 cells = 6272) against
+K = 65536 bank keys make a 1.6 GB float32 logit matrix, and the direct form holds several such
+matrices at once during forward + backward. `dupr.losses.ChunkedLogSumExp` exists to bound that
+by a memory budget without changing the result. This script checks both claims in one run:
+chunked peak <= 25% of the direct peak, and loss / gradient equal to the direct form within 1e-5.
+
+Each variant runs in a fresh subprocess, so that one variant's freed memory or allocator cache
+cannot hide or inflate another's peak. On CUDA the peak is `max_memory_allocated` above the
+memory held after the inputs were allocated; on CPU (no allocator peak counter) it is the peak
+resident set size (VmHWM, reset through /proc/self/clear_refs) above the RSS after the inputs.
+
+    python benchmarks/patch_loss_memory.py                 # paper scale, ~1 minute on 2 cores
+    python benchmarks/patch_loss_memory.py --quick         # smoke run
+    python benchmarks/patch_loss_memory.py --record benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from _common import machine_lines, markdown_table, record, resolve_device
+
+from dupr.losses import info_nce
+
+TARGET_RATIO = 0.25  # chunked peak must be at most this fraction of the direct peak
+TOLERANCE = 1e-5  # relative loss difference and normalised max gradient difference
+FLOAT32_BYTES = 4
+DEFAULTS = {"queries": 6272, "keys": 65536, "repeats": 3}
+QUICK = {"queries": 3136, "keys": 32768, "repeats": 1}
+
+
+# --------------------------------------------------------------------------- worker (subprocess)
+
+
+def _proc_status_kib(field: str) -> int:
+    """A `VmRSS` / `VmHWM` style field of /proc/self/status, in KiB."""
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so earlier peaks are not counted."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def make_inputs(
+    n: int, k: int, d: int, seed: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L2-normalised random q, k_pos (n, d) and bank (K, d); made on the CPU so every device and
+    every subprocess sees bit-identical inputs."""
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(n, d, generator=g), dim=1)
+    k_pos = F.normalize(torch.randn(n, d, generator=g), dim=1)
+    bank = F.normalize(torch.randn(k, d, generator=g), dim=1)
+    return q.to(device).requires_grad_(True), k_pos.to(device), bank.to(device)
+
+
+def _step(
+    q: torch.Tensor, k_pos: torch.Tensor, bank: torch.Tensor, tau: float, memory_mb: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward + backward, as the training step does it; returns (mean loss, per-query)."""
+    q.grad = None
+    loss, _ = info_nce(q, k_pos, bank, tau=tau, memory_mb=memory_mb)
+    total = loss.mean()
+    total.backward()
+    return total.detach(), loss.detach()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _profiled_alloc_peak(step: Callable[[], object]) -> int | None:
+    """Peak of live CPU allocator bytes during `step`, from the profiler's memory events.
+
+    RSS also counts what malloc keeps cached after a free, so it can overstate the peak; this
+    second number is the exact allocator peak. It reads `kineto_results`, which is not a
+    documented API, hence the fallback to None.
+    """
+    try:
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+        ) as prof:
+            step()
+        events = [
+            (e.start_ns(), e.nbytes())
+            for e in prof.profiler.kineto_results.events()
+            if e.name() == "[memory]"
+        ]
+    except Exception:  # the private attribute moved or the profiler is unavailable
+        return None
+    live = peak = 0
+    for _, nbytes in sorted(events):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def worker(spec: dict) -> None:
+    """Run one variant and save its peak memory, times, loss and gradient to `spec['out']`."""
+    device = torch.device(spec["device"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    tau, memory_mb = spec["tau"], spec["memory_mb"]
+    q, k_pos, bank = make_inputs(spec["n"], spec["k"], spec["d"], spec["seed"], device)
+
+    # Warm-up on tiny inputs through both code paths: loads BLAS kernels, thread pools and the
+    # cuBLAS workspace now, so they are not charged to the variant's peak.
+    wq, wk, wb = make_inputs(64, 1024, spec["d"], spec["seed"] + 1, device)
+    _step(wq, wk, wb, tau, math.inf)
+    _step(wq, wk, wb, tau, 0.05)
+    del wq, wk, wb
+    gc.collect()
+    _sync(device)
+
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        hwm_reset = True
+    else:
+        base = _proc_status_kib("VmRSS") * 1024
+        hwm_reset = _reset_peak_rss()
+
+    times = []
+    for _ in range(spec["repeats"]):
+        _sync(device)
+        start = time.perf_counter()
+        total, per_query = _step(q, k_pos, bank, tau, memory_mb)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) - base
+        alloc_peak = peak
+    else:
+        peak = _proc_status_kib("VmHWM") * 1024 - base
+        alloc_peak = _profiled_alloc_peak(lambda: _step(q, k_pos, bank, tau, memory_mb))
+    torch.save(
+        {
+            "peak_bytes": peak,
+            "alloc_peak_bytes": -1 if alloc_peak is None else alloc_peak,
+            "base_bytes": base,
+            "hwm_reset": hwm_reset,
+            "times": times,
+            "loss": total.cpu(),
+            "per_query": per_query.cpu(),
+            "grad": q.grad.detach().cpu(),
+        },
+        spec["out"],
+    )
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_variant(spec: dict) -> dict:
+    """Run `worker(spec)` in a fresh interpreter and load what it saved."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    # The profiler prints start/stop lines on stderr; show them only when the worker fails.
+    # A fixed glibc mmap threshold returns every freed buffer >= 1 MiB to the OS at once, so
+    # RSS tracks live tensors as CUDA's max_memory_allocated does. With glibc's default dynamic
+    # threshold, freed blocks of up to 32 MiB stay cached in the heap and the peak RSS of small
+    # budgets varied from run to run (136 to 291 MiB for a 96 MiB allocator peak).
+    env = {**os.environ}
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"worker for {spec['memory_mb']} MB failed (exit {proc.returncode})")
+    return torch.load(spec["out"], weights_only=True)
+
+
+def chunk_keys(n: int, memory_mb: float) -> int | None:
+    """Keys per chunk that `negatives_logsumexp` picks for this budget (None: direct path).
+
+    Mirrors the rule in dupr/losses.py, for display only; the run itself goes through info_nce.
+    """
+    if math.isinf(memory_mb):
+        return None
+    return max(1, int(memory_mb * 2**20 / (2 * n * FLOAT32_BYTES)))
+
+
+def mem_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo, to refuse runs that would swap or get OOM-killed."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--queries", type=int, help="patch queries n (6272 = 32 images x 196 cells)")
+    p.add_argument("--keys", type=int, help="bank size K (65536)")
+    p.add_argument("--dim", type=int, default=128, help="embedding dimension d")
+    p.add_argument("--tau", type=float, default=0.2)
+    p.add_argument(
+        "--budgets",
+        type=str,
+        default="256,64",
+        help="comma-separated memory_mb budgets for the chunked variants (256 = project default)",
+    )
+    p.add_argument("--repeats", type=int, help="timed forward+backward per variant (3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: n=3136, K=32768, 1 repeat (unless given)"
+    )
+    p.add_argument("--record", metavar="FILE", help="append the table to this Markdown file")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    sizes = QUICK if args.quick else DEFAULTS
+    for name, value in sizes.items():
+        if getattr(args, name) is None:  # explicit options win over --quick
+            setattr(args, name, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        worker(json.loads(args.worker))
+        return
+
+    device = resolve_device(args.device)
+    n, k, d = args.queries, args.keys, args.dim
+    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    logit_bytes = n * k * FLOAT32_BYTES
+    machine = machine_lines(str(device))
+    print("\n".join(machine))
+    print(
+        f"patch loss: n={n} queries x K={k} keys x d={d}, tau={args.tau}, "
+        f"logit matrix {logit_bytes / 2**20:.0f} MiB, {args.repeats} timed repeat(s) per variant"
+    )
+
+    # The direct form holds roughly four logit-sized buffers at its peak.
+    available = mem_available_bytes() if device.type == "cpu" else None
+    if available is not None and 4 * logit_bytes > 0.8 * available:
+        raise SystemExit(
+            f"the direct variant needs about {4 * logit_bytes / 2**30:.1f} GiB but only "
+            f"{available / 2**30:.1f} GiB is available; use smaller --queries/--keys"
+        )
+
+    variants = [("direct", math.inf)] + [(f"chunked {b:g} MB", b) for b in budgets]
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="dupr-bench-") as tmp:
+        for i, (name, memory_mb) in enumerate(variants):
+            print(f"running {name} ...", flush=True)
+            spec = {
+                "n": n,
+                "k": k,
+                "d": d,
+                "tau": args.tau,
+                "seed": args.seed,
+                "memory_mb": memory_mb,
+                "device": str(device),
+                "repeats": args.repeats,
+                "out": str(Path(tmp) / f"variant{i}.pt"),
+            }
+            results[name] = run_variant(spec)
+
+    ref = results["direct"]
+    ref_loss = ref["loss"].double()
+    ref_grad = ref["grad"].double()
+    ref_per_query = ref["per_query"].double()
+    grad_scale = ref_grad.abs().max().item()
+    rows = []
+    verdicts = []
+    for name, memory_mb in variants:
+        r = results[name]
+        peak_mib = r["peak_bytes"] / 2**20
+        ratio = r["peak_bytes"] / ref["peak_bytes"]
+        wall = statistics.median(r["times"])
+        loss_rel = abs(r["loss"].double() - ref_loss).item() / abs(ref_loss).item()
+        pq_rel = ((r["per_query"].double() - ref_per_query).abs() / ref_per_query.abs()).max()
+        grad_rel = (r["grad"].double() - ref_grad).abs().max().item() / grad_scale
+        chunk = chunk_keys(n, memory_mb)
+        alloc = r["alloc_peak_bytes"]
+        alloc_s = "-" if alloc < 0 else f"{alloc / 2**20:.0f}"
+        if name == "direct":
+            budget, chunk_s, per_budget, target, verdict = "inf", "-", "-", "baseline", "baseline"
+        else:
+            budget = f"{memory_mb:g}"
+            best = alloc if alloc >= 0 else r["peak_bytes"]
+            per_budget = f"{best / 2**20 / memory_mb:.2f}"
+            target = f"<= {TARGET_RATIO:.0%}, diffs <= {TOLERANCE:g}"
+            if logit_bytes <= memory_mb * 2**20:
+                chunk_s, verdict = "direct path", "n/a (budget >= logits)"
+            else:
+                chunk_s = f"{chunk} x {math.ceil(k / chunk)}"
+                ok = ratio <= TARGET_RATIO and loss_rel <= TOLERANCE and grad_rel <= TOLERANCE
+                verdict = "PASS" if ok else "FAIL"
+            verdicts.append(verdict)
+        rows.append(
+            [
+                name,
+                budget,
+                chunk_s,
+                f"{peak_mib:.0f}",
+                alloc_s,
+                f"{ratio:.1%}",
+                per_budget,
+                f"{wall:.2f}",
+                f"{loss_rel:.1e}",
+                f"{pq_rel.item():.1e}",
+                f"{grad_rel:.1e}",
+                target,
+                verdict,
+            ]
+        )
+
+    header = [
+        "variant",
+        "memory_mb",
+        "chunk keys x chunks",
+        "peak MiB",
+        "allocator peak MiB",
+        "peak / direct",
+        "allocator peak / budget",
+        "wall s (median)",
+        "loss rel diff",
+        "per-query max rel diff",
+        "grad max diff / max grad",
+        "target",
+        "result",
+    ]
+    table = markdown_table(header, rows)
+    if device.type == "cuda":
+        how = "peak = torch.cuda.max_memory_allocated above the memory held after the inputs"
+    else:
+        resets = "reset" if all(r["hwm_reset"] for r in results.values()) else "NOT reset"
+        how = (
+            "peak = peak RSS (VmHWM, " + resets + " after warm-up) minus RSS after the inputs, "
+            "each variant in a fresh subprocess with MALLOC_MMAP_THRESHOLD_="
+            + os.environ.get("MALLOC_MMAP_THRESHOLD_", str(2**20))
+        )
+    notes = [
+        f"inputs: n={n}, K={k}, d={d}, tau={args.tau}, seed={args.seed}, L2-normalised; "
+        f"direct logit matrix {logit_bytes / 2**20:.0f} MiB float32",
+        how,
+        "allocator peak = live allocator bytes at their peak (CPU: torch profiler memory events "
+        "of one extra step; CUDA: same as peak); RSS also keeps what malloc caches after a free",
+        f"wall = median of {args.repeats} forward+backward of info_nce(...).mean()",
+        "diffs are against the direct variant; grad diff = max |g - g_direct| / max |g_direct|",
+    ]
+    body = table + "\n\n" + "\n".join(f"- {line}" for line in notes) + "\n"
+    print()
+    print(body)
+    judged = [v for v in verdicts if not v.startswith("n/a")]
+    overall = "PASS" if judged and all(v == "PASS" for v in judged) else "FAIL"
+    print(f"overall: {overall}")
+    if args.record:
+        title = f"patch_loss_memory ({'quick' if args.quick else 'default'}, {device})"
+        record(args.record, title, machine, body + f"\noverall: **{overall}**\n")
+
+
+if __name__ == "__main__":
+    main()

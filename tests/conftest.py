@@ -1,0 +1,25 @@
+"""Shared fixtures: tiny configurations that run in seconds on two CPU cores."""
+
+import os
+
+import pytest
+import torch
+from helpers import tiny_model_config
+
+from dupr.config import DUPRConfig, OptimConfig, validate
+
+# Tests never write the embedded data into the user's cache; one folder per session.
+os.environ.setdefault(
+    "DUPR_DATA_HOME", os.path.join(os.path.dirname(__file__), "..", "runs", "test-data")
+)
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def tiny_config() -> DUPRConfig:
+    return validate(
+        DUPRConfig(
+            model=tiny_model_config(),
+            optim=OptimConfig(lr=0.03, batch_size=8, epochs=2, amp=False),
+        )
+    )

@@ -1,0 +1,175 @@
+"""The DUPR model: heads per non-zero weight, momentum encoder, key path, banks, MoCo v2 preset."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from helpers import random_batch, tiny_model_config
+
+from dupr.config import LEVELS, preset
+from dupr.geometry import view_boxes
+from dupr.model import DUPR
+
+
+def test_heads_are_built_only_for_nonzero_weights():
+    model = DUPR(tiny_model_config(alpha=(0, 0, 0.5, 1), beta=(0, 0, 0, 1)))
+    assert set(model.encoder_q.image_heads) == {"conv4", "conv5"}
+    assert set(model.encoder_q.patch_heads) == {"conv5"}
+    assert set(model.banks) == {"image_conv4", "image_conv5", "patch_conv5"}
+    full = DUPR(tiny_model_config(alpha=(1, 1, 1, 1), beta=(1, 1, 1, 1)))
+    assert len(full.banks) == 8  # up to 4 image-level and 4 patch-level banks
+
+
+def test_default_dupr_has_paper_structure():
+    cfg = preset("dupr").model
+    assert (cfg.alpha, cfg.beta, cfg.tau, cfg.queue_size) == (
+        (0.1, 0.4, 0.7, 1.0),
+        (0, 0, 1, 1),
+        0.15,
+        65536,
+    )
+    assert cfg.roi_size[2:] == (14, 7) and cfg.momentum == 0.999
+
+
+def test_momentum_update_over_parameters():
+    model = DUPR(tiny_model_config(momentum=0.9))
+    with torch.no_grad():
+        for p in model.encoder_k.parameters():
+            p.add_(torch.randn_like(p))
+    q_before = [p.clone() for p in model.encoder_q.parameters()]
+    k_before = [p.clone() for p in model.encoder_k.parameters()]
+    k_buffers = {n: b.clone() for n, b in model.encoder_k.named_buffers()}
+    model.momentum_update()
+    for q, k0, k1 in zip(q_before, k_before, model.encoder_k.parameters(), strict=True):
+        assert torch.allclose(k1, 0.9 * k0 + 0.1 * q, atol=1e-6)
+    for n, b in model.encoder_k.named_buffers():  # BN statistics are not averaged
+        assert torch.equal(b, k_buffers[n])
+
+
+def test_key_path_has_no_gradient_and_query_path_has():
+    model = DUPR(tiny_model_config())
+    loss, metrics = model(*random_batch(4, 64))
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.encoder_k.parameters())
+    assert all(b.grad is None for b in model.buffers())
+    for name, p in model.encoder_q.named_parameters():
+        assert p.grad is not None, name
+    assert torch.isfinite(loss) and set(metrics) >= {"loss", "loss/image_conv5", "loss/patch_conv4"}
+
+
+def test_total_loss_is_eq2_weighted_sum():
+    cfg = tiny_model_config(alpha=(0.1, 0.4, 0.7, 1.0), beta=(0, 0, 1, 0.5))
+    _, m = DUPR(cfg)(*random_batch(4, 64))
+    expected = sum(a * m[f"loss/image_{lv}"] for a, lv in zip(cfg.alpha, LEVELS, strict=True))
+    expected = expected + m["loss/patch_conv4"] + 0.5 * m["loss/patch_conv5"]
+    assert torch.allclose(m["loss"], expected, rtol=1e-6)
+
+
+def test_banks_enqueue_batch_keys_and_sampled_patch_keys_after_the_loss():
+    model = DUPR(tiny_model_config(queue_size=20, patch_keys_per_enqueue=8))
+    before = {n: b.keys.clone() for n, b in model.banks.items()}
+    model(*random_batch(6, 64))
+    assert model.banks["image_conv5"].ptr.item() == 6
+    assert model.banks["patch_conv4"].ptr.item() == 8  # 8 sampled of 6·3·3 valid cells
+    model(*random_batch(6, 64, seed=1))
+    model(*random_batch(6, 64, seed=2))
+    assert model.banks["image_conv5"].ptr.item() == 18 % 20
+    assert model.banks["patch_conv4"].ptr.item() == 24 % 20  # wrapped around
+    for n, b in model.banks.items():
+        assert not torch.equal(b.keys, before[n])
+        assert torch.allclose(b.keys.norm(dim=1), torch.ones(20), atol=1e-5)
+
+
+def test_sampled_patch_keys_come_only_from_overlapping_pairs():
+    model = DUPR(tiny_model_config(patch_keys_per_enqueue=100))
+    r = torch.zeros(3, 16, 3, 3)
+    r[1] = 1.0  # only pair 1 overlaps
+    overlap = torch.tensor([False, True, False])
+    keys = model.sample_patch_keys(r, overlap)
+    assert keys.shape == (9, 16)  # all 9 valid cells, no padding, no duplicates
+    assert torch.all(keys == 1.0)
+
+
+def test_batch_without_any_overlap_gives_finite_connected_loss():
+    model = DUPR(tiny_model_config())
+    batch = random_batch(4, 64, overlap=False)
+    assert not view_boxes(batch[2], batch[3], 64)[2].any()
+    ptr = model.banks["patch_conv4"].ptr.item()
+    loss, metrics = model(*batch)
+    assert torch.isfinite(loss)
+    assert metrics["loss/patch_conv4"] == 0
+    loss.backward()
+    for p in model.encoder_q.patch_heads.parameters():
+        assert p.grad is not None and torch.all(p.grad == 0)
+    assert model.banks["patch_conv4"].ptr.item() == ptr  # nothing to enqueue
+
+
+def test_patch_loss_averages_over_valid_cells_only():
+    # eval(): BatchNorm then does not depend on the batch, so sub-batches are comparable.
+    model = DUPR(tiny_model_config(alpha=(0, 0, 0, 1), beta=(0, 0, 1, 0))).eval()
+    good = random_batch(4, 64, seed=3)
+    bad = random_batch(4, 64, seed=3, overlap=False)
+    mixed = [torch.cat([g[:2], b[2:]]) for g, b in zip(good, bad, strict=True)]
+    m_good = copy.deepcopy(model)
+    _, m = model(*mixed)
+    # The loss of the mixed batch equals that of its two overlapping pairs alone.
+    _, m2 = m_good(*[t[:2] for t in good])
+    assert torch.allclose(m["loss/patch_conv4"], m2["loss/patch_conv4"], rtol=1e-5)
+
+
+def moco_v2_reference(model: DUPR, im_q, im_k, tau):
+    """MoCo v2 as its builder computes it, on torchvision ResNets carrying our weights."""
+    cfg = model.cfg
+
+    def as_moco_encoder(enc):
+        net = torchvision.models.__dict__[cfg.backbone](num_classes=cfg.embed_dim)
+        mlp = enc.image_heads["conv5"].mlp
+        net.fc = torch.nn.Sequential(copy.deepcopy(mlp[0]), torch.nn.ReLU(), copy.deepcopy(mlp[2]))
+        missing, unexpected = net.load_state_dict(enc.backbone.state_dict(), strict=False)
+        assert (
+            set(missing) == {"fc.0.weight", "fc.0.bias", "fc.2.weight", "fc.2.bias"}
+            and not unexpected
+        )
+        return net.train()
+
+    m = cfg.momentum
+    enc_q = as_moco_encoder(model.encoder_q)
+    enc_k = as_moco_encoder(model.encoder_k)
+    with torch.no_grad():  # MoCo: momentum update, then keys
+        for pk, pq in zip(enc_k.parameters(), enc_q.parameters(), strict=True):
+            pk.mul_(m).add_(pq, alpha=1 - m)
+    queue = model.banks["image_conv5"].keys.T.clone()  # MoCo stores the queue as (dim, K)
+    q = F.normalize(enc_q(im_q), dim=1)
+    with torch.no_grad():
+        k = F.normalize(enc_k(im_k), dim=1)
+    l_pos = torch.einsum("nc,nc->n", q, k)[:, None]
+    l_neg = torch.einsum("nc,ck->nk", q, queue)
+    logits = torch.cat([l_pos, l_neg], dim=1) / tau
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long)), k
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_mocov2_preset_equals_plain_moco_v2(backbone):
+    base = preset("mocov2").model
+    cfg = tiny_model_config(
+        backbone=backbone,
+        alpha=base.alpha,
+        beta=base.beta,
+        tau=base.tau,
+        hidden_dim=None,
+        momentum=0.9,
+    )
+    torch.manual_seed(0)
+    model = DUPR(cfg)
+    assert set(model.banks) == {"image_conv5"} and not model.encoder_q.patch_heads
+    with torch.no_grad():  # make the key encoder differ so the momentum step matters
+        for p in model.encoder_k.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    im_q, im_k, crop_q, crop_k = random_batch(4, 64, seed=5)
+    ref_loss, ref_k = moco_v2_reference(model, im_q, im_k, cfg.tau)
+    loss, _ = model(im_q, im_k, crop_q, crop_k)
+    assert torch.allclose(loss, ref_loss, rtol=1e-5), (loss.item(), ref_loss.item())
+    # ... and enqueued MoCo's keys.
+    assert torch.allclose(model.banks["image_conv5"].keys[:4], ref_k, atol=2e-4)

@@ -1,0 +1,122 @@
+"""Training loop: schedule, exact resume from a checkpoint, and a short run whose loss goes down."""
+
+import io
+import math
+
+import pytest
+import torch
+
+from dupr.config import DUPRConfig
+from dupr.data import ImageFolderDataset, embedded_image_folder
+from dupr.data.two_views import build_loader
+from dupr.model import DUPR
+from dupr.pretrain import main as pretrain_main
+from dupr.train import TrainState, build_state, lr_factor, train
+from dupr.views import TwoViews
+
+CPU = torch.device("cpu")
+
+
+def test_cosine_schedule_with_warmup():
+    assert lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10) == pytest.approx(0.5)
+    assert lr_factor(99, 100, 0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.99)))
+
+
+def setup(cfg: DUPRConfig, images, seed=0) -> tuple[TrainState, torch.utils.data.DataLoader]:
+    torch.manual_seed(seed)
+    loader = build_loader(
+        images, TwoViews(cfg.model.image_size, cfg.augment), cfg.optim.batch_size, seed=seed
+    )
+    state = build_state(DUPR(cfg.model), cfg.optim, len(loader), CPU)
+    return state, loader
+
+
+def roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return ImageFolderDataset(embedded_image_folder(24))
+
+
+def test_resume_after_an_epoch_reaches_identical_weights(tiny_config, images):
+    cfg = tiny_config  # 24 images, batch 8: 3 steps per epoch, 2 epochs
+    straight, loader = setup(cfg, images)
+    train(straight, loader, cfg.optim, CPU)
+
+    saved = {}
+    first, loader = setup(cfg, images)
+    cfg.optim.epochs = 1
+    train(
+        first,
+        loader,
+        cfg.optim,
+        CPU,
+        on_epoch_end=lambda s: saved.update(ckpt=roundtrip(s.state_dict())),
+    )
+    cfg.optim.epochs = 2
+    torch.manual_seed(999)  # a fresh process: different global RNG, fresh model
+    resumed, loader = setup(cfg, images, seed=0)
+    resumed.load_state_dict(saved["ckpt"])
+    assert (resumed.epoch, resumed.step) == (1, 3)
+    train(resumed, loader, cfg.optim, CPU)
+
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and any(k.startswith("banks.") for k in a)
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=0), k
+
+
+def test_resume_in_the_middle_of_an_epoch(tiny_config, images):
+    cfg = tiny_config
+    cfg.optim.epochs = 1
+    straight, loader = setup(cfg, images)
+    train(straight, loader, cfg.optim, CPU)
+
+    part, loader = setup(cfg, images)
+    batches = iter(loader)
+    from dupr.train import train_step
+
+    loader.sampler.set_epoch(0)
+    train_step(part, next(batches), cfg.optim, CPU)  # one step, then "crash"
+    saved = roundtrip(part.state_dict())
+    resumed, loader = setup(cfg, images)
+    resumed.load_state_dict(saved)
+    train(resumed, loader, cfg.optim, CPU)
+    assert resumed.step == straight.step == 3
+    for k, v in straight.model.state_dict().items():
+        assert torch.allclose(v.float(), resumed.model.state_dict()[k].float(), atol=1e-6), k
+
+
+def test_checkpoint_lacking_keys_is_a_clear_error(tiny_config, images):
+    state, _ = setup(tiny_config, images)
+    with pytest.raises(KeyError, match="checkpoint lacks optimizer, rng"):
+        state.load_state_dict(
+            {k: v for k, v in state.state_dict().items() if k not in ("optimizer", "rng")}
+        )
+
+
+def test_non_finite_loss_stops_before_the_checkpoint(tiny_config, images):
+    cfg = tiny_config
+    cfg.optim.lr = 1e30
+    state, loader = setup(cfg, images)
+    saved = []
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        train(state, loader, cfg.optim, CPU, log_every=1, on_epoch_end=saved.append)
+    assert not saved
+
+
+def test_pretrain_cli_rejects_bad_input_in_one_line(capsys, tmp_path):
+    assert pretrain_main(["--preset", "nope", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: preset='nope'") and "\n" not in err
+    assert pretrain_main(["--epochs", "0", "--output-dir", str(tmp_path)]) == 2
+    assert "optim.epochs=0" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoint.pt").exists()
