@@ -36,11 +36,12 @@ class ChunkedLogSumExp(torch.autograd.Function):
         run_max = q.new_full((len(q),), -math.inf)
         run_sum = q.new_zeros(len(q))
         for start in range(0, len(bank), chunk):
-            logits = q @ bank[start : start + chunk].T / tau
+            # In place: one (n × chunk) buffer at a time.
+            logits = torch.mm(q, bank[start : start + chunk].T).div_(tau)
             new_max = torch.maximum(run_max, logits.max(dim=1).values)
-            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(
-                logits - new_max[:, None]
-            ).sum(dim=1)
+            run_sum = run_sum * torch.exp(run_max - new_max) + logits.sub_(
+                new_max[:, None]
+            ).exp_().sum(1)
             run_max = new_max
             del logits
         lse = run_max + torch.log(run_sum)
@@ -56,8 +57,8 @@ class ChunkedLogSumExp(torch.autograd.Function):
         weight = (grad_lse / ctx.tau)[:, None]
         for start in range(0, len(bank), ctx.chunk):
             keys = bank[start : start + ctx.chunk]
-            probs = torch.exp(q @ keys.T / ctx.tau - lse[:, None])
-            grad_q.addmm_(probs.mul_(weight), keys)
+            probs = torch.mm(q, keys.T).div_(ctx.tau).sub_(lse[:, None]).exp_().mul_(weight)
+            grad_q.addmm_(probs, keys)
             del probs
         return grad_q, None, None, None
 
@@ -67,14 +68,16 @@ def negatives_logsumexp(
 ) -> tuple[Tensor, Tensor]:
     """log Σ_t exp(q·r_t/τ) per query and the largest negative logit (for accuracy).
 
-    Direct when the (n × K) logits fit in `memory_mb`, chunked otherwise.
+    Direct when the direct form fits in `memory_mb`, chunked otherwise. The direct form holds
+    about four (n × K) buffers between forward and backward (logits, their exp inside
+    logsumexp, the softmax and its product in backward); the chunked one a single (n × chunk)
+    buffer at a time, sized to half the budget to leave room for the matmul's workspace.
     """
     n, k = len(q), len(bank)
     bytes_per_logit = q.element_size()
-    if n * k * bytes_per_logit <= memory_mb * 2**20:
+    if 4 * n * k * bytes_per_logit <= memory_mb * 2**20:
         logits = q @ bank.T / tau
         return torch.logsumexp(logits, dim=1), logits.detach().max(dim=1).values
-    # Forward and backward each hold two (n × chunk) buffers (logits and their exp).
     chunk = max(1, int(memory_mb * 2**20 / (2 * n * bytes_per_logit)))
     return ChunkedLogSumExp.apply(q, bank, tau, chunk)
 

@@ -60,10 +60,10 @@ def run(
     log_every: int = 10,
 ) -> TrainState:
     validate(cfg)
+    images = ImageFolderDataset(data if data is not None else embedded_image_folder())
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     dev = pick_device(device)
-    images = ImageFolderDataset(data if data is not None else embedded_image_folder())
     loader = build_loader(
         images,
         TwoViews(cfg.model.image_size, cfg.augment),
@@ -152,7 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     start = time.time()
-    state = run(cfg, args.output_dir, args.data, args.device, args.workers, args.log_every)
+    try:
+        state = run(cfg, args.output_dir, args.data, args.device, args.workers, args.log_every)
+    except (FileNotFoundError, NotADirectoryError) as err:  # a bad --data folder
+        print(f"error: --data: {err}", file=sys.stderr)
+        return 2
+    except ConfigError as err:  # e.g. a batch larger than the data set
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out = args.output_dir.resolve()
     print(
         f"\npre-training finished: {state.epoch} epochs, {state.step} steps in {time.time() - start:.0f} s"

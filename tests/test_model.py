@@ -173,3 +173,11 @@ def test_mocov2_preset_equals_plain_moco_v2(backbone):
     assert torch.allclose(loss, ref_loss, rtol=1e-5), (loss.item(), ref_loss.item())
     # ... and enqueued MoCo's keys.
     assert torch.allclose(model.banks["image_conv5"].keys[:4], ref_k, atol=2e-4)
+
+
+def test_syncbn_mode_builds_sync_batchnorm_and_runs_in_one_process():
+    model = DUPR(tiny_model_config(bn_mode="sync"))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+    loss, _ = model(*random_batch(4, 64))  # without a process group it normalises like BatchNorm
+    assert torch.isfinite(loss)

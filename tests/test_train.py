@@ -119,4 +119,10 @@ def test_pretrain_cli_rejects_bad_input_in_one_line(capsys, tmp_path):
     assert err.startswith("error: preset='nope'") and "\n" not in err
     assert pretrain_main(["--epochs", "0", "--output-dir", str(tmp_path)]) == 2
     assert "optim.epochs=0" in capsys.readouterr().err
-    assert not (tmp_path / "checkpoint.pt").exists()
+    assert (
+        pretrain_main(["--data", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "out")])
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --data:") and "missing" in err and "\n" not in err
+    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "out").exists()

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from dupr.config import ConfigError
 from dupr.data.folder import ImageDecodeError
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def build_loader(
     dataset = TwoViewDataset(images, transform, seed=seed)
     sampler = EpochSampler(len(dataset), seed=seed, num_replicas=num_replicas, rank=rank)
     if sampler.samples_per_replica() < batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"batch_size={batch_size}: larger than the {sampler.samples_per_replica()} images per "
             f"worker ({len(dataset)} images over {num_replicas} workers)"
         )
