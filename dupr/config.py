@@ -86,6 +86,8 @@ class OptimConfig:
     amp: bool = True  # autocast on GPU only; ignored on CPU
     amp_dtype: str = "bfloat16"
     channels_last: bool = False
+    # TF32 tensor cores for float32 matmuls/convolutions on GPU (the losses run in float32).
+    tf32: bool = True
 
 
 @dataclass

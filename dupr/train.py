@@ -107,6 +107,10 @@ class TrainState:
 def build_state(
     model: nn.Module, cfg: OptimConfig, steps_per_epoch: int, device: torch.device
 ) -> TrainState:
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick kernels once
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     # A loss scaler is only needed for float16 autocast on a GPU; bfloat16 has float32's range.
