@@ -181,3 +181,16 @@ def test_syncbn_mode_builds_sync_batchnorm_and_runs_in_one_process():
     assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
     loss, _ = model(*random_batch(4, 64))  # without a process group it normalises like BatchNorm
     assert torch.isfinite(loss)
+
+
+def test_mixed_precision_forward_keeps_losses_and_banks_in_float32():
+    # CPU autocast exercises the same dtype paths as bf16 autocast on a GPU.
+    model = DUPR(tiny_model_config())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, metrics = model(*random_batch(4, 64))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert all(b.keys.dtype == torch.float32 for b in model.banks.values())
+    assert all(
+        torch.allclose(b.keys.norm(dim=1), torch.ones(len(b.keys))) for b in model.banks.values()
+    )
