@@ -4,9 +4,12 @@ import os
 
 import pytest
 import torch
-from helpers import tiny_model_config
 
 from dupr.config import DUPRConfig, OptimConfig, validate
+from helpers import tiny_model_config
+
+# Real services for the integration tests (S3 on moto, an MLflow server), shared by all modules.
+pytest_plugins = ["services"]
 
 # Tests never write the embedded data into the user's cache; one folder per session.
 os.environ.setdefault(

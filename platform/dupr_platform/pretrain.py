@@ -1,0 +1,350 @@
+"""DUPR pre-training on Ray Train (V2): DDP workers, checkpoints in object storage, MLflow.
+
+The driver (`run_pretraining`) checks everything that can be checked before any worker starts
+(`preflight`), opens or continues the MLflow run, and fits a `TorchTrainer` whose per-worker
+function (`train_worker`) is the plain `dupr.train` loop with three hooks:
+
+- after every epoch, rank 0 writes the complete training state (model with memory banks,
+  optimizer, schedule, scaler, epoch/step, every rank's random generators) into a checkpoint
+  directory and `ray.train.report`s it; Ray uploads it to the run's storage and only then
+  counts it, so a crash mid-write never produces a broken "latest";
+- metrics are buffered by rank 0 and committed to MLflow just before that checkpoint is
+  reported; a resumed run skips the steps MLflow already holds, so every step is logged
+  exactly once whatever the moment of the failure;
+- on (re)start, each worker restores from `ray.train.get_checkpoint()` — after a worker or node
+  failure (FailureConfig) and when the same job name is started again after a driver crash.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train.torch import TorchTrainer
+
+from dupr.config import ConfigError, DUPRConfig, validate
+from dupr.data import ImageFolderDataset, embedded_image_folder
+from dupr.data.two_views import build_loader
+from dupr.model import DUPR
+from dupr.train import TrainState, build_state, rng_state, train
+from dupr.views import TwoViews
+from dupr_platform.storage import aws_env, check_storage, open_storage, ray_storage_args
+from dupr_platform.tracking import RunLogger, check_tracking
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class PretrainJob:
+    """Where and how a pre-training runs; the method itself is `method` (a DUPRConfig)."""
+
+    name: str = "dupr-pretrain"  # fixed name: starting it again resumes it
+    method: DUPRConfig = field(default_factory=DUPRConfig)
+    data: str | None = None  # image folder; None = the embedded photo set
+    storage: str = "runs/storage"  # local folder or s3://bucket/prefix
+    tracking_uri: str = "sqlite:///runs/mlflow.db"
+    experiment: str = "dupr"
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    loader_workers: int = 0  # data-loading processes per training worker
+    max_failures: int = 3  # worker-group restarts after worker or node loss
+    controller_failure_limit: int = 3  # Ray's default is unlimited: a lost node would hang the run
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    parent_run_id: str | None = None
+
+    def validate(self) -> PretrainJob:
+        validate(self.method)
+        for name in ("num_workers", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"cpus_per_worker={self.cpus_per_worker!r}: must be > 0")
+        if self.max_failures < 0 or self.controller_failure_limit < 0:
+            raise ConfigError("max_failures/controller_failure_limit: must be >= 0")
+        batch = self.method.optim.batch_size
+        if batch % self.num_workers:
+            raise ConfigError(
+                f"optim.batch_size={batch}: not divisible by num_workers={self.num_workers} "
+                "(Shuffle BN needs equal per-worker batches)"
+            )
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"name={self.name!r}: must be a non-empty name without '/'")
+        return self
+
+
+@dataclass
+class PretrainResult:
+    run_id: str
+    checkpoint_uri: str
+    epochs: int
+    steps: int
+    metrics: dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side
+
+
+def _gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's generators, in rank order (each rank draws its own patch-key samples)."""
+    mine = rng_state()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Per-worker function of the TorchTrainer: the dupr/ loop plus checkpoint and log hooks."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = DUPRConfig.from_dict(config["method"])
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
+
+    images = ImageFolderDataset(config["data"] or embedded_image_folder())
+    loader = build_loader(
+        images,
+        TwoViews(cfg.model.image_size, cfg.augment),
+        cfg.optim.batch_size // world,
+        seed=cfg.seed,
+        num_workers=config["loader_workers"],
+        num_replicas=world,
+        rank=rank,
+        pin_memory=device.type == "cuda",
+    )
+    model = DUPR(cfg.model).to(device)
+    if cfg.optim.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if world > 1:
+        # Memory banks are identical on every rank by construction (all-gathered keys), and
+        # BN running statistics are not used in training: no per-step buffer broadcast.
+        model = ray.train.torch.prepare_model(
+            model, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False}
+        )
+    state = build_state(model, cfg.optim, len(loader), device)
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            saved = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=False)
+        rngs = saved.pop("rng_per_rank")
+        saved["rng"] = rngs[rank] if len(rngs) == world else rngs[0]
+        state.load_state_dict(saved)
+        log.info("rank %d resumed at epoch %d, step %d", rank, state.epoch, state.step)
+
+    logger = None
+    if rank == 0:
+        # Continues the driver's run; steps MLflow already holds (from before a failure) are
+        # dropped by the logger, so every step appears once.
+        logger = RunLogger.start(
+            config["tracking_uri"], config["experiment"], config["name"], run_id=config["run_id"]
+        )
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        if logger:
+            logger.log_metrics(step, metrics)
+
+    def on_epoch_end(s: TrainState) -> None:
+        rngs = _gather_rng_states()
+        summary = {"epoch": s.epoch, "step": s.step}
+        if rank != 0:
+            ray.train.report(summary, checkpoint=None)
+            return
+        logger.commit()  # sent in the background while the state is serialised
+        with tempfile.TemporaryDirectory() as d:
+            payload = s.state_dict()
+            del payload["rng"]
+            payload["rng_per_rank"] = rngs
+            torch.save(payload, Path(d) / STATE_FILE)
+            (Path(d) / "meta.json").write_text(json.dumps(summary))
+            # Metrics reach MLflow before the checkpoint counts: a crash in between resumes from
+            # the previous checkpoint and the logger skips the steps MLflow already has.
+            logger.flush()
+            ray.train.report(
+                summary,
+                checkpoint=ray.train.Checkpoint.from_directory(d),
+                checkpoint_dir_name=f"checkpoint_epoch={s.epoch:04d}",
+            )
+
+    try:
+        train(
+            state,
+            loader,
+            cfg.optim,
+            device,
+            global_batch=cfg.optim.batch_size,
+            log_every=config["log_every"],
+            on_log=on_log,
+            on_epoch_end=on_epoch_end,
+        )
+    finally:
+        if logger:
+            logger.flush()
+
+
+# --------------------------------------------------------------------------------------------
+# Driver side
+
+
+def preflight(job: PretrainJob) -> None:
+    """Everything checkable before a worker starts; each failure is one clear line."""
+    job.validate()
+    if job.data is not None:
+        ImageFolderDataset(job.data)  # exists and holds images
+    check_storage(open_storage(job.storage))
+    check_tracking(job.tracking_uri)
+    total = ray.cluster_resources()
+    need_cpu = job.num_workers * job.cpus_per_worker
+    if total.get("CPU", 0) < need_cpu:
+        raise ConfigError(
+            f"num_workers={job.num_workers} × cpus_per_worker={job.cpus_per_worker}: "
+            f"needs {need_cpu:g} CPUs, the Ray cluster has {total.get('CPU', 0):g}"
+        )
+    if job.use_gpu and total.get("GPU", 0) < job.num_workers:
+        raise ConfigError(
+            f"num_workers={job.num_workers} with use_gpu: needs {job.num_workers} GPUs, "
+            f"the Ray cluster has {total.get('GPU', 0):g}"
+        )
+
+
+def run_pretraining(job: PretrainJob) -> PretrainResult:
+    """Pre-train on the connected Ray cluster (or a local one), resuming `job.name` if it exists."""
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": aws_env()})
+    preflight(job)
+    storage = open_storage(job.storage)
+
+    logger = RunLogger.start(
+        job.tracking_uri, job.experiment, job.name, parent_run_id=job.parent_run_id
+    )
+    resolved = {
+        "job": {k: v for k, v in asdict(job).items() if k != "method"},
+        **job.method.to_dict(),
+    }
+    logger.log_params(resolved)
+    logger.log_dict(resolved, "config/resolved.json")
+    logger.flush()
+
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "method": job.method.to_dict(),
+            "data": job.data,
+            "loader_workers": job.loader_workers,
+            "tracking_uri": job.tracking_uri,
+            "experiment": job.experiment,
+            "name": job.name,
+            "run_id": logger.run_id,
+            "log_every": job.log_every,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=job.num_workers,
+            use_gpu=job.use_gpu,
+            resources_per_worker={"CPU": job.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=job.name,
+            failure_config=ray.train.FailureConfig(
+                max_failures=job.max_failures, controller_failure_limit=job.controller_failure_limit
+            ),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.keep_checkpoints),
+            worker_runtime_env={"env_vars": aws_env()},
+            **ray_storage_args(storage),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        logger.end("FAILED")
+        raise
+    if result.error:
+        logger.end("FAILED")
+        raise result.error
+    ckpt_uri = storage.uri_for(job.name, Path(result.checkpoint.path).name)
+    logger.set_tag("dupr.final_checkpoint", ckpt_uri)
+    logger.log_text(ckpt_uri + "\n", "final_checkpoint.txt")
+    logger.end("FINISHED")
+    metrics = dict(result.metrics or {})
+    return PretrainResult(
+        logger.run_id, ckpt_uri, int(metrics.get("epoch", 0)), int(metrics.get("step", 0)), metrics
+    )
+
+
+def load_checkpoint_state(uri_or_dir: str) -> dict[str, Any]:
+    """The training state saved by `train_worker` (for conversion and evaluation stages)."""
+    path = Path(uri_or_dir) / STATE_FILE
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: `python -m dupr_platform.pretrain [preset=cpu_demo] key=value ...`
+
+
+def job_from_overrides(overrides: list[str]) -> PretrainJob:
+    """A job from Hydra-style `key=value` overrides over a method preset.
+
+    `preset=NAME` picks the method preset (default `cpu_demo`); `method.model.tau=0.15`,
+    `num_workers=2`, `storage=s3://bucket/prefix` etc. set fields. Unknown keys are errors.
+    """
+    from omegaconf import OmegaConf  # Hydra's config library; only the driver needs it
+
+    from dupr.config import preset
+
+    pairs = dict(o.split("=", 1) if "=" in o else (o, None) for o in overrides)
+    bad = [k for k, v in pairs.items() if v is None]
+    if bad:
+        raise ConfigError(f"{bad[0]}: overrides are written key=value")
+    base = asdict(PretrainJob(method=preset(pairs.pop("preset", "cpu_demo"))))
+    cfg = OmegaConf.create(base)
+    for key, value in pairs.items():
+        if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+            raise ConfigError(f"{key}: unknown configuration key")
+        OmegaConf.update(cfg, key, _parse(value))
+    values = OmegaConf.to_container(cfg, resolve=True)
+    method = DUPRConfig.from_dict(values.pop("method"))
+    return PretrainJob(method=method, **values).validate()
+
+
+def _parse(value: str) -> Any:
+    """YAML scalar/list parsing, as Hydra does for override values."""
+    import yaml
+
+    return yaml.safe_load(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        job = job_from_overrides(sys.argv[1:] if argv is None else argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        result = run_pretraining(job)
+    except (ConfigError, FileNotFoundError, NotADirectoryError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"pre-training {job.name}: {result.epochs} epochs, {result.steps} steps")
+    print(f"  checkpoint: {result.checkpoint_uri}")
+    print(f"  MLflow run: {result.run_id} ({job.tracking_uri}, experiment {job.experiment})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

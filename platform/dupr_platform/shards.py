@@ -1,0 +1,740 @@
+"""Parquet shards of encoded images: the data set format for object storage.
+
+Why: millions of small image objects are slow and costly to list and GET one by one from S3, and
+a local folder cannot be shared by a cluster. A few large Parquet files, each holding the
+original encoded bytes (never re-encoded, so pixels stay exactly what the folder path decodes),
+list in one request and read in large ranges. Row groups are kept small so that one image can be
+fetched without reading its whole shard, which is what a shuffled sampler needs.
+
+Layout under the destination prefix::
+
+    part-00000.parquet ...   columns id (string), image (binary)[, label (int32)]
+    labels.json              class names, position = label (only with labels=True)
+    _index.json              written last: shards, per-shard row-group sizes, total, skips
+
+The index is the commit point: it is written with one atomic PUT (S3) or rename (local) after
+every shard is complete, and readers refuse a prefix without it. Files that do not decode are
+skipped and listed in the index, never fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import re
+import sys
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, NamedTuple, TypeVar
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch.utils.data
+from PIL import Image, ImageOps
+
+# `_to_rgb` is the mode conversion of `load_rgb` (16-bit and float scaling). `load_rgb` itself
+# only takes a path (its error type builds a `Path` from the argument), so bytes are opened here
+# with the same calls (open, load, exif_transpose) and converted by the very same function.
+from dupr.data.folder import IMAGE_EXTENSIONS, ImageDecodeError, _to_rgb
+from dupr_platform.storage import Storage, StorageError, open_storage, scrub_secrets
+
+__all__ = [
+    "INDEX_NAME",
+    "LABELS_NAME",
+    "SCHEMA_VERSION",
+    "ParquetImageDataset",
+    "ShardError",
+    "ShardIndex",
+    "ShardIndexError",
+    "ShardInfo",
+    "ShardRecord",
+    "decode_image",
+    "prepare_shards",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "dupr-parquet-images"
+SCHEMA_VERSION = 1
+INDEX_NAME = "_index.json"
+LABELS_NAME = "labels.json"
+_SHARD_RE = re.compile(r"^part-\d{5,}\.parquet$")
+_BUFFER_RE = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class ShardError(ValueError):
+    """A shard set that cannot be written or read; the message is one line naming the URI."""
+
+
+class ShardIndexError(ShardError):
+    """A missing or malformed ``_index.json``."""
+
+
+def _one_line(exc: BaseException) -> str:
+    """pyarrow's AWS errors span lines and may echo settings: squash and scrub them."""
+    return scrub_secrets(" ".join(str(exc).split())) or type(exc).__name__
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """Encoded bytes → upright RGB image, exactly as ``dupr.data.folder.load_rgb`` decodes a file.
+
+    Raises ``ImageDecodeError`` whose ``.path`` is ``name`` (the image id).
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+            return _to_rgb(upright)
+    except Exception as exc:  # Pillow raises many types for malformed data; all mean "bad file".
+        # Pillow names the buffer ("<_io.BytesIO object at 0x...>"): name the image instead, so
+        # reasons in the index are the same on every run.
+        reason = _BUFFER_RE.sub(name, f"{type(exc).__name__}: {exc}")
+        raise ImageDecodeError(name, reason) from exc
+
+
+def _schema(labels: bool) -> pa.Schema:
+    fields = [pa.field("id", pa.string(), nullable=False)]
+    fields.append(pa.field("image", pa.binary(), nullable=False))
+    if labels:
+        fields.append(pa.field("label", pa.int32(), nullable=False))
+    return pa.schema(fields, metadata={"dupr.format": FORMAT, "dupr.schema": str(SCHEMA_VERSION)})
+
+
+# --------------------------------------------------------------------------------------------
+# Index
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One Parquet file: its name under the prefix, rows, rows per row group and size in bytes."""
+
+    path: str
+    rows: int
+    row_groups: tuple[int, ...]
+    bytes: int
+
+
+@dataclass
+class ShardIndex:
+    """Contents of ``_index.json``: everything a reader needs to map an index to a row."""
+
+    source: str
+    source_fingerprint: str
+    images_per_shard: int
+    row_group_size: int
+    labels: bool
+    total: int
+    shards: list[ShardInfo]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    classes: list[str] | None = None
+    schema_version: int = SCHEMA_VERSION
+    uri: str = field(default="", compare=False)  # where it was read from; not serialized
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "schema_version": self.schema_version,
+            "source": self.source,
+            "source_fingerprint": self.source_fingerprint,
+            "images_per_shard": self.images_per_shard,
+            "row_group_size": self.row_group_size,
+            "labels": self.labels,
+            "classes": self.classes,
+            "columns": _schema(self.labels).names,
+            "total": self.total,
+            "shards": [
+                {"path": s.path, "rows": s.rows, "row_groups": list(s.row_groups), "bytes": s.bytes}
+                for s in self.shards
+            ],
+            "skipped": self.skipped,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, uri: str) -> ShardIndex:
+        """Parse and check an index; anything inconsistent is a one-line ``ShardIndexError``."""
+        try:
+            if not isinstance(data, dict) or data.get("format") != FORMAT:
+                raise ValueError(f"not a {FORMAT} index")
+            version = data["schema_version"]
+            if version != SCHEMA_VERSION:
+                raise ValueError(f"schema_version {version!r}, this code reads {SCHEMA_VERSION}")
+            shards = []
+            for entry in data["shards"]:
+                groups = tuple(int(n) for n in entry["row_groups"])
+                info = ShardInfo(
+                    str(entry["path"]), int(entry["rows"]), groups, int(entry["bytes"])
+                )
+                if not _SHARD_RE.match(info.path):
+                    raise ValueError(f"bad shard name {info.path!r}")
+                if info.rows < 1 or any(n < 1 for n in groups) or sum(groups) != info.rows:
+                    raise ValueError(f"shard {info.path}: row groups {groups} != {info.rows} rows")
+                shards.append(info)
+            total = int(data["total"])
+            if total != sum(s.rows for s in shards):
+                raise ValueError(f"total {total} != sum of shard rows")
+            labels = bool(data["labels"])
+            classes = data.get("classes")
+            if labels and not (
+                isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+            ):
+                raise ValueError("labels=true but no class list")
+            skipped = [{"id": str(s["id"]), "reason": str(s["reason"])} for s in data["skipped"]]
+            return cls(
+                source=str(data["source"]),
+                source_fingerprint=str(data["source_fingerprint"]),
+                images_per_shard=int(data["images_per_shard"]),
+                row_group_size=int(data["row_group_size"]),
+                labels=labels,
+                total=total,
+                shards=shards,
+                skipped=skipped,
+                classes=list(classes) if labels else None,
+                schema_version=version,
+                uri=uri,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            detail = f"missing field {exc}" if isinstance(exc, KeyError) else _one_line(exc)
+            raise ShardIndexError(f"malformed shard index {uri}: {detail}") from None
+
+    @classmethod
+    def load(cls, storage: Storage, prefix: str = "") -> ShardIndex:
+        """Read ``<prefix>/_index.json``; missing or malformed → one-line ``ShardIndexError``."""
+        rel = f"{prefix.strip('/')}/{INDEX_NAME}" if prefix.strip("/") else INDEX_NAME
+        uri = storage.uri_for(rel)
+        try:
+            raw = storage.read_bytes(rel)
+        except FileNotFoundError:
+            raise ShardIndexError(
+                f"no shard index {uri}: not a shard set, or prepare_shards did not finish"
+            ) from None
+        except (OSError, StorageError) as exc:
+            raise ShardIndexError(f"cannot read shard index {uri}: {_one_line(exc)}") from None
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ShardIndexError(f"malformed shard index {uri}: {_one_line(exc)}") from None
+        return cls.from_json(data, uri)
+
+    @cached_property
+    def _group_starts(self) -> tuple[list[int], list[tuple[int, int]]]:
+        """Global index of each row group's first row, and its (shard, group) position."""
+        starts: list[int] = []
+        where: list[tuple[int, int]] = []
+        offset = 0
+        for s, shard in enumerate(self.shards):
+            for g, n in enumerate(shard.row_groups):
+                starts.append(offset)
+                where.append((s, g))
+                offset += n
+        return starts, where
+
+    def locate(self, index: int) -> tuple[int, int, int]:
+        """Global image index → (shard number, row group in that shard, row in that group)."""
+        if not 0 <= index < self.total:
+            raise IndexError(f"image index {index} out of range for {self.total} images")
+        starts, where = self._group_starts
+        k = bisect.bisect_right(starts, index) - 1
+        shard, group = where[k]
+        return shard, group, index - starts[k]
+
+    def summary(self) -> str:
+        groups = sum(len(s.row_groups) for s in self.shards)
+        size = sum(s.bytes for s in self.shards)
+        lines = [
+            f"{self.total} images in {len(self.shards)} shards ({groups} row groups of up to "
+            f"{self.row_group_size} rows, {size / 2**20:.1f} MiB) at {self.uri or '?'}",
+            f"source: {self.source}",
+            f"labels: {len(self.classes or [])} classes" if self.labels else "labels: none",
+            f"skipped: {len(self.skipped)} undecodable files",
+        ]
+        lines += [f"  {s['id']}: {s['reason']}" for s in self.skipped[:10]]
+        if len(self.skipped) > 10:
+            lines.append(f"  ... and {len(self.skipped) - 10} more (see {INDEX_NAME})")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass(frozen=True)
+class _SourceFile:
+    id: str
+    path: str  # inside the source filesystem
+    size: int
+    mtime_ns: int
+
+
+def _open_source(source: str) -> Storage:
+    """Open the source without creating it (``open_storage`` creates missing local folders)."""
+    if "://" not in source or source.startswith("file://"):
+        local = source[len("file://") :] if source.startswith("file://") else source
+        local = os.path.abspath(os.path.expanduser(local))
+        if not os.path.exists(local):
+            raise ShardError(f"source {local} does not exist")
+        if not os.path.isdir(local):
+            raise ShardError(f"source {local} is not a folder")
+    try:
+        return open_storage(source)
+    except StorageError as exc:
+        raise ShardError(f"source: {exc}") from None
+
+
+def _list_source(storage: Storage) -> list[_SourceFile]:
+    """Image files under the source, hidden names skipped, sorted like ``list_image_files``."""
+    selector = pafs.FileSelector(storage.path, recursive=True, allow_not_found=True)
+    try:
+        infos = storage.filesystem.get_file_info(selector)
+    except OSError as exc:
+        raise ShardError(f"cannot list source {storage.uri}: {_one_line(exc)}") from None
+    base = storage.path.rstrip("/") + "/"
+    files = []
+    for info in infos:
+        if info.type != pafs.FileType.File or not info.path.startswith(base):
+            continue
+        rel = info.path[len(base) :]
+        parts = rel.split("/")
+        if any(p.startswith(".") for p in parts):
+            continue
+        if os.path.splitext(parts[-1])[1].lower() not in IMAGE_EXTENSIONS:
+            continue
+        files.append(_SourceFile(rel, info.path, info.size or 0, info.mtime_ns or 0))
+    files.sort(key=lambda f: tuple(f.id.split("/")))
+    if not files:
+        raise ShardError(
+            f"source {storage.uri} contains no image files "
+            f"(looked for {', '.join(IMAGE_EXTENSIONS)}, hidden files ignored)"
+        )
+    return files
+
+
+def _fingerprint(files: list[_SourceFile]) -> str:
+    """Changes when a file is added, removed, resized or rewritten, so re-runs notice it."""
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.id}\0{f.size}\0{f.mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """``map`` over a thread pool, in order, with a bounded window so memory stays flat."""
+    window = 4 * workers
+    pending: deque[Future[R]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shards") as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+class _ShardWriter:
+    """Streams rows into ``part-NNNNN.parquet`` files, one row group per ``row_group_size`` rows."""
+
+    def __init__(self, dest: Storage, labels: bool, images_per_shard: int, row_group_size: int):
+        self.dest, self.schema = dest, _schema(labels)
+        self.images_per_shard, self.row_group_size = images_per_shard, row_group_size
+        self.shards: list[ShardInfo] = []
+        self._rows: list[tuple[str, bytes, int]] = []
+        self._groups: list[int] = []
+        self._out: Any = None
+        self._writer: pq.ParquetWriter | None = None
+
+    def add(self, image_id: str, data: bytes, label: int) -> None:
+        self._rows.append((image_id, data, label))
+        in_shard = sum(self._groups) + len(self._rows)
+        if len(self._rows) == self.row_group_size or in_shard == self.images_per_shard:
+            self._flush_group()
+        if sum(self._groups) == self.images_per_shard:
+            self._close_shard()
+
+    def finish(self) -> list[ShardInfo]:
+        self._flush_group()
+        self._close_shard()
+        return self.shards
+
+    def _flush_group(self) -> None:
+        if not self._rows:
+            return
+        if self._writer is None:
+            name = f"part-{len(self.shards):05d}.parquet"
+            self._out = self.dest.filesystem.open_output_stream(self.dest.join(name))
+            self._writer = pq.ParquetWriter(
+                self._out,
+                self.schema,
+                compression="none",  # images are already compressed; ids are tiny
+                use_dictionary=False,
+                write_statistics=False,  # min/max of image blobs would only bloat the footer
+            )
+        columns: dict[str, list[Any]] = {
+            "id": [r[0] for r in self._rows],
+            "image": [r[1] for r in self._rows],
+        }
+        if "label" in self.schema.names:
+            columns["label"] = [r[2] for r in self._rows]
+        table = pa.Table.from_pydict(columns, schema=self.schema)
+        self._writer.write_table(table, row_group_size=len(self._rows))
+        self._groups.append(len(self._rows))
+        self._rows = []
+
+    def _close_shard(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        size = self._out.tell()
+        self._out.close()
+        name = f"part-{len(self.shards):05d}.parquet"
+        self.shards.append(ShardInfo(name, sum(self._groups), tuple(self._groups), size))
+        log.info("wrote %s (%d images)", self.dest.uri_for(name), sum(self._groups))
+        self._writer, self._out, self._groups = None, None, []
+
+    def abort(self) -> None:
+        """Close an open file after a failure; the missing index keeps readers away from it."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+                self._out.close()
+            except Exception:  # noqa: BLE001 - already failing; the original error matters
+                pass
+            self._writer = self._out = None
+
+
+def _is_complete(dest: Storage, index: ShardIndex) -> bool:
+    """Every shard the index lists exists with the recorded size (one metadata call each)."""
+    paths = [dest.join(s.path) for s in index.shards]
+    try:
+        infos = dest.filesystem.get_file_info(paths)
+    except OSError:
+        return False
+    return all(
+        info.type == pafs.FileType.File and info.size == shard.bytes
+        for info, shard in zip(infos, index.shards, strict=True)
+    )
+
+
+def prepare_shards(
+    source: str,
+    dest: str,
+    images_per_shard: int = 1000,
+    row_group_size: int = 64,
+    labels: bool = False,
+    workers: int = 4,
+) -> ShardIndex:
+    """Pack the image files under ``source`` into Parquet shards under ``dest``; return the index.
+
+    ``source`` and ``dest`` are local folders or ``s3://bucket/prefix``. Every file is read and
+    fully decoded once (by ``workers`` threads) so that undecodable ones are skipped and listed
+    in the index instead of failing a training run later. With ``labels``, each image's label is
+    the position of its first-level folder name in the sorted class list (``labels.json``).
+    A complete index for the same source contents and settings is returned without rewriting.
+    """
+    for name, value in (
+        ("images_per_shard", images_per_shard),
+        ("row_group_size", row_group_size),
+        ("workers", workers),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    src = _open_source(source)
+    files = _list_source(src)
+    fingerprint = _fingerprint(files)
+    try:
+        out = open_storage(dest)
+    except StorageError as exc:
+        raise ShardError(f"dest: {exc}") from None
+
+    wanted = dict(
+        source=src.uri,
+        source_fingerprint=fingerprint,
+        images_per_shard=images_per_shard,
+        row_group_size=row_group_size,
+        labels=labels,
+    )
+    if out.exists(INDEX_NAME):
+        try:
+            old = ShardIndex.load(out)
+        except ShardIndexError as exc:
+            log.warning("rebuilding: %s", exc)
+            old = None
+        if old is not None:
+            same = all(getattr(old, key) == value for key, value in wanted.items())
+            if same and _is_complete(out, old):
+                log.info("shards at %s are up to date; nothing to do", out.uri)
+                return old
+            log.info("shards at %s are stale or incomplete; rebuilding", out.uri)
+        # Withdraw the old index first: readers must fail clearly, not mix old and new shards.
+        out.filesystem.delete_file(out.join(INDEX_NAME))
+
+    classes: list[str] | None = None
+    class_of: dict[str, int] = {}
+    skipped: list[dict[str, str]] = []
+    if labels:
+        classes = sorted({f.id.split("/")[0] for f in files if "/" in f.id})
+        class_of = {name: k for k, name in enumerate(classes)}
+        for f in files:
+            if "/" not in f.id:
+                skipped.append({"id": f.id, "reason": "not inside a class folder (labels=True)"})
+        files = [f for f in files if "/" in f.id]
+        if not classes:
+            raise ShardError(f"source {src.uri} has no class folders (labels=True)")
+
+    def read_and_check(f: _SourceFile) -> tuple[_SourceFile, bytes, str | None]:
+        try:
+            with src.filesystem.open_input_stream(f.path) as stream:
+                data = stream.read()
+        except OSError as exc:
+            raise ShardError(f"cannot read {src.uri_for(f.id)}: {_one_line(exc)}") from None
+        try:
+            decode_image(data, f.id)
+        except ImageDecodeError as exc:
+            return f, data, exc.reason
+        return f, data, None
+
+    writer = _ShardWriter(out, labels, images_per_shard, row_group_size)
+    try:
+        for f, data, error in _ordered_map(read_and_check, files, workers):
+            if error is not None:
+                log.warning("skipping undecodable image %s: %s", src.uri_for(f.id), error)
+                skipped.append({"id": f.id, "reason": error})
+                continue
+            writer.add(f.id, data, class_of.get(f.id.split("/")[0], -1))
+        shards = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    total = sum(s.rows for s in shards)
+    if total == 0:
+        first = f" (first: {skipped[0]['id']}: {skipped[0]['reason']})" if skipped else ""
+        raise ShardError(f"source {src.uri}: none of {len(skipped)} image files decode{first}")
+
+    # Shards of an earlier, larger build would otherwise linger next to the new ones.
+    keep = {s.path for s in shards}
+    for name in out.list():
+        if _SHARD_RE.match(name) and name not in keep:
+            out.filesystem.delete_file(out.join(name))
+    if labels:
+        out.write_json(LABELS_NAME, classes)
+    elif out.exists(LABELS_NAME):
+        out.filesystem.delete_file(out.join(LABELS_NAME))
+
+    index = ShardIndex(
+        **wanted, total=total, shards=shards, skipped=skipped, classes=classes, uri=""
+    )
+    out.write_json(INDEX_NAME, index.to_json())  # last: the commit point
+    index.uri = out.uri_for(INDEX_NAME)
+    log.info("wrote %s: %d images, %d skipped", index.uri, total, len(skipped))
+    return index
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+class ShardRecord(NamedTuple):
+    """One stored row: the image id, its original encoded bytes and its label (or None)."""
+
+    id: str
+    image: bytes
+    label: int | None
+
+
+def _fresh_filesystem(filesystem: pafs.FileSystem) -> pafs.FileSystem:
+    """A new filesystem with the same settings: a forked child must not share S3 connections."""
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return filesystem
+    return pickle.loads(pickle.dumps(filesystem))
+
+
+class ParquetImageDataset(torch.utils.data.Dataset):
+    """Images of a shard set, by global index; the same interface as ``ImageFolderDataset``.
+
+    ``load(i)`` reads the one row group holding image ``i`` (kept in a small per-process LRU
+    cache, since a row group serves ``row_group_size`` neighbouring indices) and decodes it like
+    the folder path. Picklable for DataLoader workers: open files and caches are not pickled and
+    are reopened lazily in each process, also after a fork.
+    """
+
+    def __init__(
+        self, uri_or_storage: str | Storage, cache_row_groups: int = 8, open_files: int = 4
+    ) -> None:
+        if cache_row_groups < 1 or open_files < 1:
+            raise ValueError("cache_row_groups and open_files must be >= 1")
+        if isinstance(uri_or_storage, Storage):
+            storage = uri_or_storage
+        else:
+            uri = uri_or_storage
+            if "://" not in uri and not os.path.isdir(os.path.expanduser(uri)):
+                raise ShardIndexError(f"no shard index {os.path.join(uri, INDEX_NAME)}: no folder")
+            try:
+                storage = open_storage(uri)
+            except StorageError as exc:
+                raise ShardIndexError(f"shard set: {exc}") from None
+        self.storage = storage
+        self.index = ShardIndex.load(storage)
+        self.uri: str = storage.uri
+        self.root: str = storage.uri
+        self.classes: list[str] | None = self.index.classes
+        self.cache_row_groups, self.open_files = cache_row_groups, open_files
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._cache: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
+        self._files: OrderedDict[int, tuple[Any, pq.ParquetFile]] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for key in ("_pid", "_cache", "_files"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    def __len__(self) -> int:
+        return self.index.total
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(uri={self.uri!r}, num_images={len(self)})"
+
+    def _check_process(self) -> None:
+        if os.getpid() != self._pid:  # forked DataLoader worker: drop the parent's handles
+            self.storage = dataclasses.replace(
+                self.storage, filesystem=_fresh_filesystem(self.storage.filesystem)
+            )
+            self._reset()
+
+    def _parquet_file(self, shard: int) -> pq.ParquetFile:
+        entry = self._files.get(shard)
+        if entry is not None:
+            self._files.move_to_end(shard)
+            return entry[1]
+        info = self.index.shards[shard]
+        uri = self.storage.uri_for(info.path)
+        try:
+            handle = self.storage.filesystem.open_input_file(self.storage.join(info.path))
+            parquet = pq.ParquetFile(handle, pre_buffer=True)
+        except (OSError, pa.ArrowException) as exc:
+            raise ShardError(
+                f"cannot open shard {uri}: {_one_line(exc)} (re-run prepare_shards)"
+            ) from None
+        groups = tuple(
+            parquet.metadata.row_group(k).num_rows for k in range(parquet.metadata.num_row_groups)
+        )
+        if groups != info.row_groups:
+            handle.close()
+            raise ShardError(
+                f"shard {uri} does not match {INDEX_NAME} (row groups {groups} != "
+                f"{info.row_groups}); re-run prepare_shards"
+            )
+        self._files[shard] = (handle, parquet)
+        while len(self._files) > self.open_files:
+            _, (old, _) = self._files.popitem(last=False)
+            old.close()
+        return parquet
+
+    def _row_group(self, shard: int, group: int) -> pa.Table:
+        key = (shard, group)
+        table = self._cache.get(key)
+        if table is not None:
+            self._cache.move_to_end(key)
+            return table
+        parquet = self._parquet_file(shard)
+        try:
+            table = parquet.read_row_group(group, use_threads=False)
+        except (OSError, pa.ArrowException) as exc:
+            uri = self.storage.uri_for(self.index.shards[shard].path)
+            raise ShardError(
+                f"cannot read row group {group} of shard {uri}: {_one_line(exc)}"
+            ) from None
+        self._cache[key] = table
+        while len(self._cache) > self.cache_row_groups:
+            self._cache.popitem(last=False)
+        return table
+
+    def _position(self, index: int) -> tuple[int, int, int]:
+        if index < 0:
+            index += len(self)
+        return self.index.locate(index)
+
+    def record(self, index: int) -> ShardRecord:
+        """The stored row of image ``index``: id, original bytes, label (None without labels)."""
+        self._check_process()
+        shard, group, row = self._position(index)
+        table = self._row_group(shard, group)
+        label = table.column("label")[row].as_py() if "label" in table.column_names else None
+        return ShardRecord(
+            table.column("id")[row].as_py(), table.column("image")[row].as_py(), label
+        )
+
+    def load(self, index: int) -> Image.Image:
+        """The ``index``-th image in RGB; raises ``ImageDecodeError`` if its bytes do not decode."""
+        rec = self.record(index)
+        try:
+            return decode_image(rec.image, rec.id)
+        except ImageDecodeError as err:
+            shard, _, _ = self._position(index)
+            where = self.storage.uri_for(self.index.shards[shard].path)
+            raise ImageDecodeError(rec.id, f"{err.reason} (in shard {where})") from err
+
+    def __getitem__(self, index: int) -> Image.Image:
+        return self.load(index)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dupr_platform.shards",
+        description="Pack an image folder (local or s3://) into Parquet shards (local or s3://).",
+    )
+    parser.add_argument("source", help="folder or s3://bucket/prefix of image files")
+    parser.add_argument("dest", help="folder or s3://bucket/prefix for the shards")
+    parser.add_argument("--images-per-shard", type=int, default=1000)
+    parser.add_argument("--row-group-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=4, help="reader/decoder threads")
+    parser.add_argument(
+        "--labels", action="store_true", help="label = first-level folder (class) name"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        index = prepare_shards(
+            args.source,
+            args.dest,
+            images_per_shard=args.images_per_shard,
+            row_group_size=args.row_group_size,
+            labels=args.labels,
+            workers=args.workers,
+        )
+    except (ShardError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(index.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,525 @@
+"""MLflow tracking for training runs: one writer per run, metrics committed with checkpoints.
+
+Why the metrics are buffered: a distributed run may crash and resume from its last checkpoint.
+If every step went to MLflow immediately, the steps between that checkpoint and the crash would
+be logged twice (once before the crash, once after the resume re-runs them). So the rank-0
+:class:`RunLogger` keeps per-step metrics in memory (:meth:`RunLogger.log_metrics`) and the
+trainer calls :meth:`RunLogger.commit` when a checkpoint has been persisted (or
+:meth:`RunLogger.discard` when it was not). A restarted driver or worker calls
+:meth:`RunLogger.start` with the same run name and gets the SAME run id back; the logger then
+learns the largest step already recorded per metric and drops buffered steps at or below it.
+Together: every step appears in MLflow exactly once, with steps increasing per metric.
+
+``commit`` hands the batch to one background thread (``log_batch``, ≤1000 metrics per call),
+so the training loop never waits on the network. A batch is durable once :meth:`flush`
+returns; a crash in the short window between ``commit`` and the background send loses those
+steps, which is why :meth:`RunLogger.end` flushes and callers that cannot accept that window
+call ``flush()`` right after ``commit()``.
+
+Secrets never reach MLflow: params, tags and logged dicts/texts go through :func:`redact`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from dupr_platform.storage import (
+    REDACTED,
+    contains_secret,
+    mask_userinfo,
+    scrub_secrets,
+    secret_env_values,
+)
+
+__all__ = [
+    "REDACTED",
+    "RUN_KEY_TAG",
+    "RunLogger",
+    "TrackingError",
+    "check_tracking",
+    "flatten_params",
+    "redact",
+    "redact_tree",
+]
+
+_log = logging.getLogger(__name__)
+
+RUN_KEY_TAG = "dupr.run_key"
+PARENT_TAG = "mlflow.parentRunId"
+MAX_PARAMS_PER_BATCH = 100
+MAX_TAGS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAM_VALUE = 6000
+_STATUSES = ("FINISHED", "FAILED", "KILLED")
+_SECRET_KEY_PARTS = (
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "access_key",
+    "accesskey",
+    "credential",
+    "api_key",
+    "apikey",
+    "private_key",
+)
+_CHECK_TIMEOUT_S = 5
+_ENV_LOCK = threading.Lock()
+T = TypeVar("T")
+
+
+class TrackingError(ValueError):
+    """A tracking URI, server or run problem, phrased as one line for the user."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Params and redaction
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config → ``{"model.alpha": "0.5"}``; lists and tuples become their ``str``."""
+    return {k: str(v) for k, v in _flatten(d, prefix).items()}
+
+
+def _is_secret_key(key: str) -> bool:
+    norm = key.lower().replace("-", "_")
+    return any(part in norm for part in _SECRET_KEY_PARTS)
+
+
+def _redact_value(value: str, secrets: list[str]) -> str:
+    return REDACTED if contains_secret(value, secrets) else mask_userinfo(value)
+
+
+def redact(params: Mapping[str, Any]) -> dict[str, str]:
+    """Mask values that are or contain secrets: by key name, by env secret value, URI password.
+
+    A URI with ``user:password@`` keeps its shape with only the password masked.
+    """
+    secrets = secret_env_values()
+    return {
+        k: REDACTED if _is_secret_key(k) else _redact_value(str(v), secrets)
+        for k, v in params.items()
+    }
+
+
+def redact_tree(obj: Any) -> Any:
+    """:func:`redact` for nested dicts/lists (configs logged as artifacts)."""
+    secrets = secret_env_values()
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, Mapping):
+            return {k: REDACTED if _is_secret_key(str(k)) else walk(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [walk(v) for v in x]
+        if isinstance(x, str):
+            return _redact_value(x, secrets)
+        return x
+
+    return walk(obj)
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = scrub_secrets(" ".join(str(exc).split())) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+# ---------------------------------------------------------------------------------------------
+# Preflight
+
+
+def check_tracking(uri: str) -> None:
+    """Preflight: the tracking store answers (HTTP) or its folder is writable (sqlite).
+
+    Fails within seconds with a one-line :class:`TrackingError` naming the URI.
+    """
+    if not isinstance(uri, str) or not uri.strip():
+        raise TrackingError(f"tracking {uri!r}: empty URI (use http(s)://host:port or sqlite:///…)")
+    uri = uri.strip()
+    shown = scrub_secrets(uri)
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    if scheme in ("http", "https"):
+        _check_http(uri, shown)
+    elif scheme == "sqlite":
+        _check_sqlite(uri, shown)
+    elif scheme in ("postgresql", "mysql", "mssql") or scheme.startswith(
+        ("postgresql+", "mysql+", "mssql+")
+    ):
+        _check_api(uri, shown)
+    elif scheme in ("", "file"):
+        raise TrackingError(
+            f"tracking {shown!r}: the file store is disabled in MLflow 3 "
+            "(use sqlite:///path/mlflow.db or an http(s):// server)"
+        )
+    else:
+        raise TrackingError(
+            f"tracking {shown!r}: unsupported scheme {scheme!r} "
+            "(use http(s)://, sqlite:/// or postgresql://)"
+        )
+
+
+def _check_http(uri: str, shown: str) -> None:
+    parts = urlsplit(uri.rstrip("/"))
+    netloc = parts.netloc.rsplit("@", 1)[-1]  # no userinfo in the probe URL
+    health = urlunsplit((parts.scheme, netloc, f"{parts.path}/health", "", ""))
+    try:
+        with urllib.request.urlopen(health, timeout=_CHECK_TIMEOUT_S) as resp:
+            resp.read(64)
+    except urllib.error.HTTPError as exc:
+        raise TrackingError(f"tracking {shown!r}: GET /health answered HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ConnectionRefusedError):
+            cause = "connection refused"
+        elif isinstance(reason, TimeoutError):
+            cause = f"no answer within {_CHECK_TIMEOUT_S}s"
+        else:
+            cause = _one_line(reason if isinstance(reason, BaseException) else exc)
+        raise TrackingError(f"tracking {shown!r}: cannot reach the server ({cause})") from None
+    _check_api(uri, shown)
+
+
+def _check_api(uri: str, shown: str) -> None:
+    """One cheap API call (also catches auth problems and non-MLflow servers)."""
+    try:
+        with _fail_fast_http():
+            MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as exc:
+        status = getattr(exc, "get_http_status_code", lambda: None)()
+        if status in (401, 403) or "401" in str(exc)[:200]:
+            raise TrackingError(
+                f"tracking {shown!r}: authentication failed (set MLFLOW_TRACKING_USERNAME/"
+                "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN)"
+            ) from None
+        raise TrackingError(f"tracking {shown!r}: {_one_line(exc)}") from None
+    except Exception as exc:  # driver errors, refused connections, bad hosts
+        raise TrackingError(f"tracking {shown!r}: {_one_line(exc)}") from None
+
+
+@contextlib.contextmanager
+def _fail_fast_http() -> Iterator[None]:
+    """No retries, short timeout, for one MLflow call; the environment is restored after."""
+    overrides = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(_CHECK_TIMEOUT_S),
+    }
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in overrides}
+        os.environ.update(overrides)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _check_sqlite(uri: str, shown: str) -> None:
+    if not uri.startswith("sqlite:///") or uri == "sqlite:///":
+        raise TrackingError(
+            f"tracking {shown!r}: expected sqlite:///relative.db or sqlite:////abs.db"
+        )
+    folder = os.path.dirname(os.path.abspath(uri[len("sqlite:///") :])) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        cause = exc.strerror or _one_line(exc)
+        raise TrackingError(
+            f"tracking {shown!r}: folder {folder!r} is not writable ({cause})"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Run logger
+
+
+class RunLogger:
+    """The rank-0 writer of one MLflow run; see the module docstring for the commit protocol."""
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        tracking_uri: str,
+        run_id: str,
+        experiment_id: str,
+        resumed: bool,
+        floors: Mapping[str, int],
+    ) -> None:
+        self.client = client
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+        self.resumed = resumed
+        self._shown = scrub_secrets(tracking_uri)
+        self._floors: dict[str, int] = dict(floors)  # largest step recorded per metric
+        self._buffer: dict[tuple[str, int], Metric] = {}
+        self._errors: list[str] = []
+        self._ended = False
+        self._queue: queue.Queue[list[Metric] | None] = queue.Queue()
+        self._thread = threading.Thread(
+            target=self._send_loop, name=f"mlflow-metrics-{run_id[:8]}", daemon=True
+        )
+        self._thread.start()
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def start(
+        cls,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str,
+        tags: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> RunLogger:
+        """Continue ``run_id``, else the live run tagged ``dupr.run_key == run_name``, else create.
+
+        A restarted driver or worker passing the same ``run_name`` resumes the same run id.
+        """
+        shown = scrub_secrets(tracking_uri)
+        client = MlflowClient(tracking_uri)
+        try:
+            resumed = True
+            if run_id:
+                run = _get_live_run(client, run_id, shown)
+            else:
+                exp_id = _experiment_id(client, experiment, shown)
+                run = _find_run(client, exp_id, run_name, shown)
+                if run is None:
+                    new_tags = {RUN_KEY_TAG: run_name}
+                    if parent_run_id:
+                        new_tags[PARENT_TAG] = parent_run_id
+                    run = client.create_run(exp_id, tags=new_tags, run_name=run_name)
+                    resumed = False
+            rid = run.info.run_id
+            if resumed:
+                client.update_run(rid, status="RUNNING")
+            extra = redact(dict(tags or {}))
+            if parent_run_id and resumed:
+                extra.setdefault(PARENT_TAG, parent_run_id)
+            for chunk in _chunks([RunTag(k, v) for k, v in extra.items()], MAX_TAGS_PER_BATCH):
+                client.log_batch(rid, tags=chunk, synchronous=True)
+            floors = {
+                key: max(m.step for m in history)
+                for key in (run.data.metrics if resumed else {})
+                if (history := client.get_metric_history(rid, key))
+            }
+        except MlflowException as exc:
+            raise TrackingError(f"tracking {shown!r}: {_one_line(exc)}") from None
+        if resumed:
+            _log.info("tracking %s: continuing run %s (%s)", shown, rid, run_name)
+        return cls(client, tracking_uri, rid, run.info.experiment_id, resumed, floors)
+
+    # -- params and tags ---------------------------------------------------------------------
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Flatten, redact and log; values already logged identically are skipped (resume).
+
+        A different value for an existing param is refused: MLflow params are immutable.
+        """
+        flat = {k: v[:MAX_PARAM_VALUE] for k, v in redact(flatten_params(params)).items()}
+        existing = self.client.get_run(self.run_id).data.params
+        new: list[Param] = []
+        for key, value in flat.items():
+            if key not in existing:
+                new.append(Param(key, value))
+            elif existing[key] != value:
+                raise TrackingError(
+                    f"run {self.run_id}: param {key!r} is already {_short(existing[key])!r}; "
+                    f"refusing to change it to {_short(value)!r} (use a new run name)"
+                )
+        for chunk in _chunks(new, MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=chunk, synchronous=True)
+
+    def set_tag(self, key: str, value: Any) -> None:
+        self.client.set_tag(self.run_id, key, redact({key: value})[key])
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Buffer one step in memory; nothing is sent until :meth:`commit`."""
+        self._check_open()
+        timestamp = int(time.time() * 1000)
+        for key, value in _flatten(metrics).items():
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise TrackingError(f"metric {key!r}: value {value!r} is not a number") from None
+            self._buffer[(key, int(step))] = Metric(key, number, timestamp, int(step))
+
+    def commit(self) -> int:
+        """Send the buffered steps in the background; steps already recorded are dropped.
+
+        Returns how many metric values were queued.
+        """
+        self._check_open()
+        batch = [m for m in self._buffer.values() if m.step > self._floors.get(m.key, -(2**63))]
+        self._buffer.clear()
+        for m in batch:
+            self._floors[m.key] = max(m.step, self._floors.get(m.key, m.step))
+        if batch:
+            self._queue.put(batch)
+        return len(batch)
+
+    def discard(self) -> int:
+        """Drop the buffered steps (their checkpoint was not written); returns how many."""
+        dropped = len(self._buffer)
+        self._buffer.clear()
+        return dropped
+
+    def flush(self) -> None:
+        """Wait until every committed batch is sent; raise if any batch failed."""
+        self._queue.join()
+        if self._errors:
+            errors, self._errors = self._errors, []
+            raise TrackingError(
+                f"tracking {self._shown!r}: {len(errors)} metric batch(es) of run {self.run_id} "
+                f"failed; first: {errors[0]}"
+            )
+
+    def last_step(self, key: str = "loss") -> int | None:
+        """Largest step recorded on the server for metric ``key`` (after sending queued ones)."""
+        self.flush()
+        history = self.client.get_metric_history(self.run_id, key)
+        return max((m.step for m in history), default=None)
+
+    def _send_loop(self) -> None:
+        while True:
+            batch = self._queue.get()
+            try:
+                if batch is None:
+                    return
+                for chunk in _chunks(batch, MAX_METRICS_PER_BATCH):
+                    self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+            except Exception as exc:  # recorded, raised by flush(); the loop must survive
+                message = _one_line(exc)
+                self._errors.append(message)
+                _log.warning("tracking %s: metric batch failed: %s", self._shown, message)
+            finally:
+                self._queue.task_done()
+
+    # -- artifacts ---------------------------------------------------------------------------
+
+    def log_artifact(
+        self, local_path: str | os.PathLike[str], artifact_path: str | None = None
+    ) -> None:
+        if not os.path.exists(local_path):
+            raise TrackingError(f"artifact {os.fspath(local_path)!r}: no such file or folder")
+        self.client.log_artifact(self.run_id, os.fspath(local_path), artifact_path)
+
+    def log_dict(self, dictionary: Mapping[str, Any], artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, redact_tree(dict(dictionary)), artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, scrub_secrets(text), artifact_file)
+
+    # -- end -----------------------------------------------------------------------------------
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Flush and close the run. FINISHED commits what is buffered; FAILED/KILLED drop it
+        (a resume will recompute those steps from the last checkpoint)."""
+        if status not in _STATUSES:
+            raise TrackingError(f"run status {status!r}: expected one of {', '.join(_STATUSES)}")
+        if self._ended:
+            return
+        if status == "FINISHED":
+            self.commit()
+        else:
+            self.discard()
+        self._ended = True
+        self._queue.put(None)
+        try:
+            self.flush()
+        finally:
+            self._thread.join()
+            self.client.set_terminated(self.run_id, status=status)
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.end("FAILED" if exc_type else "FINISHED")
+
+    def _check_open(self) -> None:
+        if self._ended:
+            raise TrackingError(f"run {self.run_id}: already ended")
+
+
+def _short(value: str, limit: int = 80) -> str:
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def _experiment_id(client: MlflowClient, name: str, shown: str) -> str:
+    """Get or create the experiment (tolerating a concurrent creator)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            exp = client.get_experiment_by_name(name)
+    if exp.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"tracking {shown!r}: experiment {name!r} is deleted (restore it with "
+            f"`mlflow experiments restore --experiment-id {exp.experiment_id}` or pick another name)"
+        )
+    return exp.experiment_id
+
+
+def _find_run(client: MlflowClient, experiment_id: str, run_name: str, shown: str) -> Any:
+    """The newest non-deleted run tagged with this run key, or None."""
+    quote = "'" if "'" not in run_name else '"'
+    if quote in run_name:
+        raise TrackingError(f"run name {run_name!r}: may not contain both ' and \"")
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{RUN_KEY_TAG}` = {quote}{run_name}{quote}",
+        max_results=2,
+        order_by=["attributes.start_time DESC"],
+    )
+    if len(runs) > 1:
+        _log.warning("tracking %s: several runs named %r; continuing the newest", shown, run_name)
+    return runs[0] if runs else None
+
+
+def _get_live_run(client: MlflowClient, run_id: str, shown: str) -> Any:
+    run = client.get_run(run_id)
+    if run.info.lifecycle_stage == "deleted":
+        raise TrackingError(f"tracking {shown!r}: run {run_id} is deleted")
+    return run

@@ -1,0 +1,144 @@
+"""Pre-training on a real local Ray instance, storage on a real S3 server, a real MLflow server."""
+
+import os
+import shutil
+import threading
+import time
+
+import boto3
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from dupr.config import DUPRConfig, OptimConfig
+from dupr.data import embedded_image_folder
+from dupr_platform.pretrain import PretrainJob, job_from_overrides, preflight, run_pretraining
+from helpers import tiny_model_config
+from services import make_bucket
+
+os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()  # stops only the instance this module started
+
+
+def tiny_job(name: str, storage: str, tracking: str, epochs: int, workers: int = 2) -> PretrainJob:
+    return PretrainJob(
+        name=name,
+        method=DUPRConfig(
+            model=tiny_model_config(),
+            optim=OptimConfig(lr=0.01, batch_size=8, epochs=epochs, amp=False),
+        ),
+        data=str(embedded_image_folder(24)),
+        storage=storage,
+        tracking_uri=tracking,
+        experiment="ray-tests",
+        num_workers=workers,
+        cpus_per_worker=1,
+        log_every=1,
+        keep_checkpoints=2,
+    ).validate()
+
+
+def bucket_keys(endpoint: str, bucket: str, prefix: str) -> list[str]:
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def test_two_workers_on_s3_and_mlflow_then_resume(local_ray, s3_env, s3_server, mlflow_server):
+    make_bucket(s3_server.endpoint_url, "pretrain")
+    job = tiny_job("ddp-s3", "s3://pretrain/runs", mlflow_server.uri, epochs=2)
+    result = run_pretraining(job)
+    assert (result.epochs, result.steps) == (2, 6)  # 24 images / global batch 8 = 3 steps/epoch
+    assert result.checkpoint_uri == "s3://pretrain/runs/ddp-s3/checkpoint_epoch=0002"
+
+    keys = bucket_keys(s3_server.endpoint_url, "pretrain", "runs/ddp-s3/")
+    assert "runs/ddp-s3/checkpoint_epoch=0002/state.pt" in keys
+    assert "runs/ddp-s3/checkpoint_epoch=0001/state.pt" in keys
+
+    client = MlflowClient(mlflow_server.uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.alpha"] == "(0.1, 0.4, 0.7, 1.0)"
+    assert run.data.params["job.num_workers"] == "2"
+    history = client.get_metric_history(result.run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
+    for metric in ("loss/patch_conv4", "acc/image_conv5", "lr", "images_per_s", "data_wait_s"):
+        assert len(client.get_metric_history(result.run_id, metric)) == 6, metric
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config", "final_checkpoint.txt"} <= artifacts
+
+    # Started again with the same name after it finished: nothing to redo, same MLflow run.
+    again = run_pretraining(job)
+    assert again.run_id == result.run_id and (again.epochs, again.steps) == (2, 6)
+    assert sorted(m.step for m in client.get_metric_history(result.run_id, "loss")) == list(
+        range(1, 7)
+    )
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+
+
+def test_rerun_after_a_crash_resumes_from_the_latest_checkpoint(local_ray, mlflow_server, tmp_path):
+    """The data volume vanishes after epoch 1: the run fails; started again, it resumes."""
+    data = tmp_path / "data"
+    shutil.copytree(embedded_image_folder(48), data)
+    job = tiny_job("crash-resume", str(tmp_path / "store"), mlflow_server.uri, epochs=2)
+    job.data, job.max_failures = str(data), 0
+    first_checkpoint = tmp_path / "store" / "crash-resume" / "checkpoint_epoch=0001" / "state.pt"
+
+    def pull_the_data():
+        deadline = time.time() + 300
+        while not first_checkpoint.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        data.rename(tmp_path / "gone")
+
+    saboteur = threading.Thread(target=pull_the_data)
+    saboteur.start()
+    with pytest.raises(Exception):  # noqa: B017 - Ray wraps the workers' error
+        run_pretraining(job)
+    saboteur.join()
+    client = MlflowClient(mlflow_server.uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("ray-tests").experiment_id],
+        "tags.`dupr.run_key` = 'crash-resume'",
+    )
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    logged = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss"))
+    assert logged[:6] == list(range(1, 7))  # epoch 1 (6 steps) was committed with its checkpoint
+
+    (tmp_path / "gone").rename(data)
+    result = run_pretraining(job)
+    assert result.run_id == runs[0].info.run_id and (result.epochs, result.steps) == (2, 12)
+    steps = [m.step for m in client.get_metric_history(result.run_id, "loss")]
+    assert sorted(steps) == list(range(1, 13))  # no gaps, no duplicates
+
+
+def test_preflight_rejects_bad_input_before_any_worker(
+    local_ray, s3_env, s3_server, mlflow_server, tmp_path
+):
+    good = dict(storage=str(tmp_path / "store"), tracking=mlflow_server.uri)
+    cases = [
+        (tiny_job("x", "gs://bucket/p", good["tracking"], 1), "gs://bucket/p"),
+        (tiny_job("x", "s3://no-such-bucket/p", good["tracking"], 1), "no-such-bucket"),
+        (tiny_job("x", good["storage"], "http://127.0.0.1:9", 1), "127.0.0.1:9"),
+        (tiny_job("x", good["storage"], good["tracking"], 1, workers=8), "num_workers=8"),
+    ]
+    for job, needle in cases:
+        with pytest.raises(ValueError) as err:
+            preflight(job)
+        assert needle in str(err.value) and "\n" not in str(err.value)
+    assert "testing-secret" not in " ".join(str(c) for c in cases)
+
+
+def test_overrides_build_a_job_and_reject_unknown_keys():
+    job = job_from_overrides(["preset=mocov2", "num_workers=2", "method.model.tau=0.1", "name=abc"])
+    assert job.method.model.alpha == (0, 0, 0, 1) and job.method.model.tau == 0.1
+    assert job.num_workers == 2 and job.name == "abc"
+    with pytest.raises(ValueError, match="method.model.temperature: unknown configuration key"):
+        job_from_overrides(["method.model.temperature=0.1"])
+    with pytest.raises(ValueError, match=r"optim.batch_size=32: not divisible by num_workers=3"):
+        job_from_overrides(["num_workers=3"])
