@@ -12,10 +12,10 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import random_batch, tiny_model_config
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dupr.model import DUPR
+from helpers import random_batch, tiny_model_config
 
 WORLD, PER_RANK = 2, 4
 

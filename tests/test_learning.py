@@ -1,7 +1,6 @@
 """A short CPU pre-training on the embedded photographs whose loss goes down."""
 
 import torch
-from helpers import tiny_model_config
 
 from dupr.config import DUPRConfig, OptimConfig, validate
 from dupr.data import ImageFolderDataset, embedded_image_folder
@@ -9,6 +8,7 @@ from dupr.data.two_views import build_loader
 from dupr.model import DUPR
 from dupr.train import build_state, train
 from dupr.views import TwoViews
+from helpers import tiny_model_config
 
 
 def test_short_pretraining_lowers_the_loss():

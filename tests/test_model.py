@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from helpers import random_batch, tiny_model_config
 
 from dupr.config import LEVELS, preset
 from dupr.geometry import view_boxes
 from dupr.model import DUPR
+from helpers import random_batch, tiny_model_config
 
 
 def test_heads_are_built_only_for_nonzero_weights():
