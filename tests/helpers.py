@@ -2,7 +2,8 @@
 
 import torch
 
-from dupr.config import ModelConfig
+from dupr.config import DUPRConfig, ModelConfig, OptimConfig
+from dupr.data import embedded_image_folder
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
@@ -31,3 +32,24 @@ def random_batch(n: int, size: int, seed: int = 0, overlap: bool = True):
         [xy + shift, xy + shift + 100, (torch.rand(n, 1, generator=g) < 0.5).float()], 1
     )
     return im_q, im_k, crop_q, crop_k
+
+
+def tiny_job(name: str, storage: str, tracking: str, epochs: int, workers: int = 2):
+    """A 2-worker CPU pre-training job of the tiny model on 24 embedded images."""
+    from dupr_platform.pretrain import PretrainJob
+
+    return PretrainJob(
+        name=name,
+        method=DUPRConfig(
+            model=tiny_model_config(),
+            optim=OptimConfig(lr=0.01, batch_size=8, epochs=epochs, amp=False),
+        ),
+        data=str(embedded_image_folder(24)),
+        storage=storage,
+        tracking_uri=tracking,
+        experiment="ray-tests",
+        num_workers=workers,
+        cpus_per_worker=1,
+        log_every=1,
+        keep_checkpoints=2,
+    ).validate()

@@ -10,10 +10,9 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
-from dupr.config import DUPRConfig, OptimConfig
 from dupr.data import embedded_image_folder
-from dupr_platform.pretrain import PretrainJob, job_from_overrides, preflight, run_pretraining
-from helpers import tiny_model_config
+from dupr_platform.pretrain import job_from_overrides, preflight, run_pretraining
+from helpers import tiny_job
 from services import make_bucket
 
 os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
@@ -24,24 +23,6 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()  # stops only the instance this module started
-
-
-def tiny_job(name: str, storage: str, tracking: str, epochs: int, workers: int = 2) -> PretrainJob:
-    return PretrainJob(
-        name=name,
-        method=DUPRConfig(
-            model=tiny_model_config(),
-            optim=OptimConfig(lr=0.01, batch_size=8, epochs=epochs, amp=False),
-        ),
-        data=str(embedded_image_folder(24)),
-        storage=storage,
-        tracking_uri=tracking,
-        experiment="ray-tests",
-        num_workers=workers,
-        cpus_per_worker=1,
-        log_every=1,
-        keep_checkpoints=2,
-    ).validate()
 
 
 def bucket_keys(endpoint: str, bucket: str, prefix: str) -> list[str]:
@@ -63,7 +44,7 @@ def test_two_workers_on_s3_and_mlflow_then_resume(local_ray, s3_env, s3_server, 
 
     client = MlflowClient(mlflow_server.uri)
     run = client.get_run(result.run_id)
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and "dupr.resumed_at_step" not in run.data.tags
     assert run.data.params["model.alpha"] == "(0.1, 0.4, 0.7, 1.0)"
     assert run.data.params["job.num_workers"] == "2"
     history = client.get_metric_history(result.run_id, "loss")
@@ -113,6 +94,7 @@ def test_rerun_after_a_crash_resumes_from_the_latest_checkpoint(local_ray, mlflo
     (tmp_path / "gone").rename(data)
     result = run_pretraining(job)
     assert result.run_id == runs[0].info.run_id and (result.epochs, result.steps) == (2, 12)
+    assert client.get_run(result.run_id).data.tags["dupr.resumed_at_step"] == "6"
     steps = [m.step for m in client.get_metric_history(result.run_id, "loss")]
     assert sorted(steps) == list(range(1, 13))  # no gaps, no duplicates
 

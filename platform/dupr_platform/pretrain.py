@@ -153,6 +153,8 @@ def train_worker(config: dict[str, Any]) -> None:
         logger = RunLogger.start(
             config["tracking_uri"], config["experiment"], config["name"], run_id=config["run_id"]
         )
+        if checkpoint:  # visible in the UI: this run continued from a checkpoint at that step
+            logger.set_tag("dupr.resumed_at_step", str(state.step))
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         if logger:

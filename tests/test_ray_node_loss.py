@@ -1,0 +1,67 @@
+"""Fault tolerance: a node that hosts a training worker dies mid-run; the run still finishes.
+
+A multi-node Ray cluster on this machine (ray.cluster_utils.Cluster), storage on the S3 server,
+tracking on the MLflow server. The head has no CPUs, so both training workers live on the two
+worker nodes; one of them is removed without grace after the first checkpoint and a fresh node
+joins. Ray restarts the worker group, the workers restore the latest checkpoint, and the MLflow
+run ends with every step logged exactly once.
+"""
+
+import threading
+import time
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+from ray.cluster_utils import Cluster
+
+from dupr.data import embedded_image_folder
+from dupr_platform.pretrain import run_pretraining
+from helpers import tiny_job
+from services import list_keys, make_bucket
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    yield c
+    ray.shutdown()
+    c.shutdown()  # stops only the nodes this test started
+
+
+def test_run_survives_the_loss_of_a_worker_node(cluster, s3_env, s3_server, mlflow_server):
+    victim = cluster.add_node(num_cpus=1)
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    bucket = make_bucket(s3_server.endpoint_url, "node-loss")
+    job = tiny_job("node-loss", f"s3://{bucket}/runs", mlflow_server.uri, epochs=3)
+    job.data = str(embedded_image_folder(48))  # 6 steps per epoch
+
+    outcome: dict = {}
+    fit = threading.Thread(target=lambda: outcome.update(result=run_pretraining(job)), daemon=True)
+    fit.start()
+    first = "runs/node-loss/checkpoint_epoch=0001/state.pt"
+    deadline = time.time() + 300
+    while (
+        first not in list_keys(s3_server.endpoint_url, bucket, "runs/") and time.time() < deadline
+    ):
+        time.sleep(0.2)
+    assert time.time() < deadline, "no first checkpoint"
+    cluster.remove_node(victim, allow_graceful=False)  # node loss, mid-run
+    cluster.add_node(num_cpus=1)  # the replacement (from the main thread, as Ray requires)
+    fit.join(timeout=600)
+    assert not fit.is_alive() and "result" in outcome, "the run did not finish"
+
+    result = outcome["result"]
+    assert (result.epochs, result.steps) == (3, 18)
+    client = MlflowClient(mlflow_server.uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dupr.resumed_at_step"] in ("6", "12")  # restarted from a checkpoint
+    steps = [m.step for m in client.get_metric_history(result.run_id, "loss")]
+    assert sorted(steps) == list(range(1, 19))  # no gaps, no duplicates
+    assert "runs/node-loss/checkpoint_epoch=0003/state.pt" in list_keys(
+        s3_server.endpoint_url, bucket, "runs/"
+    )
