@@ -8,10 +8,16 @@ import time
 import boto3
 import pytest
 import ray
+import torch
 from mlflow.tracking import MlflowClient
 
 from dupr.data import embedded_image_folder
-from dupr_platform.pretrain import job_from_overrides, preflight, run_pretraining
+from dupr_platform.pretrain import (
+    job_from_overrides,
+    load_checkpoint_state,
+    preflight,
+    run_pretraining,
+)
 from helpers import tiny_job
 from services import make_bucket
 
@@ -98,22 +104,45 @@ def test_rerun_after_a_crash_resumes_from_the_latest_checkpoint(local_ray, mlflo
     steps = [m.step for m in client.get_metric_history(result.run_id, "loss")]
     assert sorted(steps) == list(range(1, 13))  # no gaps, no duplicates
 
+    # The interrupted-and-resumed run ends with the weights of an uninterrupted one.
+    job.name = "no-crash"
+    straight = run_pretraining(job)
+    assert (straight.epochs, straight.steps) == (2, 12)
+    resumed_state = load_checkpoint_state(result.checkpoint_uri)["model"]
+    straight_state = load_checkpoint_state(straight.checkpoint_uri)["model"]
+    assert resumed_state.keys() == straight_state.keys()
+    for key, value in straight_state.items():
+        assert torch.allclose(resumed_state[key].float(), value.float(), atol=1e-6, rtol=0), key
+
 
 def test_preflight_rejects_bad_input_before_any_worker(
-    local_ray, s3_env, s3_server, mlflow_server, tmp_path
+    local_ray, s3_env, s3_server, s3_iam_server, mlflow_server, tmp_path, monkeypatch
 ):
-    good = dict(storage=str(tmp_path / "store"), tracking=mlflow_server.uri)
+    store, tracking = str(tmp_path / "store"), mlflow_server.uri
     cases = [
-        (tiny_job("x", "gs://bucket/p", good["tracking"], 1), "gs://bucket/p"),
-        (tiny_job("x", "s3://no-such-bucket/p", good["tracking"], 1), "no-such-bucket"),
-        (tiny_job("x", good["storage"], "http://127.0.0.1:9", 1), "127.0.0.1:9"),
-        (tiny_job("x", good["storage"], good["tracking"], 1, workers=8), "num_workers=8"),
+        (tiny_job("x", "gs://bucket/p", tracking, 1), "gs://bucket/p"),
+        (tiny_job("x", "s3://no-such-bucket/p", tracking, 1), "no-such-bucket"),
+        (tiny_job("x", store, "http://127.0.0.1:9", 1), "127.0.0.1:9"),
+        (tiny_job("x", store, tracking, 1, workers=8), "num_workers=8"),
     ]
+    bad_data = tiny_job("x", store, tracking, 1)
+    bad_data.data = str(tmp_path / "no-images-here")
+    cases.append((bad_data, "no-images-here"))
     for job, needle in cases:
-        with pytest.raises(ValueError) as err:
+        with pytest.raises((ValueError, FileNotFoundError)) as err:
             preflight(job)
         assert needle in str(err.value) and "\n" not in str(err.value)
-    assert "testing-secret" not in " ".join(str(c) for c in cases)
+
+    # Wrong credentials against an S3 server that checks them.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_iam_server.endpoint_url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_iam_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
+    with pytest.raises(ValueError) as err:
+        preflight(tiny_job("x", f"s3://{s3_iam_server.bucket}/p", tracking, 1))
+    message = str(err.value)
+    assert s3_iam_server.bucket in message and "\n" not in message
+    assert "wrong-secret-value" not in message
+    assert not (tmp_path / "store" / "x").exists()  # nothing was started or written
 
 
 def test_overrides_build_a_job_and_reject_unknown_keys():

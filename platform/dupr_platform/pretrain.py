@@ -17,6 +17,7 @@ function (`train_worker`) is the plain `dupr.train` loop with three hooks:
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import tempfile
@@ -57,6 +58,7 @@ class PretrainJob:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # used when use_gpu
     loader_workers: int = 0  # data-loading processes per training worker
     max_failures: int = 3  # worker-group restarts after worker or node loss
     controller_failure_limit: int = 3  # Ray's default is unlimited: a lost node would hang the run
@@ -71,6 +73,8 @@ class PretrainJob:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 1")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"cpus_per_worker={self.cpus_per_worker!r}: must be > 0")
+        if self.use_gpu and self.gpus_per_worker <= 0:
+            raise ConfigError(f"gpus_per_worker={self.gpus_per_worker!r}: must be > 0")
         if self.max_failures < 0 or self.controller_failure_limit < 0:
             raise ConfigError("max_failures/controller_failure_limit: must be >= 0")
         batch = self.method.optim.batch_size
@@ -216,10 +220,11 @@ def preflight(job: PretrainJob) -> None:
             f"num_workers={job.num_workers} × cpus_per_worker={job.cpus_per_worker}: "
             f"needs {need_cpu:g} CPUs, the Ray cluster has {total.get('CPU', 0):g}"
         )
-    if job.use_gpu and total.get("GPU", 0) < job.num_workers:
+    need_gpu = job.num_workers * job.gpus_per_worker if job.use_gpu else 0
+    if total.get("GPU", 0) < need_gpu:
         raise ConfigError(
-            f"num_workers={job.num_workers} with use_gpu: needs {job.num_workers} GPUs, "
-            f"the Ray cluster has {total.get('GPU', 0):g}"
+            f"num_workers={job.num_workers} × gpus_per_worker={job.gpus_per_worker}: "
+            f"needs {need_gpu:g} GPUs, the Ray cluster has {total.get('GPU', 0):g}"
         )
 
 
@@ -256,7 +261,8 @@ def run_pretraining(job: PretrainJob) -> PretrainResult:
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.num_workers,
             use_gpu=job.use_gpu,
-            resources_per_worker={"CPU": job.cpus_per_worker},
+            resources_per_worker={"CPU": job.cpus_per_worker}
+            | ({"GPU": job.gpus_per_worker} if job.use_gpu else {}),
         ),
         run_config=ray.train.RunConfig(
             name=job.name,
@@ -286,10 +292,10 @@ def run_pretraining(job: PretrainJob) -> PretrainResult:
     )
 
 
-def load_checkpoint_state(uri_or_dir: str) -> dict[str, Any]:
-    """The training state saved by `train_worker` (for conversion and evaluation stages)."""
-    path = Path(uri_or_dir) / STATE_FILE
-    return torch.load(path, map_location="cpu", weights_only=False)
+def load_checkpoint_state(checkpoint_uri: str) -> dict[str, Any]:
+    """The training state saved by `train_worker`, from a local or s3:// checkpoint URI."""
+    data = open_storage(checkpoint_uri).read_bytes(STATE_FILE)
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
 
 # --------------------------------------------------------------------------------------------
