@@ -18,6 +18,7 @@ from dupr_platform.pretrain import (
     preflight,
     run_pretraining,
 )
+from dupr_platform.shards import prepare_shards
 from helpers import tiny_job
 from services import make_bucket
 
@@ -39,7 +40,10 @@ def bucket_keys(endpoint: str, bucket: str, prefix: str) -> list[str]:
 
 def test_two_workers_on_s3_and_mlflow_then_resume(local_ray, s3_env, s3_server, mlflow_server):
     make_bucket(s3_server.endpoint_url, "pretrain")
+    # Data in the object-storage format: Parquet shards on S3, read by every worker.
+    prepare_shards(str(embedded_image_folder(24)), "s3://pretrain/shards", images_per_shard=10)
     job = tiny_job("ddp-s3", "s3://pretrain/runs", mlflow_server.uri, epochs=2)
+    job.data = "s3://pretrain/shards"
     result = run_pretraining(job)
     assert (result.epochs, result.steps) == (2, 6)  # 24 images / global batch 8 = 3 steps/epoch
     assert result.checkpoint_uri == "s3://pretrain/runs/ddp-s3/checkpoint_epoch=0002"

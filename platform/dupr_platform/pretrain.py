@@ -37,6 +37,7 @@ from dupr.data.two_views import build_loader
 from dupr.model import DUPR
 from dupr.train import TrainState, build_state, rng_state, train
 from dupr.views import TwoViews
+from dupr_platform.shards import INDEX_NAME, ParquetImageDataset
 from dupr_platform.storage import aws_env, check_storage, open_storage, ray_storage_args
 from dupr_platform.tracking import RunLogger, check_tracking
 
@@ -51,7 +52,9 @@ class PretrainJob:
 
     name: str = "dupr-pretrain"  # fixed name: starting it again resumes it
     method: DUPRConfig = field(default_factory=DUPRConfig)
-    data: str | None = None  # image folder; None = the embedded photo set
+    # Parquet shards (s3://… or local prefix with _index.json, see dupr_platform.shards), a
+    # local image folder, or None for the embedded photo set.
+    data: str | None = None
     storage: str = "runs/storage"  # local folder or s3://bucket/prefix
     tracking_uri: str = "sqlite:///runs/mlflow.db"
     experiment: str = "dupr"
@@ -101,6 +104,16 @@ class PretrainResult:
 # Worker side
 
 
+def open_images(data: str | None) -> Any:
+    """The training images: Parquet shards (a local or s3:// prefix holding `_index.json`, the
+    format for object storage), a local image folder, or the embedded photo set (None)."""
+    if data is None:
+        return ImageFolderDataset(embedded_image_folder())
+    if data.startswith("s3://") or (Path(data) / INDEX_NAME).exists():
+        return ParquetImageDataset(data)
+    return ImageFolderDataset(data)
+
+
 def _gather_rng_states() -> list[dict[str, Any]]:
     """Every rank's generators, in rank order (each rank draws its own patch-key samples)."""
     mine = rng_state()
@@ -119,7 +132,7 @@ def train_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
 
-    images = ImageFolderDataset(config["data"] or embedded_image_folder())
+    images = open_images(config["data"])
     loader = build_loader(
         images,
         TwoViews(cfg.model.image_size, cfg.augment),
@@ -210,7 +223,7 @@ def preflight(job: PretrainJob) -> None:
     """Everything checkable before a worker starts; each failure is one clear line."""
     job.validate()
     if job.data is not None:
-        ImageFolderDataset(job.data)  # exists and holds images
+        open_images(job.data)  # exists and holds images (or a complete shard index)
     check_storage(open_storage(job.storage))
     check_tracking(job.tracking_uri)
     total = ray.cluster_resources()
