@@ -23,6 +23,7 @@ from dupr.geometry import view_boxes
 from dupr.heads import ImageHead, PatchHead
 from dupr.losses import info_nce
 from dupr.memory_bank import MemoryBank
+from dupr.sync_batchnorm import SyncBatchNorm
 
 
 class Encoder(nn.Module):
@@ -33,7 +34,7 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        norm = nn.SyncBatchNorm if cfg.bn_mode == "sync" else None
+        norm = SyncBatchNorm if cfg.bn_mode == "sync" else None
         self.backbone = ResNetBackbone(cfg.backbone, norm_layer=norm)
         channels = self.backbone.channels
         self.up_to = cfg.deepest_level()

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
@@ -151,11 +152,19 @@ EpochCallback = Callable[[TrainState], None]
 
 
 def _mean_metrics(window: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Average a window of per-step metrics with one device→host transfer; NaN entries ignored."""
+    """Average a window of per-step metrics (and over ranks) with one device→host transfer.
+
+    NaN entries (a patch accuracy of a step without overlapping pairs) are ignored locally.
+    """
     keys = sorted(window[0])
-    stacked = torch.stack([torch.stack([m[k].float().cpu() for k in keys]) for m in window])
-    means = stacked.nanmean(dim=0).tolist()
-    return dict(zip(keys, means, strict=True))
+    device = window[0]["loss"].device
+    stacked = torch.stack([torch.stack([m[k].float().to(device) for k in keys]) for m in window])
+    means = stacked.nanmean(dim=0)
+    if dist.is_available() and dist.is_initialized():
+        # Averaged over ranks too, so the logged loss is that of the global batch.
+        dist.all_reduce(means)
+        means /= dist.get_world_size()
+    return dict(zip(keys, means.tolist(), strict=True))
 
 
 def train(

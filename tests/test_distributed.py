@@ -39,7 +39,7 @@ def worker(rank: int, store_dir: str) -> None:
         batch = [
             t[rank * PER_RANK : (rank + 1) * PER_RANK] for t in random_batch(WORLD * PER_RANK, 64)
         ]
-        ddp = DDP(model, broadcast_buffers=False)
+        ddp = DDP(model, forward_sync_buffers=False)
         loss, metrics = ddp(*batch)
         loss.backward()
         result = {
@@ -85,3 +85,43 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path):
             assert ptr0.item() == 6
     for name in single.banks:
         assert torch.equal(ranks[0]["train_banks"][name], ranks[1]["train_banks"][name])
+
+
+def syncbn_worker(rank: int, store_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=WORLD
+    )
+    try:
+        torch.manual_seed(0)
+        model = DUPR(tiny_model_config(bn_mode="sync", queue_size=40))  # train mode
+        batch = [
+            t[rank * PER_RANK : (rank + 1) * PER_RANK] for t in random_batch(WORLD * PER_RANK, 64)
+        ]
+        ddp = DDP(model, forward_sync_buffers=False)
+        loss, _ = ddp(*batch)
+        loss.backward()
+        bn = {n: b.clone() for n, b in model.named_buffers() if "running" in n}
+        torch.save(
+            {"loss": loss.detach(), "grads": grads(model), "bn": bn},
+            os.path.join(store_dir, f"sync{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_syncbn_in_train_mode_two_ranks_equal_one_process(tmp_path):
+    """With bn_mode="sync" (CPU path of dupr.sync_batchnorm) BatchNorm sees the global batch."""
+    mp.start_processes(syncbn_worker, args=(str(tmp_path),), nprocs=WORLD, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"sync{r}.pt") for r in range(WORLD)]
+    torch.manual_seed(0)
+    single = DUPR(tiny_model_config(bn_mode="sync", queue_size=40))
+    loss, _ = single(*random_batch(WORLD * PER_RANK, 64))
+    loss.backward()
+    assert torch.allclose(sum(r["loss"] for r in ranks) / WORLD, loss.detach(), rtol=1e-4)
+    for name, g in grads(single).items():
+        assert torch.allclose(ranks[0]["grads"][name], g, rtol=1e-3, atol=1e-5), name
+    for name, b in single.named_buffers():
+        if "running" in name:  # global statistics, the same on both ranks
+            assert torch.allclose(ranks[0]["bn"][name], b, rtol=1e-4, atol=1e-6), name
+            assert torch.equal(ranks[0]["bn"][name], ranks[1]["bn"][name]), name

@@ -10,6 +10,7 @@ import torchvision
 from dupr.config import LEVELS, preset
 from dupr.geometry import view_boxes
 from dupr.model import DUPR
+from dupr.sync_batchnorm import SyncBatchNorm
 from helpers import random_batch, tiny_model_config
 
 
@@ -178,7 +179,7 @@ def test_mocov2_preset_equals_plain_moco_v2(backbone):
 def test_syncbn_mode_builds_sync_batchnorm_and_runs_in_one_process():
     model = DUPR(tiny_model_config(bn_mode="sync"))
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+    assert norms and all(isinstance(m, SyncBatchNorm) for m in norms)
     loss, _ = model(*random_batch(4, 64))  # without a process group it normalises like BatchNorm
     assert torch.isfinite(loss)
 

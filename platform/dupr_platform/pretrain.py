@@ -150,7 +150,7 @@ def train_worker(config: dict[str, Any]) -> None:
         # Memory banks are identical on every rank by construction (all-gathered keys), and
         # BN running statistics are not used in training: no per-step buffer broadcast.
         model = ray.train.torch.prepare_model(
-            model, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False}
+            model, move_to_device=False, parallel_strategy_kwargs={"forward_sync_buffers": False}
         )
     state = build_state(model, cfg.optim, len(loader), device)
 
