@@ -157,3 +157,30 @@ def test_overrides_build_a_job_and_reject_unknown_keys():
         job_from_overrides(["method.model.temperature=0.1"])
     with pytest.raises(ValueError, match=r"optim.batch_size=32: not divisible by num_workers=3"):
         job_from_overrides(["num_workers=3"])
+
+
+def test_ddp_two_workers_equal_one_worker_with_the_global_batch(local_ray, mlflow_server, tmp_path):
+    """First step through the launcher: 2 workers × 4 images = 1 worker × 8 images (SyncBN)."""
+    weights, losses = [], []
+    for workers in (2, 1):
+        job = tiny_job(
+            f"ddp-{workers}", str(tmp_path / "store"), mlflow_server.uri, epochs=1, workers=workers
+        )
+        job.data = str(embedded_image_folder(8))  # one global batch: exactly one step
+        job.method.model.bn_mode = "sync"
+        job.method.optim.lr = 1.0  # weights after one step then differ by the gradients' difference
+        result = run_pretraining(job)
+        assert result.steps == 1
+        weights.append(load_checkpoint_state(result.checkpoint_uri)["model"])
+        losses.append(
+            MlflowClient(mlflow_server.uri).get_metric_history(result.run_id, "loss")[0].value
+        )
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)  # the logged loss is the global one
+    two, one = weights
+    compared = 0
+    for key, value in one.items():
+        if key.startswith("banks."):  # sampled patch keys differ by design; weights must not
+            continue
+        assert torch.allclose(two[key].float(), value.float(), atol=1e-4, rtol=1e-3), key
+        compared += 1
+    assert compared > 100
