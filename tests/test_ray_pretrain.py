@@ -184,3 +184,14 @@ def test_ddp_two_workers_equal_one_worker_with_the_global_batch(local_ray, mlflo
         assert torch.allclose(two[key].float(), value.float(), atol=1e-4, rtol=1e-3), key
         compared += 1
     assert compared > 100
+
+
+def test_command_line_rejects_bad_input_in_one_line_before_starting_ray(capsys, tmp_path):
+    from dupr_platform.pretrain import main
+
+    assert main(["method.model.tau=-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: model.tau=-1: temperature must be > 0"
+    assert main(["storage=gs://bucket/x", f"tracking_uri=sqlite:///{tmp_path}/m.db"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "gs://bucket/x" in err and "\n" not in err

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,9 +38,15 @@ from dupr.data.two_views import build_loader
 from dupr.model import DUPR
 from dupr.train import TrainState, build_state, rng_state, train
 from dupr.views import TwoViews
-from dupr_platform.shards import INDEX_NAME, ParquetImageDataset
-from dupr_platform.storage import aws_env, check_storage, open_storage, ray_storage_args
-from dupr_platform.tracking import RunLogger, check_tracking
+from dupr_platform.shards import INDEX_NAME, ParquetImageDataset, ShardError
+from dupr_platform.storage import (
+    StorageError,
+    aws_env,
+    check_storage,
+    open_storage,
+    ray_storage_args,
+)
+from dupr_platform.tracking import RunLogger, TrackingError, check_tracking
 
 log = logging.getLogger(__name__)
 
@@ -219,13 +226,18 @@ def train_worker(config: dict[str, Any]) -> None:
 # Driver side
 
 
-def preflight(job: PretrainJob) -> None:
-    """Everything checkable before a worker starts; each failure is one clear line."""
+def preflight_config(job: PretrainJob) -> None:
+    """The checks that need no cluster: configuration, data, storage, tracking."""
     job.validate()
     if job.data is not None:
         open_images(job.data)  # exists and holds images (or a complete shard index)
     check_storage(open_storage(job.storage))
     check_tracking(job.tracking_uri)
+
+
+def preflight(job: PretrainJob) -> None:
+    """Everything checkable before a worker starts; each failure is one clear line."""
+    preflight_config(job)
     total = ray.cluster_resources()
     need_cpu = job.num_workers * job.cpus_per_worker
     if total.get("CPU", 0) < need_cpu:
@@ -241,8 +253,27 @@ def preflight(job: PretrainJob) -> None:
         )
 
 
+def absolute_locations(job: PretrainJob) -> PretrainJob:
+    """Relative local paths resolved against the driver's directory.
+
+    Ray workers run in their own working directories, so a relative `runs/mlflow.db` or data
+    folder would mean something else there. (Local paths suit one machine; a multi-node cluster
+    needs s3:// storage and data, and an http:// tracking server.)
+    """
+    if job.data is not None and "://" not in job.data:
+        job.data = str(Path(job.data).resolve())
+    if "://" not in job.storage:
+        job.storage = str(Path(job.storage).resolve())
+    prefix = "sqlite:///"
+    if job.tracking_uri.startswith(prefix) and not job.tracking_uri.startswith(prefix + "/"):
+        job.tracking_uri = prefix + str(Path(job.tracking_uri[len(prefix) :]).resolve())
+    return job
+
+
 def run_pretraining(job: PretrainJob) -> PretrainResult:
     """Pre-train on the connected Ray cluster (or a local one), resuming `job.name` if it exists."""
+    job = absolute_locations(job)
+    preflight_config(job)
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": aws_env()})
     preflight(job)
@@ -351,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # Without Ray's dashboard (ray[default]) the state-actor reconciliation only logs failures.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
     try:
         job = job_from_overrides(sys.argv[1:] if argv is None else argv)
     except ConfigError as err:
@@ -358,7 +391,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = run_pretraining(job)
-    except (ConfigError, FileNotFoundError, NotADirectoryError) as err:
+    except (
+        ConfigError,
+        StorageError,
+        TrackingError,
+        ShardError,
+        FileNotFoundError,
+        NotADirectoryError,
+    ) as err:  # bad input, found before any worker started
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"pre-training {job.name}: {result.epochs} epochs, {result.steps} steps")
