@@ -18,7 +18,7 @@ from ray.cluster_utils import Cluster
 from dupr.data import embedded_image_folder
 from dupr_platform.pretrain import run_pretraining
 from helpers import tiny_job
-from services import list_keys, make_bucket
+from services import list_keys, make_bucket, s3_client
 
 
 @pytest.fixture
@@ -42,11 +42,16 @@ def test_run_survives_the_loss_of_a_worker_node(cluster, s3_env, s3_server, mlfl
     outcome: dict = {}
     fit = threading.Thread(target=lambda: outcome.update(result=run_pretraining(job)), daemon=True)
     fit.start()
-    first = "runs/node-loss/checkpoint_epoch=0001/state.pt"
+    # Wait until Ray has *registered* the first checkpoint (its snapshot names it), not just
+    # until the files are uploaded: an unregistered checkpoint is rightly not resumed from.
+    s3 = s3_client(s3_server.endpoint_url)
+    snapshot = "runs/node-loss/checkpoint_manager_snapshot.json"
     deadline = time.time() + 300
-    while (
-        first not in list_keys(s3_server.endpoint_url, bucket, "runs/") and time.time() < deadline
-    ):
+    while time.time() < deadline:
+        if snapshot in list_keys(s3_server.endpoint_url, bucket, "runs/"):
+            body = s3.get_object(Bucket=bucket, Key=snapshot)["Body"].read()
+            if b"checkpoint_epoch=0001" in body:
+                break
         time.sleep(0.2)
     assert time.time() < deadline, "no first checkpoint"
     cluster.remove_node(victim, allow_graceful=False)  # node loss, mid-run
