@@ -87,7 +87,7 @@ def ray_run(cfg: DUPRConfig, images: int, log_every: int, cores: int) -> tuple[l
             log_every=log_every,
         ).validate()
         start_ms = time.time() * 1000
-        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
         try:
             result = run_pretraining(job)
         finally:

@@ -38,6 +38,7 @@ from dupr.data.two_views import build_loader
 from dupr.model import DUPR
 from dupr.train import TrainState, build_state, rng_state, train
 from dupr.views import TwoViews
+from dupr_platform.ray_data import RayDataLoader, count_images, two_view_dataset
 from dupr_platform.shards import INDEX_NAME, ParquetImageDataset, ShardError
 from dupr_platform.storage import (
     StorageError,
@@ -69,7 +70,13 @@ class PretrainJob:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # used when use_gpu
-    loader_workers: int = 0  # data-loading processes per training worker
+    loader_workers: int = 0  # data-loading processes per training worker ("torch" loader)
+    # "torch": each worker decodes its share in DataLoader processes on its own node (exactly
+    # reproducible). "ray": Ray Data actors decode and augment anywhere in the cluster and
+    # stream batches into the workers (needs Parquet shards; not bitwise reproducible).
+    data_loader: str = "torch"
+    ray_data_actors: int = 2
+    ray_data_cpus_per_actor: float = 1.0
     max_failures: int = 3  # worker-group restarts after worker or node loss
     controller_failure_limit: int = 3  # Ray's default is unlimited: a lost node would hang the run
     keep_checkpoints: int = 2
@@ -93,6 +100,13 @@ class PretrainJob:
                 f"optim.batch_size={batch}: not divisible by num_workers={self.num_workers} "
                 "(Shuffle BN needs equal per-worker batches)"
             )
+        if self.data_loader not in ("torch", "ray"):
+            raise ConfigError(f"data_loader={self.data_loader!r}: valid: torch, ray")
+        if self.data_loader == "ray" and not is_shards(self.data):
+            raise ConfigError(
+                f"data={self.data!r}: data_loader=ray needs Parquet shards "
+                "(python -m dupr_platform.shards SOURCE DEST)"
+            )
         if not self.name or "/" in self.name:
             raise ConfigError(f"name={self.name!r}: must be a non-empty name without '/'")
         return self
@@ -111,14 +125,17 @@ class PretrainResult:
 # Worker side
 
 
+def is_shards(data: str | None) -> bool:
+    """Parquet shards: an s3:// prefix, or a local folder holding the shard index."""
+    return data is not None and (data.startswith("s3://") or (Path(data) / INDEX_NAME).exists())
+
+
 def open_images(data: str | None) -> Any:
-    """The training images: Parquet shards (a local or s3:// prefix holding `_index.json`, the
-    format for object storage), a local image folder, or the embedded photo set (None)."""
+    """The training images: Parquet shards (the format for object storage), a local image
+    folder, or the embedded photo set (None)."""
     if data is None:
         return ImageFolderDataset(embedded_image_folder())
-    if data.startswith("s3://") or (Path(data) / INDEX_NAME).exists():
-        return ParquetImageDataset(data)
-    return ImageFolderDataset(data)
+    return ParquetImageDataset(data) if is_shards(data) else ImageFolderDataset(data)
 
 
 def _gather_rng_states() -> list[dict[str, Any]]:
@@ -139,17 +156,21 @@ def train_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
 
-    images = open_images(config["data"])
-    loader = build_loader(
-        images,
-        TwoViews(cfg.model.image_size, cfg.augment),
-        cfg.optim.batch_size // world,
-        seed=cfg.seed,
-        num_workers=config["loader_workers"],
-        num_replicas=world,
-        rank=rank,
-        pin_memory=device.type == "cuda",
-    )
+    if config["data_loader"] == "ray":
+        loader = RayDataLoader.for_worker(
+            "train", cfg.optim.batch_size // world, config["num_images"], device=device
+        )
+    else:
+        loader = build_loader(
+            open_images(config["data"]),
+            TwoViews(cfg.model.image_size, cfg.augment),
+            cfg.optim.batch_size // world,
+            seed=cfg.seed,
+            num_workers=config["loader_workers"],
+            num_replicas=world,
+            rank=rank,
+            pin_memory=device.type == "cuda",
+        )
     model = DUPR(cfg.model).to(device)
     if cfg.optim.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -240,9 +261,13 @@ def preflight(job: PretrainJob) -> None:
     preflight_config(job)
     total = ray.cluster_resources()
     need_cpu = job.num_workers * job.cpus_per_worker
+    if job.data_loader == "ray":
+        # Decoding actors, plus one whole CPU that Ray Data's Parquet listing task takes.
+        need_cpu += job.ray_data_actors * job.ray_data_cpus_per_actor + 1
     if total.get("CPU", 0) < need_cpu:
         raise ConfigError(
-            f"num_workers={job.num_workers} × cpus_per_worker={job.cpus_per_worker}: "
+            f"num_workers={job.num_workers} × cpus_per_worker={job.cpus_per_worker}"
+            f"{' + Ray Data actors' if job.data_loader == 'ray' else ''}: "
             f"needs {need_cpu:g} CPUs, the Ray cluster has {total.get('CPU', 0):g}"
         )
     need_gpu = job.num_workers * job.gpus_per_worker if job.use_gpu else 0
@@ -290,8 +315,24 @@ def run_pretraining(job: PretrainJob) -> PretrainResult:
     logger.log_dict(resolved, "config/resolved.json")
     logger.flush()
 
+    datasets, num_images = None, None
+    if job.data_loader == "ray":
+        datasets = {
+            "train": two_view_dataset(
+                job.data,
+                job.method.model.image_size,
+                job.method.to_dict()["augment"],
+                job.method.seed,
+                concurrency=job.ray_data_actors,
+                num_cpus=job.ray_data_cpus_per_actor,
+            )
+        }
+        num_images = count_images(job.data)
+
     trainer = TorchTrainer(
         train_worker,
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split="all") if datasets else None,
         train_loop_config={
             "method": job.method.to_dict(),
             "data": job.data,
@@ -301,6 +342,8 @@ def run_pretraining(job: PretrainJob) -> PretrainResult:
             "name": job.name,
             "run_id": logger.run_id,
             "log_every": job.log_every,
+            "data_loader": job.data_loader,
+            "num_images": num_images,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.num_workers,
