@@ -114,9 +114,12 @@ def main() -> None:
     machine = machine_lines("cpu")
     print("\n".join(machine))
     cfg = method(args.epochs, args.image_size)
+    # The plain loop runs before and after the Ray run, so slow drift of a shared machine
+    # affects baseline and Ray alike.
     plain = plain_run(cfg, args.images, args.log_every)[1:]
     on_ray, startup = ray_run(cfg, args.images, args.log_every, cores)
     on_ray = on_ray[1:]
+    plain += plain_run(cfg, args.images, args.log_every)[1:]
     p, r = statistics.median(plain), statistics.median(on_ray)
     overhead = r / p - 1
     rows = [
@@ -136,7 +139,7 @@ def main() -> None:
     notes = (
         f"\n- resnet18 at {args.image_size} px, batch 16, K=256, {args.images} embedded images, "
         f"{args.epochs} epochs; medians over throughput windows of {args.log_every} steps, first "
-        "window excluded; Ray: local instance, checkpoint every epoch to a local folder, metrics "
+        "window excluded; plain loop run before and after the Ray run; Ray: local instance, checkpoint every epoch to a local folder, metrics "
         "to a local MLflow store; start-up = call to first training step (ray.init included)\n"
     )
     print("\n" + table + notes)

@@ -33,13 +33,13 @@ import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 
 from dupr.config import ConfigError, DUPRConfig, validate
-from dupr.data import ImageFolderDataset, embedded_image_folder
+from dupr.data import ImageFolderDataset, default_data_home, embedded_image_folder
 from dupr.data.two_views import build_loader
 from dupr.model import DUPR
 from dupr.train import TrainState, build_state, rng_state, train
 from dupr.views import TwoViews
 from dupr_platform.ray_data import RayDataLoader, count_images, two_view_dataset
-from dupr_platform.shards import INDEX_NAME, ParquetImageDataset, ShardError
+from dupr_platform.shards import INDEX_NAME, ParquetImageDataset, ShardError, prepare_shards
 from dupr_platform.storage import (
     StorageError,
     aws_env,
@@ -61,7 +61,7 @@ class PretrainJob:
     name: str = "dupr-pretrain"  # fixed name: starting it again resumes it
     method: DUPRConfig = field(default_factory=DUPRConfig)
     # Parquet shards (s3://… or local prefix with _index.json, see dupr_platform.shards), a
-    # local image folder, or None for the embedded photo set.
+    # local image folder, or None: the embedded photo set, as local Parquet shards.
     data: str | None = None
     storage: str = "runs/storage"  # local folder or s3://bucket/prefix
     tracking_uri: str = "sqlite:///runs/mlflow.db"
@@ -102,7 +102,7 @@ class PretrainJob:
             )
         if self.data_loader not in ("torch", "ray"):
             raise ConfigError(f"data_loader={self.data_loader!r}: valid: torch, ray")
-        if self.data_loader == "ray" and not is_shards(self.data):
+        if self.data_loader == "ray" and self.data is not None and not is_shards(self.data):
             raise ConfigError(
                 f"data={self.data!r}: data_loader=ray needs Parquet shards "
                 "(python -m dupr_platform.shards SOURCE DEST)"
@@ -130,12 +130,20 @@ def is_shards(data: str | None) -> bool:
     return data is not None and (data.startswith("s3://") or (Path(data) / INDEX_NAME).exists())
 
 
-def open_images(data: str | None) -> Any:
-    """The training images: Parquet shards (the format for object storage), a local image
-    folder, or the embedded photo set (None)."""
-    if data is None:
-        return ImageFolderDataset(embedded_image_folder())
+def open_images(data: str) -> Any:
+    """The training images: Parquet shards (the format for object storage) or an image folder."""
     return ParquetImageDataset(data) if is_shards(data) else ImageFolderDataset(data)
+
+
+def default_data() -> str:
+    """The embedded photo set in the object-storage format: Parquet shards in the data home.
+
+    Built once (about a second) and reused; the local default thus reads the same format as a
+    cluster run on s3:// shards.
+    """
+    dest = default_data_home() / "embedded-unlabeled-v1-512-shards"
+    prepare_shards(str(embedded_image_folder()), str(dest), images_per_shard=128)
+    return str(dest)
 
 
 def _gather_rng_states() -> list[dict[str, Any]]:
@@ -259,6 +267,11 @@ def preflight_config(job: PretrainJob) -> None:
 def preflight(job: PretrainJob) -> None:
     """Everything checkable before a worker starts; each failure is one clear line."""
     preflight_config(job)
+    preflight_cluster(job)
+
+
+def preflight_cluster(job: PretrainJob) -> None:
+    """The connected Ray cluster can ever provide what the job asks for (else it would hang)."""
     total = ray.cluster_resources()
     need_cpu = job.num_workers * job.cpus_per_worker
     if job.data_loader == "ray":
@@ -285,7 +298,9 @@ def absolute_locations(job: PretrainJob) -> PretrainJob:
     folder would mean something else there. (Local paths suit one machine; a multi-node cluster
     needs s3:// storage and data, and an http:// tracking server.)
     """
-    if job.data is not None and "://" not in job.data:
+    if job.data is None:
+        job.data = default_data()
+    elif "://" not in job.data:
         job.data = str(Path(job.data).resolve())
     if "://" not in job.storage:
         job.storage = str(Path(job.storage).resolve())
@@ -301,7 +316,7 @@ def run_pretraining(job: PretrainJob) -> PretrainResult:
     preflight_config(job)
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": aws_env()})
-    preflight(job)
+    preflight_cluster(job)
     storage = open_storage(job.storage)
 
     logger = RunLogger.start(
