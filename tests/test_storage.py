@@ -227,7 +227,7 @@ def test_check_storage_credentials(s3_iam_server, monkeypatch):
 
     cases = [
         (server.access_key, "wrong-secret-value-123", "secret key does not match"),
-        ("AKIAUNKNOWNKEY000000", "another-secret-456", "access key id is unknown"),
+        ("UNKNOWN-TEST-KEY-000", "another-secret-456", "access key id is unknown"),
         (server.denied_access_key, server.denied_secret_key, "access denied"),
     ]
     for key, secret, cause in cases:
