@@ -54,6 +54,13 @@ def machine_lines(device: str) -> list[str]:
     return lines
 
 
+def fill_sizes(args: object, quick: bool, defaults: dict, quick_sizes: dict) -> None:
+    """Give every size option left unset its default (or its --quick value); explicit ones win."""
+    for name, value in (quick_sizes if quick else defaults).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` means CUDA when available, else CPU; an explicit CUDA request must be satisfiable."""
     if name == "auto":

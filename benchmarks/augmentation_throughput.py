@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 import torchvision.transforms as T
-from _common import machine_lines, markdown_table, quartiles, record
+from _common import fill_sizes, machine_lines, markdown_table, quartiles, record
 from PIL import Image, ImageFilter
 
 from dupr.config import AugmentConfig
@@ -212,10 +212,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--record", metavar="FILE", help="append the table to this Markdown file")
     args = p.parse_args(argv)
-    sizes = QUICK if args.quick else DEFAULTS
-    for name, value in sizes.items():
-        if getattr(args, name) is None:  # explicit options win over --quick
-            setattr(args, name, value)
+    fill_sizes(args, args.quick, DEFAULTS, QUICK)
     return args
 
 

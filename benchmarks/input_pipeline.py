@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import machine_lines, markdown_table, quartiles, record, resolve_device
+from _common import fill_sizes, machine_lines, markdown_table, quartiles, record, resolve_device
 
 from dupr.data import ImageFolderDataset, build_embedded_image_folder
 from dupr.data.two_views import build_loader
@@ -97,10 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: 64 images, 2 rounds")
     p.add_argument("--record", metavar="FILE", help="append the table to this Markdown file")
     args = p.parse_args(argv)
-    sizes = QUICK if args.quick else DEFAULTS
-    for name, value in sizes.items():
-        if getattr(args, name) is None:  # explicit options win over --quick
-            setattr(args, name, value)
+    fill_sizes(args, args.quick, DEFAULTS, QUICK)
     args.workers = [int(n) for n in args.workers.split(",")]
     return args
 
