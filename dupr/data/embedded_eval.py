@@ -1,0 +1,482 @@
+"""Embedded, offline labelled sets for the evaluations of the paper's §4, composed from real photos.
+
+Why composed: no installed package ships real photographs with boxes or class labels, and the
+detection transfer (§4.1-§4.3) and linear-probe checks must run without internet. So objects with
+exact ground truth are pasted onto real photographs (`dupr.data.embedded.embedded_photos()`):
+each object is the silhouette of one of `SHAPES`, filled with a texture cut from a *different*
+photograph, so that the class is carried by the shape and not by colour or background. Objects
+never overlap, so each object's mask is exactly its silhouette pixels and its box is the tight
+box of that mask (COCO pixel-edge convention: `x` = leftmost column, `w` = rightmost - leftmost
++ 1).
+
+`embedded_detection_set` writes a COCO-format set (`train/`, `val/`, `annotations/instances_*.json`
+with compressed-RLE masks) and `embedded_classification_set` an ImageFolder layout
+(`train/<class>/*.jpg`, `val/<class>/*.jpg`). Both are deterministic (only `rng.random()` is
+drawn, whose stream NumPy keeps stable, so the same arguments and package versions give
+byte-identical files), cached under `default_data_home()` in a folder named by a hash of the
+arguments, written to a temporary sibling and renamed into place with `MANIFEST.json` last, so a
+reader never sees a half-written set and a second call returns at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from faster_coco_eval.core import mask as mask_utils
+from PIL import Image, ImageDraw
+
+from dupr.data.embedded import (
+    MANIFEST_NAME,
+    _read_manifest,
+    _write_json_atomic,
+    default_data_home,
+    embedded_photos,
+)
+
+logger = logging.getLogger(__name__)
+
+EVAL_VERSION = 1
+JPEG_QUALITY = 95
+# The object categories, in category-id order (id = position + 1). Distinct silhouettes.
+SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "star", "cross")
+MAX_OBJECTS = 4
+PLACEMENT_TRIES = 50  # re-draws of an object's size/position before it is left out
+# Object side as a fraction of the image's shorter side.
+DETECTION_OBJECT_SIZE = (0.20, 0.45)
+CLASSIFICATION_OBJECT_SIZE = (0.35, 0.70)
+# Crop side as a fraction of the largest crop of the wanted aspect that fits in the photo.
+BACKGROUND_SCALE = (0.35, 1.0)
+TEXTURE_SCALE = (0.15, 0.60)
+BRIGHTNESS_PROB = 0.5
+BRIGHTNESS = (0.6, 1.4)
+STAR_INNER_RADIUS = 0.45
+CROSS_HALF_WIDTH = 0.3
+
+Photo = Image.Image
+
+
+def _uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(rng.random())
+
+
+def _randint(rng: np.random.Generator, low: int, high: int) -> int:
+    """An integer in [low, high] from `rng.random()` (stable across NumPy versions)."""
+    return min(high, low + math.floor(float(rng.random()) * (high - low + 1)))
+
+
+def _unit_polygon(shape: str, angle: float) -> list[tuple[float, float]]:
+    """Vertices of `shape` inside the unit circle, rotated by `angle` radians."""
+    if shape == "square":
+        points = [(1.0, math.pi / 4 + k * math.pi / 2) for k in range(4)]
+    elif shape == "triangle":
+        points = [(1.0, -math.pi / 2 + k * 2 * math.pi / 3) for k in range(3)]
+    elif shape == "star":
+        points = [
+            (1.0 if k % 2 == 0 else STAR_INNER_RADIUS, -math.pi / 2 + k * math.pi / 5)
+            for k in range(10)
+        ]
+    elif shape == "cross":
+        # A plus sign whose outer corners lie on the unit circle.
+        h = CROSS_HALF_WIDTH
+        a = math.sqrt(1.0 - h * h)
+        xy = [(a, -h), (a, h), (h, h), (h, a), (-h, a), (-h, h)]
+        xy += [(-a, h), (-a, -h), (-h, -h), (-h, -a), (h, -a), (h, -h)]
+        points = [(math.hypot(x, y), math.atan2(y, x)) for x, y in xy]
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
+    return [(r * math.cos(t + angle), r * math.sin(t + angle)) for r, t in points]
+
+
+def silhouette(shape: str, side: int, angle: float = 0.0) -> np.ndarray:
+    """A bool [side, side] mask of `shape` rotated by `angle`, rasterised by PIL without
+    antialiasing, so that the mask is exactly the pixels that get painted."""
+    canvas = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(canvas)
+    if shape == "disc":
+        draw.ellipse((0, 0, side - 1, side - 1), fill=255)
+    else:
+        centre, radius = (side - 1) / 2, (side - 1) / 2
+        draw.polygon(
+            [(centre + radius * x, centre + radius * y) for x, y in _unit_polygon(shape, angle)],
+            fill=255,
+        )
+    return np.asarray(canvas) > 0
+
+
+def paste_object(
+    canvas: np.ndarray, local_mask: np.ndarray, x0: int, y0: int, texture: np.ndarray
+) -> np.ndarray:
+    """Paint `texture` into `canvas` (H, W, 3 uint8, in place) where the silhouette `local_mask`
+    lies at (x0, y0); return the object's full-image bool mask. Shared by both sets."""
+    side_h, side_w = local_mask.shape
+    window = canvas[y0 : y0 + side_h, x0 : x0 + side_w]
+    window[local_mask] = texture[local_mask]
+    mask = np.zeros(canvas.shape[:2], dtype=bool)
+    mask[y0 : y0 + side_h, x0 : x0 + side_w] = local_mask
+    return mask
+
+
+def _random_crop(
+    rng: np.random.Generator,
+    photo: Photo,
+    size: tuple[int, int],
+    scale: tuple[float, float],
+    resample: Image.Resampling,
+) -> Image.Image:
+    """A crop of `photo` with the aspect of `size` at a random scale and position, resized."""
+    out_w, out_h = size
+    aspect = out_w / out_h
+    max_w = min(float(photo.width), photo.height * aspect)
+    s = _uniform(rng, *scale)
+    crop_w = max(1.0, max_w * s)
+    crop_h = max(1.0, crop_w / aspect)
+    x0 = _uniform(rng, 0.0, photo.width - crop_w)
+    y0 = _uniform(rng, 0.0, photo.height - crop_h)
+    return photo.resize(size, resample, box=(x0, y0, x0 + crop_w, y0 + crop_h))
+
+
+def _texture(
+    rng: np.random.Generator, photos: list[Photo], background: int, side: int
+) -> np.ndarray:
+    """A side x side texture from a photo other than the background one, maybe re-lit."""
+    index = (background + 1 + _randint(rng, 0, len(photos) - 2)) % len(photos)
+    crop = _random_crop(rng, photos[index], (side, side), TEXTURE_SCALE, Image.Resampling.BILINEAR)
+    texture = np.asarray(crop, dtype=np.uint8)
+    if rng.random() < BRIGHTNESS_PROB:
+        factor = _uniform(rng, *BRIGHTNESS)
+        texture = np.clip(np.rint(texture.astype(np.float64) * factor), 0, 255).astype(np.uint8)
+    return texture
+
+
+def _compose(
+    rng: np.random.Generator,
+    photos: list[Photo],
+    size: tuple[int, int],
+    shapes: list[int],
+    object_size: tuple[float, float],
+) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+    """A background crop with the objects `shapes` (indices into SHAPES) pasted without overlap.
+
+    An object whose placement fails `PLACEMENT_TRIES` times is left out (never the first one,
+    which always fits on an empty canvas). Returns the image and (shape index, mask) per object.
+    """
+    background = _randint(rng, 0, len(photos) - 1)
+    image = _random_crop(rng, photos[background], size, BACKGROUND_SCALE, Image.Resampling.BICUBIC)
+    canvas = np.array(image, dtype=np.uint8)
+    width, height = size
+    occupied = np.zeros((height, width), dtype=bool)
+    objects: list[tuple[int, np.ndarray]] = []
+    shorter = min(width, height)
+    for shape in shapes:
+        for _ in range(PLACEMENT_TRIES):
+            side = max(8, round(_uniform(rng, *object_size) * shorter))
+            angle = _uniform(rng, 0.0, 2 * math.pi)
+            x0 = _randint(rng, 0, width - side)
+            y0 = _randint(rng, 0, height - side)
+            local = silhouette(SHAPES[shape], side, angle)
+            if not (occupied[y0 : y0 + side, x0 : x0 + side] & local).any():
+                break
+        else:
+            continue
+        texture = _texture(rng, photos, background, side)
+        mask = paste_object(canvas, local, x0, y0, texture)
+        occupied |= mask
+        objects.append((shape, mask))
+    return canvas, objects
+
+
+def _jpeg_bytes(canvas: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(canvas).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def _tight_bbox(mask: np.ndarray) -> list[int]:
+    """COCO [x, y, w, h] of the mask's pixels (pixel-edge convention, w = right - left + 1)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    x, y = int(cols[0]), int(rows[0])
+    return [x, y, int(cols[-1]) - x + 1, int(rows[-1]) - y + 1]
+
+
+def _rle(mask: np.ndarray) -> dict[str, Any]:
+    """Compressed RLE with `counts` as str (JSON-safe), via faster-coco-eval's encoder."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def _categories() -> list[dict[str, Any]]:
+    return [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES)]
+
+
+# ---- caching: hashed folder, temporary sibling, manifest last, atomic rename --------------------
+
+
+def _cache_root(kind: str, spec: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode("utf-8")).hexdigest()[:12]
+    return default_data_home() / f"embedded-{kind}-v{EVAL_VERSION}-{digest}"
+
+
+def _is_complete(root: Path, spec: dict[str, Any]) -> bool:
+    """Whether `root` holds a finished build of `spec`: same manifest, every file, same sizes."""
+    manifest = _read_manifest(root)
+    if manifest is None or any(manifest.get(key) != value for key, value in spec.items()):
+        return False
+    files = manifest.get("files")
+    if not isinstance(files, list) or not files:
+        return False
+    for entry in files:
+        try:
+            if (root / entry["path"]).stat().st_size != entry["bytes"]:
+                return False
+        except (OSError, KeyError, TypeError):
+            return False
+    return True
+
+
+def _is_our_leftover(root: Path, spec: dict[str, Any]) -> bool:
+    """Whether `root` is a stale or partial build of this kind (so it may be deleted).
+
+    True when its manifest names our format, or (no manifest) it only holds the .jpg/.json files
+    a build writes; this keeps a mistaken `root` of someone else's files from being deleted.
+    """
+    if not root.is_dir() or root.is_symlink():
+        return False
+    manifest = _read_manifest(root)
+    if manifest is not None:
+        return manifest.get("format") == spec["format"]
+    return all(
+        (p.is_dir() and not p.is_symlink()) or (p.is_file() and p.suffix in (".jpg", ".json"))
+        for p in root.rglob("*")
+    )
+
+
+def _publish(tmp: Path, root: Path, spec: dict[str, Any]) -> None:
+    """Rename the finished `tmp` to `root`, replacing a stale build of ours, or keep a racer's.
+
+    The same pattern as `dupr.data.embedded._publish`, whose completeness and ownership checks
+    are specific to the flat unlabeled layout, hence this variant.
+    """
+    last_error: OSError | None = None
+    for _ in range(10):
+        if _is_complete(root, spec):
+            return
+        try:
+            os.rename(tmp, root)  # atomic; succeeds when `root` is absent or an empty folder
+            return
+        except OSError as exc:
+            last_error = exc
+            if not root.exists() and not root.is_symlink():
+                continue
+        if _is_complete(root, spec):
+            return
+        if not _is_our_leftover(root, spec):
+            raise FileExistsError(
+                f"{root} exists and holds files that the embedded evaluation data builder did "
+                "not write; refusing to replace it"
+            )
+        stale = root.with_name(f".{root.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(root, stale)
+        except FileNotFoundError:
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
+    raise RuntimeError(f"could not move the built data set into place at {root}") from last_error
+
+
+def _build(
+    kind: str,
+    spec: dict[str, Any],
+    write: Callable[[Path, list[Photo], list[dict[str, Any]]], None],
+) -> Path:
+    """Return the cached build of `spec`, or run `write(tmp, photos, files)` and publish it.
+
+    `write` fills `files` with one {path, bytes, sha256} entry per file it writes.
+    """
+    root = _cache_root(kind, spec).absolute()
+    if _is_complete(root, spec):
+        return root
+    named = _photos()
+    photos = [photo for _, photo in named]
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        files: list[dict[str, Any]] = []
+        write(tmp, photos, files)
+        manifest = {**spec, "photos": [name for name, _ in named], "files": files}
+        _write_json_atomic(tmp / MANIFEST_NAME, manifest)
+        _publish(tmp, root, spec)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("embedded evaluation data: wrote %d files to %s", len(files), root)
+    return root
+
+
+@functools.lru_cache(maxsize=1)
+def _photos() -> tuple[tuple[str, Photo], ...]:
+    """The embedded photos, decoded once per process (about 4 s; ~15 MB kept), since building
+    several sets in one process, as tests do, would otherwise decode them again each time."""
+    return tuple(embedded_photos())
+
+
+def _write_file(tmp: Path, relative: str, data: bytes, files: list[dict[str, Any]]) -> None:
+    path = tmp / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    files.append({"path": relative, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+# ---- the two sets -------------------------------------------------------------------------------
+
+
+def _detection_split(
+    tmp: Path,
+    photos: list[Photo],
+    files: list[dict[str, Any]],
+    split: int,
+    name: str,
+    count: int,
+    spec: dict[str, Any],
+) -> None:
+    """Write `count` images of one split and its COCO instances file."""
+    images, annotations = [], []
+    for k in range(count):
+        rng = np.random.default_rng([spec["seed"], 0, split, k])
+        width = _randint(rng, spec["min_side"], spec["max_side"])
+        height = _randint(rng, spec["min_side"], spec["max_side"])
+        num_objects = _randint(rng, 1, MAX_OBJECTS)
+        # The first object cycles through the categories, so every one occurs in any split of
+        # at least len(SHAPES) images; the others are random.
+        shapes = [k % len(SHAPES)] + [
+            _randint(rng, 0, len(SHAPES) - 1) for _ in range(num_objects - 1)
+        ]
+        canvas, objects = _compose(rng, photos, (width, height), shapes, DETECTION_OBJECT_SIZE)
+        file_name = f"{k:05d}.jpg"
+        _write_file(tmp, f"{name}/{file_name}", _jpeg_bytes(canvas), files)
+        images.append({"id": k + 1, "file_name": file_name, "width": width, "height": height})
+        for shape, mask in objects:
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": k + 1,
+                    "category_id": shape + 1,
+                    "bbox": _tight_bbox(mask),
+                    "area": int(mask.sum()),
+                    "iscrowd": 0,
+                    "segmentation": _rle(mask),
+                }
+            )
+    coco = {
+        "info": {
+            "description": f"dupr embedded detection set ({name}), composed offline",
+            "version": str(EVAL_VERSION),
+        },
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": _categories(),
+    }
+    data = (json.dumps(coco, sort_keys=True) + "\n").encode("utf-8")
+    _write_file(tmp, f"annotations/instances_{name}.json", data, files)
+
+
+def embedded_detection_set(
+    num_train: int = 96,
+    num_val: int = 32,
+    min_side: int = 144,
+    max_side: int = 208,
+    seed: int = 0,
+) -> Path:
+    """The embedded COCO-format detection set, built on first use; returns its root folder.
+
+    Layout: `train/`, `val/` (JPEG, quality 95) and `annotations/instances_{train,val}.json`.
+    Each image (width and height each in [min_side, max_side]) is a random crop of one photo
+    with 1 to `MAX_OBJECTS` non-overlapping objects of side 20-45% of the shorter image side;
+    masks are compressed RLE, boxes the tight boxes of the masks, categories `SHAPES` (ids 1..5).
+    """
+    _check_int("num_train", num_train, 1)
+    _check_int("num_val", num_val, 1)
+    _check_int("min_side", min_side, 32)
+    _check_int("max_side", max_side, min_side)
+    _check_int("seed", seed, 0)
+    spec = {
+        "format": "dupr-embedded-detection",
+        "version": EVAL_VERSION,
+        "num_train": num_train,
+        "num_val": num_val,
+        "min_side": min_side,
+        "max_side": max_side,
+        "seed": seed,
+        "jpeg_quality": JPEG_QUALITY,
+        "shapes": list(SHAPES),
+        "object_size": list(DETECTION_OBJECT_SIZE),
+    }
+
+    def write(tmp: Path, photos: list[Photo], files: list[dict[str, Any]]) -> None:
+        _detection_split(tmp, photos, files, 0, "train", num_train, spec)
+        _detection_split(tmp, photos, files, 1, "val", num_val, spec)
+
+    return _build("detection", spec, write)
+
+
+def embedded_classification_set(
+    num_train_per_class: int = 40,
+    num_val_per_class: int = 20,
+    size: int = 96,
+    seed: int = 0,
+) -> Path:
+    """The embedded classification set for the linear probe, built on first use; returns its root.
+
+    Layout (torchvision ImageFolder): `train/<shape>/NNNN.jpg` and `val/<shape>/NNNN.jpg`, square
+    `size` images, each one object of its class (side 35-70% of the image, random rotation and
+    position, texture from another photo) on a random crop of a photo. Note that ImageFolder
+    numbers classes alphabetically, not in `SHAPES` order.
+    """
+    _check_int("num_train_per_class", num_train_per_class, 1)
+    _check_int("num_val_per_class", num_val_per_class, 1)
+    _check_int("size", size, 32)
+    _check_int("seed", seed, 0)
+    spec = {
+        "format": "dupr-embedded-classification",
+        "version": EVAL_VERSION,
+        "num_train_per_class": num_train_per_class,
+        "num_val_per_class": num_val_per_class,
+        "size": size,
+        "seed": seed,
+        "jpeg_quality": JPEG_QUALITY,
+        "shapes": list(SHAPES),
+        "object_size": list(CLASSIFICATION_OBJECT_SIZE),
+    }
+
+    def write(tmp: Path, photos: list[Photo], files: list[dict[str, Any]]) -> None:
+        for split, (name, count) in enumerate(
+            (("train", num_train_per_class), ("val", num_val_per_class))
+        ):
+            for shape, shape_name in enumerate(SHAPES):
+                for k in range(count):
+                    rng = np.random.default_rng([seed, 1, split, shape, k])
+                    canvas, _ = _compose(
+                        rng, photos, (size, size), [shape], CLASSIFICATION_OBJECT_SIZE
+                    )
+                    _write_file(tmp, f"{name}/{shape_name}/{k:04d}.jpg", _jpeg_bytes(canvas), files)
+
+    return _build("classification", spec, write)
