@@ -53,3 +53,29 @@ def tiny_job(name: str, storage: str, tracking: str, epochs: int, workers: int =
         log_every=1,
         keep_checkpoints=2,
     ).validate()
+
+
+# The smallest study that still runs every stage for real.
+TOY_PIPELINE = [
+    "pretrain.method.model.image_size=64",
+    "pretrain.method.model.roi_size=[3,3,3,2]",
+    "pretrain.method.model.queue_size=64",
+    "pretrain.method.model.hidden_dim=32",
+    "pretrain.method.model.embed_dim=16",
+    "pretrain.method.model.patch_keys_per_enqueue=8",
+    "pretrain.method.optim.batch_size=8",
+    "pretrain.method.optim.epochs=1",
+    "pretrain.method.optim.warmup_epochs=0",
+    "pretrain.method.optim.amp=false",
+    "pretrain.log_every=1",
+    "eval.detection.iterations=3",
+    "eval.detection.batch_size=2",
+    "eval.detection.warmup_iters=1",
+    "eval.detection.min_size=96",
+    "eval.detection.max_size=128",
+    "eval.spatial.max_images=3",
+    "eval.spatial.rois_per_box=5",
+    "eval.correspondence.max_images=2",
+    "eval.correspondence.image_size=96",
+    "eval.probe.image_size=64",
+]

@@ -11,6 +11,7 @@ import yaml
 from dupr.config import BACKBONES
 from dupr.convert import (
     ConversionError,
+    backbone_from_checkpoint,
     check_detectron2,
     check_torchvision_state,
     detectron2_config,
@@ -256,3 +257,23 @@ def test_query_backbone_strips_prefixes_only_from_the_query_encoder(model):
     both["module.encoder_q.backbone.conv1.weight"] = torch.zeros(1)
     _one_line_error(query_backbone, both, "dup.pt", match="dup.pt: .*module")
     _one_line_error(query_backbone, [1, 2], "list.pt", match="list.pt: expected")
+
+
+def test_backbone_from_checkpoint_reads_the_layouts_users_have(model, exported):
+    """Our training state, a MoCo release (module.encoder_q.* with its MLP head under fc.*)
+    and a plain torchvision state_dict all give the same backbone; fc.* is dropped."""
+    arch, state = exported
+    ours = {"model": model.state_dict(), "optimizer": {}, "epoch": 3}
+    moco = {"state_dict": {f"module.encoder_q.{k}": v for k, v in state.items()}}
+    moco["state_dict"]["module.encoder_q.fc.0.weight"] = torch.zeros(8, 512)
+    moco["state_dict"]["module.encoder_k.conv1.weight"] = torch.ones(64, 3, 7, 7)
+    plain = torchvision.models.resnet18().state_dict()
+    for checkpoint, expected in ((ours, state), (moco, state), (plain, plain)):
+        got_arch, got = backbone_from_checkpoint(checkpoint, source="ckpt.pth")
+        assert got_arch == "resnet18"
+        assert set(got) == {k for k in expected if not k.startswith("fc.")}
+        assert torch.equal(got["layer4.1.bn2.weight"], expected["layer4.1.bn2.weight"])
+    message = _one_line_error(
+        backbone_from_checkpoint, {"weights": torch.zeros(2)}, match="no ResNet backbone"
+    )
+    assert "weights" in message

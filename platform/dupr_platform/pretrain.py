@@ -38,6 +38,7 @@ from dupr.data.two_views import build_loader
 from dupr.model import DUPR
 from dupr.train import TrainState, build_state, rng_state, train
 from dupr.views import TwoViews
+from dupr_platform.progress import Progress
 from dupr_platform.ray_data import RayDataLoader, count_images, two_view_dataset
 from dupr_platform.shards import INDEX_NAME, ParquetImageDataset, ShardError, prepare_shards
 from dupr_platform.storage import (
@@ -209,9 +210,14 @@ def train_worker(config: dict[str, Any]) -> None:
         if checkpoint:  # visible in the UI: this run continued from a checkpoint at that step
             logger.set_tag("dupr.resumed_at_step", str(state.step))
 
+    total_steps = cfg.optim.epochs * len(loader)
+    progress = Progress(f"pretrain {config['name']}", total_steps, unit="step")
+
     def on_log(step: int, metrics: dict[str, float]) -> None:
         if logger:
             logger.log_metrics(step, metrics)
+            shown = {k: metrics[k] for k in ("loss", "images_per_s") if k in metrics}
+            progress.update(step, {"epoch": (step - 1) // len(loader) + 1, **shown})
 
     def on_epoch_end(s: TrainState) -> None:
         rngs = _gather_rng_states()
@@ -310,12 +316,27 @@ def absolute_locations(job: PretrainJob) -> PretrainJob:
     return job
 
 
+def ensure_ray(runtime_env: dict[str, Any]) -> None:
+    """Connect to the cluster in RAY_ADDRESS (e.g. inside `ray job submit`), else start a local
+    instance whose workers get `runtime_env`.
+
+    Inside a submitted job the job's runtime environment is already the default for every task;
+    Ray refuses a second one with overlapping keys, so none is passed there (the launcher and
+    the pipeline hand the variables to their own workers and tasks explicitly anyway).
+    """
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(runtime_env=runtime_env)
+
+
 def run_pretraining(job: PretrainJob) -> PretrainResult:
     """Pre-train on the connected Ray cluster (or a local one), resuming `job.name` if it exists."""
     job = absolute_locations(job)
     preflight_config(job)
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": aws_env()})
+    ensure_ray({"env_vars": aws_env()})
     preflight_cluster(job)
     storage = open_storage(job.storage)
 

@@ -12,9 +12,11 @@ Credentials come only from the environment; they are handed to pyarrow and to Ra
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -28,12 +30,14 @@ __all__ = [
     "StorageError",
     "aws_env",
     "check_storage",
+    "localize",
     "contains_secret",
     "mask_userinfo",
     "open_storage",
     "ray_storage_args",
     "scrub_secrets",
     "secret_env_values",
+    "split_uri",
 ]
 
 # Environment variables whose values are secrets wherever they show up.
@@ -164,6 +168,39 @@ class Storage:
         }
         return sorted(n for n in names if n)
 
+    def upload(self, local_path: str | os.PathLike[str], rel: str) -> None:
+        """Copy a local file or folder to ``rel`` (pyarrow.fs.copy_files; parallel on S3)."""
+        local = os.path.abspath(local_path)
+        if os.path.isfile(local):
+            with open(local, "rb") as src:
+                self.write_bytes(rel, src.read())
+            return
+        if self.is_local:
+            os.makedirs(self.join(rel), exist_ok=True)
+        pafs.copy_files(
+            local,
+            self.join(rel),
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=self.filesystem,
+        )
+
+    def download(self, rel: str, local_path: str | os.PathLike[str]) -> None:
+        """Copy the file or folder ``rel`` to a local path."""
+        path = self.join(rel)
+        kind = self.filesystem.get_file_info(path).type
+        if kind == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"no object {self.uri_for(rel)!r}")
+        if kind == pafs.FileType.Directory:
+            os.makedirs(local_path, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
+        pafs.copy_files(
+            path,
+            os.path.abspath(local_path),
+            source_filesystem=self.filesystem,
+            destination_filesystem=pafs.LocalFileSystem(),
+        )
+
     def delete(self, rel: str, recursive: bool = False) -> None:
         """Delete a file, or a folder (``recursive`` when not empty); missing is a no-op."""
         path = self.join(rel)
@@ -178,6 +215,43 @@ class Storage:
             self.filesystem.delete_dir(path)
         else:
             raise StorageError(f"storage {self.uri!r}: {rel!r} is a non-empty folder")
+
+
+def split_uri(uri: str) -> tuple[Storage, str]:
+    """The storage holding ``uri`` and the object's name in it (a local file or s3:// key)."""
+    if "://" in uri and not uri.startswith("file://"):
+        head, _, name = uri.rstrip("/").rpartition("/")
+        return open_storage(head), name
+    path = os.path.abspath(urlsplit(uri).path if uri.startswith("file://") else uri)
+    return Storage(
+        uri=os.path.dirname(path), filesystem=pafs.LocalFileSystem(), path=os.path.dirname(path)
+    ), os.path.basename(path)
+
+
+def localize(uri: str, cache_dir: str | os.PathLike[str]) -> str:
+    """A local path for ``uri``: local paths as they are, s3:// objects copied once.
+
+    Evaluation code (dupr/) reads local files; data and weights on object storage are copied
+    into ``cache_dir`` under a name derived from the URI, completed by a marker file, so a
+    node fetches each object once and a crash mid-copy is simply copied again.
+    """
+    if "://" not in uri or uri.startswith("file://"):
+        return os.path.abspath(urlsplit(uri).path if uri.startswith("file://") else uri)
+    storage, name = split_uri(uri)
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    dest = os.path.join(os.fspath(cache_dir), f"{digest}-{name}")
+    done = dest + ".complete"
+    if not os.path.exists(done):
+        tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
+        storage.download(name, tmp)
+        if os.path.isdir(dest):
+            shutil.rmtree(dest)
+        elif os.path.exists(dest):
+            os.unlink(dest)
+        os.replace(tmp, dest)
+        with open(done, "w") as f:
+            f.write(uri + "\n")
+    return dest
 
 
 def open_storage(uri: str, endpoint_url: str | None = None) -> Storage:

@@ -1,0 +1,603 @@
+"""Pre-train → convert → evaluate, as cached stages under one MLflow parent run.
+
+`build_stages` turns the resolved pipeline config (configs/pretrain_and_eval.yaml) into stages:
+
+    pretrain                       DUPR pre-training on Ray Train (dupr_platform.pretrain)
+    convert/<init>                 checkpoint → torchvision and detectron2 weights
+    detection/<detector>/<init>    fine-tune and evaluate a detector (Tables I–III)
+    spatial/<init>                 IoU–similarity curve (§4.6.1, Eq. 9)
+    correspondence/<init>          patch matching between two views (§4.6.2)
+    probe/<init>                   per-level linear probe (Table VI b)
+
+where <init> is the pre-trained model, "random" and every baseline checkpoint given by URI.
+`run_pipeline` checks everything it can first, then runs what is not cached: pre-training
+through its launcher, everything else as Ray tasks with their own CPUs/GPUs. Every stage gets
+an MLflow child run under the pipeline's parent run, including the cache hits. At the end it
+prints a summary table.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from mlflow.tracking import MlflowClient
+
+from dupr.config import ConfigError, DUPRConfig, validate
+from dupr_platform import evaluations
+from dupr_platform.pretrain import (
+    PretrainJob,
+    absolute_locations,
+    ensure_ray,
+    preflight_cluster,
+    run_pretraining,
+)
+from dupr_platform.progress import format_duration
+from dupr_platform.stages import (
+    Ref,
+    Stage,
+    StageContext,
+    StageOutput,
+    assign_keys,
+    read_marker,
+    resolve_inputs,
+    write_marker,
+)
+from dupr_platform.storage import aws_env, check_storage, open_storage
+from dupr_platform.tracking import RunLogger, check_tracking, redact_tree
+
+log = logging.getLogger(__name__)
+
+STAGE_KINDS = ("pretrain", "convert", "detection", "spatial", "correspondence", "probe")
+EVALUATIONS = ("detection", "spatial", "correspondence", "probe")
+# PretrainJob fields that change how a run executes but not the weights it produces.
+EXECUTION_ONLY = (
+    "max_failures",
+    "controller_failure_limit",
+    "keep_checkpoints",
+    "log_every",
+    "loader_workers",
+    "ray_data_actors",
+    "ray_data_cpus_per_actor",
+    "cpus_per_worker",
+    "gpus_per_worker",
+)
+CACHE_HIT_TAG = "dupr.cache_hit"
+
+
+# ---------------------------------------------------------------------------------------------
+# Config → stages
+
+
+def pretrain_job(cfg: dict[str, Any], stage: Stage) -> PretrainJob:
+    """The launcher's job for the pretrain stage: its checkpoints live in the stage folder."""
+    values = dict(cfg["pretrain"])
+    values.pop("label", None)
+    method = DUPRConfig.from_dict(values.pop("method"))
+    job = PretrainJob(
+        name=stage.folder.rsplit("/", 1)[1],
+        method=method,
+        storage=open_storage(cfg["storage"]).uri_for(stage.folder.rsplit("/", 1)[0]),
+        tracking_uri=cfg["tracking_uri"],
+        experiment=cfg["experiment"],
+        **values,
+    )
+    return job
+
+
+def _pretrain_slice(cfg: dict[str, Any]) -> dict[str, Any]:
+    values = {k: v for k, v in cfg["pretrain"].items() if k not in EXECUTION_ONLY}
+    values.pop("data", None)  # an input, not config
+    return values
+
+
+def build_stages(cfg: dict[str, Any]) -> list[Stage]:
+    """All stages of the study, upstream first, with their keys assigned."""
+    ev = cfg["eval"]
+    label = cfg["pretrain"].get("label", "dupr")
+    arch = cfg["pretrain"]["method"]["model"]["backbone"]
+    stages = [
+        Stage("pretrain", "pretrain", _pretrain_slice(cfg), {"data": cfg["pretrain"]["data"]}),
+        Stage(f"convert/{label}", "convert", {}, {"checkpoint": Ref("pretrain", "checkpoint")}),
+    ]
+    inits: dict[str, Any] = {label: Ref(f"convert/{label}", "torchvision")}
+    for name, uri in (cfg["baselines"].get("checkpoints") or {}).items():
+        stages.append(Stage(f"convert/{name}", "convert", {}, {"checkpoint": uri}))
+        inits[name] = Ref(f"convert/{name}", "torchvision")
+    if cfg["baselines"].get("random", True):
+        inits["random"] = None
+
+    resources = {"CPU": float(ev["resources"]["cpus"]), "GPU": float(ev["resources"]["gpus"])}
+    det_data, cls_data = ev["data"]["detection"] or {}, ev["data"]["classification"] or {}
+    for init, weights in inits.items():
+        # Random initialisation has no weights file: the architecture comes from the config.
+        base = {"init": init, "arch": arch if weights is None else None}
+        for detector in ev["detection"]["detectors"]:
+            stages.append(
+                Stage(
+                    f"detection/{detector}/{init}",
+                    "detection",
+                    {**base, "detector": detector, **_without(ev["detection"], "detectors")},
+                    {"backbone": weights, **det_data},
+                    resources,
+                )
+            )
+        for kind in ("spatial", "correspondence"):
+            stages.append(
+                Stage(
+                    f"{kind}/{init}",
+                    kind,
+                    {**base, **ev[kind]},
+                    {"backbone": weights, **det_data},
+                    resources,
+                )
+            )
+        stages.append(
+            Stage(
+                f"probe/{init}", "probe", {**base, **ev["probe"]}, {"backbone": weights, **cls_data}
+            )
+        )
+        stages[-1].resources = resources
+    assign_keys(stages)
+    return stages
+
+
+def _without(d: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+# ---------------------------------------------------------------------------------------------
+# Preflight: every check that needs no cluster, then the cluster's resources
+
+
+def selected_kinds(cfg: dict[str, Any]) -> list[str]:
+    kinds = cfg["stages"]
+    if isinstance(kinds, str):
+        kinds = list(STAGE_KINDS) if kinds == "all" else [k.strip() for k in kinds.split(",")]
+    for kind in kinds:
+        if kind not in STAGE_KINDS:
+            raise ConfigError(
+                f"stages: unknown stage {kind!r} (valid: all, {', '.join(STAGE_KINDS)})"
+            )
+    return list(kinds)
+
+
+def preflight_pipeline(cfg: dict[str, Any], stages: list[Stage]) -> None:
+    """Config, data, checkpoints, storage and tracking; each failure one line."""
+    if not cfg.get("name") or "/" in cfg["name"]:
+        raise ConfigError(f"name={cfg.get('name')!r}: must be a non-empty name without '/'")
+    for name in cfg["baselines"].get("checkpoints") or {}:
+        if name in ("random", cfg["pretrain"].get("label", "dupr")) or "/" in name:
+            raise ConfigError(f"baselines.checkpoints.{name}: reserved or invalid label")
+    validate(DUPRConfig.from_dict(cfg["pretrain"]["method"]))
+    evaluations.check_eval_config(cfg["eval"])
+    storage = open_storage(cfg["storage"])
+    check_storage(storage)
+    check_tracking(cfg["tracking_uri"])
+    for stage in stages:
+        evaluations.check_inputs(stage.kind, stage.inputs)
+
+
+def preflight_resources(cfg: dict[str, Any], stages: list[Stage], job: PretrainJob | None) -> None:
+    """The connected cluster can ever run each stage (a task that can never be placed hangs)."""
+    if job is not None:
+        preflight_cluster(job)
+    total = ray.cluster_resources()
+    for stage in stages:
+        for resource, amount in stage.resources.items():
+            if amount > total.get(resource, 0):
+                raise ConfigError(
+                    f"eval.resources: stage {stage.name} needs {amount:g} {resource}, "
+                    f"the Ray cluster has {total.get(resource, 0):g}"
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class StageReport:
+    name: str
+    status: str  # "done", "cached", "failed", "skipped", "not selected"
+    metrics: dict[str, float] = field(default_factory=dict)
+    run_id: str | None = None
+    seconds: float = 0.0
+    error: str = ""
+
+
+@dataclass
+class PipelineResult:
+    parent_run_id: str
+    reports: list[StageReport]
+    records: dict[str, dict[str, Any]]
+
+    @property
+    def ok(self) -> bool:
+        return all(r.status in ("done", "cached", "not selected") for r in self.reports)
+
+
+@ray.remote(max_retries=0)
+def _stage_task(ctx: StageContext) -> StageOutput:
+    """One stage body in its own Ray worker process, with as many threads as it has CPUs."""
+    import torch
+
+    torch.set_num_threads(max(1, int(ctx.cpus)))
+    return evaluations.run_stage(ctx)
+
+
+class _Runner:
+    def __init__(self, cfg: dict[str, Any], stages: list[Stage], parent: RunLogger) -> None:
+        self.cfg = cfg
+        self.stages = {s.name: s for s in stages}
+        self.storage = open_storage(cfg["storage"])
+        self.parent = parent
+        self.records: dict[str, dict[str, Any]] = {}
+        self.reports: dict[str, StageReport] = {}
+        self.loggers: dict[str, RunLogger] = {}
+        self.started: dict[str, float] = {}
+
+    # -- MLflow child runs ----------------------------------------------------------------
+
+    def child_run(self, stage: Stage, cache_hit: bool) -> RunLogger:
+        run = RunLogger.start(
+            self.cfg["tracking_uri"],
+            self.cfg["experiment"],
+            f"{self.parent.run_id}:{stage.name}",
+            tags={
+                "mlflow.runName": stage.name,
+                "dupr.stage": stage.name,
+                "dupr.stage_kind": stage.kind,
+                "dupr.stage_key": stage.key,
+                CACHE_HIT_TAG: str(cache_hit).lower(),
+            },
+            parent_run_id=self.parent.run_id,
+        )
+        run.log_params({"stage": stage.config, "inputs": _shown_inputs(stage)})
+        run.log_dict({"config": stage.config, "inputs": _shown_inputs(stage)}, "stage.json")
+        return run
+
+    def record_cache_hit(self, stage: Stage, record: dict[str, Any]) -> None:
+        run = self.child_run(stage, cache_hit=True)
+        run.set_tag("dupr.cached_from_run", record.get("run_id", ""))
+        run.set_tag("dupr.outputs", _short_json(record["outputs"]))
+        run.log_metrics(0, record["metrics"])
+        run.end("FINISHED")
+        self.records[stage.name] = record
+        self.reports[stage.name] = StageReport(stage.name, "cached", record["metrics"], run.run_id)
+        print(f"[pipeline] {stage.name}: cache hit ({stage.folder})", flush=True)
+
+    # -- execution -----------------------------------------------------------------------------
+
+    def context(self, stage: Stage, run_id: str) -> StageContext:
+        return StageContext(
+            name=stage.name,
+            kind=stage.kind,
+            key=stage.key,
+            config=stage.config,
+            inputs=resolve_inputs(stage, self.records),
+            storage_uri=self.storage.uri,
+            folder=stage.folder,
+            run_id=run_id,
+            tracking_uri=self.cfg["tracking_uri"],
+            experiment=self.cfg["experiment"],
+            cpus=stage.resources.get("CPU", 1.0),
+            gpus=stage.resources.get("GPU", 0.0),
+        )
+
+    def finish(self, stage: Stage, inputs: dict[str, Any], out: StageOutput, run_id: str) -> None:
+        outputs = {k: self.storage.uri_for(stage.folder, f) for k, f in out.files.items()}
+        outputs.update(out.values)
+        record = write_marker(self.storage, stage, inputs, outputs, out.metrics, run_id)
+        self.records[stage.name] = record
+        seconds = time.monotonic() - self.started[stage.name]
+        self.reports[stage.name] = StageReport(stage.name, "done", out.metrics, run_id, seconds)
+        print(f"[pipeline] {stage.name}: done in {format_duration(seconds)}", flush=True)
+
+    def fail(self, stage: Stage, exc: BaseException) -> None:
+        message = _one_line(exc)
+        log.debug("stage %s failed:\n%s", stage.name, "".join(traceback.format_exception(exc)))
+        run = self.loggers.pop(stage.name, None)
+        if run is not None:
+            run.set_tag("dupr.error", message[:5000])
+            run.end("FAILED")
+        seconds = time.monotonic() - self.started.get(stage.name, time.monotonic())
+        self.reports[stage.name] = StageReport(
+            stage.name, "failed", {}, run.run_id if run else None, seconds, message
+        )
+        print(f"[pipeline] {stage.name}: FAILED: {message}", flush=True)
+
+    def run_pretrain(self, stage: Stage) -> None:
+        job = absolute_locations(pretrain_job(self.cfg, stage))
+        job.parent_run_id = self.parent.run_id
+        self.started[stage.name] = time.monotonic()
+        print(f"[pipeline] {stage.name}: pre-training ({job.name})", flush=True)
+        try:
+            result = run_pretraining(job)
+        except Exception as exc:  # noqa: BLE001 - reported, and the pipeline goes on
+            self.fail(stage, exc)
+            return
+        # The run's last value of each metric (loss, accuracies, throughput) and Ray's counters.
+        metrics = MlflowClient(job.tracking_uri).get_run(result.run_id).data.metrics
+        metrics.update({k: float(v) for k, v in result.metrics.items() if _is_number(v)})
+        out = StageOutput(
+            files={}, values={"checkpoint": result.checkpoint_uri}, metrics=dict(metrics)
+        )
+        self.finish(stage, {"data": job.data}, out, result.run_id)
+
+    def launch(self, stage: Stage) -> ray.ObjectRef:
+        run = self.child_run(stage, cache_hit=False)
+        self.loggers[stage.name] = run
+        ctx = self.context(stage, run.run_id)
+        self.started[stage.name] = time.monotonic()
+        print(f"[pipeline] {stage.name}: started ({_resources(stage)})", flush=True)
+        return _stage_task.options(
+            num_cpus=stage.resources.get("CPU", 1.0),
+            num_gpus=stage.resources.get("GPU", 0.0),
+            runtime_env={"env_vars": task_env()},
+        ).remote(ctx)
+
+    def run(self, plan: list[Stage]) -> None:
+        pending = list(plan)
+        running: dict[ray.ObjectRef, Stage] = {}
+        contexts: dict[str, dict[str, Any]] = {}
+        last_beat = time.monotonic()
+        while pending or running:
+            for stage in list(pending):
+                upstream = stage.upstream()
+                if any(
+                    self.reports.get(u, StageReport(u, "")).status == "failed" for u in upstream
+                ):
+                    pending.remove(stage)
+                    self.reports[stage.name] = StageReport(
+                        stage.name, "skipped", error="an upstream stage failed"
+                    )
+                    continue
+                if not all(u in self.records for u in upstream):
+                    continue
+                pending.remove(stage)
+                if stage.kind == "pretrain":
+                    self.run_pretrain(stage)
+                    continue
+                try:
+                    ref = self.launch(stage)
+                except Exception as exc:  # noqa: BLE001
+                    self.fail(stage, exc)
+                    continue
+                running[ref] = stage
+                contexts[stage.name] = resolve_inputs(stage, self.records)
+            if not running:
+                if pending and not any(
+                    all(u in self.records for u in s.upstream()) for s in pending
+                ):
+                    break  # nothing can make progress (upstream neither done nor failed)
+                continue
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=30.0)
+            if not ready:
+                if time.monotonic() - last_beat > 60:
+                    last_beat = time.monotonic()
+                    names = ", ".join(
+                        f"{s.name} ({format_duration(time.monotonic() - self.started[s.name])})"
+                        for s in running.values()
+                    )
+                    print(f"[pipeline] running: {names}", flush=True)
+                continue
+            ref = ready[0]
+            stage = running.pop(ref)
+            try:
+                out = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001
+                self.fail(stage, exc)
+                continue
+            run = self.loggers.pop(stage.name)
+            try:
+                self.finish(stage, contexts[stage.name], out, run.run_id)
+            except Exception as exc:  # noqa: BLE001
+                self.loggers[stage.name] = run
+                self.fail(stage, exc)
+                continue
+            run.log_metrics(0, out.metrics)
+            run.set_tag("dupr.outputs", _short_json(self.records[stage.name]["outputs"]))
+            run.end("FINISHED")
+
+
+def plan_stages(
+    cfg: dict[str, Any], stages: list[Stage], storage_uri: str
+) -> tuple[list[Stage], list[tuple[Stage, dict[str, Any]]], list[Stage]]:
+    """(to run, cache hits with their records, not selected)."""
+    kinds = set(selected_kinds(cfg))
+    storage = open_storage(storage_uri)
+    to_run, hits, unselected = [], [], []
+    for stage in stages:
+        record = read_marker(storage, stage)
+        if record is not None:
+            hits.append((stage, record))
+        elif stage.kind in kinds:
+            to_run.append(stage)
+        else:
+            unselected.append(stage)
+    # A selected stage may only depend on stages that run now or are complete.
+    available = {s.name for s in to_run} | {s.name for s, _ in hits}
+    for stage in to_run:
+        for u in stage.upstream():
+            if u not in available:
+                raise ConfigError(
+                    f"stages: {stage.name} needs the outputs of {u}, which is neither selected "
+                    f"nor cached (add {u.split('/')[0]!r} to stages)"
+                )
+    return to_run, hits, unselected
+
+
+def run_pipeline(cfg: dict[str, Any]) -> PipelineResult:
+    """Check, then run the study on the connected (or a local) Ray cluster."""
+    cfg = _absolute(cfg)
+    stages = build_stages(cfg)
+    preflight_pipeline(cfg, stages)
+    to_run, hits, unselected = plan_stages(cfg, stages, cfg["storage"])
+    pre = next((s for s in to_run if s.kind == "pretrain"), None)
+    job = absolute_locations(pretrain_job(cfg, pre)) if pre else None
+    if job is not None:
+        job.validate()
+    ensure_ray({"env_vars": task_env()})
+    preflight_resources(cfg, [s for s in to_run if s.kind != "pretrain"], job)
+
+    parent = RunLogger.start(
+        cfg["tracking_uri"],
+        cfg["experiment"],
+        f"{cfg['name']}:{time.strftime('%Y%m%dT%H%M%S')}:{os.getpid()}",
+        tags={"mlflow.runName": cfg["name"], "dupr.pipeline": cfg["name"]},
+    )
+    parent.log_params(cfg)
+    parent.log_dict(redact_tree(cfg), "config/resolved.json")
+    print(
+        f"[pipeline] {cfg['name']}: {len(to_run)} stages to run, {len(hits)} cached, "
+        f"{len(unselected)} not selected; MLflow parent run {parent.run_id}",
+        flush=True,
+    )
+    runner = _Runner(cfg, stages, parent)
+    try:
+        for stage, record in hits:
+            runner.record_cache_hit(stage, record)
+        for stage in unselected:
+            runner.reports[stage.name] = StageReport(stage.name, "not selected")
+        runner.run(to_run)
+        for stage in to_run:
+            runner.reports.setdefault(stage.name, StageReport(stage.name, "skipped"))
+        reports = [runner.reports[s.name] for s in stages]
+        result = PipelineResult(parent.run_id, reports, runner.records)
+        evaluations.report(cfg, stages, runner.records, parent)
+        table = summary_table(result, cfg)
+        parent.log_text(table + "\n", "summary.md")
+        print(table, flush=True)
+    except BaseException:
+        parent.end("FAILED")
+        raise
+    parent.end("FINISHED" if result.ok else "FAILED")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary
+
+
+def run_link(cfg: dict[str, Any], run_id: str | None) -> str:
+    if not run_id:
+        return ""
+    uri = cfg["tracking_uri"]
+    if uri.startswith(("http://", "https://")):
+        exp = MlflowClient(uri).get_run(run_id).info.experiment_id
+        return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+    return f"run {run_id}"
+
+
+KEY_METRICS = {
+    "pretrain": ("loss",),
+    "convert": ("parameters",),
+    "detection": ("bbox/AP", "bbox/AP50", "bbox/AP75", "voc/AP"),
+    "spatial": ("slope",),
+    "correspondence": ("accuracy",),
+    "probe": ("conv2", "conv3", "conv4", "conv5"),
+}
+
+
+def summary_table(result: PipelineResult, cfg: dict[str, Any]) -> str:
+    rows = []
+    for r in result.reports:
+        kind = r.name.split("/")[0]
+        shown = [f"{k} {r.metrics[k]:.4g}" for k in KEY_METRICS.get(kind, ()) if k in r.metrics]
+        error = r.error if len(r.error) <= 90 else r.error[:87] + "..."
+        status = r.status + (f": {error}" if error else "")
+        rows.append(
+            [
+                r.name,
+                status,
+                "yes" if r.status == "cached" else "no",
+                ", ".join(shown),
+                run_link(cfg, r.run_id),
+            ]
+        )
+    head = ["stage", "status", "cache hit", "key metrics", "MLflow run"]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
+    lines = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    for row in rows:
+        lines.append(
+            "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _absolute(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Local paths resolved against the driver's directory (Ray tasks run elsewhere)."""
+    cfg = dict(cfg)
+    if "://" not in cfg["storage"]:
+        cfg["storage"] = os.path.abspath(cfg["storage"])
+    prefix = "sqlite:///"
+    uri = cfg["tracking_uri"]
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        cfg["tracking_uri"] = prefix + os.path.abspath(uri[len(prefix) :])
+    cfg["eval"] = evaluations.absolute_data(cfg["eval"])
+    cfg["baselines"] = dict(cfg["baselines"])
+    cfg["baselines"]["checkpoints"] = {
+        k: v if "://" in v else os.path.abspath(v)
+        for k, v in (cfg["baselines"].get("checkpoints") or {}).items()
+    }
+    return cfg
+
+
+def task_env() -> dict[str, str]:
+    """Environment the stage tasks need from the driver: object-storage credentials and
+    endpoint (never logged) and where datasets are cached."""
+    env = aws_env()
+    if "DUPR_DATA_HOME" in os.environ:
+        env["DUPR_DATA_HOME"] = os.environ["DUPR_DATA_HOME"]
+    return env
+
+
+def _shown_inputs(stage: Stage) -> dict[str, Any]:
+    return {
+        k: (f"{v.stage}:{v.output}" if isinstance(v, Ref) else v) for k, v in stage.inputs.items()
+    }
+
+
+def _short_json(obj: Any) -> str:
+    import json
+
+    text = json.dumps(obj, sort_keys=True)
+    return text if len(text) < 4900 else text[:4900] + "..."
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _one_line(exc: BaseException) -> str:
+    # Ray wraps task errors; the cause's own message is what the user needs.
+    cause = getattr(exc, "cause", None) or exc
+    text = f"{type(cause).__name__}: {cause}" if not isinstance(cause, ConfigError) else str(cause)
+    first = [line for line in str(text).splitlines() if line.strip()]
+    return (first[-1] if len(first) > 1 and "Traceback" in first[0] else " ".join(first))[:500]
+
+
+def _resources(stage: Stage) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in stage.resources.items() if v)
+
+
+__all__ = [
+    "PipelineResult",
+    "StageReport",
+    "build_stages",
+    "run_pipeline",
+    "summary_table",
+]

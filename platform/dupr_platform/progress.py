@@ -1,0 +1,47 @@
+"""Console progress lines for long stages: where it is, how fast, how long is left.
+
+Stages run in Ray tasks and Ray Train workers. Ray forwards their stdout to the driver's
+console, so a plain `print` here is what the user sees while a pipeline runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class Progress:
+    """Prints `[stage] unit done/total (pct) · rate · metrics · left ETA`, at most every
+    `every_s` seconds and always for the last step."""
+
+    def __init__(self, stage: str, total: int, unit: str = "step", every_s: float = 10.0) -> None:
+        self.stage, self.total, self.unit, self.every_s = stage, max(total, 1), unit, every_s
+        self.start = time.monotonic()
+        self._last_print = 0.0
+        self._first_done: int | None = None
+
+    def line(self, done: int, metrics: Mapping[str, float] | None = None) -> str:
+        elapsed = time.monotonic() - self.start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = (self.total - done) / rate if rate > 0 else float("nan")
+        parts = [
+            f"[{self.stage}] {self.unit} {done}/{self.total} ({100 * done / self.total:.0f}%)",
+            f"{rate:.2f} {self.unit}/s",
+        ]
+        parts += [f"{k} {v:.4g}" for k, v in (metrics or {}).items()]
+        parts.append(f"{format_duration(left) if left == left else '?'} left")
+        return " · ".join(parts)
+
+    def update(self, done: int, metrics: Mapping[str, float] | None = None) -> None:
+        now = time.monotonic()
+        if done < self.total and now - self._last_print < self.every_s:
+            return
+        self._last_print = now
+        print(self.line(done, metrics), flush=True)

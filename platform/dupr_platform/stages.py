@@ -1,0 +1,165 @@
+"""Pipeline stages whose outputs are cached in storage under a hash of what they depend on.
+
+A `Stage` has a name, a kind (which code runs it), a config slice, inputs and resources. Its
+inputs are literal URIs or `Ref`s to another stage's outputs. Its key hashes (name, kind, config
+slice, inputs), where a `Ref` counts as (upstream key, output name). So every key in a pipeline
+is known before anything runs, and changing a pre-training setting changes the keys of
+everything downstream of it.
+
+A stage writes its outputs into its own folder, `{storage}/stages/{name}-{key}/`. The folder
+counts as complete only once `_COMPLETE.json` is there. That file is written last, after every
+output, and records the outputs, the metrics and the MLflow run that produced them. A stage
+that crashes mid-way therefore leaves no marker and simply runs again next time. A stage whose
+marker exists is a cache hit: it is not run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dupr_platform.storage import Storage
+
+MARKER = "_COMPLETE.json"
+STAGES_DIR = "stages"
+
+
+@dataclass(frozen=True)
+class Ref:
+    """The output `output` of the stage named `stage`."""
+
+    stage: str
+    output: str
+
+
+@dataclass
+class Stage:
+    name: str  # unique in a pipeline, e.g. "detection/faster_rcnn_fpn/dupr"
+    kind: str  # which body runs it: "pretrain", "convert", "detection", ...
+    config: dict[str, Any]
+    inputs: dict[str, str | Ref | None] = field(default_factory=dict)
+    resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    key: str = ""  # filled by `assign_keys`
+
+    @property
+    def folder(self) -> str:
+        """The stage's output folder, relative to the storage root."""
+        return f"{STAGES_DIR}/{self.name.replace('/', '-')}-{self.key}"
+
+    def upstream(self) -> list[str]:
+        return sorted({v.stage for v in self.inputs.values() if isinstance(v, Ref)})
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def assign_keys(stages: list[Stage]) -> dict[str, Stage]:
+    """Compute every stage's key (upstream stages first); return the stages by name.
+
+    Raises ValueError for duplicate names, references to unknown stages or outputs that
+    do not exist yet in the order given (the list must be topologically sorted).
+    """
+    by_name: dict[str, Stage] = {}
+    for stage in stages:
+        if stage.name in by_name:
+            raise ValueError(f"stage {stage.name!r}: defined twice")
+        inputs: dict[str, Any] = {}
+        for name, value in sorted(stage.inputs.items()):
+            if isinstance(value, Ref):
+                if value.stage not in by_name:
+                    raise ValueError(
+                        f"stage {stage.name!r}: input {name!r} refers to unknown stage "
+                        f"{value.stage!r}"
+                    )
+                inputs[name] = {"stage_key": by_name[value.stage].key, "output": value.output}
+            else:
+                inputs[name] = value
+        digest = hashlib.sha256(
+            _canonical(
+                {"name": stage.name, "kind": stage.kind, "config": stage.config, "inputs": inputs}
+            ).encode()
+        ).hexdigest()
+        stage.key = digest[:12]
+        by_name[stage.name] = stage
+    return by_name
+
+
+def read_marker(storage: Storage, stage: Stage) -> dict[str, Any] | None:
+    """The completion record of `stage`, or None when its outputs are not complete."""
+    rel = f"{stage.folder}/{MARKER}"
+    if not storage.exists(rel):
+        return None
+    return storage.read_json(rel)
+
+
+def write_marker(
+    storage: Storage,
+    stage: Stage,
+    inputs: dict[str, str | None],
+    outputs: dict[str, str],
+    metrics: dict[str, float],
+    run_id: str,
+) -> dict[str, Any]:
+    """Mark `stage` complete. Call only after every output has been written."""
+    record = {
+        "stage": stage.name,
+        "kind": stage.kind,
+        "key": stage.key,
+        "config": stage.config,
+        "inputs": inputs,
+        "outputs": outputs,
+        "metrics": metrics,
+        "run_id": run_id,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    storage.write_json(f"{stage.folder}/{MARKER}", record)
+    return record
+
+
+def resolve_inputs(stage: Stage, records: dict[str, dict[str, Any]]) -> dict[str, str | None]:
+    """Concrete URIs of `stage`'s inputs, from the completion records of upstream stages."""
+    resolved: dict[str, str | None] = {}
+    for name, value in stage.inputs.items():
+        if isinstance(value, Ref):
+            outputs = records[value.stage]["outputs"]
+            if value.output not in outputs:
+                raise ValueError(
+                    f"stage {stage.name!r}: upstream {value.stage!r} has no output "
+                    f"{value.output!r} (has: {', '.join(sorted(outputs))})"
+                )
+            resolved[name] = outputs[value.output]
+        else:
+            resolved[name] = value
+    return resolved
+
+
+@dataclass
+class StageContext:
+    """What a stage body gets: its resolved inputs and where to put outputs and logs."""
+
+    name: str
+    kind: str
+    key: str
+    config: dict[str, Any]
+    inputs: dict[str, str | None]
+    storage_uri: str  # the pipeline's storage root
+    folder: str  # the stage's output folder, relative to the storage root
+    run_id: str  # the stage's MLflow run
+    tracking_uri: str
+    experiment: str
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+
+@dataclass
+class StageOutput:
+    """What a stage body returns: outputs as files in its folder, metrics, files to log."""
+
+    files: dict[str, str]  # output name -> file (or folder) name in the stage folder
+    metrics: dict[str, float]
+    values: dict[str, str] = field(default_factory=dict)  # outputs that are not files
+    artifacts: list[str] = field(default_factory=list)  # file names to log to the MLflow run

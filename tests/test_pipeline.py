@@ -1,0 +1,195 @@
+"""The whole pre-train → convert → evaluate pipeline at toy scale on a real local Ray instance,
+with stage outputs on a real S3 server (moto) and tracking on a real MLflow server process."""
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+import torchvision
+from mlflow.tracking import MlflowClient
+
+from dupr.data import embedded_image_folder
+from dupr.data.embedded_eval import embedded_detection_set
+from dupr_platform.configs import compose
+from dupr_platform.pipeline import build_stages, run_pipeline
+from dupr_platform.storage import open_storage
+from helpers import TOY_PIPELINE
+from services import list_keys, make_bucket
+
+os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()  # stops only the instance this module started
+
+
+def toy_config(name: str, storage: str, tracking: str, *extra: str) -> dict:
+    data = embedded_image_folder(16)
+    overrides = [
+        f"name={name}",
+        f"storage={storage}",
+        f"tracking_uri={tracking}",
+        "experiment=pipeline-tests",
+        f"pretrain.data={data}",
+        *TOY_PIPELINE,
+        *extra,
+    ]
+    return compose(CONFIGS, "pretrain_and_eval", overrides)
+
+
+def children(client: MlflowClient, parent_id: str) -> dict[str, object]:
+    exp = client.get_run(parent_id).info.experiment_id
+    runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    return {r.data.tags.get("dupr.stage", "pretrain"): r for r in runs}
+
+
+def test_pipeline_runs_every_stage_then_is_all_cache_hits(
+    local_ray, s3_env, s3_server, mlflow_server
+):
+    make_bucket(s3_server.endpoint_url, "study")
+    cfg = toy_config("toy-study", "s3://study/runs", mlflow_server.uri)
+    names = [s.name for s in build_stages(cfg)]
+    assert names == [
+        "pretrain",
+        "convert/dupr",
+        "detection/faster_rcnn_fpn/dupr",
+        "spatial/dupr",
+        "correspondence/dupr",
+        "probe/dupr",
+        "detection/faster_rcnn_fpn/random",
+        "spatial/random",
+        "correspondence/random",
+        "probe/random",
+    ]
+
+    first = run_pipeline(cfg)
+    assert first.ok, [(r.name, r.status, r.error) for r in first.reports]
+    assert {r.name: r.status for r in first.reports} == dict.fromkeys(names, "done")
+
+    client = MlflowClient(mlflow_server.uri)
+    parent = client.get_run(first.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["mlflow.runName"] == "toy-study"
+    assert parent.data.params["eval.detection.iterations"] == "3"
+    parent_files = {a.path for a in client.list_artifacts(first.parent_run_id)}
+    assert {"config", "summary.md", "results.md", "results.csv", "iou_similarity.png"} <= (
+        parent_files
+    )
+    assert "dupr/detection/faster_rcnn_fpn/bbox/AP" in parent.data.metrics
+    assert 0.0 <= parent.data.metrics["dupr/correspondence/accuracy"] <= 1.0
+
+    # One child run per stage, nested under the parent, each with its metrics.
+    runs = children(client, first.parent_run_id)
+    assert set(runs) == set(names)
+    for name, run in runs.items():
+        assert run.info.status == "FINISHED", name
+        assert run.data.tags.get("dupr.cache_hit", "false") == "false", name
+    assert {"bbox/AP", "bbox/AP50", "bbox/AP75", "voc/AP", "voc/AP50", "voc/AP75"} <= set(
+        runs["detection/faster_rcnn_fpn/dupr"].data.metrics
+    )
+    assert len(client.get_metric_history(runs["detection/faster_rcnn_fpn/dupr"].info.run_id,
+                                         "train/loss")) >= 1  # fmt: skip
+    assert set(runs["probe/random"].data.metrics) >= {"conv2", "conv3", "conv4", "conv5"}
+    assert "slope" in runs["spatial/dupr"].data.metrics
+    spatial_files = {a.path for a in client.list_artifacts(runs["spatial/dupr"].info.run_id)}
+    assert {"iou_similarity.png", "iou_similarity.csv"} <= spatial_files
+    assert runs["pretrain"].data.metrics["loss"] > 0  # the launcher's run, nested here too
+
+    # Converted weights in the bucket: torchvision loads them with only fc missing; the
+    # detectron2 pickle has MoCo's names.
+    convert = first.records["convert/dupr"]["outputs"]
+    storage = open_storage("s3://study/runs")
+    rel = convert["torchvision"].removeprefix("s3://study/runs/")
+    state = torch.load(
+        __import__("io").BytesIO(storage.read_bytes(rel)), map_location="cpu", weights_only=True
+    )
+    missing, unexpected = torchvision.models.resnet18().load_state_dict(state, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    d2 = pickle.loads(storage.read_bytes(convert["detectron2"].removeprefix("s3://study/runs/")))
+    assert "stem.conv1.weight" in d2["model"] and d2["matching_heuristics"] is True
+    keys = list_keys(s3_server.endpoint_url, "study", "runs/stages/")
+    assert sum(k.endswith("/_COMPLETE.json") for k in keys) == len(names)
+
+    # Again: nothing is recomputed, and MLflow shows every stage as a cache hit.
+    second = run_pipeline(cfg)
+    assert second.ok
+    assert {r.status for r in second.reports} == {"cached"}
+    runs2 = children(client, second.parent_run_id)
+    assert set(runs2) == set(names)
+    assert all(r.data.tags["dupr.cache_hit"] == "true" for r in runs2.values())
+    hit = runs2["detection/faster_rcnn_fpn/dupr"]
+    assert (
+        hit.data.tags["dupr.cached_from_run"] == runs["detection/faster_rcnn_fpn/dupr"].info.run_id
+    )
+    assert (
+        hit.data.metrics["bbox/AP"]
+        == runs["detection/faster_rcnn_fpn/dupr"].data.metrics["bbox/AP"]
+    )
+
+
+def test_a_failed_evaluation_resumes_without_pretraining_again(local_ray, tmp_path):
+    """A corrupt validation image makes the evaluations that read it fail; once the file is
+    repaired, the next run runs only those stages: pre-training and conversion are cache hits."""
+    data = tmp_path / "detection"
+    shutil.copytree(embedded_detection_set(), data)
+    image = sorted((data / "val").iterdir())[0]
+    good = image.read_bytes()
+    image.write_bytes(b"not a jpeg")
+    storage, tracking = str(tmp_path / "storage"), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = toy_config(
+        "toy-failure",
+        storage,
+        tracking,
+        "baselines.random=false",
+        f"eval.data.detection.train_images={data / 'train'}",
+        f"eval.data.detection.train_annotations={data / 'annotations' / 'instances_train.json'}",
+        f"eval.data.detection.val_images={data / 'val'}",
+        f"eval.data.detection.val_annotations={data / 'annotations' / 'instances_val.json'}",
+    )
+
+    first = run_pipeline(cfg)
+    status = {r.name: r.status for r in first.reports}
+    assert not first.ok
+    assert status == {
+        "pretrain": "done",
+        "convert/dupr": "done",
+        "detection/faster_rcnn_fpn/dupr": "failed",
+        "spatial/dupr": "failed",
+        "correspondence/dupr": "failed",
+        "probe/dupr": "done",
+    }
+    failed = next(r for r in first.reports if r.name == "spatial/dupr")
+    assert image.name in failed.error and "\n" not in failed.error
+    client = MlflowClient(tracking)
+    assert client.get_run(first.parent_run_id).info.status == "FAILED"
+    failed_run = children(client, first.parent_run_id)["spatial/dupr"]
+    assert failed_run.info.status == "FAILED" and image.name in failed_run.data.tags["dupr.error"]
+
+    image.write_bytes(good)
+    second = run_pipeline(cfg)
+    assert second.ok
+    assert {r.name: r.status for r in second.reports} == {
+        "pretrain": "cached",
+        "convert/dupr": "cached",
+        "detection/faster_rcnn_fpn/dupr": "done",
+        "spatial/dupr": "done",
+        "correspondence/dupr": "done",
+        "probe/dupr": "cached",
+    }
+    pretrain_run = first.records["pretrain"]["run_id"]
+    assert second.records["pretrain"]["run_id"] == pretrain_run
+
+    # Only some stages: the selected ones run or are cached; the rest are left alone.
+    cfg_selected = {**cfg, "stages": ["probe"], "eval": {**cfg["eval"]}}
+    cfg_selected["eval"]["probe"] = {**cfg["eval"]["probe"], "batch_size": 16}
+    third = run_pipeline(cfg_selected)
+    assert {r.name: r.status for r in third.reports}["probe/dupr"] == "done"
+    assert {r.name: r.status for r in third.reports}["detection/faster_rcnn_fpn/dupr"] == "cached"

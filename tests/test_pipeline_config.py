@@ -1,0 +1,196 @@
+"""The pipeline's configuration, stage graph, cache keys and preflight: no cluster needed."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+import yaml
+
+from dupr.config import PRESETS, ConfigError, preset
+from dupr.convert import ConversionError
+from dupr.data.coco import CocoFormatError
+from dupr_platform.configs import compose
+from dupr_platform.evaluations import convert
+from dupr_platform.pipeline import build_stages, run_pipeline
+from dupr_platform.stages import Ref, Stage, StageContext, assign_keys
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+
+def config(tmp_path: Path, *overrides: str) -> dict:
+    return compose(
+        CONFIGS,
+        "pretrain_and_eval",
+        [
+            f"storage={tmp_path / 'storage'}",
+            f"tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+            *overrides,
+        ],
+    )
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_method_yaml_files_equal_the_python_presets(name):
+    text = (CONFIGS / "method" / f"{name}.yaml").read_text()
+    as_lists = json.loads(json.dumps(preset(name).to_dict()))
+    assert yaml.safe_load(text) == as_lists
+
+
+def test_presets_select_the_method_and_overrides_reach_it(tmp_path):
+    cfg = config(tmp_path, "preset=mocov2", "pretrain.method.model.tau=0.3")
+    assert cfg["pretrain"]["label"] == "mocov2"
+    assert cfg["pretrain"]["method"]["model"]["alpha"] == [0.0, 0.0, 0.0, 1.0]
+    assert cfg["pretrain"]["method"]["model"]["tau"] == 0.3
+    assert [s.name for s in build_stages(cfg)][:3] == [
+        "pretrain",
+        "convert/mocov2",
+        "detection/faster_rcnn_fpn/mocov2",
+    ]
+
+
+def test_paper_preset_takes_its_data_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("DUPR_IMAGENET_SHARDS", "s3://datasets/imagenet-shards")
+    monkeypatch.setenv("DUPR_VOC_ROOT", "s3://datasets/voc-coco")
+    cfg = config(tmp_path, "preset=paper_r50_imagenet")
+    assert cfg["pretrain"]["method"]["model"]["backbone"] == "resnet50"
+    assert cfg["pretrain"]["method"]["optim"]["epochs"] == 200
+    assert cfg["pretrain"]["num_workers"] == 8 and cfg["pretrain"]["use_gpu"] is True
+    assert cfg["pretrain"]["data"] == "s3://datasets/imagenet-shards"
+    assert cfg["eval"]["detection"]["detectors"] == ["faster_rcnn_c4"]
+    assert cfg["eval"]["data"]["detection"]["val_annotations"] == (
+        "s3://datasets/voc-coco/annotations/instances_val.json"
+    )
+    monkeypatch.delenv("DUPR_IMAGENET_SHARDS")
+    with pytest.raises(ConfigError, match="DUPR_IMAGENET_SHARDS"):
+        config(tmp_path, "preset=paper_r50_imagenet")
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("preset=nope", "preset='nope': unknown \\(valid: cpu_demo, mocov2, paper_r50_imagenet\\)"),
+        ("method=nope", "method='nope': unknown"),
+        ("eval.detection.nope=1", "eval.detection.nope"),
+        ("stages=[pretrain", "no viable alternative"),
+    ],
+)
+def test_bad_overrides_are_one_line_errors(tmp_path, override, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        config(tmp_path, override)
+    assert "\n" not in str(info.value)
+
+
+def test_keys_change_exactly_where_the_inputs_change(tmp_path):
+    base = {s.name: s.key for s in build_stages(config(tmp_path))}
+    tau = {s.name: s.key for s in build_stages(config(tmp_path, "pretrain.method.model.tau=0.3"))}
+    assert all(base[n] != tau[n] for n in base if not n.endswith("/random"))
+    assert all(base[n] == tau[n] for n in base if n.endswith("/random"))
+
+    det = {s.name: s.key for s in build_stages(config(tmp_path, "eval.detection.iterations=7"))}
+    assert {n for n in base if base[n] != det[n]} == {
+        "detection/faster_rcnn_fpn/dupr",
+        "detection/faster_rcnn_fpn/random",
+    }
+    # How a run executes (retries, logging, CPUs per worker) does not change what it produces.
+    same = build_stages(config(tmp_path, "pretrain.max_failures=9", "pretrain.log_every=3"))
+    assert {s.name: s.key for s in same} == base
+
+
+def test_stage_keys_follow_references_and_reject_unknown_ones():
+    a = Stage("a", "convert", {"x": 1})
+    b = Stage("b", "probe", {}, {"w": Ref("a", "out")})
+    assign_keys([a, b])
+    key_b = b.key
+    a2, b2 = Stage("a", "convert", {"x": 2}), Stage("b", "probe", {}, {"w": Ref("a", "out")})
+    assign_keys([a2, b2])
+    assert b2.key != key_b
+    with pytest.raises(ValueError, match="unknown stage 'zzz'"):
+        assign_keys([Stage("c", "probe", {}, {"w": Ref("zzz", "out")})])
+
+
+def _expect_input_error(cfg: dict, error: type, match: str) -> str:
+    assert not ray.is_initialized()
+    with pytest.raises(error, match=match) as info:
+        run_pipeline(cfg)
+    assert not ray.is_initialized(), "bad input must be found before Ray starts"
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_bad_input_fails_before_ray_starts(tmp_path):
+    missing = tmp_path / "nowhere" / "instances.json"
+    data = [
+        f"eval.data.detection.train_images={tmp_path}",
+        f"eval.data.detection.val_images={tmp_path}",
+        f"eval.data.detection.val_annotations={missing}",
+    ]
+    _expect_input_error(
+        config(tmp_path, *data, f"eval.data.detection.train_annotations={missing}"),
+        ConfigError,
+        "instances.json",
+    )
+    not_coco = tmp_path / "not_coco.json"
+    not_coco.write_text(json.dumps({"images": []}))
+    message = _expect_input_error(
+        config(
+            tmp_path,
+            f"eval.data.detection.train_images={tmp_path}",
+            f"eval.data.detection.train_annotations={not_coco}",
+            f"eval.data.detection.val_images={tmp_path}",
+            f"eval.data.detection.val_annotations={not_coco}",
+        ),
+        CocoFormatError,
+        "not_coco.json",
+    )
+    assert "annotations" in message or "categories" in message
+    _expect_input_error(config(tmp_path, "stages=[pretrain,evaluate]"), ConfigError, "'evaluate'")
+    _expect_input_error(
+        config(tmp_path, "stages=[detection]"), ConfigError, "needs the outputs of convert/dupr"
+    )
+    _expect_input_error(
+        config(tmp_path, f"+baselines.checkpoints.moco={tmp_path / 'moco.pth'}"),
+        ConfigError,
+        "moco.pth",
+    )
+    _expect_input_error(config(tmp_path, "eval.detection.detectors=[yolo]"), ConfigError, "yolo")
+
+
+def test_convert_refuses_a_checkpoint_without_a_backbone(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save({"model": {"head.weight": torch.zeros(3)}}, path)
+    ctx = StageContext(
+        name="convert/x",
+        kind="convert",
+        key="k",
+        config={},
+        inputs={"checkpoint": str(path)},
+        storage_uri=str(tmp_path),
+        folder="stages/convert-x-k",
+        run_id="r",
+        tracking_uri="sqlite:///unused.db",
+        experiment="e",
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ConversionError, match="weights.pth: no ResNet backbone") as info:
+        convert(ctx, out)
+    assert "\n" not in str(info.value)
+    assert not list(out.iterdir()), "nothing is written for a refused checkpoint"
+
+
+def test_the_command_line_reports_bad_input_in_one_line_with_status_2():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "pretrain_and_eval.py"), "preset=nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: preset='nope': unknown (valid: cpu_demo, mocov2, paper_r50_imagenet)"
+    ]
