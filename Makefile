@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# The main job on embedded defaults: a short DUPR pre-training on the offline photo set.
+# The main job on embedded defaults: the whole study (pre-train -> convert -> evaluate) on a
+# local Ray instance, with the data built offline; results in runs/ and the MLflow store there.
 demo: $(STAMP)
-	$(PY) -m dupr.pretrain --preset cpu_demo --output-dir runs/demo
+	$(PY) pipelines/pretrain_and_eval.py
 
 # Lint, then the whole test suite. pytest exits 5 when it collects no test: that fails too.
 test: $(STAMP)

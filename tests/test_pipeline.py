@@ -60,14 +60,14 @@ def test_pipeline_runs_every_stage_then_is_all_cache_hits(
     assert names == [
         "pretrain",
         "convert/dupr",
-        "detection/faster_rcnn_fpn/dupr",
         "spatial/dupr",
         "correspondence/dupr",
         "probe/dupr",
-        "detection/faster_rcnn_fpn/random",
+        "detection/faster_rcnn_fpn/dupr",
         "spatial/random",
         "correspondence/random",
         "probe/random",
+        "detection/faster_rcnn_fpn/random",
     ]
 
     first = run_pipeline(cfg)

@@ -49,7 +49,7 @@ def test_presets_select_the_method_and_overrides_reach_it(tmp_path):
     assert [s.name for s in build_stages(cfg)][:3] == [
         "pretrain",
         "convert/mocov2",
-        "detection/faster_rcnn_fpn/mocov2",
+        "spatial/mocov2",
     ]
 
 
@@ -158,6 +158,13 @@ def test_bad_input_fails_before_ray_starts(tmp_path):
         "moco.pth",
     )
     _expect_input_error(config(tmp_path, "eval.detection.detectors=[yolo]"), ConfigError, "yolo")
+    wrong = tmp_path / "wrong_keys.pth"
+    torch.save({"state_dict": {"encoder.weight": torch.zeros(2)}}, wrong)
+    _expect_input_error(
+        config(tmp_path, f"+baselines.checkpoints.other={wrong}"),
+        ConversionError,
+        "wrong_keys.pth: no ResNet backbone",
+    )
 
 
 def test_convert_refuses_a_checkpoint_without_a_backbone(tmp_path):

@@ -14,6 +14,7 @@ from dupr_platform.storage import (
     StorageError,
     aws_env,
     check_storage,
+    localize,
     open_storage,
     ray_storage_args,
 )
@@ -255,3 +256,31 @@ def test_storage_is_frozen(tmp_path):
     with pytest.raises(AttributeError):
         store.path = "/elsewhere"  # type: ignore[misc]
     assert isinstance(store, Storage)
+
+
+def test_upload_download_and_localize_an_s3_folder(s3_env, tmp_path):
+    """Evaluation data on S3 is read through the storage layer: copied once per version."""
+    make_bucket(s3_env.endpoint_url, "evaldata")
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    (src / "images" / "a.jpg").write_bytes(b"A" * 100)
+    (src / "instances.json").write_text('{"images": []}')
+    storage = open_storage("s3://evaldata/sets")
+    storage.upload(src, "det")
+    assert storage.read_bytes("det/images/a.jpg") == b"A" * 100
+
+    cache = tmp_path / "cache"
+    local = Path(localize("s3://evaldata/sets/det", cache))
+    assert (local / "images" / "a.jpg").read_bytes() == b"A" * 100
+    assert localize("s3://evaldata/sets/det", cache) == str(local)  # cached: same copy
+    single = Path(localize("s3://evaldata/sets/det/instances.json", cache))
+    assert single.read_text() == '{"images": []}'
+
+    # New contents under the same URI are fetched again, never served stale.
+    time.sleep(1.1)
+    storage.write_bytes("det/images/a.jpg", b"B" * 50)
+    fresh = Path(localize("s3://evaldata/sets/det", cache))
+    assert fresh != local and (fresh / "images" / "a.jpg").read_bytes() == b"B" * 50
+    assert localize(str(src), cache) == str(src)  # local paths are used in place
+    with pytest.raises(FileNotFoundError, match="s3://evaldata/sets/missing"):
+        localize("s3://evaldata/sets/missing", cache)

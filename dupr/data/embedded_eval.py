@@ -438,6 +438,12 @@ def embedded_detection_set(
     return _build("detection", spec, write)
 
 
+# Train crops come from the left part of each photo, validation crops from the rest, so no
+# validation pixel was seen in training.
+CLASSIFICATION_SPLIT_X = 0.6
+CLASSIFICATION_CROP_SCALE = (0.3, 0.8)
+
+
 def embedded_classification_set(
     num_train_per_class: int = 40,
     num_val_per_class: int = 20,
@@ -446,10 +452,14 @@ def embedded_classification_set(
 ) -> Path:
     """The embedded classification set for the linear probe, built on first use; returns its root.
 
-    Layout (torchvision ImageFolder): `train/<shape>/NNNN.jpg` and `val/<shape>/NNNN.jpg`, square
-    `size` images, each one object of its class (side 35-70% of the image, random rotation and
-    position, texture from another photo) on a random crop of a photo. Note that ImageFolder
-    numbers classes alphabetically, not in `SHAPES` order.
+    One class per embedded photograph (scene recognition: its label needs the image-level
+    content that VOC07 classification needs in the paper's Table VI b). Shapes pasted on
+    backgrounds were tried first and gave chance accuracy at every level whatever the
+    backbone, since globally pooled features do not carry an object's outline: an
+    uninformative probe. Train images are random crops (30-80% of the region's side, random
+    position, horizontal flip half the time) of the left `CLASSIFICATION_SPLIT_X` of each
+    photo, validation images of the right part. Layout (torchvision ImageFolder):
+    `train/<photo>/NNNN.jpg`, `val/<photo>/NNNN.jpg`, square `size` images.
     """
     _check_int("num_train_per_class", num_train_per_class, 1)
     _check_int("num_val_per_class", num_val_per_class, 1)
@@ -457,26 +467,34 @@ def embedded_classification_set(
     _check_int("seed", seed, 0)
     spec = {
         "format": "dupr-embedded-classification",
-        "version": EVAL_VERSION,
+        "version": EVAL_VERSION + 1,  # 2: classes are photos (1 was pasted shapes)
         "num_train_per_class": num_train_per_class,
         "num_val_per_class": num_val_per_class,
         "size": size,
         "seed": seed,
         "jpeg_quality": JPEG_QUALITY,
-        "shapes": list(SHAPES),
-        "object_size": list(CLASSIFICATION_OBJECT_SIZE),
+        "split_x": CLASSIFICATION_SPLIT_X,
+        "crop_scale": list(CLASSIFICATION_CROP_SCALE),
     }
 
     def write(tmp: Path, photos: list[Photo], files: list[dict[str, Any]]) -> None:
-        for split, (name, count) in enumerate(
-            (("train", num_train_per_class), ("val", num_val_per_class))
-        ):
-            for shape, shape_name in enumerate(SHAPES):
+        names = [name for name, _ in _photos()]
+        splits = (("train", num_train_per_class, 0.0, CLASSIFICATION_SPLIT_X),
+                  ("val", num_val_per_class, CLASSIFICATION_SPLIT_X, 1.0))  # fmt: skip
+        for split, (name, count, left, right) in enumerate(splits):
+            for c, photo in enumerate(photos):
+                region = photo.crop(
+                    (round(left * photo.width), 0, round(right * photo.width), photo.height)
+                )
                 for k in range(count):
-                    rng = np.random.default_rng([seed, 1, split, shape, k])
-                    canvas, _ = _compose(
-                        rng, photos, (size, size), [shape], CLASSIFICATION_OBJECT_SIZE
-                    )
-                    _write_file(tmp, f"{name}/{shape_name}/{k:04d}.jpg", _jpeg_bytes(canvas), files)
+                    rng = np.random.default_rng([seed, 2, split, c, k])
+                    crop = _random_crop(
+                        rng, region, (size, size), CLASSIFICATION_CROP_SCALE,
+                        Image.Resampling.BICUBIC,
+                    )  # fmt: skip
+                    if rng.random() < 0.5:
+                        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                    data = _jpeg_bytes(np.asarray(crop, dtype=np.uint8))
+                    _write_file(tmp, f"{name}/{names[c]}/{k:04d}.jpg", data, files)
 
     return _build("classification", spec, write)

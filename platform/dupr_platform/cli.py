@@ -8,12 +8,22 @@ from pathlib import Path
 from typing import Any
 
 from dupr.config import ConfigError
+from dupr.convert import ConversionError
+from dupr.data.coco import CocoFormatError
 from dupr_platform.configs import compose
 from dupr_platform.storage import StorageError
 from dupr_platform.tracking import TrackingError
 
 # Bad input found before any stage ran: one line on stderr, exit status 2.
-INPUT_ERRORS = (ConfigError, StorageError, TrackingError, FileNotFoundError, NotADirectoryError)
+INPUT_ERRORS = (
+    ConfigError,
+    ConversionError,
+    CocoFormatError,
+    StorageError,
+    TrackingError,
+    FileNotFoundError,
+    NotADirectoryError,
+)
 
 
 def run_cli(

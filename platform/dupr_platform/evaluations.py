@@ -318,8 +318,9 @@ def run_stage(ctx: StageContext) -> StageOutput:
 def check_eval_config(ev: dict[str, Any]) -> None:
     """Every evaluation setting, with one-line errors naming the field."""
     res = ev["resources"]
-    if not res["cpus"] > 0 or not res["gpus"] >= 0:
-        raise ConfigError(f"eval.resources={res!r}: needs cpus > 0 and gpus >= 0")
+    gpus_ok = res["gpus"] == "auto" or (isinstance(res["gpus"], int | float) and res["gpus"] >= 0)
+    if not (isinstance(res["cpus"], int | float) and res["cpus"] > 0) or not gpus_ok:
+        raise ConfigError(f"eval.resources={res!r}: needs cpus > 0 and gpus >= 0 or auto")
     det = ev["detection"]
     if not det["detectors"]:
         raise ConfigError("eval.detection.detectors: empty (valid: " + ", ".join(DETECTORS) + ")")
@@ -379,6 +380,8 @@ def check_inputs(kind: str, inputs: dict[str, Any]) -> None:
             continue  # pre-training data: checked by the launcher's own preflight
         if not _exists(uri):
             raise ConfigError(f"{kind} input {name}: {uri!r} does not exist")
+        if kind == "convert":  # a baseline checkpoint: refuse it now, not after pre-training
+            backbone_from_checkpoint(load_checkpoint_file(uri), source=uri)
         if name.endswith("annotations"):
             storage, obj = split_uri(uri)
             load_coco(json.loads(storage.read_bytes(obj)), source=uri)
@@ -405,17 +408,11 @@ def absolute_data(ev: dict[str, Any]) -> dict[str, Any]:
 # The study's results, side by side
 
 
-def report(
-    cfg: dict[str, Any], stages: list[Stage], records: dict[str, dict[str, Any]], parent: RunLogger
-) -> None:
-    """Results per initialisation (rows) and metric (columns), and the Fig. 6 curves overlaid.
-
-    Logged to the parent run as results.md, results.csv, an MLflow table and, when spatial
-    stages finished, iou_similarity.png with one curve per initialisation.
-    """
+def results_by_init(
+    stages: list[Stage], records: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, float]]:
+    """{init: {"<kind>[/<detector>]/<metric>": value}} over the finished evaluation stages."""
     rows: dict[str, dict[str, float]] = {}
-    curves: dict[str, SpatialResult] = {}
-    storage = open_storage(cfg["storage"])
     for stage in stages:
         record = records.get(stage.name)
         if record is None or stage.kind in ("pretrain", "convert"):
@@ -425,7 +422,24 @@ def report(
         row = rows.setdefault(init, {})
         for key, value in record["metrics"].items():
             row[f"{stage.kind}{'/' + prefix if prefix else ''}/{key}"] = value
-        if stage.kind == "spatial":
+    return rows
+
+
+def report(
+    cfg: dict[str, Any], stages: list[Stage], records: dict[str, dict[str, Any]], parent: RunLogger
+) -> None:
+    """Results per initialisation (rows) and metric (columns), and the Fig. 6 curves overlaid.
+
+    Logged to the parent run as results.md, results.csv, an MLflow table and, when spatial
+    stages finished, iou_similarity.png with one curve per initialisation.
+    """
+    rows = results_by_init(stages, records)
+    curves: dict[str, SpatialResult] = {}
+    storage = open_storage(cfg["storage"])
+    for stage in stages:
+        record = records.get(stage.name)
+        init = stage.name.split("/")[-1]
+        if record is not None and stage.kind == "spatial":
             _, name = split_uri(record["outputs"]["points"])
             points = json.loads(storage.read_bytes(f"{stage.folder}/{name}"))
             curves[init] = summarise(

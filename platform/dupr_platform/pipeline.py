@@ -112,21 +112,16 @@ def build_stages(cfg: dict[str, Any]) -> list[Stage]:
     if cfg["baselines"].get("random", True):
         inits["random"] = None
 
-    resources = {"CPU": float(ev["resources"]["cpus"]), "GPU": float(ev["resources"]["gpus"])}
+    # GPU "auto" becomes 1 per task when the cluster has GPUs, else 0 (see resolve_gpus).
+    gpus = ev["resources"]["gpus"]
+    resources = {
+        "CPU": float(ev["resources"]["cpus"]),
+        "GPU": gpus if gpus == "auto" else float(gpus),
+    }
     det_data, cls_data = ev["data"]["detection"] or {}, ev["data"]["classification"] or {}
     for init, weights in inits.items():
         # Random initialisation has no weights file: the architecture comes from the config.
         base = {"init": init, "arch": arch if weights is None else None}
-        for detector in ev["detection"]["detectors"]:
-            stages.append(
-                Stage(
-                    f"detection/{detector}/{init}",
-                    "detection",
-                    {**base, "detector": detector, **_without(ev["detection"], "detectors")},
-                    {"backbone": weights, **det_data},
-                    resources,
-                )
-            )
         for kind in ("spatial", "correspondence"):
             stages.append(
                 Stage(
@@ -134,7 +129,6 @@ def build_stages(cfg: dict[str, Any]) -> list[Stage]:
                     kind,
                     {**base, **ev[kind]},
                     {"backbone": weights, **det_data},
-                    resources,
                 )
             )
         stages.append(
@@ -142,7 +136,18 @@ def build_stages(cfg: dict[str, Any]) -> list[Stage]:
                 f"probe/{init}", "probe", {**base, **ev["probe"]}, {"backbone": weights, **cls_data}
             )
         )
-        stages[-1].resources = resources
+        for detector in ev["detection"]["detectors"]:
+            stages.append(
+                Stage(
+                    f"detection/{detector}/{init}",
+                    "detection",
+                    {**base, "detector": detector, **_without(ev["detection"], "detectors")},
+                    {"backbone": weights, **det_data},
+                )
+            )
+    for stage in stages:
+        if stage.kind in EVALUATIONS:
+            stage.resources = dict(resources)  # resources are not part of a stage's key
     assign_keys(stages)
     return stages
 
@@ -181,6 +186,14 @@ def preflight_pipeline(cfg: dict[str, Any], stages: list[Stage]) -> None:
     check_tracking(cfg["tracking_uri"])
     for stage in stages:
         evaluations.check_inputs(stage.kind, stage.inputs)
+
+
+def resolve_gpus(stages: list[Stage]) -> None:
+    """`gpus: auto`: one GPU per evaluation task when the cluster has GPUs, none otherwise."""
+    has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    for stage in stages:
+        if stage.resources.get("GPU") == "auto":
+            stage.resources["GPU"] = 1.0 if has_gpu else 0.0
 
 
 def preflight_resources(cfg: dict[str, Any], stages: list[Stage], job: PretrainJob | None) -> None:
@@ -241,6 +254,7 @@ class _Runner:
         self.reports: dict[str, StageReport] = {}
         self.loggers: dict[str, RunLogger] = {}
         self.started: dict[str, float] = {}
+        self.pretrain_callbacks: list[Any] | None = None
 
     # -- MLflow child runs ----------------------------------------------------------------
 
@@ -318,7 +332,7 @@ class _Runner:
         self.started[stage.name] = time.monotonic()
         print(f"[pipeline] {stage.name}: pre-training ({job.name})", flush=True)
         try:
-            result = run_pretraining(job)
+            result = run_pretraining(job, callbacks=self.pretrain_callbacks)
         except Exception as exc:  # noqa: BLE001 - reported, and the pipeline goes on
             self.fail(stage, exc)
             return
@@ -335,7 +349,7 @@ class _Runner:
         self.loggers[stage.name] = run
         ctx = self.context(stage, run.run_id)
         self.started[stage.name] = time.monotonic()
-        print(f"[pipeline] {stage.name}: started ({_resources(stage)})", flush=True)
+        print(f"[pipeline] {stage.name}: submitted ({_resources(stage)})", flush=True)
         return _stage_task.options(
             num_cpus=stage.resources.get("CPU", 1.0),
             num_gpus=stage.resources.get("GPU", 0.0),
@@ -433,8 +447,20 @@ def plan_stages(
     return to_run, hits, unselected
 
 
-def run_pipeline(cfg: dict[str, Any]) -> PipelineResult:
-    """Check, then run the study on the connected (or a local) Ray cluster."""
+def run_pipeline(
+    cfg: dict[str, Any],
+    parent_run_id: str | None = None,
+    run_key: str | None = None,
+    run_name: str | None = None,
+    params: dict[str, Any] | None = None,
+    pretrain_callbacks: list[Any] | None = None,
+) -> PipelineResult:
+    """Check, then run the study on the connected (or a local) Ray cluster.
+
+    A sweep runs one pipeline per trial: `parent_run_id` nests this pipeline's MLflow run under
+    the sweep's, `run_key` makes a retried trial continue its run, `params` add the trial's
+    grid value and `pretrain_callbacks` reach the pre-training's TorchTrainer (Tune reports).
+    """
     cfg = _absolute(cfg)
     stages = build_stages(cfg)
     preflight_pipeline(cfg, stages)
@@ -444,15 +470,17 @@ def run_pipeline(cfg: dict[str, Any]) -> PipelineResult:
     if job is not None:
         job.validate()
     ensure_ray({"env_vars": task_env()})
+    resolve_gpus(stages)
     preflight_resources(cfg, [s for s in to_run if s.kind != "pretrain"], job)
 
     parent = RunLogger.start(
         cfg["tracking_uri"],
         cfg["experiment"],
-        f"{cfg['name']}:{time.strftime('%Y%m%dT%H%M%S')}:{os.getpid()}",
-        tags={"mlflow.runName": cfg["name"], "dupr.pipeline": cfg["name"]},
+        run_key or f"{cfg['name']}:{time.strftime('%Y%m%dT%H%M%S')}:{os.getpid()}",
+        tags={"mlflow.runName": run_name or cfg["name"], "dupr.pipeline": cfg["name"]},
+        parent_run_id=parent_run_id,
     )
-    parent.log_params(cfg)
+    parent.log_params({**cfg, **(params or {})})
     parent.log_dict(redact_tree(cfg), "config/resolved.json")
     print(
         f"[pipeline] {cfg['name']}: {len(to_run)} stages to run, {len(hits)} cached, "
@@ -460,6 +488,7 @@ def run_pipeline(cfg: dict[str, Any]) -> PipelineResult:
         flush=True,
     )
     runner = _Runner(cfg, stages, parent)
+    runner.pretrain_callbacks = pretrain_callbacks
     try:
         for stage, record in hits:
             runner.record_cache_hit(stage, record)

@@ -213,7 +213,10 @@ def train_worker(config: dict[str, Any]) -> None:
     total_steps = cfg.optim.epochs * len(loader)
     progress = Progress(f"pretrain {config['name']}", total_steps, unit="step")
 
+    last_loss = [float("nan")]
+
     def on_log(step: int, metrics: dict[str, float]) -> None:
+        last_loss[0] = float(metrics.get("loss", float("nan")))
         if logger:
             logger.log_metrics(step, metrics)
             shown = {k: metrics[k] for k in ("loss", "images_per_s") if k in metrics}
@@ -221,7 +224,8 @@ def train_worker(config: dict[str, Any]) -> None:
 
     def on_epoch_end(s: TrainState) -> None:
         rngs = _gather_rng_states()
-        summary = {"epoch": s.epoch, "step": s.step}
+        # The epoch's last logged loss rides along: Tune's schedulers read it (sweeps).
+        summary = {"epoch": s.epoch, "step": s.step, "loss": last_loss[0]}
         if rank != 0:
             ray.train.report(summary, checkpoint=None)
             return
@@ -332,8 +336,12 @@ def ensure_ray(runtime_env: dict[str, Any]) -> None:
         ray.init(runtime_env=runtime_env)
 
 
-def run_pretraining(job: PretrainJob) -> PretrainResult:
-    """Pre-train on the connected Ray cluster (or a local one), resuming `job.name` if it exists."""
+def run_pretraining(job: PretrainJob, callbacks: list[Any] | None = None) -> PretrainResult:
+    """Pre-train on the connected Ray cluster (or a local one), resuming `job.name` if it exists.
+
+    `callbacks` go to the trainer's RunConfig, e.g. Ray Tune's TuneReportCallback when the
+    pre-training runs inside a Tune trial (each epoch's report then reaches Tune's scheduler).
+    """
     job = absolute_locations(job)
     preflight_config(job)
     ensure_ray({"env_vars": aws_env()})
@@ -394,6 +402,7 @@ def run_pretraining(job: PretrainJob) -> PretrainResult:
             ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.keep_checkpoints),
             worker_runtime_env={"env_vars": aws_env()},
+            callbacks=callbacks,
             **ray_storage_args(storage),
         ),
     )

@@ -228,17 +228,30 @@ def split_uri(uri: str) -> tuple[Storage, str]:
     ), os.path.basename(path)
 
 
+def _fingerprint(storage: Storage, name: str) -> str:
+    """Sizes and modification times of the object(s): new contents get a new cache entry."""
+    path = storage.join(name)
+    info = storage.filesystem.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no object {storage.uri_for(name)!r}")
+    infos = [info]
+    if info.type == pafs.FileType.Directory:
+        infos = storage.filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+    return ";".join(sorted(f"{i.path}:{i.size}:{i.mtime_ns}" for i in infos))
+
+
 def localize(uri: str, cache_dir: str | os.PathLike[str]) -> str:
     """A local path for ``uri``: local paths as they are, s3:// objects copied once.
 
     Evaluation code (dupr/) reads local files; data and weights on object storage are copied
-    into ``cache_dir`` under a name derived from the URI, completed by a marker file, so a
-    node fetches each object once and a crash mid-copy is simply copied again.
+    into ``cache_dir`` under a name derived from the URI and the objects' sizes and times,
+    completed by a marker file: a node fetches each version once, a changed object is fetched
+    again, and a crash mid-copy is simply copied again.
     """
     if "://" not in uri or uri.startswith("file://"):
         return os.path.abspath(urlsplit(uri).path if uri.startswith("file://") else uri)
     storage, name = split_uri(uri)
-    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    digest = hashlib.sha256((uri + _fingerprint(storage, name)).encode()).hexdigest()[:16]
     dest = os.path.join(os.fspath(cache_dir), f"{digest}-{name}")
     done = dest + ".complete"
     if not os.path.exists(done):
