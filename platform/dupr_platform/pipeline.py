@@ -27,6 +27,7 @@ from typing import Any
 
 import ray
 from mlflow.tracking import MlflowClient
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dupr.config import ConfigError, DUPRConfig, validate
 from dupr_platform import evaluations
@@ -354,6 +355,9 @@ class _Runner:
             num_cpus=stage.resources.get("CPU", 1.0),
             num_gpus=stage.resources.get("GPU", 0.0),
             runtime_env={"env_vars": task_env()},
+            # Outside any placement group of the caller (a Tune trial reserves only its own
+            # driver's CPU): the stage asks the cluster for its own resources.
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
         ).remote(ctx)
 
     def run(self, plan: list[Stage]) -> None:

@@ -1,0 +1,399 @@
+"""Ray Tune sweeps over the pipeline: one trial per grid value, the paper's ablation tables.
+
+A grid (configs/grid/<name>.yaml, or any YAML file of that form) gives the overrides of each
+trial. `run_sweep` works in this order:
+
+1. It builds and checks every trial's config before anything starts.
+2. It opens the sweep's MLflow run, or continues it if the same sweep ran before.
+3. It skips trials whose result row an earlier run of this sweep stored.
+4. It runs the other trials as Ray Tune trials. Each trial is `trial_fn`: the whole pipeline
+   with the trial's overrides, its pre-training a TorchTrainer inside the trial, as Ray 2.60
+   requires for Train under Tune.
+
+Each trial's pipeline run is an MLflow child of the sweep run, and its stage runs are children
+of the trial run. Stages are cached by key in the sweep's storage folder. So a retried or
+re-run trial redoes only what failed, and stages that trials share run once.
+
+The table has one row per grid value and one column per metric, with the difference to the first
+row in brackets. It is printed, and logged as Markdown, CSV and an MLflow table. The best row is
+tagged.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dupr.config import ConfigError
+from dupr_platform.evaluations import results_by_init
+from dupr_platform.pipeline import (
+    PipelineResult,
+    build_stages,
+    preflight_pipeline,
+    run_pipeline,
+    task_env,
+)
+from dupr_platform.pretrain import ensure_ray
+from dupr_platform.storage import open_storage, ray_storage_args
+from dupr_platform.tracking import RunLogger
+
+TRIALS_DIR = "sweep/trials"
+
+
+# ---------------------------------------------------------------------------------------------
+# Grids
+
+
+@dataclass
+class Grid:
+    name: str
+    table: str  # which table of the paper it reproduces
+    label: str  # the name of the row label column
+    values: list[tuple[str, dict[str, Any]]]  # (row label, {dotted key: value})
+    fixed: dict[str, Any] = field(default_factory=dict)  # overrides of every trial
+
+
+def grid_names(grids_dir: Path) -> list[str]:
+    return sorted(p.stem for p in Path(grids_dir).glob("*.yaml"))
+
+
+def load_grid(name: str, grids_dir: Path) -> Grid:
+    """A named grid from `grids_dir`, or a YAML file given by path."""
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml"):
+        path = Path(grids_dir) / f"{name}.yaml"
+        if not path.is_file():
+            valid = ", ".join(grid_names(grids_dir))
+            raise ConfigError(f"--grid {name!r}: unknown grid (valid: {valid}, or a .yaml file)")
+    if not path.is_file():
+        raise ConfigError(f"--grid {name!r}: no such file")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not YAML ({' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("values"), list) or not spec["values"]:
+        raise ConfigError(f"{path}: needs a non-empty list `values`")
+    key = spec.get("key")
+    values: list[tuple[str, dict[str, Any]]] = []
+    for i, value in enumerate(spec["values"]):
+        if isinstance(value, dict) and "set" in value:
+            if not isinstance(value["set"], dict) or not value["set"]:
+                raise ConfigError(f"{path}: values[{i}].set: needs a mapping of key: value")
+            label = str(value.get("label", i))
+            values.append((label, dict(value["set"])))
+        elif key:
+            label = ",".join(f"{v:g}" for v in value) if isinstance(value, list) else str(value)
+            values.append((label, {key: value}))
+        else:
+            raise ConfigError(f"{path}: values[{i}]: needs `key` at the top or `set` per value")
+    labels = [label for label, _ in values]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"{path}: two values have the same label ({labels})")
+    return Grid(
+        name=path.stem,
+        table=str(spec.get("table", path.stem)),
+        label=str(spec.get("label", (key or "value").rsplit(".", 1)[-1])),
+        values=values,
+        fixed=dict(spec.get("fixed") or {}),
+    )
+
+
+def _set(cfg: dict[str, Any], dotted: str, value: Any, where: str) -> None:
+    node = cfg
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"{where}: {dotted}: unknown configuration key")
+        node = node[part]
+    if parts[-1] not in node:
+        raise ConfigError(f"{where}: {dotted}: unknown configuration key")
+    node[parts[-1]] = value
+
+
+# ---------------------------------------------------------------------------------------------
+# Trials
+
+
+@dataclass
+class Trial:
+    label: str
+    overrides: dict[str, Any]
+    cfg: dict[str, Any]  # the trial's complete pipeline config
+    key: str  # hash of cfg: a stored row is reused only for the very same trial
+
+
+def sweep_name(cfg: dict[str, Any], grid: Grid) -> str:
+    return cfg["sweep"].get("name") or f"ablation-{grid.name}"
+
+
+def build_trials(cfg: dict[str, Any], grid: Grid) -> list[Trial]:
+    """Each trial's config; every one checked (config, data, storage, tracking) first."""
+    name = sweep_name(cfg, grid)
+    storage = open_storage(cfg["storage"]).uri_for(name)
+    trials = []
+    for label, overrides in grid.values:
+        trial_cfg = {k: copy.deepcopy(v) for k, v in cfg.items() if k != "sweep"}
+        where = f"grid {grid.name}, value {label}"
+        for dotted, value in {**grid.fixed, **overrides}.items():
+            _set(trial_cfg, dotted, value, where)
+        trial_cfg["storage"] = storage
+        trial_cfg["name"] = f"{name}/{label}".replace("/", ":")
+        try:
+            preflight_pipeline(trial_cfg, build_stages(trial_cfg))
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        digest = hashlib.sha256(json.dumps(trial_cfg, sort_keys=True).encode()).hexdigest()
+        trials.append(Trial(label, {**grid.fixed, **overrides}, trial_cfg, digest[:12]))
+    return trials
+
+
+def trial_fn(config: dict[str, Any]) -> None:
+    """One Tune trial: the pipeline with the trial's config, nested under the sweep run."""
+    from ray import tune
+
+    callbacks = None
+    if config["early_stopping"]:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks = [TuneReportCallback()]  # each epoch's pre-training loss reaches ASHA
+    result = run_pipeline(
+        config["cfg"],
+        parent_run_id=config["sweep_run_id"],
+        run_key=f"{config['sweep']}:{config['key']}",
+        run_name=config["label"],
+        params={"grid": {"label": config["label"], **config["overrides"]}},
+        pretrain_callbacks=callbacks,
+    )
+    if not result.ok:  # Tune retries the trial; the stage cache keeps what finished
+        failed = [f"{r.name}: {r.error}" for r in result.reports if r.error]
+        raise RuntimeError("; ".join(failed)[:1000] or "a stage failed")
+    tune.report({**trial_row(config["cfg"], result), "pipeline_done": 1.0})
+
+
+def trial_row(cfg: dict[str, Any], result: PipelineResult) -> dict[str, float]:
+    """The pre-trained model's metrics (every stage) of one finished pipeline."""
+    stages = build_stages(cfg)
+    rows = results_by_init(stages, result.records)
+    row = dict(rows.get(cfg["pretrain"].get("label", "dupr"), {}))
+    pre = result.records.get("pretrain", {}).get("metrics", {})
+    if "loss" in pre:
+        row["loss"] = pre["loss"]  # the early-stopping proxy, reported in every result
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep
+
+
+@dataclass
+class SweepResult:
+    name: str
+    run_id: str
+    rows: list[dict[str, Any]]  # label, status, error, metrics...
+    table: str
+
+    @property
+    def ok(self) -> bool:
+        return all(r["status"] in ("done", "stored") for r in self.rows)
+
+
+def run_sweep(cfg: dict[str, Any], grid: Grid) -> SweepResult:
+    from ray import tune
+
+    cfg = dict(cfg)
+    sw = cfg["sweep"]
+    _check_sweep(sw)
+    name = sweep_name(cfg, grid)
+    trials = build_trials(cfg, grid)
+    state = open_storage(cfg["storage"]).uri_for(name)
+    store = open_storage(state)
+    stored = {t.key: store.read_json(f"{TRIALS_DIR}/{t.key}.json") for t in trials
+              if store.exists(f"{TRIALS_DIR}/{t.key}.json")}  # fmt: skip
+    todo = [t for t in trials if t.key not in stored]
+
+    ensure_ray({"env_vars": task_env()})
+    sweep_run = RunLogger.start(
+        cfg["tracking_uri"],
+        cfg["experiment"],
+        f"sweep:{name}",
+        tags={"mlflow.runName": name, "dupr.sweep": grid.name, "dupr.table": grid.table},
+    )
+    sweep_run.log_params({"grid": grid.name, "sweep": sw, "storage": state})
+    sweep_run.log_dict(
+        {"grid": grid.name, "values": [[label, o] for label, o in grid.values],
+         "fixed": grid.fixed, "trials": [t.cfg for t in trials]},
+        "config/sweep.json",
+    )  # fmt: skip
+    print(
+        f"[sweep] {name}: {len(trials)} trials ({grid.table}), {len(stored)} already done, "
+        f"{len(todo)} to run; MLflow run {sweep_run.run_id}",
+        flush=True,
+    )
+
+    outcomes: dict[str, tuple[str, dict[str, float], str]] = {}
+    if todo:
+        scheduler = None
+        if sw["early_stopping"]:
+            epochs = max(t.cfg["pretrain"]["method"]["optim"]["epochs"] for t in trials)
+            scheduler = tune.schedulers.ASHAScheduler(
+                metric="loss",
+                mode="min",
+                max_t=epochs + 1,
+                grace_period=sw["asha"]["grace_period"],
+                reduction_factor=sw["asha"]["reduction_factor"],
+            )
+        tuner = tune.Tuner(
+            tune.with_resources(trial_fn, {"CPU": float(sw["trial_cpus"])}),
+            param_space=tune.grid_search(
+                [_trial_config(t, name, sweep_run.run_id, sw) for t in todo]
+            ),
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=int(sw["max_concurrent_trials"]), scheduler=scheduler
+            ),
+            run_config=tune.RunConfig(
+                name=f"{name}-{time.strftime('%Y%m%dT%H%M%S')}",
+                **ray_storage_args(open_storage(store.uri_for("tune"))),
+                failure_config=tune.FailureConfig(max_failures=int(sw["trial_retries"])),
+                verbose=0,
+            ),
+        )
+        for result in tuner.fit():
+            key = result.config["key"]
+            if result.error is not None:
+                outcomes[key] = ("failed", {}, _one_line(result.error))
+            elif (result.metrics or {}).get("pipeline_done") != 1.0:
+                outcomes[key] = ("stopped early", dict(result.metrics or {}), "")
+            else:
+                metrics = {k: v for k, v in result.metrics.items() if _is_metric(k, v)}
+                outcomes[key] = ("done", metrics, "")
+                row = {"label": _label(todo, key), "metrics": metrics}
+                store.write_json(f"{TRIALS_DIR}/{key}.json", row)
+
+    rows = []
+    for t in trials:
+        if t.key in stored:
+            rows.append({"label": t.label, "status": "stored", "error": "",
+                         **stored[t.key]["metrics"]})  # fmt: skip
+        else:
+            status, metrics, error = outcomes.get(t.key, ("failed", {}, "not run"))
+            rows.append({"label": t.label, "status": status, "error": error, **metrics})
+    table = log_table(sweep_run, grid, rows, sw["metric"], sw["mode"])
+    print(table, flush=True)
+    result = SweepResult(name, sweep_run.run_id, rows, table)
+    sweep_run.end("FINISHED" if result.ok else "FAILED")
+    return result
+
+
+def _trial_config(trial: Trial, sweep: str, run_id: str, sw: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "cfg": trial.cfg,
+        "key": trial.key,
+        "label": trial.label,
+        "overrides": trial.overrides,
+        "sweep": sweep,
+        "sweep_run_id": run_id,
+        "early_stopping": bool(sw["early_stopping"]),
+    }
+
+
+def _check_sweep(sw: dict[str, Any]) -> None:
+    for key, low in (("max_concurrent_trials", 1), ("trial_retries", 0)):
+        if not isinstance(sw[key], int) or sw[key] < low:
+            raise ConfigError(f"sweep.{key}={sw[key]!r}: must be an integer >= {low}")
+    if not sw["trial_cpus"] > 0:
+        raise ConfigError(f"sweep.trial_cpus={sw['trial_cpus']!r}: must be > 0 (Ray refuses 0)")
+    if sw["mode"] not in ("max", "min"):
+        raise ConfigError(f"sweep.mode={sw['mode']!r}: max or min")
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+
+SHOWN = ("bbox/AP", "bbox/AP50", "bbox/AP75", "segm/AP", "voc/AP", "voc/AP50", "voc/AP75",
+         "conv2", "conv3", "conv4", "conv5", "accuracy", "slope")  # fmt: skip
+
+
+def table_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The paper's columns first (detection, probe), then the cheap proxies."""
+    keys = {k for r in rows for k in r if k not in ("label", "status", "error")}
+    return sorted((k for k in keys if k.endswith(SHOWN)), key=lambda k: (
+        0 if k.startswith("detection") else 1 if k.startswith("probe") else 2, k))  # fmt: skip
+
+
+def format_table(grid: Grid, rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """Markdown; fractions in percent as in the paper, difference to the first row in brackets."""
+    first = rows[0] if rows else {}
+
+    def cell(row: dict[str, Any], col: str) -> str:
+        value = row.get(col)
+        if not isinstance(value, float | int) or math.isnan(value):
+            return ""
+        scale = 1.0 if col.endswith("slope") else 100.0
+        text = f"{value * scale:.1f}" if scale == 100 else f"{value:.3f}"
+        base = first.get(col)
+        if row is not first and isinstance(base, float | int) and not math.isnan(base):
+            diff = (value - base) * scale
+            text += f" ({diff:+.1f})" if scale == 100 else f" ({diff:+.3f})"
+        return text
+
+    head = [grid.label, *columns, "status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        status = row["status"] + (f": {row['error'][:120]}" if row.get("error") else "")
+        lines.append("| " + " | ".join([row["label"], *(cell(row, c) for c in columns), status])
+                     + " |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def log_table(
+    run: RunLogger, grid: Grid, rows: list[dict[str, Any]], metric: str, mode: str
+) -> str:
+    columns = table_columns(rows)
+    table = format_table(grid, rows, columns)
+    run.log_text(f"# {grid.table}: {grid.name}\n\n{table}", "sweep_table.md")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["label", *columns, "status", "error"])
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, "") for k in ["label", *columns, "status", "error"]})
+    run.log_text(buffer.getvalue(), "sweep_table.csv")
+    run.client.log_table(
+        run.run_id,
+        data={c: [r.get(c) for r in rows] for c in ["label", *columns, "status"]},
+        artifact_file="sweep_table.json",
+    )
+    scored = [r for r in rows if isinstance(r.get(metric), float | int)
+              and not math.isnan(r[metric])]  # fmt: skip
+    if scored:
+        best = (max if mode == "max" else min)(scored, key=lambda r: r[metric])
+        run.set_tag("dupr.best", best["label"])
+        run.set_tag("dupr.best_metric", f"{metric}={best[metric]:.4g}")
+    return table
+
+
+def _label(trials: list[Trial], key: str) -> str:
+    return next(t.label for t in trials if t.key == key)
+
+
+def _is_metric(key: str, value: Any) -> bool:
+    return isinstance(value, float | int) and not isinstance(value, bool) and "/" in key
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    tail = [line for line in lines if "Error" in line]
+    return (tail[-1] if tail else lines[-1] if lines else type(exc).__name__)[:300]
+
+
+__all__ = ["Grid", "SweepResult", "build_trials", "load_grid", "run_sweep", "trial_fn"]

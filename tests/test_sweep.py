@@ -1,0 +1,202 @@
+"""A toy ablation sweep on a real local Ray instance (Ray Tune trials running the pipeline) with
+tracking on a real MLflow server process."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+
+from dupr.config import ConfigError
+from dupr.data import embedded_image_folder
+from dupr.data.embedded_eval import embedded_detection_set
+from dupr_platform.configs import compose
+from dupr_platform.sweeps import format_table, load_grid, run_sweep
+from helpers import TOY_PIPELINE
+
+os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()  # stops only the instance this module started
+
+
+def sweep_config(tmp_path: Path, tracking: str, *extra: str) -> dict:
+    return compose(
+        CONFIGS,
+        "ablate",
+        [
+            f"storage={tmp_path / 'storage'}",
+            f"tracking_uri={tracking}",
+            "experiment=sweep-tests",
+            f"pretrain.data={embedded_image_folder(16)}",
+            "sweep.name=toy-tau",
+            *TOY_PIPELINE,
+            *extra,
+        ],
+    )
+
+
+def detection_data(root: Path) -> dict:
+    return {
+        "eval.data.detection.train_images": str(root / "train"),
+        "eval.data.detection.train_annotations": str(root / "annotations/instances_train.json"),
+        "eval.data.detection.val_images": str(root / "val"),
+        "eval.data.detection.val_annotations": str(root / "annotations/instances_val.json"),
+    }
+
+
+def test_sweep_table_nesting_failure_isolation_and_resume(local_ray, mlflow_server, tmp_path):
+    """Three trials: two temperatures, and the first temperature again on data with a corrupt
+    validation image (it shares that trial's pre-training through the stage cache). The broken
+    trial is retried, then marked failed while the sweep completes; once the image is repaired,
+    running the same command again runs only that trial."""
+    good, broken = tmp_path / "good", tmp_path / "broken"
+    shutil.copytree(embedded_detection_set(), good)
+    shutil.copytree(good, broken)
+    image = sorted((broken / "val").iterdir())[0]
+    pristine = image.read_bytes()
+    image.write_bytes(b"not a jpeg")
+    grid_file = tmp_path / "toy_tau.yaml"
+    grid_file.write_text(
+        yaml.safe_dump(
+            {
+                "table": "toy temperature",
+                "label": "tau",
+                "fixed": detection_data(good),
+                "values": [
+                    {"label": "0.1", "set": {"pretrain.method.model.tau": 0.1}},
+                    {"label": "0.3", "set": {"pretrain.method.model.tau": 0.3}},
+                    {
+                        "label": "0.1 broken data",
+                        "set": {"pretrain.method.model.tau": 0.1, **detection_data(broken)},
+                    },
+                ],
+            }
+        )
+    )
+    grid = load_grid(str(grid_file), CONFIGS / "grid")
+    cfg = sweep_config(tmp_path, mlflow_server.uri)
+
+    first = run_sweep(cfg, grid)
+    assert [r["label"] for r in first.rows] == ["0.1", "0.3", "0.1 broken data"]
+    assert [r["status"] for r in first.rows] == ["done", "done", "failed"]
+    assert image.name in first.rows[2]["error"]
+    assert not first.ok
+    for row in first.rows[:2]:
+        assert 0 <= row["detection/faster_rcnn_fpn/bbox/AP"] <= 1
+        assert {"probe/conv2", "probe/conv5", "correspondence/accuracy", "spatial/slope"} <= set(
+            row
+        )
+    # The difference to the first row, in brackets, as in the paper's tables.
+    assert "(+" in first.table or "(-" in first.table or "(+0.0)" in first.table
+    assert first.table.splitlines()[0].startswith("| tau | detection/faster_rcnn_fpn/bbox/AP")
+
+    client = MlflowClient(mlflow_server.uri)
+    sweep = client.get_run(first.run_id)
+    assert sweep.data.tags["mlflow.runName"] == "toy-tau"
+    assert sweep.data.tags["dupr.best"] in ("0.1", "0.3")
+    assert {a.path for a in client.list_artifacts(first.run_id)} >= {
+        "sweep_table.md",
+        "sweep_table.csv",
+        "sweep_table.json",
+        "config",
+    }
+    exp = sweep.info.experiment_id
+    trials = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{first.run_id}'")
+    by_label = {t.data.params["grid.label"]: t for t in trials}
+    assert set(by_label) == {"0.1", "0.3", "0.1 broken data"}
+    assert by_label["0.3"].data.params["grid.pretrain.method.model.tau"] == "0.3"
+    stages = client.search_runs(
+        [exp], f"tags.`mlflow.parentRunId` = '{by_label['0.1'].info.run_id}'"
+    )
+    assert {"spatial/dupr", "probe/dupr", "detection/faster_rcnn_fpn/dupr"} <= {
+        s.data.tags.get("dupr.stage") for s in stages
+    }
+    broken_stages = client.search_runs(
+        [exp], f"tags.`mlflow.parentRunId` = '{by_label['0.1 broken data'].info.run_id}'"
+    )
+    pretrain = [s for s in broken_stages if s.data.tags.get("dupr.stage") == "pretrain"]
+    assert pretrain and pretrain[0].data.tags["dupr.cache_hit"] == "true"  # shared with "0.1"
+    # Every trial's outputs live under the sweep's name in the storage.
+    assert any((tmp_path / "storage" / "toy-tau" / "stages").glob("pretrain-*/_COMPLETE.json"))
+
+    image.write_bytes(pristine)
+    second = run_sweep(cfg, grid)
+    assert [r["status"] for r in second.rows] == ["stored", "stored", "done"]
+    assert second.ok and second.run_id == first.run_id
+
+
+def test_bad_grids_fail_before_any_trial(tmp_path):
+    cfg = sweep_config(tmp_path, f"sqlite:///{tmp_path / 'm.db'}")
+    with pytest.raises(ConfigError, match="unknown grid \\(valid: alpha, beta, loss, roi, tau"):
+        load_grid("gamma", CONFIGS / "grid")
+    bad = tmp_path / "short.yaml"
+    bad.write_text("key: pretrain.method.model.beta\nvalues: [[0, 1], [0, 0, 0, 1]]\n")
+    assert not ray.is_initialized()
+    with pytest.raises(ConfigError, match="grid short, value 0,1: model.beta=") as info:
+        run_sweep(cfg, load_grid(str(bad), CONFIGS / "grid"))
+    assert "\n" not in str(info.value)
+    negative = tmp_path / "negative.yaml"
+    negative.write_text("key: pretrain.method.model.tau\nvalues: [0.2, -1]\n")
+    with pytest.raises(ConfigError, match="grid negative, value -1: model.tau=-1"):
+        run_sweep(cfg, load_grid(str(negative), CONFIGS / "grid"))
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("key: pretrain.method.model.gamma\nvalues: [1]\n")
+    with pytest.raises(ConfigError, match="pretrain.method.model.gamma: unknown"):
+        run_sweep(cfg, load_grid(str(unknown), CONFIGS / "grid"))
+    assert not ray.is_initialized(), "bad grids are refused before Ray starts"
+
+
+def test_every_paper_grid_builds_valid_trials(tmp_path):
+    from dupr_platform.sweeps import build_trials
+
+    cfg = sweep_config(tmp_path, f"sqlite:///{tmp_path / 'm.db'}")
+    expected = {"alpha": 4, "beta": 5, "roi": 5, "tau": 4, "loss": 3}
+    for name, count in expected.items():
+        grid = load_grid(name, CONFIGS / "grid")
+        trials = build_trials(cfg, grid)
+        assert len(trials) == count and len({t.key for t in trials}) == count
+    beta = build_trials(cfg, load_grid("beta", CONFIGS / "grid"))
+    assert beta[1].cfg["pretrain"]["method"]["model"]["beta"] == [0.0, 0.0, 0.0, 1.0]
+    assert beta[1].cfg["pretrain"]["method"]["model"]["alpha"] == [0.1, 0.4, 0.7, 1.0]
+    loss = build_trials(cfg, load_grid("loss", CONFIGS / "grid"))
+    assert [t.label for t in loss] == ["image-level", "patch-level", "both"]
+    rows = [
+        {"label": "a", "status": "done", "error": "", "detection/x/bbox/AP": 0.5},
+        {"label": "b", "status": "done", "error": "", "detection/x/bbox/AP": 0.55},
+    ]
+    text = format_table(load_grid("tau", CONFIGS / "grid"), rows, ["detection/x/bbox/AP"])
+    assert "| b | 55.0 (+5.0) | done |" in text
+
+
+def test_early_stopping_sees_the_pretraining_loss_every_epoch(local_ray, tmp_path):
+    """With ASHA on, each pre-training epoch's report reaches Tune (TuneReportCallback), so
+    the scheduler can stop a trial during pre-training; then the final row follows."""
+    grid_file = tmp_path / "one.yaml"
+    grid_file.write_text("key: pretrain.method.model.tau\nvalues: [0.2]\n")
+    cfg = sweep_config(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'm.db'}",
+        "sweep.name=asha",
+        "sweep.early_stopping=true",
+        "pretrain.method.optim.epochs=2",
+        "stages=[pretrain,convert,probe]",
+    )
+    result = run_sweep(cfg, load_grid(str(grid_file), CONFIGS / "grid"))
+    assert [r["status"] for r in result.rows] == ["done"]
+    progress = list((tmp_path / "storage" / "asha" / "tune").glob("*/*/progress.csv"))
+    assert len(progress) == 1
+    lines = progress[0].read_text().strip().splitlines()
+    header = lines[0].split(",")
+    losses = [row.split(",")[header.index("loss")] for row in lines[1:]]
+    assert len(losses) == 3  # epoch 1, epoch 2, the finished trial
+    assert all(float(v) > 0 for v in losses)
