@@ -1,5 +1,7 @@
 """Small builders shared by the tests."""
 
+from pathlib import Path
+
 import torch
 
 from dupr.config import DUPRConfig, ModelConfig, OptimConfig
@@ -79,3 +81,25 @@ TOY_PIPELINE = [
     "eval.correspondence.image_size=96",
     "eval.probe.image_size=64",
 ]
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def sweep_config(tmp_path: Path, tracking: str, *extra: str) -> dict:
+    """The ablate config at toy scale, with storage in tmp_path and sweep name toy-tau."""
+    from dupr_platform.configs import compose
+
+    return compose(
+        CONFIGS,
+        "ablate",
+        [
+            f"storage={tmp_path / 'storage'}",
+            f"tracking_uri={tracking}",
+            "experiment=sweep-tests",
+            f"pretrain.data={embedded_image_folder(16)}",
+            "sweep.name=toy-tau",
+            *TOY_PIPELINE,
+            *extra,
+        ],
+    )

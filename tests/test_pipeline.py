@@ -137,7 +137,12 @@ def test_pipeline_runs_every_stage_then_is_all_cache_hits(
 
 def test_a_failed_evaluation_resumes_without_pretraining_again(local_ray, tmp_path):
     """A corrupt validation image makes the evaluations that read it fail; once the file is
-    repaired, the next run runs only those stages: pre-training and conversion are cache hits."""
+    repaired, the next run runs only those stages: pre-training and conversion are cache hits.
+    A baseline given by URI (a MoCo-style checkpoint file) is converted and evaluated too."""
+    torch.manual_seed(1)
+    moco = tmp_path / "moco_v2.pth.tar"
+    state = torchvision.models.resnet18().state_dict()
+    torch.save({"state_dict": {f"module.encoder_q.{k}": v for k, v in state.items()}}, moco)
     data = tmp_path / "detection"
     shutil.copytree(embedded_detection_set(), data)
     image = sorted((data / "val").iterdir())[0]
@@ -149,6 +154,7 @@ def test_a_failed_evaluation_resumes_without_pretraining_again(local_ray, tmp_pa
         storage,
         tracking,
         "baselines.random=false",
+        f"+baselines.checkpoints.moco={moco}",
         f"eval.data.detection.train_images={data / 'train'}",
         f"eval.data.detection.train_annotations={data / 'annotations' / 'instances_train.json'}",
         f"eval.data.detection.val_images={data / 'val'}",
@@ -161,11 +167,18 @@ def test_a_failed_evaluation_resumes_without_pretraining_again(local_ray, tmp_pa
     assert status == {
         "pretrain": "done",
         "convert/dupr": "done",
+        "convert/moco": "done",
         "detection/faster_rcnn_fpn/dupr": "failed",
         "spatial/dupr": "failed",
         "correspondence/dupr": "failed",
         "probe/dupr": "done",
+        "detection/faster_rcnn_fpn/moco": "failed",
+        "spatial/moco": "failed",
+        "correspondence/moco": "failed",
+        "probe/moco": "done",
     }
+    converted = torch.load(first.records["convert/moco"]["outputs"]["torchvision"])
+    assert torch.equal(converted["layer3.0.conv1.weight"], state["layer3.0.conv1.weight"])
     failed = next(r for r in first.reports if r.name == "spatial/dupr")
     assert image.name in failed.error and "\n" not in failed.error
     client = MlflowClient(tracking)
@@ -179,11 +192,19 @@ def test_a_failed_evaluation_resumes_without_pretraining_again(local_ray, tmp_pa
     assert {r.name: r.status for r in second.reports} == {
         "pretrain": "cached",
         "convert/dupr": "cached",
+        "convert/moco": "cached",
         "detection/faster_rcnn_fpn/dupr": "done",
         "spatial/dupr": "done",
         "correspondence/dupr": "done",
         "probe/dupr": "cached",
+        "detection/faster_rcnn_fpn/moco": "done",
+        "spatial/moco": "done",
+        "correspondence/moco": "done",
+        "probe/moco": "cached",
     }
+    # The results table puts the pre-trained model and the baseline side by side.
+    results = MlflowClient(tracking).get_run(second.parent_run_id).data.metrics
+    assert {"dupr/spatial/slope", "moco/spatial/slope", "moco/probe/conv5"} <= set(results)
     pretrain_run = first.records["pretrain"]["run_id"]
     assert second.records["pretrain"]["run_id"] == pretrain_run
 

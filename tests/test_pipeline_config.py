@@ -16,6 +16,7 @@ from dupr.data.coco import CocoFormatError
 from dupr_platform.configs import compose
 from dupr_platform.evaluations import convert
 from dupr_platform.pipeline import build_stages, run_pipeline
+from dupr_platform.progress import Progress
 from dupr_platform.stages import Ref, Stage, StageContext, assign_keys
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,3 +202,16 @@ def test_the_command_line_reports_bad_input_in_one_line_with_status_2():
     assert result.stderr.strip().splitlines() == [
         "error: preset='nope': unknown (valid: cpu_demo, mocov2, paper_r50_imagenet)"
     ]
+
+
+def test_progress_lines_say_where_how_fast_and_how_long(capsys):
+    progress = Progress("detection/x", total=100, unit="iter", every_s=3600)
+    progress.start -= 10.0  # as if 10 s had passed
+    progress.update(25, {"loss": 1.5})
+    progress.update(30, {"loss": 1.4})  # within every_s: not printed
+    progress.update(100, {"loss": 1.0})  # the last step is always printed
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("[detection/x] iter 25/100 (25%) · 2.5")
+    assert "loss 1.5" in lines[0] and lines[0].endswith("30s left")
+    assert lines[1].startswith("[detection/x] iter 100/100 (100%)") and lines[1].endswith("0s left")

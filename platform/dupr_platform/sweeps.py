@@ -287,7 +287,13 @@ def run_sweep(cfg: dict[str, Any], grid: Grid) -> SweepResult:
         else:
             status, metrics, error = outcomes.get(t.key, ("failed", {}, "not run"))
             rows.append({"label": t.label, "status": status, "error": error, **metrics})
-    table = log_table(sweep_run, grid, rows, sw["metric"], sw["mode"])
+    table, best = log_table(sweep_run, grid, rows, sw["metric"], sw["mode"])
+    if best is not None:  # the best row's own trial run is tagged too
+        key = next(t.key for t in trials if t.label == best)
+        for run in sweep_run.client.search_runs(
+            [sweep_run.experiment_id], f"tags.`dupr.run_key` = '{name}:{key}'"
+        ):
+            sweep_run.client.set_tag(run.info.run_id, "dupr.best", "true")
     print(table, flush=True)
     result = SweepResult(name, sweep_run.run_id, rows, table)
     sweep_run.end("FINISHED" if result.ok else "FAILED")
@@ -358,7 +364,8 @@ def format_table(grid: Grid, rows: list[dict[str, Any]], columns: list[str]) -> 
 
 def log_table(
     run: RunLogger, grid: Grid, rows: list[dict[str, Any]], metric: str, mode: str
-) -> str:
+) -> tuple[str, str | None]:
+    """Log the table (Markdown, CSV, MLflow table); return it and the best row's label."""
     columns = table_columns(rows)
     table = format_table(grid, rows, columns)
     run.log_text(f"# {grid.table}: {grid.name}\n\n{table}", "sweep_table.md")
@@ -375,11 +382,12 @@ def log_table(
     )
     scored = [r for r in rows if isinstance(r.get(metric), float | int)
               and not math.isnan(r[metric])]  # fmt: skip
-    if scored:
-        best = (max if mode == "max" else min)(scored, key=lambda r: r[metric])
-        run.set_tag("dupr.best", best["label"])
-        run.set_tag("dupr.best_metric", f"{metric}={best[metric]:.4g}")
-    return table
+    if not scored:
+        return table, None
+    best = (max if mode == "max" else min)(scored, key=lambda r: r[metric])
+    run.set_tag("dupr.best", best["label"])
+    run.set_tag("dupr.best_metric", f"{metric}={best[metric]:.4g}")
+    return table, best["label"]
 
 
 def _label(trials: list[Trial], key: str) -> str:
