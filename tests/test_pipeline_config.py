@@ -151,6 +151,11 @@ def test_bad_input_fails_before_ray_starts(tmp_path):
     assert "annotations" in message or "categories" in message
     _expect_input_error(config(tmp_path, "stages=[pretrain,evaluate]"), ConfigError, "'evaluate'")
     _expect_input_error(
+        config(tmp_path, f"pretrain.data={tmp_path / 'no_images_here'}"),
+        FileNotFoundError,
+        "no_images_here",
+    )
+    _expect_input_error(
         config(tmp_path, "stages=[detection]"), ConfigError, "needs the outputs of convert/dupr"
     )
     _expect_input_error(

@@ -36,6 +36,7 @@ from dupr_platform.pretrain import (
     absolute_locations,
     ensure_ray,
     preflight_cluster,
+    preflight_config,
     run_pretraining,
 )
 from dupr_platform.progress import format_duration
@@ -94,6 +95,7 @@ def pretrain_job(cfg: dict[str, Any], stage: Stage) -> PretrainJob:
 def _pretrain_slice(cfg: dict[str, Any]) -> dict[str, Any]:
     values = {k: v for k, v in cfg["pretrain"].items() if k not in EXECUTION_ONLY}
     values.pop("data", None)  # an input, not config
+    values.pop("label", None)  # a name in the results, not a setting
     return values
 
 
@@ -472,7 +474,7 @@ def run_pipeline(
     pre = next((s for s in to_run if s.kind == "pretrain"), None)
     job = absolute_locations(pretrain_job(cfg, pre)) if pre else None
     if job is not None:
-        job.validate()
+        preflight_config(job)  # its data too, before anything starts
     ensure_ray({"env_vars": task_env()})
     resolve_gpus(stages)
     preflight_resources(cfg, [s for s in to_run if s.kind != "pretrain"], job)
