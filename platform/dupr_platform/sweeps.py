@@ -228,10 +228,12 @@ def run_sweep(cfg: dict[str, Any], grid: Grid) -> SweepResult:
         f"sweep:{name}",
         tags={"mlflow.runName": name, "dupr.sweep": grid.name, "dupr.table": grid.table},
     )
-    sweep_run.log_params({"grid": grid.name, "sweep": sw, "storage": state})
+    # Params are immutable in MLflow: only what defines the sweep; how it runs (concurrency,
+    # retries) may change between runs of the same sweep and goes into the artifact.
+    sweep_run.log_params({"grid": grid.name, "table": grid.table, "storage": state})
     sweep_run.log_dict(
         {"grid": grid.name, "values": [[label, o] for label, o in grid.values],
-         "fixed": grid.fixed, "trials": [t.cfg for t in trials]},
+         "fixed": grid.fixed, "sweep": sw, "trials": [t.cfg for t in trials]},
         "config/sweep.json",
     )  # fmt: skip
     print(
