@@ -197,16 +197,19 @@ def _read_manifest(root: Path) -> dict[str, Any] | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def _is_complete(root: Path, spec: dict[str, Any]) -> bool:
+def manifest_matches(root: Path, spec: dict[str, Any], num_files: int | None = None) -> bool:
     """Whether `root` holds a finished build of `spec`: same manifest, every file present, same size.
 
     Only sizes are checked (a `stat` per file), not hashes, so that the check stays cheap.
+    `num_files`, when given, is the number of files the manifest must list.
     """
     manifest = _read_manifest(root)
     if manifest is None or any(manifest.get(key) != value for key, value in spec.items()):
         return False
     files = manifest.get("files")
-    if not isinstance(files, list) or len(files) != spec["num_images"]:
+    if not isinstance(files, list) or not files:
+        return False
+    if num_files is not None and len(files) != num_files:
         return False
     for entry in files:
         try:
@@ -215,6 +218,10 @@ def _is_complete(root: Path, spec: dict[str, Any]) -> bool:
         except (OSError, KeyError, TypeError):
             return False
     return True
+
+
+def _is_complete(root: Path, spec: dict[str, Any]) -> bool:
+    return manifest_matches(root, spec, spec["num_images"])
 
 
 def _crop_box(
@@ -272,20 +279,30 @@ def _is_our_leftover(root: Path) -> bool:
     return True
 
 
-def _refuse_foreign(root: Path) -> None:
+def refuse_foreign(root: Path, is_ours: Callable[[Path], bool], builder: str) -> None:
     """Raise `FileExistsError` if `root` exists but is not (a stale or partial) build of ours."""
-    if (root.exists() or root.is_symlink()) and not _is_our_leftover(root):
+    if (root.exists() or root.is_symlink()) and not is_ours(root):
         raise FileExistsError(
-            f"{root} exists and holds files that the embedded data builder did not write; "
+            f"{root} exists and holds files that the {builder} builder did not write; "
             "refusing to replace it"
         )
 
 
-def _publish(tmp: Path, root: Path, spec: dict[str, Any]) -> None:
-    """Rename the finished `tmp` folder to `root`, replacing a stale build, or keep a racer's."""
+def publish_folder(
+    tmp: Path,
+    root: Path,
+    is_complete: Callable[[Path], bool],
+    is_ours: Callable[[Path], bool],
+    builder: str,
+) -> None:
+    """Rename the finished `tmp` folder to `root`, replacing a stale build, or keep a racer's.
+
+    `is_complete` recognises a finished build (a racer's files are identical to ours) and
+    `is_ours` a stale or partial one that may be deleted; anything else is refused.
+    """
     last_error: OSError | None = None
     for _ in range(10):
-        if _is_complete(root, spec):
+        if is_complete(root):
             return  # another process finished first; its files are identical to ours
         try:
             os.rename(tmp, root)  # atomic; succeeds when `root` is absent or an empty folder
@@ -294,16 +311,16 @@ def _publish(tmp: Path, root: Path, spec: dict[str, Any]) -> None:
             last_error = exc
             if not root.exists() and not root.is_symlink():
                 continue  # a racer moved `root` aside meanwhile; try again
-        if _is_complete(root, spec):
+        if is_complete(root):
             return
-        _refuse_foreign(root)
+        refuse_foreign(root, is_ours, builder)
         stale = root.with_name(f".{root.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:
             os.rename(root, stale)
         except FileNotFoundError:
             continue
         shutil.rmtree(stale, ignore_errors=True)
-    message = f"could not move the built image folder into place at {root}"
+    message = f"could not move the {builder} build into place at {root}"
     raise RuntimeError(message) from last_error
 
 
@@ -336,7 +353,7 @@ def build_embedded_image_folder(
     spec = _spec(num_images, min_side, max_side, seed)
     if _is_complete(root, spec):
         return root
-    _refuse_foreign(root)  # fail before the work, not after it
+    refuse_foreign(root, _is_our_leftover, "embedded data")  # fail before the work
 
     photos = _embedded_photos_with_sources()
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -374,7 +391,9 @@ def build_embedded_image_folder(
             "files": files,
         }
         _write_json_atomic(tmp / MANIFEST_NAME, manifest)
-        _publish(tmp, root, spec)
+        publish_folder(
+            tmp, root, lambda r: _is_complete(r, spec), _is_our_leftover, "embedded data"
+        )
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

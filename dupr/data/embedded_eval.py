@@ -43,6 +43,8 @@ from dupr.data.embedded import (
     _write_json_atomic,
     default_data_home,
     embedded_photos,
+    manifest_matches,
+    publish_folder,
 )
 
 logger = logging.getLogger(__name__)
@@ -229,23 +231,6 @@ def _cache_root(kind: str, spec: dict[str, Any]) -> Path:
     return default_data_home() / f"embedded-{kind}-v{EVAL_VERSION}-{digest}"
 
 
-def _is_complete(root: Path, spec: dict[str, Any]) -> bool:
-    """Whether `root` holds a finished build of `spec`: same manifest, every file, same sizes."""
-    manifest = _read_manifest(root)
-    if manifest is None or any(manifest.get(key) != value for key, value in spec.items()):
-        return False
-    files = manifest.get("files")
-    if not isinstance(files, list) or not files:
-        return False
-    for entry in files:
-        try:
-            if (root / entry["path"]).stat().st_size != entry["bytes"]:
-                return False
-        except (OSError, KeyError, TypeError):
-            return False
-    return True
-
-
 def _is_our_leftover(root: Path, spec: dict[str, Any]) -> bool:
     """Whether `root` is a stale or partial build of this kind (so it may be deleted).
 
@@ -263,39 +248,6 @@ def _is_our_leftover(root: Path, spec: dict[str, Any]) -> bool:
     )
 
 
-def _publish(tmp: Path, root: Path, spec: dict[str, Any]) -> None:
-    """Rename the finished `tmp` to `root`, replacing a stale build of ours, or keep a racer's.
-
-    The same pattern as `dupr.data.embedded._publish`, whose completeness and ownership checks
-    are specific to the flat unlabeled layout, hence this variant.
-    """
-    last_error: OSError | None = None
-    for _ in range(10):
-        if _is_complete(root, spec):
-            return
-        try:
-            os.rename(tmp, root)  # atomic; succeeds when `root` is absent or an empty folder
-            return
-        except OSError as exc:
-            last_error = exc
-            if not root.exists() and not root.is_symlink():
-                continue
-        if _is_complete(root, spec):
-            return
-        if not _is_our_leftover(root, spec):
-            raise FileExistsError(
-                f"{root} exists and holds files that the embedded evaluation data builder did "
-                "not write; refusing to replace it"
-            )
-        stale = root.with_name(f".{root.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            os.rename(root, stale)
-        except FileNotFoundError:
-            continue
-        shutil.rmtree(stale, ignore_errors=True)
-    raise RuntimeError(f"could not move the built data set into place at {root}") from last_error
-
-
 def _build(
     kind: str,
     spec: dict[str, Any],
@@ -306,7 +258,7 @@ def _build(
     `write` fills `files` with one {path, bytes, sha256} entry per file it writes.
     """
     root = _cache_root(kind, spec).absolute()
-    if _is_complete(root, spec):
+    if manifest_matches(root, spec):
         return root
     named = _photos()
     photos = [photo for _, photo in named]
@@ -318,7 +270,13 @@ def _build(
         write(tmp, photos, files)
         manifest = {**spec, "photos": [name for name, _ in named], "files": files}
         _write_json_atomic(tmp / MANIFEST_NAME, manifest)
-        _publish(tmp, root, spec)
+        publish_folder(
+            tmp,
+            root,
+            lambda r: manifest_matches(r, spec),
+            lambda r: _is_our_leftover(r, spec),
+            "embedded evaluation data",
+        )
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
