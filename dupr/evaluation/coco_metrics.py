@@ -100,35 +100,42 @@ def _checked_gt(gt: dict, iou_type: str) -> dict:
     return gt
 
 
+def check_predictions(
+    gt: dict, predictions: list[dict], required: tuple[str, ...], caller: str
+) -> None:
+    """Every prediction has the `required` keys and refers to an image and a category of `gt`;
+    else a one-line ValueError naming the prediction (shared by the COCO and VOC metrics)."""
+    image_ids = {img["id"] for img in gt["images"]}
+    category_ids = {cat["id"] for cat in gt["categories"]}
+    for i, pred in enumerate(predictions):
+        label = f"prediction #{i}"
+        for key in required:
+            if key not in pred:
+                raise ValueError(f"{caller}: {label} has no {key!r}")
+        if pred["image_id"] not in image_ids:
+            raise ValueError(f"{caller}: {label} has unknown image_id {pred['image_id']!r}")
+        if pred["category_id"] not in category_ids:
+            raise ValueError(f"{caller}: {label} has unknown category_id {pred['category_id']!r}")
+
+
 def _checked_predictions(gt: dict, predictions: list[dict], iou_type: str) -> list[dict]:
     """A validated deep copy of ``predictions`` (loadRes adds fields to each dict).
 
     For ``segm`` the boxes are dropped, as detectron2 does: with a ``bbox`` present COCO's
     loadRes takes the box area as the instance area, which changes the small/medium/large split.
     """
-    image_ids = {img["id"] for img in gt["images"]}
-    category_ids = {cat["id"] for cat in gt["categories"]}
+    required = (
+        "image_id",
+        "category_id",
+        "score",
+        "bbox" if iou_type == "bbox" else "segmentation",
+    )
+    check_predictions(gt, predictions, required, "coco_metrics")
     results = []
     for i, pred in enumerate(predictions):
-        label = f"prediction #{i}"
-        required = (
-            "image_id",
-            "category_id",
-            "score",
-            "bbox" if iou_type == "bbox" else "segmentation",
-        )
-        for key in required:
-            if key not in pred:
-                raise ValueError(f"coco_metrics: {label} has no {key!r}")
-        if pred["image_id"] not in image_ids:
-            raise ValueError(f"coco_metrics: {label} has unknown image_id {pred['image_id']!r}")
-        if pred["category_id"] not in category_ids:
-            raise ValueError(
-                f"coco_metrics: {label} has unknown category_id {pred['category_id']!r}"
-            )
         result = copy.deepcopy(pred)
         if iou_type == "bbox":
-            _check_box(result["bbox"], label)
+            _check_box(result["bbox"], f"prediction #{i}")
             result.pop("segmentation", None)
         else:
             result.pop("bbox", None)

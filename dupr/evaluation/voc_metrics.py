@@ -35,6 +35,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from dupr.evaluation.coco_metrics import check_predictions
+
 # detectron2's thresholds: 50, 55, ..., 95 percent.
 IOU_THRESHOLDS = tuple(t / 100.0 for t in range(50, 100, 5))
 
@@ -196,21 +198,10 @@ def _detections_by_class(
     gt: dict, predictions: list[dict]
 ) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """category id -> (image ids (D,), devkit boxes (D, 4), scores (D,))."""
-    image_ids = {img["id"] for img in gt["images"]}
-    category_ids = {cat["id"] for cat in gt["categories"]}
+    check_predictions(gt, predictions, ("image_id", "category_id", "bbox", "score"), "voc_metrics")
     rows: dict[int, list[tuple]] = defaultdict(list)
     for i, pred in enumerate(predictions):
-        label = f"prediction #{i}"
-        for key in ("image_id", "category_id", "bbox", "score"):
-            if key not in pred:
-                raise ValueError(f"voc_metrics: {label} has no {key!r}")
-        if pred["image_id"] not in image_ids:
-            raise ValueError(f"voc_metrics: {label} has unknown image_id {pred['image_id']!r}")
-        if pred["category_id"] not in category_ids:
-            raise ValueError(
-                f"voc_metrics: {label} has unknown category_id {pred['category_id']!r}"
-            )
-        box = _to_devkit_box(pred["bbox"], label)
+        box = _to_devkit_box(pred["bbox"], f"prediction #{i}")
         rows[pred["category_id"]].append((pred["image_id"], box, float(pred["score"])))
     return {
         cat: (
