@@ -16,6 +16,19 @@ os.environ.setdefault(
     "DUPR_DATA_HOME", os.path.join(os.path.dirname(__file__), "..", "runs", "test-data")
 )
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Without Ray's dashboard the Train state-actor reconciliation only logs failures.
+os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A fresh local Ray instance per test module (address="local": even if another Ray runs
+    on this machine), 2 CPUs; stops only the instance it started."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture

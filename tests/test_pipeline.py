@@ -1,13 +1,10 @@
 """The whole pre-train → convert → evaluate pipeline at toy scale on a real local Ray instance,
 with stage outputs on a real S3 server (moto) and tracking on a real MLflow server process."""
 
-import os
 import pickle
 import shutil
 from pathlib import Path
 
-import pytest
-import ray
 import torch
 import torchvision
 from mlflow.tracking import MlflowClient
@@ -20,15 +17,7 @@ from dupr_platform.storage import open_storage
 from helpers import TOY_PIPELINE
 from services import list_keys, make_bucket
 
-os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()  # stops only the instance this module started
 
 
 def toy_config(name: str, storage: str, tracking: str, *extra: str) -> dict:

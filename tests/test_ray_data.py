@@ -29,7 +29,6 @@ from dupr_platform.ray_data import (
 from dupr_platform.shards import ParquetImageDataset, ShardIndexError, prepare_shards
 from services import make_bucket
 
-os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
 # The train function below is defined here, not in an installed package: ship it by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -147,14 +146,6 @@ def test_loader_adapter_counts_and_resumes():
 
 # --------------------------------------------------------------------------------------------
 # Real local Ray: the pipeline feeds two TorchTrainer workers running dupr.train.train()
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    # address="local": a fresh instance even if another Ray runs on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()  # stops only the instance this module started
 
 
 class ProbeModel(torch.nn.Module):

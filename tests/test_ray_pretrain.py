@@ -1,13 +1,11 @@
 """Pre-training on a real local Ray instance, storage on a real S3 server, a real MLflow server."""
 
-import os
 import shutil
 import threading
 import time
 
 import boto3
 import pytest
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -21,15 +19,6 @@ from dupr_platform.pretrain import (
 from dupr_platform.shards import prepare_shards
 from helpers import tiny_job
 from services import make_bucket
-
-os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()  # stops only the instance this module started
 
 
 def bucket_keys(endpoint: str, bucket: str, prefix: str) -> list[str]:

@@ -1,27 +1,15 @@
 """A toy ablation sweep on a real local Ray instance (Ray Tune trials running the pipeline) with
 tracking on a real MLflow server process."""
 
-import os
 import shutil
 from pathlib import Path
 
-import pytest
-import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
 from dupr.data.embedded_eval import embedded_detection_set
 from dupr_platform.sweeps import load_grid, run_sweep
 from helpers import CONFIGS, sweep_config
-
-os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()  # stops only the instance this module started
 
 
 def detection_data(root: Path) -> dict:
