@@ -47,6 +47,7 @@ from dupr.evaluation.finetune import DetectionConfig, evaluate, finetune
 from dupr.evaluation.linear_probe import linear_probe, probe_transform
 from dupr.evaluation.spatial import SpatialResult, iou_similarity, plot_iou_similarity, summarise
 from dupr.views import IMAGENET_MEAN, IMAGENET_STD
+from dupr_platform.pretrain import STATE_FILE
 from dupr_platform.progress import Progress
 from dupr_platform.stages import Stage, StageContext, StageOutput
 from dupr_platform.storage import localize, open_storage, split_uri
@@ -54,7 +55,6 @@ from dupr_platform.tracking import RunLogger
 
 DETECTION_DATA = ("train_images", "train_annotations", "val_images", "val_annotations")
 CLASSIFICATION_DATA = ("train", "val")
-STATE_FILE = "state.pt"
 
 
 def _cache_dir() -> Path:

@@ -18,6 +18,7 @@ prints a summary table.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -347,13 +348,13 @@ class _Runner:
         )
         self.finish(stage, {"data": job.data}, out, result.run_id)
 
-    def launch(self, stage: Stage) -> ray.ObjectRef:
+    def launch(self, stage: Stage) -> tuple[ray.ObjectRef, StageContext]:
         run = self.child_run(stage, cache_hit=False)
         self.loggers[stage.name] = run
         ctx = self.context(stage, run.run_id)
         self.started[stage.name] = time.monotonic()
         print(f"[pipeline] {stage.name}: submitted ({_resources(stage)})", flush=True)
-        return _stage_task.options(
+        ref = _stage_task.options(
             num_cpus=stage.resources.get("CPU", 1.0),
             num_gpus=stage.resources.get("GPU", 0.0),
             runtime_env={"env_vars": task_env()},
@@ -361,6 +362,7 @@ class _Runner:
             # driver's CPU): the stage asks the cluster for its own resources.
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
         ).remote(ctx)
+        return ref, ctx
 
     def run(self, plan: list[Stage]) -> None:
         pending = list(plan)
@@ -385,12 +387,12 @@ class _Runner:
                     self.run_pretrain(stage)
                     continue
                 try:
-                    ref = self.launch(stage)
+                    ref, ctx = self.launch(stage)
                 except Exception as exc:  # noqa: BLE001
                     self.fail(stage, exc)
                     continue
                 running[ref] = stage
-                contexts[stage.name] = resolve_inputs(stage, self.records)
+                contexts[stage.name] = ctx.inputs
             if not running:
                 if pending and not any(
                     all(u in self.records for u in s.upstream()) for s in pending
@@ -520,13 +522,12 @@ def run_pipeline(
 # Summary
 
 
-def run_link(cfg: dict[str, Any], run_id: str | None) -> str:
+def run_link(uri: str, experiment_id: str | None, run_id: str | None) -> str:
+    """The MLflow UI address of a run on a tracking server; else the run id."""
     if not run_id:
         return ""
-    uri = cfg["tracking_uri"]
-    if uri.startswith(("http://", "https://")):
-        exp = MlflowClient(uri).get_run(run_id).info.experiment_id
-        return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+    if experiment_id is not None:
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return f"run {run_id}"
 
 
@@ -541,6 +542,10 @@ KEY_METRICS = {
 
 
 def summary_table(result: PipelineResult, cfg: dict[str, Any]) -> str:
+    uri = cfg["tracking_uri"]
+    experiment_id = None  # every stage run is in the pipeline's experiment: one lookup
+    if uri.startswith(("http://", "https://")):
+        experiment_id = MlflowClient(uri).get_experiment_by_name(cfg["experiment"]).experiment_id
     rows = []
     for r in result.reports:
         kind = r.name.split("/")[0]
@@ -553,7 +558,7 @@ def summary_table(result: PipelineResult, cfg: dict[str, Any]) -> str:
                 status,
                 "yes" if r.status == "cached" else "no",
                 ", ".join(shown),
-                run_link(cfg, r.run_id),
+                run_link(uri, experiment_id, r.run_id),
             ]
         )
     head = ["stage", "status", "cache hit", "key metrics", "MLflow run"]
@@ -607,8 +612,6 @@ def _shown_inputs(stage: Stage) -> dict[str, Any]:
 
 
 def _short_json(obj: Any) -> str:
-    import json
-
     text = json.dumps(obj, sort_keys=True)
     return text if len(text) < 4900 else text[:4900] + "..."
 
