@@ -81,6 +81,8 @@ def test_pipeline_runs_every_stage_then_is_all_cache_hits(
     for name, run in runs.items():
         assert run.info.status == "FINISHED", name
         assert run.data.tags.get("dupr.cache_hit", "false") == "false", name
+        # Stage tasks and training workers ran at normal priority (Ray's default is 15).
+        assert run.data.tags["dupr.worker_niceness"] == "0", name
     assert {"bbox/AP", "bbox/AP50", "bbox/AP75", "voc/AP", "voc/AP50", "voc/AP75"} <= set(
         runs["detection/faster_rcnn_fpn/dupr"].data.metrics
     )

@@ -46,6 +46,13 @@ def test_two_workers_on_s3_and_mlflow_then_resume(local_ray, s3_env, s3_server, 
     assert run.info.status == "FINISHED" and "dupr.resumed_at_step" not in run.data.tags
     assert run.data.params["model.alpha"] == "(0.1, 0.4, 0.7, 1.0)"
     assert run.data.params["job.num_workers"] == "2"
+    # The training workers ran at normal priority, not at Ray's default worker niceness 15.
+    tags = run.data.tags
+    assert (tags["dupr.world_size"], tags["dupr.device"], tags["dupr.worker_niceness"]) == (
+        "2",
+        "cpu",
+        "0",
+    )
     history = client.get_metric_history(result.run_id, "loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
     for metric in ("loss/patch_conv4", "acc/image_conv5", "lr", "images_per_s", "data_wait_s"):

@@ -306,6 +306,8 @@ def run_stage(ctx: StageContext) -> StageOutput:
         result = BODIES[ctx.kind](ctx, Path(tmp))
         open_storage(ctx.storage_uri).upload(tmp, ctx.folder)
         client = MlflowClient(ctx.tracking_uri)
+        # 0 unless Ray's low worker priority applied (see pretrain.COMPUTE_PRIORITY).
+        client.set_tag(ctx.run_id, "dupr.worker_niceness", str(os.nice(0)))
         for name in result.artifacts:
             client.log_artifact(ctx.run_id, os.path.join(tmp, name))
     return result

@@ -33,6 +33,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from dupr.config import ConfigError, DUPRConfig, validate
 from dupr_platform import evaluations
 from dupr_platform.pretrain import (
+    COMPUTE_PRIORITY,
     PretrainJob,
     absolute_locations,
     ensure_ray,
@@ -357,7 +358,7 @@ class _Runner:
         ref = _stage_task.options(
             num_cpus=stage.resources.get("CPU", 1.0),
             num_gpus=stage.resources.get("GPU", 0.0),
-            runtime_env={"env_vars": task_env()},
+            runtime_env={"env_vars": task_env() | COMPUTE_PRIORITY},
             # Outside any placement group of the caller (a Tune trial reserves only its own
             # driver's CPU): the stage asks the cluster for its own resources.
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
