@@ -1,0 +1,100 @@
+"""The GPU paths: CUDA, bf16 autocast, channels_last, NCCL. Skipped where there is no GPU.
+
+CI has no GPU, so these run when a GPU machine is at hand, together with the GPU step benchmark:
+`bash benchmarks/gpu_checks.sh` (needs only torch, torchvision and pytest there). The CPU tests
+cover the same code on gloo and float32 (test_distributed.py, test_train.py); what only a GPU
+shows is what is checked here: that autocast and channels_last change the numbers no more than
+bf16 rounding does, that the memory banks stay float32, and that Shuffle BN and the gathered bank
+keys run on an NCCL process group. (NCCL gives each rank its own GPU, so a one-GPU machine checks
+a world of one; the two-rank equalities are checked on gloo.)
+"""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dupr.config import OptimConfig
+from dupr.model import DUPR
+from dupr.train import build_state, train_step
+from helpers import random_batch, tiny_model_config
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+CUDA = torch.device("cuda")
+PAIRS, SIZE = 8, 64
+
+
+def gpu_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    im_q, im_k, crop_q, crop_k = random_batch(PAIRS, SIZE, seed=seed)
+    return {"view1": im_q, "view2": im_k, "crop1": crop_q, "crop2": crop_k}
+
+
+def one_step(optim: OptimConfig, **model_overrides) -> tuple[dict[str, float], DUPR]:
+    """One training step of the tiny model on the GPU, from fixed initial weights."""
+    torch.manual_seed(0)
+    model = DUPR(tiny_model_config(**model_overrides)).to(CUDA)
+    if optim.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    state = build_state(model, optim, steps_per_epoch=10, device=CUDA)
+    torch.manual_seed(1)  # the same patch-key samples in every variant
+    metrics = train_step(state, gpu_batch(), optim, CUDA)
+    return {k: float(v) for k, v in metrics.items()}, model
+
+
+def test_bf16_channels_last_step_agrees_with_float32():
+    base = dict(lr=0.03, batch_size=PAIRS, epochs=1)
+    fp32, _ = one_step(OptimConfig(amp=False, channels_last=False, tf32=False, **base))
+    bf16, model = one_step(OptimConfig(amp=True, amp_dtype="bfloat16", channels_last=True, **base))
+    # bf16 keeps 8 bits of mantissa; the losses are computed in float32 from bf16 features.
+    assert abs(bf16["loss"] - fp32["loss"]) <= 0.02 * abs(fp32["loss"]), (bf16, fp32)
+    for name, bank in model.banks.items():
+        assert bank.keys.dtype == torch.float32, name  # keys enqueued under autocast stay fp32
+        assert torch.allclose(bank.keys.norm(dim=1), torch.ones(1, device=CUDA), atol=1e-3), name
+        assert bank.ptr.item() > 0, name
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_float16_autocast_uses_the_loss_scaler():
+    optim = OptimConfig(lr=0.03, batch_size=PAIRS, epochs=1, amp=True, amp_dtype="float16")
+    metrics, model = one_step(optim)
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("bn_mode", ["shuffle", "sync"])
+def test_ddp_step_on_an_nccl_process_group(bn_mode):
+    """Shuffle BN's gather/broadcast and the bank's all-gather run on NCCL, and agree with the
+    same step without a process group (a world of one shuffles within its own batch)."""
+    optim = OptimConfig(lr=0.03, batch_size=PAIRS, epochs=1, amp=False, tf32=False)
+    alone, _ = one_step(optim, bn_mode=bn_mode)
+
+    dist.init_process_group(
+        "nccl",
+        init_method=f"tcp://127.0.0.1:{free_port()}",
+        rank=0,
+        world_size=1,
+    )
+    try:
+        torch.manual_seed(0)
+        model = DUPR(tiny_model_config(bn_mode=bn_mode)).to(CUDA)
+        ddp = DDP(model, device_ids=[0], forward_sync_buffers=False)
+        state = build_state(ddp, optim, steps_per_epoch=10, device=CUDA)
+        torch.manual_seed(1)
+        metrics = train_step(state, gpu_batch(), optim, CUDA)
+        torch.cuda.synchronize()
+    finally:
+        dist.destroy_process_group()
+    assert abs(float(metrics["loss"]) - alone["loss"]) <= 1e-4 * abs(alone["loss"])
+    assert all(b.ptr.item() > 0 for b in model.banks.values())
