@@ -3,6 +3,7 @@
     python benchmarks/gpu_step.py                       # ResNet-50, 224 px, batch 64, K=65536
     python benchmarks/gpu_step.py --record benchmarks/RESULTS.md
     python benchmarks/gpu_step.py --quick --device cpu  # smoke run of the script itself
+    python benchmarks/gpu_step.py --flops-only --device cpu --batch 8  # FLOPs, any machine
 
 Needs only torch and torchvision (the repository root is put on sys.path). Both methods run the
 same `dupr.train.train_step` (SGD, bf16 autocast, channels_last) on batches already on the GPU,
@@ -10,6 +11,11 @@ so the numbers are the model's cost: backbone twice (query and momentum key enco
 RoIAlign, the losses against K-key memory banks, and the enqueue. Crop records come from real
 RandomResizedCrop draws, so the patch loss sees the usual mix of overlap sizes. The two methods
 alternate over rounds and the median step time of each is compared in the same run.
+
+Each method's FLOPs per image are counted once (torch.utils.flop_counter on one step; convolution
+and matmul FLOPs, forward and backward), so the table also gives the FLOP ratio, which bounds
+what the step-time ratio can be where the GPU is compute-bound, and the achieved TFLOP/s. The
+count needs no GPU: `--flops-only` prints it alone.
 
 Targets (H100): DUPR >= 2,000 images/s per GPU and DUPR / MoCo v2 step time <= 1.15.
 """
@@ -68,6 +74,17 @@ def build(method: str, args: argparse.Namespace, device: torch.device):
     return build_state(model, cfg.optim, 10_000, device), cfg.optim
 
 
+def count_flops(state, optim, batch, device) -> tuple[float, dict[str, float]]:
+    """FLOPs of one training step (total, and per aten operator), counted by PyTorch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_step(state, batch, optim, device)
+    per_op = {str(op): float(n) for op, n in counter.get_flop_counts()["Global"].items()}
+    return float(counter.get_total_flops()), per_op
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -94,6 +111,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="ResNet-18, 64 px, batch 8, K=1024")
+    parser.add_argument(
+        "--flops-only", action="store_true", help="count FLOPs per image, no timing (any device)"
+    )
     parser.add_argument("--record", help="append the table to this Markdown file")
     args = parser.parse_args()
     if args.quick:
@@ -108,13 +128,38 @@ def main() -> None:
     states = {m: build(m, args, device) for m in methods}
     step_times: dict[str, list[float]] = {m: [] for m in methods}
     peaks: dict[str, float] = {}
-    for m in methods:  # warm-up (cuDNN autotuning, bank filling) and peak memory per method
+    flops: dict[str, float] = {}
+    for m in methods:  # warm-up (cuDNN autotuning, bank filling), peak memory, FLOPs
         state, optim = states[m]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        time_steps(state, optim, batch, device, args.warmup)
+        time_steps(state, optim, batch, device, 1 if args.flops_only else args.warmup)
         if device.type == "cuda":
             peaks[m] = torch.cuda.max_memory_allocated(device) / 2**30
+        flops[m], per_op = count_flops(state, optim, batch, device)
+        top = sorted(per_op.items(), key=lambda kv: -kv[1])[:4]
+        print(
+            f"{m}: {flops[m] / args.batch / 1e9:.1f} GFLOP per image ("
+            + ", ".join(f"{op} {n / args.batch / 1e9:.1f}" for op, n in top)
+            + ")",
+            flush=True,
+        )
+    flop_ratio = flops["dupr"] / flops["mocov2"]
+    if args.flops_only:
+        rows = [
+            [m, f"{flops[m] / args.batch / 1e9:.2f}", f"{flops[m] / flops['mocov2']:.3f}"]
+            for m in methods
+        ]
+        table = markdown_table(["method", "GFLOP per image", "FLOPs / MoCo v2"], rows)
+        notes = (
+            f"\n- {args.backbone}, {args.size} px, K={args.queue}, one training step of "
+            f"{args.batch} images counted by torch.utils.flop_counter (forward + backward, "
+            "convolutions and matmuls)\n"
+        )
+        print("\n" + table + notes)
+        if args.record:
+            record(args.record, "gpu_step (FLOP count)", machine, table + notes)
+        return
     for r in range(args.rounds):
         for m in methods if r % 2 == 0 else reversed(methods):
             state, optim = states[m]
@@ -139,6 +184,8 @@ def main() -> None:
                 f"{ips:.0f}",
                 f"{peaks[m]:.1f}" if m in peaks else "-",
                 f"{ratio:.3f}" if m == "dupr" else "1.000",
+                f"{flops[m] / args.batch / 1e9:.1f}",
+                f"{flops[m] / median[m] / 1e12:.1f}",
                 target,
                 verdict,
             ]
@@ -149,6 +196,8 @@ def main() -> None:
         "images/s",
         "peak GiB",
         "step time / MoCo v2",
+        "GFLOP/image",
+        "TFLOP/s",
         "target",
         "result",
     ]
@@ -157,6 +206,7 @@ def main() -> None:
         f"\n- {args.backbone}, {args.size} px, per-GPU batch {args.batch}, K={args.queue}, bf16 autocast, "
         f"channels_last; {args.rounds} rounds × {args.steps} steps after {args.warmup} warm-up steps; "
         "inputs already on the device (no data loading)\n"
+        f"- FLOPs (torch.utils.flop_counter, one step): DUPR / MoCo v2 = {flop_ratio:.3f}\n"
     )
     print("\n" + table + notes)
     if args.record:
