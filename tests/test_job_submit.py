@@ -114,6 +114,9 @@ def test_ray_job_submit_runs_the_pipeline(ray_head, tmp_path):
     ).stdout  # fmt: skip
     assert "job 'dupr-pipeline-test' succeeded" in status, logs[-5000:]
     assert "| detection/faster_rcnn_fpn/dupr | done" in logs  # the printed summary table
+    # Progress lines from the Ray Train worker reach the job's log once each.
+    finished = [line for line in logs.splitlines() if "[pretrain " in line and "(100%)" in line]
+    assert len(finished) == 1, finished
 
     client = MlflowClient(tracking)
     parents = client.search_runs(

@@ -1,11 +1,12 @@
 """Console progress lines for long stages: where it is, how fast, how long is left.
 
 Stages run in Ray tasks and Ray Train workers. Ray forwards their stdout to the driver's
-console, so a plain `print` here is what the user sees while a pipeline runs.
+console, so a line written to stdout here is what the user sees while a pipeline runs.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping
 
@@ -44,4 +45,7 @@ class Progress:
         if done < self.total and now - self._last_print < self.every_s:
             return
         self._last_print = now
-        print(self.line(done, metrics), flush=True)
+        # Not `print`: Ray Train workers replace it with one that logs the line and also echoes
+        # it to stdout, so every line reached the console twice.
+        sys.stdout.write(self.line(done, metrics) + "\n")
+        sys.stdout.flush()
