@@ -57,7 +57,7 @@ STATE_FILE = "state.pt"
 # Ray starts its worker processes at niceness 15 (RAY_worker_niceness), so that its own control
 # processes stay responsive. A training worker at 15 yields the CPU to every normal-priority
 # process on the node, Ray's driver and agents included: on a 2-core machine that made each step
-# about 20 % slower than the same loop in a plain process (benchmarks/ray_overhead.py). Processes
+# 15-25 % slower than the same loop in a plain process (benchmarks/ray_overhead.py). Processes
 # that do the experiment's compute (training workers, pipeline stage tasks) run at normal priority,
 # as Ray itself does for job drivers; Ray Data's decoding actors stay at 15 and yield to them.
 COMPUTE_PRIORITY = {"RAY_worker_niceness": "0"}
