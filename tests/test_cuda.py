@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dupr.config import OptimConfig
 from dupr.model import DUPR
-from dupr.train import build_state, train_step
+from dupr.train import TrainState, build_state, train_step
 from helpers import random_batch, tiny_model_config
 
 pytestmark = [
@@ -35,7 +35,7 @@ def gpu_batch(seed: int = 0) -> dict[str, torch.Tensor]:
     return {"view1": im_q, "view2": im_k, "crop1": crop_q, "crop2": crop_k}
 
 
-def one_step(optim: OptimConfig, **model_overrides) -> tuple[dict[str, float], DUPR]:
+def one_step(optim: OptimConfig, **model_overrides) -> tuple[dict[str, float], TrainState]:
     """One training step of the tiny model on the GPU, from fixed initial weights."""
     torch.manual_seed(0)
     model = DUPR(tiny_model_config(**model_overrides)).to(CUDA)
@@ -44,13 +44,15 @@ def one_step(optim: OptimConfig, **model_overrides) -> tuple[dict[str, float], D
     state = build_state(model, optim, steps_per_epoch=10, device=CUDA)
     torch.manual_seed(1)  # the same patch-key samples in every variant
     metrics = train_step(state, gpu_batch(), optim, CUDA)
-    return {k: float(v) for k, v in metrics.items()}, model
+    return {k: float(v) for k, v in metrics.items()}, state
 
 
 def test_bf16_channels_last_step_agrees_with_float32():
     base = dict(lr=0.03, batch_size=PAIRS, epochs=1)
     fp32, _ = one_step(OptimConfig(amp=False, channels_last=False, tf32=False, **base))
-    bf16, model = one_step(OptimConfig(amp=True, amp_dtype="bfloat16", channels_last=True, **base))
+    bf16, state = one_step(OptimConfig(amp=True, amp_dtype="bfloat16", channels_last=True, **base))
+    model = state.model
+    assert not state.scaler.is_enabled()  # bf16 has float32's range: no loss scaling
     # bf16 keeps 8 bits of mantissa; the losses are computed in float32 from bf16 features.
     assert abs(bf16["loss"] - fp32["loss"]) <= 0.02 * abs(fp32["loss"]), (bf16, fp32)
     for name, bank in model.banks.items():
@@ -62,9 +64,10 @@ def test_bf16_channels_last_step_agrees_with_float32():
 
 def test_float16_autocast_uses_the_loss_scaler():
     optim = OptimConfig(lr=0.03, batch_size=PAIRS, epochs=1, amp=True, amp_dtype="float16")
-    metrics, model = one_step(optim)
+    metrics, state = one_step(optim)
+    assert state.scaler.is_enabled() and state.scaler.get_scale() > 0
     assert torch.isfinite(torch.tensor(metrics["loss"]))
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(p).all() for p in state.model.parameters())
 
 
 def free_port() -> int:
