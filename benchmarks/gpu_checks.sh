@@ -2,7 +2,7 @@
 # Everything that needs a GPU, in one command: the CUDA tests, then the GPU step benchmark,
 # recorded into benchmarks/RESULTS.md (and copied to $OUT when that is set, so a remote run
 # brings it back). Needs torch, torchvision and pytest on the GPU machine; not Ray, MLflow or the
-# project's virtualenv. About 3 minutes on one H100.
+# project's virtualenv. Expected to take a few minutes on one H100 (not yet measured).
 #
 #     bash benchmarks/gpu_checks.sh [extra gpu_step.py options]
 set -euo pipefail

@@ -9,8 +9,6 @@ keys run on an NCCL process group. (NCCL gives each rank its own GPU, so a one-G
 a world of one; the two-rank equalities are checked on gloo.)
 """
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -70,14 +68,8 @@ def test_float16_autocast_uses_the_loss_scaler():
     assert all(torch.isfinite(p).all() for p in state.model.parameters())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("bn_mode", ["shuffle", "sync"])
-def test_ddp_step_on_an_nccl_process_group(bn_mode):
+def test_ddp_step_on_an_nccl_process_group(bn_mode, tmp_path):
     """Shuffle BN's gather/broadcast and the bank's all-gather run on NCCL, and agree with the
     same step without a process group (a world of one shuffles within its own batch)."""
     optim = OptimConfig(lr=0.03, batch_size=PAIRS, epochs=1, amp=False, tf32=False)
@@ -85,7 +77,7 @@ def test_ddp_step_on_an_nccl_process_group(bn_mode):
 
     dist.init_process_group(
         "nccl",
-        init_method=f"tcp://127.0.0.1:{free_port()}",
+        init_method=f"file://{tmp_path}/store",
         rank=0,
         world_size=1,
     )
