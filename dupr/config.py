@@ -7,8 +7,10 @@ every invalid value into one `ConfigError` line that names the field, before any
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,11 +135,73 @@ def _fail(name: str, value: Any, why: str) -> None:
     raise ConfigError(f"{name}={value!r}: {why}")
 
 
+# Field checks shared by every configuration of the project (the method here, the platform's
+# jobs, pipelines and sweeps): each raises one ConfigError line naming the field and value.
+# Types are checked too, because values may come from code or files that bypassed a schema.
+
+
+@contextlib.contextmanager
+def field_prefix(prefix: str) -> Iterator[None]:
+    """Prefix the field named by a ConfigError raised inside: `method.` + `model.tau=0`."""
+    try:
+        yield
+    except ConfigError as err:
+        raise ConfigError(f"{prefix}{err}") from None
+
+
+def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> None:
+    """An integer (not a bool) in [low, high]."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        _fail(name, value, "must be an integer")
+    if low is not None and value < low:
+        _fail(name, value, f"must be >= {low}")
+    if high is not None and value > high:
+        _fail(name, value, f"must be <= {high}")
+
+
+def check_number(
+    name: str,
+    value: Any,
+    above: float | None = None,
+    at_least: float | None = None,
+    below: float | None = None,
+    at_most: float | None = None,
+) -> None:
+    """A finite real number (not a bool) with the given strict or inclusive bounds."""
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        _fail(name, value, "must be a finite number")
+    if above is not None and not value > above:
+        _fail(name, value, f"must be > {above:g}")
+    if at_least is not None and not value >= at_least:
+        _fail(name, value, f"must be >= {at_least:g}")
+    if below is not None and not value < below:
+        _fail(name, value, f"must be < {below:g}")
+    if at_most is not None and not value <= at_most:
+        _fail(name, value, f"must be <= {at_most:g}")
+
+
+def check_choice(name: str, value: Any, valid: tuple[str, ...], what: str = "") -> None:
+    if value not in valid:
+        _fail(name, value, f"{what + ' ' if what else ''}unknown (valid: {', '.join(valid)})")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(name, value, "must be true or false")
+
+
+def check_name(name: str, value: Any, slash_ok: bool = False) -> None:
+    """A non-empty name (of a run, an experiment, a label); without '/' unless `slash_ok`."""
+    if not isinstance(value, str) or not value.strip() or (not slash_ok and "/" in value):
+        _fail(
+            name, value, "must not be empty" if slash_ok else "must be a non-empty name without '/'"
+        )
+
+
 def validate(cfg: DUPRConfig) -> DUPRConfig:
     """Check every field; raise one-line ConfigError naming the first bad field and value."""
     m, a, o = cfg.model, cfg.augment, cfg.optim
-    if m.backbone not in BACKBONES:
-        _fail("model.backbone", m.backbone, f"unknown backbone (valid: {', '.join(BACKBONES)})")
+    check_choice("model.backbone", m.backbone, BACKBONES, "backbone")
     for name in ("alpha", "beta", "roi_size"):
         value = getattr(m, name)
         if not isinstance(value, tuple | list) or len(value) != len(LEVELS):
@@ -149,26 +213,22 @@ def validate(cfg: DUPRConfig) -> DUPRConfig:
     if not m.image_levels() and not m.patch_levels():
         _fail("model.alpha/beta", (m.alpha, m.beta), "all loss weights are zero")
     for level, s in zip(LEVELS, m.roi_size, strict=True):
-        if not isinstance(s, int) or s < 1:
+        if not isinstance(s, int) or isinstance(s, bool) or s < 1:
             _fail("model.roi_size", m.roi_size, f"S for {level} must be an integer >= 1")
-    if not m.tau > 0:
+    if not isinstance(m.tau, int | float) or not math.isfinite(m.tau) or not m.tau > 0:
         _fail("model.tau", m.tau, "temperature must be > 0")
     if not isinstance(m.queue_size, int) or m.queue_size < 1:
         _fail("model.queue_size", m.queue_size, "K must be an integer >= 1")
-    if not 0 <= m.momentum < 1:
-        _fail("model.momentum", m.momentum, "must be in [0, 1)")
-    if m.embed_dim < 1:
-        _fail("model.embed_dim", m.embed_dim, "must be >= 1")
-    if m.hidden_dim is not None and m.hidden_dim < 1:
-        _fail("model.hidden_dim", m.hidden_dim, "must be >= 1 or null")
-    if m.patch_keys_per_enqueue < 1:
-        _fail("model.patch_keys_per_enqueue", m.patch_keys_per_enqueue, "must be >= 1")
-    if m.bn_mode not in BN_MODES:
-        _fail("model.bn_mode", m.bn_mode, f"valid: {', '.join(BN_MODES)}")
-    if m.roi_sampling_ratio < 1:
-        _fail("model.roi_sampling_ratio", m.roi_sampling_ratio, "must be >= 1")
-    if m.loss_memory_mb <= 0:
-        _fail("model.loss_memory_mb", m.loss_memory_mb, "must be > 0")
+    check_number("model.momentum", m.momentum, at_least=0, below=1)
+    check_int("model.embed_dim", m.embed_dim, low=1)
+    if m.hidden_dim is not None:
+        check_int("model.hidden_dim", m.hidden_dim, low=1)
+    check_int("model.patch_keys_per_enqueue", m.patch_keys_per_enqueue, low=1)
+    check_choice("model.bn_mode", m.bn_mode, BN_MODES)
+    check_bool("model.roi_aligned", m.roi_aligned)
+    check_int("model.roi_sampling_ratio", m.roi_sampling_ratio, low=1)
+    check_number("model.loss_memory_mb", m.loss_memory_mb, above=0)
+    check_int("model.image_size", m.image_size, low=1)
     # The deepest level used needs a feature map of at least 2×2 cells.
     deepest = m.deepest_level()
     min_size = 2 * STRIDES[deepest]
@@ -178,25 +238,26 @@ def validate(cfg: DUPRConfig) -> DUPRConfig:
             m.image_size,
             f"too small for {LEVELS[deepest]} (stride {STRIDES[deepest]}): needs >= {min_size}",
         )
-    if a.preset not in AUGMENTATIONS:
-        _fail(
-            "augment.preset", a.preset, f"unknown augmentation (valid: {', '.join(AUGMENTATIONS)})"
-        )
+    check_choice("augment.preset", a.preset, AUGMENTATIONS, "augmentation")
+    if not isinstance(a.crop_scale, tuple | list) or len(a.crop_scale) != 2:
+        _fail("augment.crop_scale", a.crop_scale, "needs two values (min, max)")
     lo, hi = a.crop_scale
-    if not 0 < lo <= hi <= 1:
+    if not all(isinstance(v, int | float) for v in (lo, hi)) or not 0 < lo <= hi <= 1:
         _fail("augment.crop_scale", a.crop_scale, "needs 0 < min <= max <= 1")
-    if o.lr <= 0:
-        _fail("optim.lr", o.lr, "must be > 0")
-    if o.weight_decay < 0:
-        _fail("optim.weight_decay", o.weight_decay, "must be >= 0")
-    if o.batch_size < 2:
-        _fail("optim.batch_size", o.batch_size, "must be >= 2")
-    if o.epochs < 1:
-        _fail("optim.epochs", o.epochs, "must be >= 1")
-    if not 0 <= o.warmup_epochs < o.epochs:
+    check_int("augment.randaugment_ops", a.randaugment_ops, low=0)
+    check_int("augment.randaugment_magnitude", a.randaugment_magnitude, low=0, high=30)
+    check_number("optim.lr", o.lr, above=0)
+    check_number("optim.momentum", o.momentum, at_least=0, below=1)
+    check_number("optim.weight_decay", o.weight_decay, at_least=0)
+    check_int("optim.batch_size", o.batch_size, low=2)
+    check_int("optim.epochs", o.epochs, low=1)
+    check_number("optim.warmup_epochs", o.warmup_epochs, at_least=0)
+    if not o.warmup_epochs < o.epochs:
         _fail("optim.warmup_epochs", o.warmup_epochs, "must be in [0, epochs)")
-    if o.amp_dtype not in AMP_DTYPES:
-        _fail("optim.amp_dtype", o.amp_dtype, f"valid: {', '.join(AMP_DTYPES)}")
+    for name in ("amp", "channels_last", "tf32"):
+        check_bool(f"optim.{name}", getattr(o, name))
+    check_choice("optim.amp_dtype", o.amp_dtype, AMP_DTYPES)
+    check_int("seed", cfg.seed, low=0)
     return cfg
 
 

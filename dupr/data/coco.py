@@ -56,12 +56,21 @@ def _is_number(value: Any) -> bool:
 def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"COCO annotation file {path} does not exist")
+    return parse_json(path.read_bytes(), str(path))
+
+
+def parse_json(data: bytes, source: str) -> Any:
+    """JSON text, or a CocoFormatError naming `source` and where the text stops being JSON."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (ValueError, UnicodeDecodeError) as exc:
-        reason = " ".join(str(exc).split())
-        raise CocoFormatError(f"{path}: not a valid JSON file ({reason})") from exc
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CocoFormatError(
+            f"{source}: not a valid JSON file (not UTF-8 at byte {exc.start})"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise CocoFormatError(
+            f"{source}: not a valid JSON file ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+        ) from None
 
 
 def _check_segmentation(where: str, segm: Any, height: int, width: int) -> None:

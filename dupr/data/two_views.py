@@ -21,6 +21,10 @@ from dupr.data.folder import ImageDecodeError
 log = logging.getLogger(__name__)
 
 
+class UndecodableDataError(RuntimeError):
+    """So many images in a row fail to decode that the data, not one file, is broken."""
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A well-mixed 63-bit seed for one sample (SplitMix64-style mixing of the three numbers)."""
     x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (
@@ -54,6 +58,7 @@ class TwoViewDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        last_error: ImageDecodeError | None = None
         for skipped in range(self.max_skips + 1):
             i = (index + skipped) % len(self.images)
             try:
@@ -61,9 +66,11 @@ class TwoViewDataset(Dataset):
                 break
             except ImageDecodeError as err:
                 log.warning("skipping undecodable image: %s", err)
+                last_error = err
         else:
-            raise RuntimeError(
-                f"{self.max_skips + 1} consecutive images failed to decode at index {index}"
+            raise UndecodableDataError(
+                f"{self.max_skips + 1} consecutive images failed to decode at index {index} "
+                f"(last: {last_error})"
             )
         # Seeded locally: the global torch generator of the calling process is left untouched.
         with torch.random.fork_rng(devices=[]):
@@ -125,6 +132,17 @@ class EpochSampler(Sampler):
             yield self.epoch, index
 
 
+def check_epoch_size(num_images: int, batch_size: int, num_replicas: int = 1) -> None:
+    """Every rank gets at least one whole batch per epoch (`batch_size` is per rank), else a
+    ConfigError: with drop_last an epoch would have no step at all."""
+    per_replica = num_images // num_replicas
+    if per_replica < batch_size:
+        raise ConfigError(
+            f"batch_size={batch_size}: larger than the {per_replica} images per "
+            f"worker ({num_images} images over {num_replicas} workers)"
+        )
+
+
 def build_loader(
     images: Any,
     transform: Callable,
@@ -139,11 +157,7 @@ def build_loader(
     """A DataLoader of two-view batches for one rank (`batch_size` is per rank)."""
     dataset = TwoViewDataset(images, transform, seed=seed)
     sampler = EpochSampler(len(dataset), seed=seed, num_replicas=num_replicas, rank=rank)
-    if sampler.samples_per_replica() < batch_size:
-        raise ConfigError(
-            f"batch_size={batch_size}: larger than the {sampler.samples_per_replica()} images per "
-            f"worker ({len(dataset)} images over {num_replicas} workers)"
-        )
+    check_epoch_size(len(dataset), batch_size, num_replicas)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,

@@ -25,7 +25,7 @@ from faster_coco_eval.core import mask as mask_utils
 IOU_TYPES = ("bbox", "segm")
 
 # Positions of the six AP numbers in COCOeval.stats (the standard summarize() layout).
-_STAT_INDEX = {"AP": 0, "AP50": 1, "AP75": 2, "APs": 3, "APm": 4, "APl": 5}
+COCO_STAT_INDEX = {"AP": 0, "AP50": 1, "AP75": 2, "APs": 3, "APm": 4, "APl": 5}
 
 
 def masks_to_rle(masks: np.ndarray) -> list[dict]:
@@ -70,7 +70,9 @@ def coco_metrics(
         evaluator.accumulate()
         evaluator.summarize()
     stats = np.asarray(evaluator.stats, dtype=np.float64)
-    return {name: float(stats[i]) if stats[i] >= 0 else math.nan for name, i in _STAT_INDEX.items()}
+    return {
+        name: float(stats[i]) if stats[i] >= 0 else math.nan for name, i in COCO_STAT_INDEX.items()
+    }
 
 
 def _checked_gt(gt: dict, iou_type: str) -> dict:

@@ -39,6 +39,7 @@ from dupr.evaluation.coco_metrics import check_predictions
 
 # detectron2's thresholds: 50, 55, ..., 95 percent.
 IOU_THRESHOLDS = tuple(t / 100.0 for t in range(50, 100, 5))
+VOC_METRICS = ("AP", "AP50", "AP75")  # the keys of `voc_metrics`
 
 # The devkit's 11 recall levels, computed exactly as it does. np.arange accumulates rounding,
 # so three levels sit just above 0.3, 0.6 and 0.7 (e.g. 0.30000000000000004): a recall of
