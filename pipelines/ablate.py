@@ -8,31 +8,35 @@
 Grids: configs/grid/ (alpha, beta, roi, tau, loss). The config is configs/ablate.yaml (the
 pipeline's plus `sweep`); the sweep itself is dupr_platform.sweeps. Exit status: 0 when every
 row finished, 1 when a trial failed (the others still ran; the next run retries it), 2 on
-bad input found before any trial started.
+bad input found before any trial started (dupr_platform.cli).
 """
 
 import argparse
-import logging
-import os
 import sys
 from pathlib import Path
 
+from dupr.config import ConfigError
 from dupr_platform.cli import run_cli
-from dupr_platform.sweeps import load_grid, run_sweep
+from dupr_platform.configs import compose
+from dupr_platform.sweeps import load_grid, run_sweep, sweep_name
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
+
+class _Arguments(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit status 2, as for any bad input
+        raise ConfigError(f"{message} (usage: ablate.py --grid NAME|FILE.yaml [overrides])")
+
+
+def main(argv: list[str]) -> int:
+    def load() -> tuple[dict, object]:
+        parser = _Arguments(description=__doc__.splitlines()[0])
+        parser.add_argument("--grid", required=True, help="alpha, beta, roi, tau, loss or a .yaml")
+        args, overrides = parser.parse_known_args(argv)
+        return compose(CONFIGS, "ablate", overrides), load_grid(args.grid, CONFIGS / "grid")
+
+    return run_cli(load, lambda loaded: run_sweep(*loaded), lambda loaded: sweep_name(*loaded))
+
+
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--grid", required=True, help="alpha, beta, roi, tau, loss or a .yaml")
-    args, overrides = parser.parse_known_args()
-    sys.exit(
-        run_cli(
-            CONFIGS,
-            "ablate",
-            overrides,
-            lambda cfg: run_sweep(cfg, load_grid(args.grid, CONFIGS / "grid")),
-        )
-    )
+    sys.exit(main(sys.argv[1:]))

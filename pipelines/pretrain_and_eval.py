@@ -6,20 +6,25 @@
     ray job submit --working-dir . -- python pipelines/pretrain_and_eval.py <overrides>
 
 The config is configs/pretrain_and_eval.yaml; the stages are in dupr_platform.pipeline.
-Exit status: 0 when every stage finished or was cached, 1 when a stage failed, 2 on bad input.
+Exit status: 0 when every stage finished or was cached, 1 when a stage failed, 2 on bad input
+(dupr_platform.cli). Started again after a crash, the same command resumes.
 """
 
-import logging
-import os
 import sys
 from pathlib import Path
 
 from dupr_platform.cli import run_cli
+from dupr_platform.configs import compose
 from dupr_platform.pipeline import run_pipeline
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
+
+def main(argv: list[str]) -> int:
+    return run_cli(
+        lambda: compose(CONFIGS, "pretrain_and_eval", argv), run_pipeline, lambda c: c["name"]
+    )
+
+
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
-    sys.exit(run_cli(CONFIGS, "pretrain_and_eval", sys.argv[1:], run_pipeline))
+    sys.exit(main(sys.argv[1:]))

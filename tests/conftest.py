@@ -23,10 +23,26 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
 @pytest.fixture(scope="module")
 def local_ray():
     """A fresh local Ray instance per test module (address="local": even if another Ray runs
-    on this machine), 2 CPUs; stops only the instance it started."""
+    on this machine), 2 CPUs; stops only the instance it started.
+
+    Its processes get the fake test credentials in their environment, as a node of a cluster
+    has its own (the platform never hands credentials to Ray workers).
+    """
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from services import FAKE_KEY, FAKE_SECRET
+
+    node_env = {"AWS_ACCESS_KEY_ID": FAKE_KEY, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET}
+    saved = {k: os.environ.get(k) for k in node_env}
+    os.environ.update(node_env)
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     yield
     ray.shutdown()
 

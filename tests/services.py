@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -50,6 +51,16 @@ class IamS3Server:
     secret_key: str
     denied_access_key: str  # user with no policy at all
     denied_secret_key: str
+
+
+@dataclass(frozen=True)
+class RayHead:
+    """A `ray start --head` on loopback with its own auth token (Ray 2.60's token auth)."""
+
+    dashboard: str  # http://127.0.0.1:PORT, for `ray job submit`
+    gcs: str  # 127.0.0.1:PORT, for RAY_ADDRESS and `ray start --address`
+    env: dict  # what a client needs: PATH with this venv, RAY_AUTH_MODE, RAY_AUTH_TOKEN
+    temp_dir: str
 
 
 @dataclass(frozen=True)
@@ -253,3 +264,72 @@ def mlflow_server(
         )
     finally:
         _stop(proc)
+
+
+BIN = Path(sys.executable).parent
+
+
+def _ray_start(args: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [str(BIN / "ray"), "start", "--block", *args],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
+@pytest.fixture
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
+    """A Ray head node process on loopback (2 CPUs), stopped through its process group.
+
+    The test gives head and clients its own token through RAY_AUTH_MODE=token and
+    RAY_AUTH_TOKEN, so it neither reads nor writes the user's ~/.ray/auth_token.
+    """
+    token = uuid.uuid4().hex
+    port, dashboard = free_port(), free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the head resolves `python`
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
+    }
+    # A short temp dir: Ray's Unix socket paths must stay under ~100 characters.
+    temp_dir = tempfile.mkdtemp(prefix="rayh")
+    log_path = tmp_path_factory.mktemp("ray-head") / "head.log"
+    head = _ray_start(
+        [
+            "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+            "--num-cpus=2", f"--temp-dir={temp_dir}",
+        ],
+        env, log_path,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            probe = subprocess.run(
+                [str(BIN / "ray"), "job", "list", "--address", address],
+                env=env, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            if probe.returncode == 0:
+                break
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Ray head did not come up: {log_path.read_text()[-2000:]}")
+            time.sleep(2)
+        yield RayHead(address, f"127.0.0.1:{port}", env, temp_dir)
+    finally:
+        _stop(head)
+
+
+@contextlib.contextmanager
+def ray_worker_node(head: RayHead, env: dict, log_path: Path, num_cpus: int = 1) -> Iterator[None]:
+    """Another node of `head`'s cluster, started with `env`; stopped through its group."""
+    node = _ray_start(
+        [f"--address={head.gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}"],
+        env, log_path,
+    )  # fmt: skip
+    try:
+        yield
+    finally:
+        _stop(node)

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-import yaml
 
 from dupr.config import PRESETS, ConfigError, preset
 from dupr.convert import ConversionError
@@ -36,10 +35,11 @@ def config(tmp_path: Path, *overrides: str) -> dict:
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_method_yaml_files_equal_the_python_presets(name):
-    text = (CONFIGS / "method" / f"{name}.yaml").read_text()
+def test_the_method_group_is_the_python_presets(tmp_path, name):
+    """`method=NAME` selects dupr.config.preset(NAME), stored once in Hydra's ConfigStore."""
     as_lists = json.loads(json.dumps(preset(name).to_dict()))
-    assert yaml.safe_load(text) == as_lists
+    assert config(tmp_path, f"method={name}")["pretrain"]["method"] == as_lists
+    assert not (CONFIGS / "method").exists()  # no second copy of the presets
 
 
 def test_presets_select_the_method_and_overrides_reach_it(tmp_path):

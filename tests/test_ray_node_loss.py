@@ -22,7 +22,9 @@ from services import list_keys, make_bucket, s3_client
 
 
 @pytest.fixture
-def cluster(monkeypatch):
+def cluster(monkeypatch, s3_env):
+    """The nodes start with the (fake) credentials in their environment, as cluster nodes have
+    their own: the platform never hands credentials to Ray."""
     monkeypatch.setenv("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})

@@ -132,7 +132,7 @@ def test_preflight_rejects_bad_input_before_any_worker(
         (tiny_job("x", "gs://bucket/p", tracking, 1), "gs://bucket/p"),
         (tiny_job("x", "s3://no-such-bucket/p", tracking, 1), "no-such-bucket"),
         (tiny_job("x", store, "http://127.0.0.1:9", 1), "127.0.0.1:9"),
-        (tiny_job("x", store, tracking, 1, workers=8), "num_workers=8"),
+        (tiny_job("x", store, tracking, 1, workers=4), "num_workers=4"),  # 4 CPUs of 2
     ]
     bad_data = tiny_job("x", store, tracking, 1)
     bad_data.data = str(tmp_path / "no-images-here")
@@ -196,7 +196,7 @@ def test_command_line_rejects_bad_input_in_one_line_before_starting_ray(capsys, 
 
     assert main(["method.model.tau=-1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: model.tau=-1: temperature must be > 0"
+    assert err == "error: method.model.tau=-1.0: temperature must be > 0"
     assert main(["storage=gs://bucket/x", f"tracking_uri=sqlite:///{tmp_path}/m.db"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "gs://bucket/x" in err and "\n" not in err

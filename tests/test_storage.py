@@ -12,7 +12,7 @@ import pytest
 from dupr_platform.storage import (
     Storage,
     StorageError,
-    aws_env,
+    aws_settings,
     check_storage,
     localize,
     open_storage,
@@ -240,14 +240,16 @@ def test_check_storage_credentials(s3_iam_server, monkeypatch):
         assert secret not in msg and key not in msg
 
 
-def test_aws_env_passes_only_aws_settings(s3_env, monkeypatch):
+def test_aws_settings_pass_endpoints_never_credentials(s3_env, monkeypatch):
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_env.endpoint_url)
     monkeypatch.setenv("UNRELATED_VAR", "x")
-    env = aws_env()
-    assert env["AWS_SECRET_ACCESS_KEY"] == FAKE_SECRET
+    env = aws_settings()
     assert env["AWS_ENDPOINT_URL"] == s3_env.endpoint_url
     assert env["MLFLOW_S3_ENDPOINT_URL"] == s3_env.endpoint_url
     assert "UNRELATED_VAR" not in env
+    # Credentials never travel in a Ray runtime environment (Ray logs those in full).
+    assert not {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"} & set(env)
+    assert FAKE_SECRET not in repr(env)
     assert FAKE_SECRET not in repr(open_storage("s3://bucket-x/y").filesystem)
 
 

@@ -15,12 +15,14 @@ def test_bad_grids_fail_before_any_trial(tmp_path):
     bad = tmp_path / "short.yaml"
     bad.write_text("key: pretrain.method.model.beta\nvalues: [[0, 1], [0, 0, 0, 1]]\n")
     assert not ray.is_initialized()
-    with pytest.raises(ConfigError, match="grid short, value 0,1: model.beta=") as info:
+    with pytest.raises(
+        ConfigError, match="grid short, value 0,1: pretrain.method.model.beta="
+    ) as info:
         run_sweep(cfg, load_grid(str(bad), CONFIGS / "grid"))
     assert "\n" not in str(info.value)
     negative = tmp_path / "negative.yaml"
     negative.write_text("key: pretrain.method.model.tau\nvalues: [0.2, -1]\n")
-    with pytest.raises(ConfigError, match="grid negative, value -1: model.tau=-1"):
+    with pytest.raises(ConfigError, match="grid negative, value -1: pretrain.method.model.tau=-1"):
         run_sweep(cfg, load_grid(str(negative), CONFIGS / "grid"))
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("key: pretrain.method.model.gamma\nvalues: [1]\n")

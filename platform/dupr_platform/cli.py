@@ -1,18 +1,35 @@
-"""The shared command-line wrapper of the pipelines: compose, run, map errors to exit codes."""
+"""The frame of every entry point: console, signals, errors and exit codes.
+
+    pipelines/pretrain_and_eval.py, pipelines/ablate.py, python -m dupr_platform.pretrain
+
+Exit status: 0 when everything finished, 1 when something failed at run time (one line says
+what; the rest of a pipeline or sweep still ran), 2 for bad input found before anything
+started, 130 after Ctrl-C and 143 after SIGTERM (`ray job stop`), when the runs are marked
+KILLED. No user error prints a traceback; an unexpected failure prints one line and leaves its
+traceback in the log file (`dupr_platform.console`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import signal
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from dupr.config import ConfigError
 from dupr.convert import ConversionError
 from dupr.data.coco import CocoFormatError
-from dupr_platform.configs import compose
-from dupr_platform.storage import StorageError
+from dupr_platform import console
+from dupr_platform.cluster import stop_ray
+from dupr_platform.failures import UnrecoverableError
+from dupr_platform.shards import ShardError
+from dupr_platform.storage import StorageError, scrub_secrets
 from dupr_platform.tracking import TrackingError
+
+_log = logging.getLogger(__name__)
 
 # Bad input found before any stage ran: one line on stderr, exit status 2.
 INPUT_ERRORS = (
@@ -21,18 +38,63 @@ INPUT_ERRORS = (
     CocoFormatError,
     StorageError,
     TrackingError,
+    ShardError,
     FileNotFoundError,
     NotADirectoryError,
 )
 
 
+class _RayStopper:
+    def close(self) -> None:
+        stop_ray()  # the instance this command started (a process that ends stops it anyway)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (`ray job stop`, a scheduler): unwind, ending the runs as KILLED."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def error(message: str) -> None:
+    print(f"error: {scrub_secrets(' '.join(str(message).split()))}", file=sys.stderr, flush=True)
+
+
 def run_cli(
-    config_dir: Path, config_name: str, overrides: list[str], run: Callable[[dict[str, Any]], Any]
+    load: Callable[[], Any], run: Callable[[Any], Any], log_name: Callable[[Any], str]
 ) -> int:
+    """Load the config, then run it; map what happens to one line and an exit status.
+
+    `run` returns an object with `ok` (False: something failed at run time, already reported).
+    """
+    signal.signal(signal.SIGTERM, _terminate)
+    # Without Ray's dashboard the Train state-actor reconciliation only logs failures.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
     try:
-        cfg = compose(config_dir, config_name, overrides)
-        result = run(cfg)
+        cfg = load()
     except INPUT_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        error(str(err))
         return 2
-    return 0 if result.ok else 1
+    with console.session(log_name(cfg)) as log_file, contextlib.closing(_RayStopper()):
+        try:
+            result = run(cfg)
+        except INPUT_ERRORS as err:
+            error(str(err))
+            return 2
+        except UnrecoverableError as err:
+            error(str(err))
+            return 1
+        except KeyboardInterrupt:
+            error("interrupted; the same command resumes")
+            return 130
+        except Terminated:
+            error("terminated; the same command resumes")
+            return 143
+        except Exception as err:  # nobody foresaw it: one line here, the traceback in the log
+            if log_file is None:
+                raise
+            console.record_traceback("unexpected failure")
+            error(f"{type(err).__name__}: {err} (traceback in {log_file})")
+            return 1
+    return 0 if getattr(result, "ok", True) else 1

@@ -1,15 +1,234 @@
-"""Hydra configs (configs/) composed into plain dicts, with one-line errors.
+"""The pipelines' configuration: a typed schema of dataclasses, composed by Hydra.
 
-Hydra's compose API is used instead of `@hydra.main` so a pipeline can report a bad override as
-one line before anything starts, and so no output folder or working-directory change happens.
+The schema is made of the project's dataclasses: the method (`dupr.config.DUPRConfig`), the
+pre-training job (`dupr_platform.pretrain.PretrainSettings`), the fine-tuning recipe
+(`dupr.evaluation.finetune.DetectionConfig`) and the pipeline's own sections below. They are
+registered in Hydra's ConfigStore, so the YAML files in configs/ only set values: Hydra checks the
+type of every value, from a file or the command line, and refuses unknown keys while it composes.
+`validate_pipeline` and `validate_sweep` then check every value's range. Every error is one
+`ConfigError` line that names the field.
+
+Hydra's compose API is used instead of `@hydra.main`, so a pipeline can report a bad override as
+one line before anything starts, and no output folder or working-directory change happens.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dupr.config import ConfigError
+from dupr.config import (
+    LEVELS,
+    PRESETS,
+    STRIDES,
+    ConfigError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_name,
+    check_number,
+    field_prefix,
+    preset,
+)
+from dupr.evaluation.detectors import DETECTORS
+from dupr.evaluation.finetune import DetectionConfig
+from dupr_platform.pretrain import PretrainSettings, check_uris
+from dupr_platform.storage import AWS_CREDENTIALS, check_no_password
+
+STAGE_KINDS = ("pretrain", "convert", "detection", "spatial", "correspondence", "probe")
+DETECTION_DATA = ("train_images", "train_annotations", "val_images", "val_annotations")
+CLASSIFICATION_DATA = ("train", "val")
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema: configs/pretrain_and_eval.yaml
+
+
+@dataclass
+class PipelinePretrainConfig(PretrainSettings):
+    """`pretrain`: the pre-training stage (name, storage and tracking come from the pipeline)."""
+
+    label: str = "dupr"  # how the pre-trained model is called in results
+
+
+@dataclass
+class BaselinesConfig:
+    random: bool = True  # evaluate a randomly initialised backbone too
+    # label: URI of another checkpoint to evaluate side by side: a pre-training checkpoint
+    # folder (state.pt), or a .pth with a torchvision ResNet or MoCo-style state_dict.
+    checkpoints: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ResourcesConfig:
+    """Per evaluation task. gpus: a number, or "auto" (one each when the cluster has GPUs)."""
+
+    cpus: float = 1.0
+    gpus: Any = "auto"  # Any: a number or "auto" (OmegaConf has no unions)
+
+
+@dataclass
+class DetectionDataConfig:
+    """A COCO-format detection set (all four null: the embedded set built offline)."""
+
+    train_images: str | None = None
+    train_annotations: str | None = None
+    val_images: str | None = None
+    val_annotations: str | None = None
+
+
+@dataclass
+class ClassificationDataConfig:
+    """ImageFolder roots, one sub-folder per class (both null: the embedded set)."""
+
+    train: str | None = None
+    val: str | None = None
+
+
+@dataclass
+class EvalDataConfig:
+    detection: DetectionDataConfig = field(default_factory=DetectionDataConfig)
+    classification: ClassificationDataConfig = field(default_factory=ClassificationDataConfig)
+
+
+def _detection_eval_schema() -> type:
+    """`eval.detection`: one fine-tuning recipe, every field of `DetectionConfig` but the
+    detector, applied to each detector in `detectors`; plus the VOC metric switch and logging.
+
+    Built from DetectionConfig's own fields so that the recipe is defined once. `min_size`
+    (an int or a list of ints) is typed Any because OmegaConf has no unions;
+    `DetectionConfig.validate` checks it.
+    """
+    hints = typing.get_type_hints(DetectionConfig)
+    recipe = [
+        (f.name, Any if f.name == "min_size" else hints[f.name], f)
+        for f in dataclasses.fields(DetectionConfig)
+        if f.name != "detector"
+    ]
+    return dataclasses.make_dataclass(
+        "DetectionEvalConfig",
+        [
+            ("detectors", list[str], field(default_factory=lambda: ["faster_rcnn_c4"])),
+            ("voc_metric", bool, field(default=True)),
+            ("log_every", int, field(default=10)),
+            *recipe,
+        ],
+        namespace={"__doc__": _detection_eval_schema.__doc__, "__module__": __name__},
+    )
+
+
+DetectionEvalConfig = _detection_eval_schema()
+
+
+@dataclass
+class SpatialConfig:
+    """`eval.spatial`: the IoU–similarity curve of §4.6.1 (Eq. 9)."""
+
+    level: int = 2  # 0..3 for conv2..conv5
+    roi_size: int = 7
+    rois_per_box: int = 20
+    bins: int = 10
+    max_images: int = 32
+    seed: int = 0
+
+
+@dataclass
+class CorrespondenceConfig:
+    """`eval.correspondence`: patch matching between two views (§4.6.2, Fig. 7)."""
+
+    level: int = 2
+    image_size: int = 224
+    max_images: int = 16
+    pairs_per_image: int = 1
+    seed: int = 0
+
+
+@dataclass
+class ProbeConfig:
+    """`eval.probe`: the per-level linear probe (Table VI b)."""
+
+    image_size: int = 96
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    detection: DetectionEvalConfig = field(default_factory=DetectionEvalConfig)  # type: ignore[valid-type]
+    spatial: SpatialConfig = field(default_factory=SpatialConfig)
+    correspondence: CorrespondenceConfig = field(default_factory=CorrespondenceConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+
+@dataclass
+class PipelineConfig:
+    """configs/pretrain_and_eval.yaml: storage, tracking, the stages and their settings."""
+
+    name: str = "dupr-study"  # the MLflow parent run's name
+    storage: str = "runs/storage"  # local folder or s3://bucket/prefix
+    tracking_uri: str = "sqlite:///runs/mlflow.db"  # or http(s)://your-mlflow-server
+    experiment: str = "dupr"
+    # Which stages run: all, or a list of STAGE_KINDS (Any: a word or a list).
+    stages: Any = "all"
+    pretrain: PipelinePretrainConfig = field(default_factory=PipelinePretrainConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema: configs/ablate.yaml
+
+
+@dataclass
+class AshaConfig:
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+
+
+@dataclass
+class SweepConfig:
+    name: str | None = None  # default: ablation-<grid>; the sweep's MLflow run and folder
+    max_concurrent_trials: int = 1
+    trial_retries: int = 1  # a crashed trial is retried this often, then marked failed
+    trial_cpus: float = 0.1  # the trial's own driver process (stages request their own)
+    # The row the table calls best, and the proxy metric for early stopping.
+    metric: str = "detection/faster_rcnn_fpn/bbox/AP"
+    mode: str = "max"
+    early_stopping: bool = False  # ASHA on the pre-training loss reported every epoch
+    asha: AshaConfig = field(default_factory=AshaConfig)
+
+
+@dataclass
+class AblateConfig(PipelineConfig):
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+SCHEMAS: dict[str, type] = {"pipeline": PipelineConfig, "ablate": AblateConfig}
+
+
+def register() -> None:
+    """Put the schemas and the method presets into Hydra's ConfigStore (idempotent).
+
+    configs/*.yaml select them in their defaults lists: `schema: pipeline` (or `ablate`) and
+    `method: <preset>`, the presets of `dupr.config.preset` stored at `pretrain.method`.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for name, schema in SCHEMAS.items():
+        store.store(group="schema", name=name, node=schema, package="_global_")
+    for name in PRESETS:
+        store.store(group="method", name=name, node=preset(name), package="pretrain.method")
+
+
+# ---------------------------------------------------------------------------------------------
+# Composition and typed updates
 
 
 def compose(config_dir: str | Path, config_name: str, overrides: list[str]) -> dict[str, Any]:
@@ -20,11 +239,12 @@ def compose(config_dir: str | Path, config_name: str, overrides: list[str]) -> d
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    register()
     config_dir = Path(config_dir).resolve()
     for override in overrides:
         group, sep, value = override.partition("=")
         if sep and group in ("preset", "method"):
-            options = sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+            options = PRESETS if group == "method" else _yaml_options(config_dir / group)
             if value not in options:
                 raise ConfigError(f"{group}={value!r}: unknown (valid: {', '.join(options)})")
     try:
@@ -32,8 +252,227 @@ def compose(config_dir: str | Path, config_name: str, overrides: list[str]) -> d
             cfg = hydra_compose(config_name=config_name, overrides=overrides)
         values = OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        raise ConfigError(" ".join(lines[:2]) or type(exc).__name__) from None
+        raise config_error(exc) from None
     values.pop("preset", None)
     values.pop("method", None)
     return values
+
+
+def _yaml_options(folder: Path) -> tuple[str, ...]:
+    return tuple(sorted(p.stem for p in folder.glob("*.yaml")))
+
+
+def typed(values: dict[str, Any], schema: type) -> Any:
+    """`values` checked against `schema` (types and keys): an OmegaConf DictConfig."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), values)
+    except OmegaConfBaseException as exc:
+        raise config_error(exc) from None
+
+
+def update(cfg: Any, dotted: str, value: Any) -> None:
+    """Set `dotted` in a typed DictConfig: an unknown key or a wrong type is a ConfigError."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if OmegaConf.select(cfg, dotted, default=_MISSING) is _MISSING:
+        raise ConfigError(f"{dotted}: unknown configuration key")
+    try:
+        OmegaConf.update(cfg, dotted, value, merge=False)
+    except OmegaConfBaseException as exc:
+        raise config_error(exc) from None
+
+
+_MISSING = object()
+_TYPE_NAMES = {
+    "Float": "a number",
+    "Integer": "an integer",
+    "Boolean": "true or false",
+    "String": "a string",
+}
+
+
+def config_error(exc: BaseException) -> ConfigError:
+    """Hydra's or OmegaConf's error as one line: `field=value: what is wrong`.
+
+    Hydra wraps the OmegaConf error that names the field (`full_key`) in its own exception;
+    the innermost one with a key is the one that helps.
+    """
+    chain, seen = [], exc
+    while seen is not None:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    inner = next((e for e in chain if getattr(e, "full_key", None)), None)
+    if inner is not None:
+        key = inner.full_key
+        text = " ".join(str(inner.msg if hasattr(inner, "msg") else inner).split())
+        text = text.split(" full_key:")[0]
+        converted = re.match(
+            r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", text, re.S
+        )
+        if converted:
+            value, wanted = converted.group(1), converted.group(3)
+            return ConfigError(f"{key}={value!r}: must be {_TYPE_NAMES.get(wanted, wanted)}")
+        not_bool = re.match(r"Value '(.*)' is not a valid bool", text, re.S)
+        if not_bool:
+            return ConfigError(f"{key}={not_bool.group(1)!r}: must be true or false")
+        if re.match(r"Key '.*' (not in|is not in struct)", text):
+            return ConfigError(f"{key}: unknown configuration key")
+        invalid = re.match(
+            r"Invalid type assigned: (\w+) is not a subclass of (\w+)\. value: (.*)", text
+        )
+        if invalid:
+            return ConfigError(f"{key}={invalid.group(3)}: must be a {invalid.group(2)} mapping")
+        return ConfigError(f"{key}: {text}")
+    lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) or type(exc).__name__
+    override = getattr(exc, "override", None)
+    if override is not None or "no viable alternative" in text or "mismatched input" in text:
+        what = next((x for x in lines if "input" in x), text).split(" See https")[0]
+        shown = f"{override}: " if isinstance(override, str) else ""
+        return ConfigError(
+            f"{shown}cannot parse the override ({what}; see Hydra's override syntax)"
+        )
+    missing = re.search(r"Could not override '([^']+)'", text)
+    if missing:
+        return ConfigError(f"{missing.group(1)}: unknown configuration key")
+    return ConfigError(text)
+
+
+def to_schema(values: dict[str, Any], schema: type) -> Any:
+    """`values` as instances of the schema's dataclasses (types checked on the way)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(typed(values, schema))
+
+
+# ---------------------------------------------------------------------------------------------
+# Value checks
+
+
+def selected_kinds(stages: Any) -> list[str]:
+    """`stages`: "all", a comma-separated string or a list of stage kinds."""
+    kinds = stages
+    if isinstance(kinds, str):
+        kinds = list(STAGE_KINDS) if kinds == "all" else [k.strip() for k in kinds.split(",")]
+    if not isinstance(kinds, list | tuple) or not kinds:
+        raise ConfigError(
+            f"stages={stages!r}: needs all or a non-empty list of {', '.join(STAGE_KINDS)}"
+        )
+    for kind in kinds:
+        if kind not in STAGE_KINDS:
+            raise ConfigError(
+                f"stages: unknown stage {kind!r} (valid: all, {', '.join(STAGE_KINDS)})"
+            )
+    return list(kinds)
+
+
+def validate_pipeline(values: dict[str, Any]) -> Any:
+    """Every field of a pipeline config (configs/pretrain_and_eval.yaml), no I/O: the parsed
+    `PipelineConfig`, or one ConfigError line naming the first bad field and value."""
+    cfg = to_schema(values, AblateConfig if "sweep" in values else PipelineConfig)
+    check_name("name", cfg.name)
+    check_name("experiment", cfg.experiment, slash_ok=True)
+    for key in ("storage", "tracking_uri"):
+        check_name(key, getattr(cfg, key), slash_ok=True)
+    check_uris(cfg.storage, cfg.tracking_uri, {"pretrain.data": cfg.pretrain.data})
+    for key, uri in cfg.baselines.checkpoints.items():
+        check_no_password(f"baselines.checkpoints.{key}", uri, " and ".join(AWS_CREDENTIALS[:2]))
+    data = cfg.eval.data
+    for section, keys in (("detection", DETECTION_DATA), ("classification", CLASSIFICATION_DATA)):
+        for key in keys:
+            uri = getattr(getattr(data, section), key)
+            check_no_password(f"eval.data.{section}.{key}", uri, " and ".join(AWS_CREDENTIALS[:2]))
+    selected_kinds(cfg.stages)
+    with field_prefix("pretrain."):
+        cfg.pretrain.validate()
+        check_name("label", cfg.pretrain.label)
+        if cfg.pretrain.label == "random":
+            raise ConfigError("label='random': reserved for the randomly initialised baseline")
+    check_bool("baselines.random", cfg.baselines.random)
+    for label, uri in cfg.baselines.checkpoints.items():
+        where = f"baselines.checkpoints.{label}"
+        if label in ("random", cfg.pretrain.label) or "/" in label or not label.strip():
+            raise ConfigError(f"{where}: reserved or invalid label")
+        check_name(where, uri, slash_ok=True)
+    with field_prefix("eval."):
+        _validate_eval(cfg.eval)
+    return cfg
+
+
+def _validate_eval(ev: Any) -> None:
+    gpus = ev.resources.gpus
+    check_number("resources.cpus", ev.resources.cpus, above=0)
+    if gpus != "auto":
+        check_number("resources.gpus", gpus, at_least=0)
+    _all_or_none(ev.data.detection, DETECTION_DATA, "data.detection")
+    _all_or_none(ev.data.classification, CLASSIFICATION_DATA, "data.classification")
+
+    det = ev.detection
+    if not det.detectors:
+        raise ConfigError(f"detection.detectors: empty (valid: {', '.join(DETECTORS)})")
+    for detector in det.detectors:
+        check_choice("detection.detectors", detector, DETECTORS, "detector")
+        detection_recipe(dataclasses.asdict(det), detector)  # its errors name detection.*
+    check_bool("detection.voc_metric", det.voc_metric)
+    check_int("detection.log_every", det.log_every, low=1)
+
+    for section in ("spatial", "correspondence"):
+        level = getattr(ev, section).level
+        check_int(f"{section}.level", level, low=0, high=len(LEVELS) - 1)
+    check_int("spatial.roi_size", ev.spatial.roi_size, low=1)
+    check_int("spatial.rois_per_box", ev.spatial.rois_per_box, low=1)
+    check_int("spatial.bins", ev.spatial.bins, low=1)
+    check_int("spatial.max_images", ev.spatial.max_images, low=1)
+    stride = STRIDES[ev.correspondence.level]
+    check_int("correspondence.image_size", ev.correspondence.image_size, low=2 * stride)
+    check_int("correspondence.max_images", ev.correspondence.max_images, low=1)
+    check_int("correspondence.pairs_per_image", ev.correspondence.pairs_per_image, low=1)
+    # The probe reads every level down to conv5 (stride 32): at least one cell there.
+    check_int("probe.image_size", ev.probe.image_size, low=STRIDES[-1])
+    check_int("probe.batch_size", ev.probe.batch_size, low=1)
+    for section in ("spatial", "correspondence", "probe"):
+        check_int(f"{section}.seed", getattr(ev, section).seed, low=0)
+
+
+def detection_recipe(values: dict[str, Any], detector: str) -> DetectionConfig:
+    """The checked DetectionConfig of one detector from `eval.detection`'s recipe fields."""
+    known = {f.name for f in dataclasses.fields(DetectionConfig)}
+    recipe = {k: v for k, v in values.items() if k in known}
+    for key in ("min_size", "lr_steps"):
+        if isinstance(recipe.get(key), list):
+            recipe[key] = tuple(recipe[key])
+    return DetectionConfig(**{**recipe, "detector": detector}).validate()
+
+
+def _all_or_none(given: Any, keys: tuple[str, ...], where: str) -> None:
+    """All of `keys` given, or none (the embedded set)."""
+    values = {k: getattr(given, k) for k in keys}
+    if not any(values.values()):
+        return
+    missing = [k for k, v in values.items() if not v]
+    if missing:
+        raise ConfigError(f"{where}: needs all of {', '.join(keys)}; missing {', '.join(missing)}")
+
+
+def validate_sweep(values: dict[str, Any], metrics: list[str]) -> Any:
+    """The `sweep` section of configs/ablate.yaml; `metrics` are the names a trial produces."""
+    sw = to_schema(values, AblateConfig).sweep
+    with field_prefix("sweep."):
+        if sw.name is not None:
+            check_name("name", sw.name)
+        check_int("max_concurrent_trials", sw.max_concurrent_trials, low=1)
+        check_int("trial_retries", sw.trial_retries, low=0)
+        check_number("trial_cpus", sw.trial_cpus, above=0)
+        check_choice("mode", sw.mode, ("max", "min"))
+        if sw.metric not in metrics:
+            shown = ", ".join(metrics[:12]) + (", ..." if len(metrics) > 12 else "")
+            raise ConfigError(
+                f"metric={sw.metric!r}: not a metric of this sweep's trials (e.g. {shown})"
+            )
+        check_int("asha.grace_period", sw.asha.grace_period, low=1)
+        check_number("asha.reduction_factor", sw.asha.reduction_factor, above=1)
+    return sw

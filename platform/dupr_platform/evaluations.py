@@ -18,7 +18,6 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -37,24 +36,24 @@ from dupr.convert import (
     save_detectron2,
     to_detectron2,
 )
-from dupr.data.coco import CocoDetection, load_coco
+from dupr.data.coco import CocoDetection, load_coco, parse_json
 from dupr.data.embedded import default_data_home
 from dupr.data.embedded_eval import embedded_classification_set, embedded_detection_set
-from dupr.data.folder import load_rgb
+from dupr.data.folder import is_image_file, load_rgb
+from dupr.evaluation.coco_metrics import COCO_STAT_INDEX
 from dupr.evaluation.correspondence import patch_correspondence, plot_correspondence
-from dupr.evaluation.detectors import DETECTORS, build_detector
-from dupr.evaluation.finetune import DetectionConfig, evaluate, finetune
+from dupr.evaluation.detectors import build_detector
+from dupr.evaluation.finetune import evaluate, finetune
 from dupr.evaluation.linear_probe import linear_probe, probe_transform
 from dupr.evaluation.spatial import SpatialResult, iou_similarity, plot_iou_similarity, summarise
+from dupr.evaluation.voc_metrics import VOC_METRICS
 from dupr.views import IMAGENET_MEAN, IMAGENET_STD
+from dupr_platform.configs import CLASSIFICATION_DATA, DETECTION_DATA, detection_recipe
 from dupr_platform.pretrain import STATE_FILE
 from dupr_platform.progress import Progress
 from dupr_platform.stages import Stage, StageContext, StageOutput
 from dupr_platform.storage import localize, open_storage, split_uri
 from dupr_platform.tracking import RunLogger
-
-DETECTION_DATA = ("train_images", "train_annotations", "val_images", "val_annotations")
-CLASSIFICATION_DATA = ("train", "val")
 
 
 def _cache_dir() -> Path:
@@ -157,19 +156,10 @@ def convert(ctx: StageContext, out: Path) -> StageOutput:
     )
 
 
-def detection_config(config: dict[str, Any]) -> DetectionConfig:
-    known = {f.name for f in fields(DetectionConfig)}
-    values = {k: v for k, v in config.items() if k in known}
-    for key in ("min_size", "lr_steps"):
-        if isinstance(values.get(key), list):
-            values[key] = tuple(values[key])
-    return DetectionConfig(**values).validate()
-
-
 def detection(ctx: StageContext, out: Path) -> StageOutput:
     """Fine-tune a detector from the backbone and evaluate it (Tables I–III)."""
     c = ctx.config
-    cfg = detection_config(c)
+    cfg = detection_recipe(c, c["detector"])
     data = detection_data(ctx.inputs)
     masks = cfg.detector == "mask_rcnn_fpn"
     train_set = CocoDetection(data["train_images"], data["train_annotations"], with_masks=masks)
@@ -206,6 +196,24 @@ def detection(ctx: StageContext, out: Path) -> StageOutput:
     return StageOutput(files={"metrics": "metrics.json"}, metrics=metrics)
 
 
+SPATIAL_METRICS = ("slope", "sim_iou_above_0.5", "sim_iou_below_0.3", "points")
+CORRESPONDENCE_METRICS = ("accuracy", "valid_cells")
+
+
+def metric_names(kind: str, config: dict[str, Any]) -> list[str]:
+    """The metrics a stage of `kind` with this config slice reports (what its body returns)."""
+    if kind == "detection":
+        iou_types = ["bbox", "segm"] if config["detector"] == "mask_rcnn_fpn" else ["bbox"]
+        names = [f"{t}/{k}" for t in iou_types for k in COCO_STAT_INDEX]
+        return names + ([f"voc/{k}" for k in VOC_METRICS] if config.get("voc_metric") else [])
+    return {
+        "spatial": list(SPATIAL_METRICS),
+        "correspondence": list(CORRESPONDENCE_METRICS),
+        "probe": list(LEVELS),
+        "convert": ["parameters", "tensors"],
+    }.get(kind, [])
+
+
 def spatial(ctx: StageContext, out: Path) -> StageOutput:
     """The IoU–similarity curve of §4.6.1 (Eq. 9) on the detection set's validation boxes."""
     c = ctx.config
@@ -233,13 +241,14 @@ def spatial(ctx: StageContext, out: Path) -> StageOutput:
     (out / "points.json").write_text(
         json.dumps({"ious": result.ious.tolist(), "sims": result.sims.tolist(), "bins": c["bins"]})
     )
-    metrics = {
-        "slope": float(result.slope),
-        # The paper reads Fig. 6 at these IoUs: above 0.5 (positives), below 0.3 (negatives).
-        "sim_iou_above_0.5": _mean(result.sims[result.ious > 0.5]),
-        "sim_iou_below_0.3": _mean(result.sims[result.ious < 0.3]),
-        "points": float(len(result.ious)),
-    }
+    # The paper reads Fig. 6 at these IoUs: above 0.5 (positives), below 0.3 (negatives).
+    values = (
+        float(result.slope),
+        _mean(result.sims[result.ious > 0.5]),
+        _mean(result.sims[result.ious < 0.3]),
+        float(len(result.ious)),
+    )
+    metrics = dict(zip(SPATIAL_METRICS, values, strict=True))
     return StageOutput(
         files={"points": "points.json", "plot": "iou_similarity.png"},
         metrics=metrics,
@@ -262,7 +271,8 @@ def correspondence(ctx: StageContext, out: Path) -> StageOutput:
         seed=c.get("seed", 0),
     )
     plot_correspondence(result, out / "correspondence.png")
-    metrics = {"accuracy": float(result.accuracy), "valid_cells": float(result.num_valid)}
+    values = (float(result.accuracy), float(result.num_valid))
+    metrics = dict(zip(CORRESPONDENCE_METRICS, values, strict=True))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return StageOutput(
         files={"plot": "correspondence.png", "metrics": "metrics.json"},
@@ -306,7 +316,7 @@ def run_stage(ctx: StageContext) -> StageOutput:
         result = BODIES[ctx.kind](ctx, Path(tmp))
         open_storage(ctx.storage_uri).upload(tmp, ctx.folder)
         client = MlflowClient(ctx.tracking_uri)
-        # 0 unless Ray's low worker priority applied (see pretrain.COMPUTE_PRIORITY).
+        # 0 unless Ray's low worker priority applied (see cluster.COMPUTE_PRIORITY).
         client.set_tag(ctx.run_id, "dupr.worker_niceness", str(os.nice(0)))
         for name in result.artifacts:
             client.log_artifact(ctx.run_id, os.path.join(tmp, name))
@@ -317,55 +327,6 @@ def run_stage(ctx: StageContext) -> StageOutput:
 # Checks before anything runs
 
 
-def check_eval_config(ev: dict[str, Any]) -> None:
-    """Every evaluation setting, with one-line errors naming the field."""
-    res = ev["resources"]
-    gpus_ok = res["gpus"] == "auto" or (isinstance(res["gpus"], int | float) and res["gpus"] >= 0)
-    if not (isinstance(res["cpus"], int | float) and res["cpus"] > 0) or not gpus_ok:
-        raise ConfigError(f"eval.resources={res!r}: needs cpus > 0 and gpus >= 0 or auto")
-    det = ev["detection"]
-    if not det["detectors"]:
-        raise ConfigError("eval.detection.detectors: empty (valid: " + ", ".join(DETECTORS) + ")")
-    known = {f.name for f in fields(DetectionConfig)} | {"detectors", "voc_metric", "log_every"}
-    for key in det:
-        if key not in known:
-            raise ConfigError(f"eval.detection.{key}: unknown field")
-    for name in det["detectors"]:
-        try:
-            detection_config({**det, "detector": name})
-        except ValueError as err:
-            raise ConfigError(f"eval.{err}") from None
-    for section, keys in (
-        ("spatial", ("level", "roi_size", "rois_per_box", "bins", "max_images")),
-        ("correspondence", ("level", "image_size", "max_images", "pairs_per_image")),
-        ("probe", ("image_size", "batch_size")),
-    ):
-        for key in keys:
-            value = ev[section].get(key)
-            if not isinstance(value, int) or value < 0:
-                raise ConfigError(f"eval.{section}.{key}={value!r}: must be an integer >= 0")
-    for section in ("spatial", "correspondence"):
-        level = ev[section]["level"]
-        if level not in range(len(LEVELS)):
-            raise ConfigError(f"eval.{section}.level={level!r}: 0..3 for {', '.join(LEVELS)}")
-    _check_data_keys(ev["data"]["detection"], DETECTION_DATA, "eval.data.detection")
-    _check_data_keys(ev["data"]["classification"], CLASSIFICATION_DATA, "eval.data.classification")
-
-
-def _check_data_keys(given: dict[str, Any] | None, keys: tuple[str, ...], where: str) -> None:
-    """All of `keys` given, or none (the embedded set)."""
-    if not given or not any(given.values()):
-        return
-    missing = [k for k in keys if not given.get(k)]
-    unknown = [k for k in given if k not in keys]
-    if missing or unknown:
-        raise ConfigError(
-            f"{where}: needs {', '.join(keys)}"
-            + (f"; missing {', '.join(missing)}" if missing else "")
-            + (f"; unknown {', '.join(unknown)}" if unknown else "")
-        )
-
-
 def _exists(uri: str) -> bool:
     if "://" not in uri:
         return os.path.exists(uri)
@@ -374,26 +335,64 @@ def _exists(uri: str) -> bool:
 
 
 def check_inputs(kind: str, inputs: dict[str, Any]) -> None:
-    """The literal input URIs of a stage exist and hold what the stage needs."""
-    for name, uri in inputs.items():
-        if not isinstance(uri, str):
-            continue  # a Ref to another stage, or None (embedded data / random init)
-        if name == "data":
-            continue  # pre-training data: checked by the launcher's own preflight
-        if not _exists(uri):
-            raise ConfigError(f"{kind} input {name}: {uri!r} does not exist")
-        if kind == "convert":  # a baseline checkpoint: refuse it now, not after pre-training
-            backbone_from_checkpoint(load_checkpoint_file(uri), source=uri)
-        if name.endswith("annotations"):
-            storage, obj = split_uri(uri)
-            load_coco(json.loads(storage.read_bytes(obj)), source=uri)
-        if kind == "probe" and "://" not in uri:
-            classes = [p for p in Path(uri).iterdir() if p.is_dir()]
-            if len(classes) < 2:
-                raise ConfigError(
-                    f"probe input {name}: {uri!r} needs one sub-folder per class (found "
-                    f"{len(classes)})"
-                )
+    """A stage's literal checkpoint input exists and holds a ResNet backbone (data is checked
+    once for all stages by `check_eval_data`)."""
+    uri = inputs.get("checkpoint")
+    if kind != "convert" or not isinstance(uri, str):
+        return  # a Ref to another stage's output, or no checkpoint
+    if not _exists(uri):
+        raise ConfigError(f"{kind} input checkpoint: {uri!r} does not exist")
+    # A baseline checkpoint: refuse it now, not after pre-training.
+    backbone_from_checkpoint(load_checkpoint_file(uri), source=uri)
+
+
+def check_eval_data(data: dict[str, Any]) -> None:
+    """The evaluation sets given in `eval.data` can be read: annotation files parse as COCO
+    (a JSON error names the file, line and column), every image they name is in its image
+    folder, and the classification roots have class folders. The embedded sets need nothing.
+    Single images that do not decode are found at run time (the stages that read them fail;
+    the rest of the pipeline goes on)."""
+    det = data.get("detection") or {}
+    for split in ("train", "val"):
+        images, annotations = det.get(f"{split}_images"), det.get(f"{split}_annotations")
+        if not annotations:
+            continue
+        where = f"eval.data.detection.{split}_annotations"
+        if not _exists(annotations):
+            raise ConfigError(f"{where}: {annotations!r} does not exist")
+        storage, name = split_uri(annotations)
+        coco = load_coco(parse_json(storage.read_bytes(name), annotations), source=annotations)
+        _check_image_files(coco, images, annotations, f"eval.data.detection.{split}_images")
+    cls = data.get("classification") or {}
+    for split in ("train", "val"):
+        root = cls.get(split)
+        if root:
+            _check_class_folders(root, f"eval.data.classification.{split}")
+
+
+def _check_image_files(coco: dict[str, Any], images: str, source: str, where: str) -> None:
+    if not _exists(images):
+        raise ConfigError(f"{where}: {images!r} does not exist")
+    storage = open_storage(images)
+    present = set(storage.list(recursive=True))
+    missing = [im for im in coco["images"] if im["file_name"] not in present]
+    if missing:
+        first = missing[0]
+        raise ConfigError(
+            f"{where}: {source} names {len(missing)} image(s) that are not in {images!r}, "
+            f"e.g. {first['file_name']!r} (id {first['id']})"
+        )
+
+
+def _check_class_folders(root: str, where: str) -> None:
+    if not _exists(root):
+        raise ConfigError(f"{where}: {root!r} does not exist")
+    entries = open_storage(root).list(recursive=True)
+    classes = {e.split("/")[0] for e in entries if "/" in e and is_image_file(e)}
+    if len(classes) < 2:
+        raise ConfigError(
+            f"{where}: {root!r} needs one sub-folder of images per class (found {len(classes)})"
+        )
 
 
 def absolute_data(ev: dict[str, Any]) -> dict[str, Any]:

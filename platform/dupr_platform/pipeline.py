@@ -30,18 +30,22 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from dupr.config import ConfigError, DUPRConfig, validate
-from dupr_platform import evaluations
+from dupr.config import ConfigError, DUPRConfig, field_prefix
+from dupr_platform import console, evaluations
+from dupr_platform.cluster import COMPUTE_PRIORITY, check_nodes, forwarded_env, start_ray
+from dupr_platform.configs import selected_kinds, validate_pipeline
+from dupr_platform.failures import UnrecoverableError
 from dupr_platform.pretrain import (
-    COMPUTE_PRIORITY,
     PretrainJob,
+    PretrainSettings,
     absolute_locations,
-    ensure_ray,
+    execution_only_fields,
     preflight_cluster,
     preflight_config,
     run_pretraining,
 )
 from dupr_platform.progress import format_duration
+from dupr_platform.recovery import driving
 from dupr_platform.stages import (
     Ref,
     Stage,
@@ -52,26 +56,14 @@ from dupr_platform.stages import (
     resolve_inputs,
     write_marker,
 )
-from dupr_platform.storage import aws_env, check_storage, open_storage
+from dupr_platform.storage import check_storage, open_storage
 from dupr_platform.tracking import RunLogger, check_tracking, redact_tree
 
 log = logging.getLogger(__name__)
 
-STAGE_KINDS = ("pretrain", "convert", "detection", "spatial", "correspondence", "probe")
 EVALUATIONS = ("detection", "spatial", "correspondence", "probe")
-# PretrainJob fields that change how a run executes but not the weights it produces.
-EXECUTION_ONLY = (
-    "max_failures",
-    "controller_failure_limit",
-    "keep_checkpoints",
-    "log_every",
-    "loader_workers",
-    "ray_data_actors",
-    "ray_data_cpus_per_actor",
-    "cpus_per_worker",
-    "gpus_per_worker",
-)
 CACHE_HIT_TAG = "dupr.cache_hit"
+PIPELINE_TAG = "dupr.pipeline"  # on a pipeline's parent run: the pipeline's name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +87,9 @@ def pretrain_job(cfg: dict[str, Any], stage: Stage) -> PretrainJob:
 
 
 def _pretrain_slice(cfg: dict[str, Any]) -> dict[str, Any]:
-    values = {k: v for k, v in cfg["pretrain"].items() if k not in EXECUTION_ONLY}
+    """The pre-training settings that change its weights: its cache key."""
+    neutral = execution_only_fields(PretrainSettings)
+    values = {k: v for k, v in cfg["pretrain"].items() if k not in neutral}
     values.pop("data", None)  # an input, not config
     values.pop("label", None)  # a name in the results, not a setting
     return values
@@ -165,32 +159,17 @@ def _without(d: dict[str, Any], *keys: str) -> dict[str, Any]:
 # Preflight: every check that needs no cluster, then the cluster's resources
 
 
-def selected_kinds(cfg: dict[str, Any]) -> list[str]:
-    kinds = cfg["stages"]
-    if isinstance(kinds, str):
-        kinds = list(STAGE_KINDS) if kinds == "all" else [k.strip() for k in kinds.split(",")]
-    for kind in kinds:
-        if kind not in STAGE_KINDS:
-            raise ConfigError(
-                f"stages: unknown stage {kind!r} (valid: all, {', '.join(STAGE_KINDS)})"
-            )
-    return list(kinds)
-
-
-def preflight_pipeline(cfg: dict[str, Any], stages: list[Stage]) -> None:
-    """Config, data, checkpoints, storage and tracking; each failure one line."""
-    if not cfg.get("name") or "/" in cfg["name"]:
-        raise ConfigError(f"name={cfg.get('name')!r}: must be a non-empty name without '/'")
-    for name in cfg["baselines"].get("checkpoints") or {}:
-        if name in ("random", cfg["pretrain"].get("label", "dupr")) or "/" in name:
-            raise ConfigError(f"baselines.checkpoints.{name}: reserved or invalid label")
-    validate(DUPRConfig.from_dict(cfg["pretrain"]["method"]))
-    evaluations.check_eval_config(cfg["eval"])
+def preflight_pipeline(cfg: dict[str, Any]) -> list[Stage]:
+    """Config, data, checkpoints, storage and tracking, each failure one line; the stages."""
+    validate_pipeline(cfg)
+    stages = build_stages(cfg)
     storage = open_storage(cfg["storage"])
     check_storage(storage)
     check_tracking(cfg["tracking_uri"])
+    evaluations.check_eval_data(cfg["eval"]["data"])
     for stage in stages:
         evaluations.check_inputs(stage.kind, stage.inputs)
+    return stages
 
 
 def resolve_gpus(stages: list[Stage]) -> None:
@@ -227,6 +206,7 @@ class StageReport:
     run_id: str | None = None
     seconds: float = 0.0
     error: str = ""
+    retryable: bool = True  # False: a retry cannot fix it (see dupr_platform.failures)
 
 
 @dataclass
@@ -263,18 +243,21 @@ class _Runner:
 
     # -- MLflow child runs ----------------------------------------------------------------
 
+    @staticmethod
+    def stage_tags(stage: Stage, cache_hit: bool = False) -> dict[str, str]:
+        return {
+            "dupr.stage": stage.name,
+            "dupr.stage_kind": stage.kind,
+            "dupr.stage_key": stage.key,
+            CACHE_HIT_TAG: str(cache_hit).lower(),
+        }
+
     def child_run(self, stage: Stage, cache_hit: bool) -> RunLogger:
         run = RunLogger.start(
             self.cfg["tracking_uri"],
             self.cfg["experiment"],
             f"{self.parent.run_id}:{stage.name}",
-            tags={
-                "mlflow.runName": stage.name,
-                "dupr.stage": stage.name,
-                "dupr.stage_kind": stage.kind,
-                "dupr.stage_key": stage.key,
-                CACHE_HIT_TAG: str(cache_hit).lower(),
-            },
+            tags={"mlflow.runName": stage.name, **self.stage_tags(stage, cache_hit)},
             parent_run_id=self.parent.run_id,
         )
         run.log_params({"stage": stage.config, "inputs": _shown_inputs(stage)})
@@ -327,7 +310,13 @@ class _Runner:
             run.end("FAILED")
         seconds = time.monotonic() - self.started.get(stage.name, time.monotonic())
         self.reports[stage.name] = StageReport(
-            stage.name, "failed", {}, run.run_id if run else None, seconds, message
+            stage.name,
+            "failed",
+            {},
+            run.run_id if run else None,
+            seconds,
+            message,
+            retryable=not isinstance(exc, UnrecoverableError),
         )
         print(f"[pipeline] {stage.name}: FAILED: {message}", flush=True)
 
@@ -337,7 +326,7 @@ class _Runner:
         self.started[stage.name] = time.monotonic()
         print(f"[pipeline] {stage.name}: pre-training ({job.name})", flush=True)
         try:
-            result = run_pretraining(job, callbacks=self.pretrain_callbacks)
+            result = run_pretraining(job, self.pretrain_callbacks, tags=self.stage_tags(stage))
         except Exception as exc:  # noqa: BLE001 - reported, and the pipeline goes on
             self.fail(stage, exc)
             return
@@ -358,7 +347,7 @@ class _Runner:
         ref = _stage_task.options(
             num_cpus=stage.resources.get("CPU", 1.0),
             num_gpus=stage.resources.get("GPU", 0.0),
-            runtime_env={"env_vars": task_env() | COMPUTE_PRIORITY},
+            runtime_env={"env_vars": forwarded_env() | COMPUTE_PRIORITY},
             # Outside any placement group of the caller (a Tune trial reserves only its own
             # driver's CPU): the stage asks the cluster for its own resources.
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
@@ -433,7 +422,7 @@ def plan_stages(
     cfg: dict[str, Any], stages: list[Stage], storage_uri: str
 ) -> tuple[list[Stage], list[tuple[Stage, dict[str, Any]]], list[Stage]]:
     """(to run, cache hits with their records, not selected)."""
-    kinds = set(selected_kinds(cfg))
+    kinds = set(selected_kinds(cfg["stages"]))
     storage = open_storage(storage_uri)
     to_run, hits, unselected = [], [], []
     for stage in stages:
@@ -471,52 +460,65 @@ def run_pipeline(
     grid value and `pretrain_callbacks` reach the pre-training's TorchTrainer (Tune reports).
     """
     cfg = _absolute(cfg)
-    stages = build_stages(cfg)
-    preflight_pipeline(cfg, stages)
+    stages = preflight_pipeline(cfg)
     to_run, hits, unselected = plan_stages(cfg, stages, cfg["storage"])
     pre = next((s for s in to_run if s.kind == "pretrain"), None)
     job = absolute_locations(pretrain_job(cfg, pre)) if pre else None
     if job is not None:
-        preflight_config(job)  # its data too, before anything starts
-    ensure_ray({"env_vars": task_env()})
-    resolve_gpus(stages)
-    preflight_resources(cfg, [s for s in to_run if s.kind != "pretrain"], job)
+        with field_prefix("pretrain."):
+            preflight_config(job)  # its data too, before anything starts
+    if to_run:  # a rerun with nothing to do does not start Ray
+        if start_ray("pipeline"):
+            check_nodes(cfg["storage"], cfg["tracking_uri"])
+        resolve_gpus(stages)
+        preflight_resources(cfg, [s for s in to_run if s.kind != "pretrain"], job)
 
     parent = RunLogger.start(
         cfg["tracking_uri"],
         cfg["experiment"],
         run_key or f"{cfg['name']}:{time.strftime('%Y%m%dT%H%M%S')}:{os.getpid()}",
-        tags={"mlflow.runName": run_name or cfg["name"], "dupr.pipeline": cfg["name"]},
+        tags={"mlflow.runName": run_name or cfg["name"], PIPELINE_TAG: cfg["name"]},
         parent_run_id=parent_run_id,
-    )
-    parent.log_params({**cfg, **(params or {})})
-    parent.log_dict(redact_tree(cfg), "config/resolved.json")
-    print(
-        f"[pipeline] {cfg['name']}: {len(to_run)} stages to run, {len(hits)} cached, "
-        f"{len(unselected)} not selected; MLflow parent run {parent.run_id}",
-        flush=True,
     )
     runner = _Runner(cfg, stages, parent)
     runner.pretrain_callbacks = pretrain_callbacks
-    try:
-        for stage, record in hits:
-            runner.record_cache_hit(stage, record)
-        for stage in unselected:
-            runner.reports[stage.name] = StageReport(stage.name, "not selected")
-        runner.run(to_run)
+    with driving(parent, PIPELINE_TAG, cfg["name"], "pipeline"):
+        parent.log_params({**cfg, **(params or {})})
+        parent.log_dict(redact_tree(cfg), "config/resolved.json")
+        print(
+            f"[pipeline] {cfg['name']}: {len(to_run)} stages to run, {len(hits)} cached, "
+            f"{len(unselected)} not selected; MLflow parent run {parent.run_id}",
+            flush=True,
+        )
+        try:
+            for stage, record in hits:
+                runner.record_cache_hit(stage, record)
+            for stage in unselected:
+                runner.reports[stage.name] = StageReport(stage.name, "not selected")
+            runner.run(to_run)
+        except BaseException as exc:  # the stage runs still open end with the parent
+            for run in runner.loggers.values():
+                run.end("FAILED" if isinstance(exc, Exception) else "KILLED")
+            raise
         for stage in to_run:
             runner.reports.setdefault(stage.name, StageReport(stage.name, "skipped"))
-        reports = [runner.reports[s.name] for s in stages]
-        result = PipelineResult(parent.run_id, reports, runner.records)
+        result = PipelineResult(
+            parent.run_id, [runner.reports[s.name] for s in stages], runner.records
+        )
         evaluations.report(cfg, stages, runner.records, parent)
         table = summary_table(result, cfg)
         parent.log_text(table + "\n", "summary.md")
         print(table, flush=True)
-    except BaseException:
-        parent.end("FAILED")
-        raise
+        _log_console(parent)
     parent.end("FINISHED" if result.ok else "FAILED")
     return result
+
+
+def _log_console(parent: RunLogger) -> None:
+    """The driver's log file (Ray's output, secrets scrubbed) as an artifact of the run."""
+    path = console.log_path()
+    if path is not None and path.is_file():
+        parent.log_artifact(path, "logs")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -597,15 +599,6 @@ def _absolute(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def task_env() -> dict[str, str]:
-    """Environment the stage tasks need from the driver: object-storage credentials and
-    endpoint (never logged) and where datasets are cached."""
-    env = aws_env()
-    if "DUPR_DATA_HOME" in os.environ:
-        env["DUPR_DATA_HOME"] = os.environ["DUPR_DATA_HOME"]
-    return env
-
-
 def _shown_inputs(stage: Stage) -> dict[str, Any]:
     return {
         k: (f"{v.stage}:{v.output}" if isinstance(v, Ref) else v) for k, v in stage.inputs.items()
@@ -624,9 +617,12 @@ def _is_number(v: Any) -> bool:
 def _one_line(exc: BaseException) -> str:
     # Ray wraps task errors; the cause's own message is what the user needs.
     cause = getattr(exc, "cause", None) or exc
-    text = f"{type(cause).__name__}: {cause}" if not isinstance(cause, ConfigError) else str(cause)
+    # Our own errors are phrased for the user; anything else says what it is.
+    ours = isinstance(cause, ConfigError | UnrecoverableError)
+    text = str(cause) if ours else f"{type(cause).__name__}: {cause}"
     first = [line for line in str(text).splitlines() if line.strip()]
-    return (first[-1] if len(first) > 1 and "Traceback" in first[0] else " ".join(first))[:500]
+    limit = 1000 if ours else 500  # ours name a cause and a checkpoint URI
+    return (first[-1] if len(first) > 1 and "Traceback" in first[0] else " ".join(first))[:limit]
 
 
 def _resources(stage: Stage) -> str:

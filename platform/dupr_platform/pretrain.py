@@ -17,12 +17,14 @@ function (`train_worker`) is the plain `dupr.train` loop with three hooks:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,93 +34,142 @@ import torch
 import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 
-from dupr.config import ConfigError, DUPRConfig, validate
+from dupr.config import (
+    ConfigError,
+    DUPRConfig,
+    check_int,
+    check_name,
+    check_number,
+    field_prefix,
+    validate,
+)
 from dupr.data import ImageFolderDataset, default_data_home, embedded_image_folder
-from dupr.data.two_views import build_loader
+from dupr.data.folder import ImageDecodeError
+from dupr.data.two_views import UndecodableDataError, build_loader, check_epoch_size
 from dupr.model import DUPR
 from dupr.train import TrainState, build_state, rng_state, train
 from dupr.views import TwoViews
+from dupr_platform.cluster import COMPUTE_PRIORITY, check_nodes, forwarded_env, start_ray
+from dupr_platform.failures import StopOnUnrecoverable, UnrecoverableError
 from dupr_platform.progress import Progress
 from dupr_platform.ray_data import RayDataLoader, count_images, two_view_dataset
 from dupr_platform.shards import INDEX_NAME, ParquetImageDataset, ShardError, prepare_shards
 from dupr_platform.storage import (
+    AWS_CREDENTIALS,
+    Storage,
     StorageError,
-    aws_env,
+    check_no_password,
     check_storage,
     open_storage,
     ray_storage_args,
 )
-from dupr_platform.tracking import RunLogger, TrackingError, check_tracking
+from dupr_platform.tracking import TRACKING_CREDENTIALS, RunLogger, check_tracking
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 
-# Ray starts its worker processes at niceness 15 (RAY_worker_niceness), so that its own control
-# processes stay responsive. A training worker at 15 yields the CPU to every normal-priority
-# process on the node, Ray's driver and agents included: on a 2-core machine that made each step
-# 15-25 % slower than the same loop in a plain process (benchmarks/ray_overhead.py). Processes
-# that do the experiment's compute (training workers, pipeline stage tasks) run at normal priority,
-# as Ray itself does for job drivers; Ray Data's decoding actors stay at 15 and yield to them.
-COMPUTE_PRIORITY = {"RAY_worker_niceness": "0"}
+
+# Field metadata: the field changes how a run executes (retries, logging, CPUs), not the
+# weights it produces, so it is not part of a pipeline stage's cache key.
+EXECUTION_ONLY = {"execution_only": True}
+
+
+def execution_only_fields(cls: type) -> set[str]:
+    """The names of `cls`'s fields marked `EXECUTION_ONLY`."""
+    return {f.name for f in fields(cls) if f.metadata.get("execution_only")}
 
 
 @dataclass
-class PretrainJob:
-    """Where and how a pre-training runs; the method itself is `method` (a DUPRConfig)."""
+class PretrainSettings:
+    """What a pre-training uses and how it runs: the method (a DUPRConfig), data, resources."""
 
-    name: str = "dupr-pretrain"  # fixed name: starting it again resumes it
     method: DUPRConfig = field(default_factory=DUPRConfig)
     # Parquet shards (s3://… or local prefix with _index.json, see dupr_platform.shards), a
     # local image folder, or None: the embedded photo set, as local Parquet shards.
     data: str | None = None
-    storage: str = "runs/storage"  # local folder or s3://bucket/prefix
-    tracking_uri: str = "sqlite:///runs/mlflow.db"
-    experiment: str = "dupr"
     num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0  # used when use_gpu
-    loader_workers: int = 0  # data-loading processes per training worker ("torch" loader)
+    cpus_per_worker: float = field(default=1.0, metadata=EXECUTION_ONLY)
+    gpus_per_worker: float = field(default=1.0, metadata=EXECUTION_ONLY)  # used when use_gpu
+    # Data-loading processes per training worker ("torch" loader).
+    loader_workers: int = field(default=0, metadata=EXECUTION_ONLY)
     # "torch": each worker decodes its share in DataLoader processes on its own node (exactly
     # reproducible). "ray": Ray Data actors decode and augment anywhere in the cluster and
     # stream batches into the workers (needs Parquet shards; not bitwise reproducible).
     data_loader: str = "torch"
-    ray_data_actors: int = 2
-    ray_data_cpus_per_actor: float = 1.0
-    max_failures: int = 3  # worker-group restarts after worker or node loss
-    controller_failure_limit: int = 3  # Ray's default is unlimited: a lost node would hang the run
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    parent_run_id: str | None = None
+    ray_data_actors: int = field(default=2, metadata=EXECUTION_ONLY)
+    ray_data_cpus_per_actor: float = field(default=1.0, metadata=EXECUTION_ONLY)
+    # Worker-group restarts after worker or node loss.
+    max_failures: int = field(default=3, metadata=EXECUTION_ONLY)
+    # Ray's default is unlimited: a lost node would hang the run.
+    controller_failure_limit: int = field(default=3, metadata=EXECUTION_ONLY)
+    keep_checkpoints: int = field(default=2, metadata=EXECUTION_ONLY)
+    log_every: int = field(default=10, metadata=EXECUTION_ONLY)
 
-    def validate(self) -> PretrainJob:
-        validate(self.method)
-        for name in ("num_workers", "keep_checkpoints", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 1")
-        if self.cpus_per_worker <= 0:
-            raise ConfigError(f"cpus_per_worker={self.cpus_per_worker!r}: must be > 0")
-        if self.use_gpu and self.gpus_per_worker <= 0:
-            raise ConfigError(f"gpus_per_worker={self.gpus_per_worker!r}: must be > 0")
-        if self.max_failures < 0 or self.controller_failure_limit < 0:
-            raise ConfigError("max_failures/controller_failure_limit: must be >= 0")
+    def validate(self) -> PretrainSettings:
+        """Every field's value; one ConfigError line naming the first bad one."""
+        with field_prefix("method."):
+            validate(self.method)
+        for name in ("num_workers", "keep_checkpoints", "log_every", "ray_data_actors"):
+            check_int(name, getattr(self, name), low=1)
+        for name in ("loader_workers", "max_failures", "controller_failure_limit"):
+            check_int(name, getattr(self, name), low=0)
+        check_number("cpus_per_worker", self.cpus_per_worker, above=0)
+        check_number("ray_data_cpus_per_actor", self.ray_data_cpus_per_actor, above=0)
+        if self.use_gpu:
+            check_number("gpus_per_worker", self.gpus_per_worker, above=0)
         batch = self.method.optim.batch_size
         if batch % self.num_workers:
             raise ConfigError(
-                f"optim.batch_size={batch}: not divisible by num_workers={self.num_workers} "
-                "(Shuffle BN needs equal per-worker batches)"
+                f"method.optim.batch_size={batch}: not divisible by num_workers="
+                f"{self.num_workers} (Shuffle BN needs equal per-worker batches)"
+            )
+        if batch // self.num_workers < 2:
+            raise ConfigError(
+                f"method.optim.batch_size={batch}: {batch // self.num_workers} per worker with "
+                f"num_workers={self.num_workers}; BatchNorm needs at least 2"
             )
         if self.data_loader not in ("torch", "ray"):
             raise ConfigError(f"data_loader={self.data_loader!r}: valid: torch, ray")
+        if self.data is not None and (not isinstance(self.data, str) or not self.data.strip()):
+            raise ConfigError(f"data={self.data!r}: a folder, a shard prefix or null")
         if self.data_loader == "ray" and self.data is not None and not is_shards(self.data):
             raise ConfigError(
                 f"data={self.data!r}: data_loader=ray needs Parquet shards "
                 "(python -m dupr_platform.shards SOURCE DEST)"
             )
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"name={self.name!r}: must be a non-empty name without '/'")
         return self
+
+
+@dataclass
+class PretrainJob(PretrainSettings):
+    """One pre-training run: its settings plus where it is stored and tracked, by name."""
+
+    name: str = "dupr-pretrain"  # fixed name: starting it again resumes it
+    storage: str = "runs/storage"  # local folder or s3://bucket/prefix
+    tracking_uri: str = "sqlite:///runs/mlflow.db"
+    experiment: str = "dupr"
+    # The MLflow run this run is nested under (a pipeline's); a tag, never a param: it changes
+    # when a crashed pipeline is started again and its pre-training continues.
+    parent_run_id: str | None = field(default=None, metadata=EXECUTION_ONLY)
+
+    def validate(self) -> PretrainJob:
+        super().validate()
+        check_name("name", self.name)
+        for key in ("experiment", "storage", "tracking_uri"):
+            check_name(key, getattr(self, key), slash_ok=True)
+        check_uris(self.storage, self.tracking_uri, {"data": self.data})
+        return self
+
+
+def check_uris(storage: str, tracking_uri: str, data: dict[str, str | None]) -> None:
+    """No password inside a location: credentials come from the environment."""
+    keys = " and ".join(AWS_CREDENTIALS[:2])
+    check_no_password("storage", storage, keys)
+    check_no_password("tracking_uri", tracking_uri, " and ".join(TRACKING_CREDENTIALS[:2]))
+    for name, uri in data.items():
+        check_no_password(name, uri, keys)
 
 
 @dataclass
@@ -201,7 +252,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as d:
+        with unrecoverable_if_storage_is_down(config["storage"]), checkpoint.as_directory() as d:
             saved = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=False)
         rngs = saved.pop("rng_per_rank")
         saved["rng"] = rngs[rank] if len(rngs) == world else rngs[0]
@@ -226,7 +277,7 @@ def train_worker(config: dict[str, Any]) -> None:
         logger.set_tag("dupr.worker_niceness", str(os.nice(0)))  # 0: see COMPUTE_PRIORITY
 
     total_steps = cfg.optim.epochs * len(loader)
-    progress = Progress(f"pretrain {config['name']}", total_steps, unit="step")
+    progress = Progress(f"pretrain {config['name']}", total_steps, unit="step", done=state.step)
 
     last_loss = [float("nan")]
 
@@ -254,11 +305,12 @@ def train_worker(config: dict[str, Any]) -> None:
             # Metrics reach MLflow before the checkpoint counts: a crash in between resumes from
             # the previous checkpoint and the logger skips the steps MLflow already has.
             logger.flush()
-            ray.train.report(
-                summary,
-                checkpoint=ray.train.Checkpoint.from_directory(d),
-                checkpoint_dir_name=f"checkpoint_epoch={s.epoch:04d}",
-            )
+            with unrecoverable_if_storage_is_down(config["storage"]):
+                ray.train.report(
+                    summary,
+                    checkpoint=ray.train.Checkpoint.from_directory(d),
+                    checkpoint_dir_name=f"checkpoint_epoch={s.epoch:04d}",
+                )
 
     try:
         train(
@@ -271,9 +323,39 @@ def train_worker(config: dict[str, Any]) -> None:
             on_log=on_log,
             on_epoch_end=on_epoch_end,
         )
+    except (UndecodableDataError, ShardError) as exc:
+        # The data itself is broken (or gone): every restart would fail the same way.
+        raise UnrecoverableError(f"data {config['data']}: {_first_line(exc)}") from None
     finally:
         if logger:
             logger.flush()
+
+
+def _first_line(exc: BaseException) -> str:
+    """The exception's own message: a DataLoader worker's error carries its traceback after it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    own = [
+        line for line in lines if not line.startswith(("Caught ", "Original Traceback", "File "))
+    ]
+    return (own[-1] if own else type(exc).__name__)[:500]
+
+
+@contextlib.contextmanager
+def unrecoverable_if_storage_is_down(uri: str) -> Iterator[None]:
+    """Turn a storage error into `UnrecoverableError` when the store does not answer at all.
+
+    pyarrow and Ray have already retried the request; a quick write/read probe then tells a
+    store that is down (or a bucket that is gone) from a hiccup, which is left to Ray's
+    worker-group restarts.
+    """
+    try:
+        yield
+    except OSError:
+        try:
+            check_storage(open_storage(uri))
+        except StorageError as down:
+            raise UnrecoverableError(str(down)) from None
+        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,9 +366,48 @@ def preflight_config(job: PretrainJob) -> None:
     """The checks that need no cluster: configuration, data, storage, tracking."""
     job.validate()
     if job.data is not None:
-        open_images(job.data)  # exists and holds images (or a complete shard index)
+        check_data(job)
     check_storage(open_storage(job.storage))
     check_tracking(job.tracking_uri)
+
+
+DATA_SAMPLE = 16  # images decoded in preflight
+
+
+def check_data(job: PretrainSettings) -> None:
+    """Data that is certain to fail, found before any worker starts: a missing folder or
+    shard index, fewer images than one batch per worker, or a sample in which no image decodes.
+
+    The sample is spread over a folder's files, or the first images of a shard set (one row
+    group, not a download of the set). Single bad files are fine: training skips them.
+    """
+    images = open_images(job.data)  # exists and holds images (or a complete shard index)
+    n, batch = len(images), job.method.optim.batch_size
+    try:
+        check_epoch_size(n, batch // job.num_workers, job.num_workers)
+    except ConfigError:
+        raise ConfigError(
+            f"data={job.data!r}: {n} images, less than one batch per worker "
+            f"(method.optim.batch_size={batch} over num_workers={job.num_workers})"
+        ) from None
+    step = max(1, n // DATA_SAMPLE) if isinstance(images, ImageFolderDataset) else 1
+    sample = list(range(0, n, step))[:DATA_SAMPLE]
+    errors: list[ImageDecodeError] = []
+    for i in sample:
+        try:
+            images.load(i)
+        except ImageDecodeError as exc:
+            errors.append(exc)
+    if len(errors) == len(sample):
+        raise ConfigError(
+            f"data={job.data!r}: none of the {len(sample)} images sampled decodes "
+            f"(first: {errors[0]})"
+        )
+    if errors:
+        log.warning(
+            "data %s: %d of %d sampled images do not decode (skipped in training), e.g. %s",
+            job.data, len(errors), len(sample), errors[0],
+        )  # fmt: skip
 
 
 def preflight(job: PretrainJob) -> None:
@@ -335,43 +456,37 @@ def absolute_locations(job: PretrainJob) -> PretrainJob:
     return job
 
 
-def ensure_ray(runtime_env: dict[str, Any]) -> None:
-    """Connect to the cluster in RAY_ADDRESS (e.g. inside `ray job submit`), else start a local
-    instance whose workers get `runtime_env`.
-
-    Inside a submitted job the job's runtime environment is already the default for every task;
-    Ray refuses a second one with overlapping keys, so none is passed there (the launcher and
-    the pipeline hand the variables to their own workers and tasks explicitly anyway).
-    """
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(runtime_env=runtime_env)
-
-
-def run_pretraining(job: PretrainJob, callbacks: list[Any] | None = None) -> PretrainResult:
+def run_pretraining(
+    job: PretrainJob,
+    callbacks: list[Any] | None = None,
+    tags: dict[str, str] | None = None,
+) -> PretrainResult:
     """Pre-train on the connected Ray cluster (or a local one), resuming `job.name` if it exists.
 
     `callbacks` go to the trainer's RunConfig, e.g. Ray Tune's TuneReportCallback when the
     pre-training runs inside a Tune trial (each epoch's report then reaches Tune's scheduler).
+    `tags` are set on the MLflow run (a pipeline's stage tags).
     """
     job = absolute_locations(job)
     preflight_config(job)
-    ensure_ray({"env_vars": aws_env()})
+    if start_ray(f"pretrain {job.name}"):
+        check_nodes(job.storage, job.tracking_uri)
     preflight_cluster(job)
     storage = open_storage(job.storage)
 
     logger = RunLogger.start(
-        job.tracking_uri, job.experiment, job.name, parent_run_id=job.parent_run_id
+        job.tracking_uri, job.experiment, job.name, tags=tags, parent_run_id=job.parent_run_id
     )
-    resolved = {
-        "job": {k: v for k, v in asdict(job).items() if k != "method"},
-        **job.method.to_dict(),
-    }
-    logger.log_params(resolved)
-    logger.log_dict(resolved, "config/resolved.json")
+    # Params (immutable in MLflow) are what defines the weights; how the run executes may change
+    # when it is continued after a crash (more loader processes, another parent pipeline run),
+    # so those fields are tags.
+    job_fields = {k: v for k, v in asdict(job).items() if k not in ("method", "parent_run_id")}
+    neutral = execution_only_fields(PretrainJob)
+    logger.log_params(
+        {"job": {k: v for k, v in job_fields.items() if k not in neutral}, **job.method.to_dict()}
+    )
+    logger.set_tags({f"job.{k}": v for k, v in job_fields.items() if k in neutral})
+    logger.log_dict({"job": job_fields, **job.method.to_dict()}, "config/resolved.json")
     logger.flush()
 
     datasets, num_images = None, None
@@ -400,6 +515,7 @@ def run_pretraining(job: PretrainJob, callbacks: list[Any] | None = None) -> Pre
             "experiment": job.experiment,
             "name": job.name,
             "run_id": logger.run_id,
+            "storage": job.storage,
             "log_every": job.log_every,
             "data_loader": job.data_loader,
             "num_images": num_images,
@@ -416,19 +532,28 @@ def run_pretraining(job: PretrainJob, callbacks: list[Any] | None = None) -> Pre
                 max_failures=job.max_failures, controller_failure_limit=job.controller_failure_limit
             ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.keep_checkpoints),
-            worker_runtime_env={"env_vars": aws_env() | COMPUTE_PRIORITY},
-            callbacks=callbacks,
+            worker_runtime_env={"env_vars": forwarded_env() | COMPUTE_PRIORITY},
+            callbacks=[
+                StopOnUnrecoverable(
+                    latest_checkpoint(storage, job.name), "" if storage.is_local else "s3://"
+                ),
+                *(callbacks or []),
+            ],
             **ray_storage_args(storage),
         ),
     )
     try:
         result = trainer.fit()
-    except Exception:
-        logger.end("FAILED")
-        raise
-    if result.error:
-        logger.end("FAILED")
-        raise result.error
+        if result.error:
+            raise result.error
+    except BaseException as exc:
+        interrupted = not isinstance(exc, Exception)  # Ctrl-C, SIGTERM (ray job stop)
+        message = "interrupted" if interrupted else failure_message(exc, storage, job.name)
+        logger.set_tag("dupr.error", message)
+        logger.end("KILLED" if interrupted else "FAILED")
+        if interrupted:
+            raise
+        raise UnrecoverableError(message) from None
     ckpt_uri = storage.uri_for(job.name, Path(result.checkpoint.path).name)
     logger.set_tag("dupr.final_checkpoint", ckpt_uri)
     logger.log_text(ckpt_uri + "\n", "final_checkpoint.txt")
@@ -436,6 +561,53 @@ def run_pretraining(job: PretrainJob, callbacks: list[Any] | None = None) -> Pre
     metrics = dict(result.metrics or {})
     return PretrainResult(
         logger.run_id, ckpt_uri, int(metrics.get("epoch", 0)), int(metrics.get("step", 0)), metrics
+    )
+
+
+def latest_checkpoint(storage: Storage, name: str) -> str | None:
+    """The URI of run `name`'s latest complete checkpoint, as Ray Train records it; None when
+    it has none yet or the storage cannot be read."""
+    try:
+        result = ray.train.Result.from_path(
+            storage.join(name), storage_filesystem=storage.filesystem
+        )
+    except Exception:  # noqa: BLE001 - no snapshot yet, or storage down: nothing to name
+        return None
+    return (
+        None
+        if result.checkpoint is None
+        else storage.uri_for(name, Path(result.checkpoint.path).name)
+    )
+
+
+def failure_message(exc: BaseException, storage: Storage, name: str) -> str:
+    """One line for a pre-training that ended with `exc`: the cause and the last checkpoint.
+
+    Ray Train reports an unrecoverable worker error (see `dupr_platform.failures`) and a failed
+    write of its own state as controller errors, worker errors that exhausted `max_failures`
+    as a worker-group error, and a controller that could not start (storage unreachable at
+    start) as a dead actor.
+    """
+    cause = exc
+    if isinstance(exc, ray.train.ControllerError):
+        cause = exc.controller_failure
+        if isinstance(cause, UnrecoverableError):
+            return str(cause)
+    elif isinstance(exc, ray.train.WorkerGroupError):
+        rank, first = min(exc.worker_failures.items(), key=lambda kv: kv[0])
+        cause = first
+    if isinstance(cause, OSError):
+        try:
+            check_storage(storage)
+        except StorageError as down:
+            cause = down
+    text = _first_line(cause) if not isinstance(cause, StorageError) else str(cause)
+    if isinstance(exc, ray.exceptions.ActorDiedError):
+        text = "the run could not start: " + _first_line(exc)
+    last = latest_checkpoint(storage, name)
+    return (
+        f"{text}; last complete checkpoint: {last or 'none'}; once the cause is fixed, the "
+        "same command resumes from it"
     )
 
 
@@ -450,64 +622,50 @@ def load_checkpoint_state(checkpoint_uri: str) -> dict[str, Any]:
 
 
 def job_from_overrides(overrides: list[str]) -> PretrainJob:
-    """A job from Hydra-style `key=value` overrides over a method preset.
+    """A job from Hydra-syntax `key=value` overrides over a method preset.
 
     `preset=NAME` picks the method preset (default `cpu_demo`); `method.model.tau=0.15`,
-    `num_workers=2`, `storage=s3://bucket/prefix` etc. set fields. Unknown keys are errors.
+    `num_workers=2`, `storage=s3://bucket/prefix` etc. set fields. The job's dataclass is the
+    schema: an unknown key or a value of the wrong type is a one-line ConfigError, as in the
+    pipelines (`dupr_platform.configs`).
     """
-    from omegaconf import OmegaConf  # Hydra's config library; only the driver needs it
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
 
     from dupr.config import preset
+    from dupr_platform.configs import config_error, typed, update
 
-    pairs = dict(o.split("=", 1) if "=" in o else (o, None) for o in overrides)
-    bad = [k for k, v in pairs.items() if v is None]
-    if bad:
-        raise ConfigError(f"{bad[0]}: overrides are written key=value")
-    base = asdict(PretrainJob(method=preset(pairs.pop("preset", "cpu_demo"))))
-    cfg = OmegaConf.create(base)
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        raise config_error(exc) from None
+    pairs = {o.key_or_group: o.value() for o in parsed}
+    name = pairs.pop("preset", "cpu_demo")
+    if not isinstance(name, str):
+        raise ConfigError(f"preset={name!r}: must be a preset name")
+    cfg = typed(asdict(PretrainJob(method=preset(name))), PretrainJob)
     for key, value in pairs.items():
-        if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
-            raise ConfigError(f"{key}: unknown configuration key")
-        OmegaConf.update(cfg, key, _parse(value))
+        update(cfg, key, value)
     values = OmegaConf.to_container(cfg, resolve=True)
     method = DUPRConfig.from_dict(values.pop("method"))
     return PretrainJob(method=method, **values).validate()
 
 
-def _parse(value: str) -> Any:
-    """YAML scalar/list parsing, as Hydra does for override values."""
-    import yaml
-
-    return yaml.safe_load(value)
-
-
 def main(argv: list[str] | None = None) -> int:
     import sys
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    # Without Ray's dashboard (ray[default]) the state-actor reconciliation only logs failures.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
-    try:
-        job = job_from_overrides(sys.argv[1:] if argv is None else argv)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
+    from dupr_platform.cli import run_cli
+
+    def run(job: PretrainJob) -> PretrainResult:
         result = run_pretraining(job)
-    except (
-        ConfigError,
-        StorageError,
-        TrackingError,
-        ShardError,
-        FileNotFoundError,
-        NotADirectoryError,
-    ) as err:  # bad input, found before any worker started
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"pre-training {job.name}: {result.epochs} epochs, {result.steps} steps")
-    print(f"  checkpoint: {result.checkpoint_uri}")
-    print(f"  MLflow run: {result.run_id} ({job.tracking_uri}, experiment {job.experiment})")
-    return 0
+        print(f"pre-training {job.name}: {result.epochs} epochs, {result.steps} steps")
+        print(f"  checkpoint: {result.checkpoint_uri}")
+        print(f"  MLflow run: {result.run_id} ({job.tracking_uri}, experiment {job.experiment})")
+        return result
+
+    overrides = sys.argv[1:] if argv is None else argv
+    return run_cli(lambda: job_from_overrides(overrides), run, lambda job: job.name)
 
 
 if __name__ == "__main__":

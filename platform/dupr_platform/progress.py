@@ -22,15 +22,18 @@ class Progress:
     """Prints `[stage] unit done/total (pct) · rate · metrics · left ETA`, at most every
     `every_s` seconds and always for the last step."""
 
-    def __init__(self, stage: str, total: int, unit: str = "step", every_s: float = 10.0) -> None:
+    def __init__(
+        self, stage: str, total: int, unit: str = "step", every_s: float = 10.0, done: int = 0
+    ) -> None:
+        """`done`: units finished before this process started (a resumed run)."""
         self.stage, self.total, self.unit, self.every_s = stage, max(total, 1), unit, every_s
         self.start = time.monotonic()
-        self._last_print = 0.0
-        self._first_done: int | None = None
+        self.done_before = done
+        self._last_print: float | None = None  # the first update is always printed
 
     def line(self, done: int, metrics: Mapping[str, float] | None = None) -> str:
         elapsed = time.monotonic() - self.start
-        rate = done / elapsed if elapsed > 0 else 0.0
+        rate = (done - self.done_before) / elapsed if elapsed > 0 else 0.0
         left = (self.total - done) / rate if rate > 0 else float("nan")
         parts = [
             f"[{self.stage}] {self.unit} {done}/{self.total} ({100 * done / self.total:.0f}%)",
@@ -42,7 +45,8 @@ class Progress:
 
     def update(self, done: int, metrics: Mapping[str, float] | None = None) -> None:
         now = time.monotonic()
-        if done < self.total and now - self._last_print < self.every_s:
+        recent = self._last_print is not None and now - self._last_print < self.every_s
+        if done < self.total and recent:
             return
         self._last_print = now
         # Not `print`: Ray Train workers replace it with one that logs the line and also echoes

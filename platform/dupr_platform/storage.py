@@ -6,8 +6,10 @@ pipeline stages and the tests share one object instead of three S3 clients.
 
 Custom S3 endpoints (MinIO, moto, Ceph): a bare ``pyarrow.fs.S3FileSystem()`` ignores
 ``AWS_ENDPOINT_URL``, so :func:`open_storage` reads it (or ``AWS_ENDPOINT_URL_S3``) explicitly.
-Credentials come only from the environment; they are handed to pyarrow and to Ray workers
-(:func:`aws_env`) by reference to that environment and never written to logs, params or errors.
+Credentials come only from the process's environment (or pyarrow's AWS credential chain:
+instance profiles, web identity); they are handed to pyarrow in memory and never written to
+logs, params, errors or Ray's runtime environments. Ray workers get them where clusters provide
+them: the node's environment (inherited from the driver on a local instance).
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
+from dupr.config import ConfigError
+
 __all__ = [
     "Storage",
     "StorageError",
-    "aws_env",
+    "aws_settings",
     "check_storage",
     "localize",
     "contains_secret",
@@ -40,6 +44,17 @@ __all__ = [
     "split_uri",
 ]
 
+# Object-storage settings that are not secrets: forwarded to Ray workers on other nodes.
+AWS_SETTINGS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "MLFLOW_S3_ENDPOINT_URL",
+)
+# The credential variables of object storage; a node without them (and without another
+# credential source) cannot reach the store.
+AWS_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 # Environment variables whose values are secrets wherever they show up.
 SECRET_ENV_VARS = (
     "AWS_SECRET_ACCESS_KEY",
@@ -327,11 +342,9 @@ def _s3_filesystem(uri: str, endpoint: str | None, fail_fast: bool) -> pafs.S3Fi
     }
     if endpoint:
         kwargs.update(_endpoint_kwargs(uri, endpoint))
-    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if key and secret:
-        kwargs.update(access_key=key, secret_key=secret)
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    # No keys are passed: the AWS SDK's credential chain reads them (environment, profile,
+    # instance role) in whichever process uses the filesystem. Explicit keys would be pickled
+    # with it into Ray Train's workers and controller (its storage_filesystem).
     return pafs.S3FileSystem(**kwargs)
 
 
@@ -403,15 +416,9 @@ def ray_storage_args(storage: Storage) -> dict[str, Any]:
     return {"storage_path": storage.path, "storage_filesystem": storage.filesystem}
 
 
-def aws_env() -> dict[str, str]:
-    """The ``AWS_*`` and ``MLFLOW_S3_*`` variables set here, for Ray's ``runtime_env.env_vars``.
-
-    Workers get the same credentials and endpoint as the driver, copied from this process's
-    environment. The result holds secrets: pass it on, never log or record it.
-    """
-    return {
-        k: v for k, v in os.environ.items() if k.startswith("AWS_") or k.startswith("MLFLOW_S3_")
-    }
+def aws_settings() -> dict[str, str]:
+    """The endpoint and region variables set here (`AWS_SETTINGS`), never credentials."""
+    return {k: os.environ[k] for k in AWS_SETTINGS if os.environ.get(k)}
 
 
 def secret_env_values() -> list[str]:
@@ -446,6 +453,19 @@ def scrub_secrets(text: str) -> str:
 
 
 _USERINFO_RE = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*:)(?P<pw>[^/\s@]+)@")
+
+
+def check_no_password(name: str, uri: object, instead: str) -> None:
+    """Refuse a URI that carries a password (`scheme://user:password@host`).
+
+    A URI is written to configs, MLflow params, Ray's job table and logs; the password belongs
+    in the environment (`instead` names the variables). The message masks it.
+    """
+    if isinstance(uri, str) and mask_userinfo(uri) != uri:
+        shown = _USERINFO_RE.sub(lambda m: m.group("head").split("//")[0] + f"//{REDACTED}@", uri)
+        raise ConfigError(
+            f"{name}={shown!r}: holds credentials; set {instead} in the environment instead"
+        )
 
 
 def mask_userinfo(text: str) -> str:

@@ -35,17 +35,20 @@ from typing import Any
 import yaml
 
 from dupr.config import ConfigError
-from dupr_platform.evaluations import results_by_init
+from dupr_platform import console
+from dupr_platform.cluster import check_nodes, credentials_withheld, start_ray
+from dupr_platform.configs import PipelineConfig, typed, update, validate_sweep
+from dupr_platform.evaluations import metric_names, results_by_init
 from dupr_platform.pipeline import (
+    EVALUATIONS,
     PipelineResult,
     build_stages,
     preflight_pipeline,
     run_pipeline,
-    task_env,
 )
-from dupr_platform.pretrain import ensure_ray
+from dupr_platform.recovery import driving
 from dupr_platform.storage import open_storage, ray_storage_args
-from dupr_platform.tracking import RunLogger
+from dupr_platform.tracking import RUN_KEY_TAG, RunLogger
 
 TRIALS_DIR = "sweep/trials"
 
@@ -108,18 +111,6 @@ def load_grid(name: str, grids_dir: Path) -> Grid:
     )
 
 
-def _set(cfg: dict[str, Any], dotted: str, value: Any, where: str) -> None:
-    node = cfg
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            raise ConfigError(f"{where}: {dotted}: unknown configuration key")
-        node = node[part]
-    if parts[-1] not in node:
-        raise ConfigError(f"{where}: {dotted}: unknown configuration key")
-    node[parts[-1]] = value
-
-
 # ---------------------------------------------------------------------------------------------
 # Trials
 
@@ -137,24 +128,45 @@ def sweep_name(cfg: dict[str, Any], grid: Grid) -> str:
 
 
 def build_trials(cfg: dict[str, Any], grid: Grid) -> list[Trial]:
-    """Each trial's config; every one checked (config, data, storage, tracking) first."""
+    """Each trial's config; every one checked (types, values, data, storage, tracking) first.
+
+    A grid value is set on the typed pipeline config (`dupr_platform.configs`), so a value of
+    the wrong type or an unknown key fails like the same override on the command line.
+    """
+    from omegaconf import OmegaConf
+
     name = sweep_name(cfg, grid)
     storage = open_storage(cfg["storage"]).uri_for(name)
+    base = typed({k: v for k, v in cfg.items() if k != "sweep"}, PipelineConfig)
     trials = []
     for label, overrides in grid.values:
-        trial_cfg = {k: copy.deepcopy(v) for k, v in cfg.items() if k != "sweep"}
         where = f"grid {grid.name}, value {label}"
-        for dotted, value in {**grid.fixed, **overrides}.items():
-            _set(trial_cfg, dotted, value, where)
-        trial_cfg["storage"] = storage
-        trial_cfg["name"] = f"{name}/{label}".replace("/", ":")
+        values = {**grid.fixed, **overrides}
+        trial = copy.deepcopy(base)
         try:
-            preflight_pipeline(trial_cfg, build_stages(trial_cfg))
+            for dotted, value in values.items():
+                update(trial, dotted, value)
+            trial_cfg = OmegaConf.to_container(trial, resolve=True)
+            trial_cfg["storage"] = storage
+            trial_cfg["name"] = f"{name}/{label}".replace("/", ":")
+            preflight_pipeline(trial_cfg)
         except ValueError as err:
             raise ConfigError(f"{where}: {err}") from None
         digest = hashlib.sha256(json.dumps(trial_cfg, sort_keys=True).encode()).hexdigest()
-        trials.append(Trial(label, {**grid.fixed, **overrides}, trial_cfg, digest[:12]))
+        trials.append(Trial(label, values, trial_cfg, digest[:12]))
     return trials
+
+
+def trial_metrics(trial_cfg: dict[str, Any]) -> list[str]:
+    """The names of a trial's row: the pre-trained model's metrics (see `trial_row`)."""
+    label = trial_cfg["pretrain"]["label"]
+    names = ["loss"]
+    for stage in build_stages(trial_cfg):
+        parts = stage.name.split("/")
+        if parts[-1] == label and stage.kind in EVALUATIONS:
+            prefix = "/".join(parts[:-1])
+            names += [f"{prefix}/{m}" for m in metric_names(stage.kind, stage.config)]
+    return names
 
 
 def trial_fn(config: dict[str, Any]) -> None:
@@ -174,10 +186,26 @@ def trial_fn(config: dict[str, Any]) -> None:
         params={"grid": {"label": config["label"], **config["overrides"]}},
         pretrain_callbacks=callbacks,
     )
-    if not result.ok:  # Tune retries the trial; the stage cache keeps what finished
-        failed = [f"{r.name}: {r.error}" for r in result.reports if r.error]
-        raise RuntimeError("; ".join(failed)[:1000] or "a stage failed")
-    tune.report({**trial_row(config["cfg"], result), "pipeline_done": 1.0})
+    if not result.ok:
+        failed = [r for r in result.reports if r.error]
+        message = "; ".join(f"{r.name}: {r.error}" for r in failed)[:1000] or "a stage failed"
+        if failed and not any(r.retryable for r in failed):
+            # A retry cannot fix it (storage down, broken data): the trial ends as failed now,
+            # without Tune's retries, its message in the result.
+            tune.report({FAILED_METRIC: message, "pipeline_done": 0.0})
+            return
+        raise RuntimeError(message)  # Tune retries the trial; the stage cache keeps what finished
+    row = trial_row(config["cfg"], result)
+    # Stored as soon as the trial is done: a sweep whose driver dies later keeps this row.
+    metrics = {k: v for k, v in row.items() if _is_metric(k, v)}
+    store = open_storage(config["cfg"]["storage"])
+    store.write_json(
+        f"{TRIALS_DIR}/{config['key']}.json", {"label": config["label"], "metrics": metrics}
+    )
+    tune.report({**row, "pipeline_done": 1.0})
+
+
+FAILED_METRIC = "trial_error"  # in a trial's result: it failed and must not be retried
 
 
 def trial_row(cfg: dict[str, Any], result: PipelineResult) -> dict[str, float]:
@@ -208,26 +236,44 @@ class SweepResult:
 
 
 def run_sweep(cfg: dict[str, Any], grid: Grid) -> SweepResult:
-    from ray import tune
-
+    """Check every trial, then run those without a stored row as Ray Tune trials."""
     cfg = dict(cfg)
-    sw = cfg["sweep"]
-    _check_sweep(sw)
     name = sweep_name(cfg, grid)
     trials = build_trials(cfg, grid)
+    validate_sweep(cfg, sorted({m for t in trials for m in trial_metrics(t.cfg)}))
     state = open_storage(cfg["storage"]).uri_for(name)
     store = open_storage(state)
     stored = {t.key: store.read_json(f"{TRIALS_DIR}/{t.key}.json") for t in trials
               if store.exists(f"{TRIALS_DIR}/{t.key}.json")}  # fmt: skip
     todo = [t for t in trials if t.key not in stored]
 
-    ensure_ray({"env_vars": task_env()})
+    if todo and start_ray("sweep"):
+        check_nodes(cfg["storage"], cfg["tracking_uri"])
     sweep_run = RunLogger.start(
         cfg["tracking_uri"],
         cfg["experiment"],
         f"sweep:{name}",
         tags={"mlflow.runName": name, "dupr.sweep": grid.name, "dupr.table": grid.table},
     )
+    with driving(sweep_run, RUN_KEY_TAG, f"sweep:{name}", "sweep"):
+        result = _run_trials(cfg, grid, trials, stored, sweep_run, state)
+    sweep_run.end("FINISHED" if result.ok else "FAILED")
+    return result
+
+
+def _run_trials(
+    cfg: dict[str, Any],
+    grid: Grid,
+    trials: list[Trial],
+    stored: dict[str, Any],
+    sweep_run: RunLogger,
+    state: str,
+) -> SweepResult:
+    """Run the trials that have no stored row; build, log and print the table."""
+    from ray import tune
+
+    sw, name, store = cfg["sweep"], sweep_name(cfg, grid), open_storage(state)
+    todo = [t for t in trials if t.key not in stored]
     # Params are immutable in MLflow: only what defines the sweep; how it runs (concurrency,
     # retries) may change between runs of the same sweep and goes into the artifact.
     sweep_run.log_params({"grid": grid.name, "table": grid.table, "storage": state})
@@ -269,17 +315,19 @@ def run_sweep(cfg: dict[str, Any], grid: Grid) -> SweepResult:
                 verbose=0,
             ),
         )
-        for result in tuner.fit():
+        with credentials_withheld(), console.library_output():
+            results = tuner.fit()
+        for result in results:
             key = result.config["key"]
             if result.error is not None:
                 outcomes[key] = ("failed", {}, _one_line(result.error))
+            elif (result.metrics or {}).get(FAILED_METRIC):  # not retried: see trial_fn
+                outcomes[key] = ("failed", {}, str(result.metrics[FAILED_METRIC]))
             elif (result.metrics or {}).get("pipeline_done") != 1.0:
                 outcomes[key] = ("stopped early", dict(result.metrics or {}), "")
             else:
                 metrics = {k: v for k, v in result.metrics.items() if _is_metric(k, v)}
-                outcomes[key] = ("done", metrics, "")
-                row = {"label": _label(todo, key), "metrics": metrics}
-                store.write_json(f"{TRIALS_DIR}/{key}.json", row)
+                outcomes[key] = ("done", metrics, "")  # its row is stored (trial_fn)
 
     rows = []
     for t in trials:
@@ -297,9 +345,7 @@ def run_sweep(cfg: dict[str, Any], grid: Grid) -> SweepResult:
         ):
             sweep_run.client.set_tag(run.info.run_id, "dupr.best", "true")
     print(table, flush=True)
-    result = SweepResult(name, sweep_run.run_id, rows, table)
-    sweep_run.end("FINISHED" if result.ok else "FAILED")
-    return result
+    return SweepResult(name, sweep_run.run_id, rows, table)
 
 
 def _trial_config(trial: Trial, sweep: str, run_id: str, sw: dict[str, Any]) -> dict[str, Any]:
@@ -312,16 +358,6 @@ def _trial_config(trial: Trial, sweep: str, run_id: str, sw: dict[str, Any]) -> 
         "sweep_run_id": run_id,
         "early_stopping": bool(sw["early_stopping"]),
     }
-
-
-def _check_sweep(sw: dict[str, Any]) -> None:
-    for key, low in (("max_concurrent_trials", 1), ("trial_retries", 0)):
-        if not isinstance(sw[key], int) or sw[key] < low:
-            raise ConfigError(f"sweep.{key}={sw[key]!r}: must be an integer >= {low}")
-    if not sw["trial_cpus"] > 0:
-        raise ConfigError(f"sweep.trial_cpus={sw['trial_cpus']!r}: must be > 0 (Ray refuses 0)")
-    if sw["mode"] not in ("max", "min"):
-        raise ConfigError(f"sweep.mode={sw['mode']!r}: max or min")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,10 +426,6 @@ def log_table(
     run.set_tag("dupr.best", best["label"])
     run.set_tag("dupr.best_metric", f"{metric}={best[metric]:.4g}")
     return table, best["label"]
-
-
-def _label(trials: list[Trial], key: str) -> str:
-    return next(t.label for t in trials if t.key == key)
 
 
 def _is_metric(key: str, value: Any) -> bool:

@@ -61,11 +61,19 @@ _log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "dupr.run_key"
 PARENT_TAG = "mlflow.parentRunId"
+PREVIOUS_PARENT_TAG = "dupr.previous_parent_run"
+CONTINUED_BY_TAG = "dupr.continued_by"  # on a run a crashed driver left: who carried on
 MAX_PARAMS_PER_BATCH = 100
 MAX_TAGS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAM_VALUE = 6000
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
+# The credential variables of an MLflow server (names only ever shown, never values).
+TRACKING_CREDENTIALS = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
 _SECRET_KEY_PARTS = (
     "password",
     "passwd",
@@ -329,9 +337,15 @@ class RunLogger:
             rid = run.info.run_id
             if resumed:
                 client.update_run(rid, status="RUNNING")
+                if CONTINUED_BY_TAG in run.data.tags:  # ended by a crash cleanup; alive again
+                    client.delete_tag(rid, CONTINUED_BY_TAG)
             extra = redact(dict(tags or {}))
             if parent_run_id and resumed:
-                extra.setdefault(PARENT_TAG, parent_run_id)
+                # A continued run moves under the parent of the invocation that continues it.
+                previous = run.data.tags.get(PARENT_TAG)
+                extra[PARENT_TAG] = parent_run_id
+                if previous and previous != parent_run_id:
+                    extra[PREVIOUS_PARENT_TAG] = previous
             for chunk in _chunks([RunTag(k, v) for k, v in extra.items()], MAX_TAGS_PER_BATCH):
                 client.log_batch(rid, tags=chunk, synchronous=True)
             floors = {
@@ -368,6 +382,11 @@ class RunLogger:
 
     def set_tag(self, key: str, value: Any) -> None:
         self.client.set_tag(self.run_id, key, redact({key: value})[key])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Redacted, in batches; tags, unlike params, may change when a run is continued."""
+        for chunk in _chunks([RunTag(k, v) for k, v in redact(dict(tags)).items()], 100):
+            self.client.log_batch(self.run_id, tags=chunk, synchronous=True)
 
     # -- metrics -----------------------------------------------------------------------------
 

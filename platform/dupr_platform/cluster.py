@@ -1,0 +1,171 @@
+"""The Ray cluster a driver works on: its own local instance, or the cluster in RAY_ADDRESS.
+
+- `start_ray` connects to the cluster named by RAY_ADDRESS (as inside `ray job submit`), or
+  starts a local instance that belongs to this driver alone. The instance's address is put in
+  the environment its processes inherit, so Ray Train's own helpers (its placement-group
+  cleaner) talk to it, not to another instance on the machine ("Found multiple active Ray
+  instances"); two pipelines on one machine do not see each other.
+- Credentials never travel through Ray (Ray writes runtime environments to its logs in full):
+  the workers of a local instance inherit the driver's environment, and the nodes of a cluster
+  have their own (a Kubernetes Secret as env, an instance profile, the node's `AWS_*`).
+  `forwarded_env` is what may travel: endpoints, regions, the data folder.
+- `check_nodes` runs the storage and tracking checks on every other node of a connected cluster
+  before anything is scheduled there, so a node without credentials fails in preflight with
+  one line that names the missing variable, never its value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import ray
+
+from dupr.config import ConfigError
+from dupr_platform import console
+from dupr_platform.storage import AWS_CREDENTIALS, aws_settings, check_storage, open_storage
+from dupr_platform.tracking import TRACKING_CREDENTIALS, check_tracking
+
+# Ray starts its worker processes at niceness 15 (RAY_worker_niceness), so that its own control
+# processes stay responsive. A training worker at 15 yields the CPU to every normal-priority
+# process on the node, Ray's driver and agents included: on a 2-core machine that made each step
+# 15-25 % slower than the same loop in a plain process (benchmarks/ray_overhead.py). Processes
+# that do the experiment's compute (training workers, pipeline stage tasks) run at normal priority,
+# as Ray itself does for job drivers; Ray Data's decoding actors stay at 15 and yield to them.
+COMPUTE_PRIORITY = {"RAY_worker_niceness": "0"}
+
+
+def forwarded_env() -> dict[str, str]:
+    """The driver's settings that workers on other nodes need and that are not secrets."""
+    env = aws_settings()
+    if os.environ.get("DUPR_DATA_HOME"):
+        env["DUPR_DATA_HOME"] = os.environ["DUPR_DATA_HOME"]
+    return env
+
+
+# Ray Tune copies these from the driver's environment into the runtime environment of every
+# trial (ray/tune/execution/class_cache.py), which Ray's runtime-env agent writes to its log.
+_TUNE_COPIED_CREDENTIALS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SECURITY_TOKEN",
+    "AWS_SESSION_TOKEN",
+)
+
+
+@contextlib.contextmanager
+def credentials_withheld() -> Iterator[None]:
+    """Keep Ray Tune from copying credential variables into its trials' runtime environments.
+
+    Trials get credentials as every Ray worker does (inherited from the driver on a local
+    instance, the node's own on a cluster), so the variables are out of this process's
+    environment while Tune starts trials; clients made before (the storage filesystems) keep
+    theirs.
+    """
+    saved = {k: os.environ.pop(k) for k in _TUNE_COPIED_CREDENTIALS if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+_started = False  # whether start_ray initialised Ray in this process
+
+
+def stop_ray() -> None:
+    """Disconnect (and stop a local instance) if `start_ray` started it; else nothing."""
+    global _started
+    if _started and ray.is_initialized():
+        ray.shutdown()
+    _started = False
+
+
+def start_ray(where: str) -> bool:
+    """Connect to RAY_ADDRESS's cluster, or start this driver's own local instance.
+
+    Returns True when connected to an existing cluster (whose other nodes need checking).
+    `where` names the caller in the one line that says where Ray's output goes.
+    """
+    global _started
+    if ray.is_initialized():
+        return False
+    _started = True
+    connected = bool(os.environ.get("RAY_ADDRESS"))
+    if connected:
+        ray.init(logging_level="INFO")
+    else:
+        port = _free_port()
+        own = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"}
+        saved = {k: os.environ.get(k) for k in own}
+        os.environ.update(own)  # inherited by the instance's processes, not kept here
+        try:
+            ray.init(
+                address="local",
+                logging_level="INFO",
+                dashboard_port=_free_port(),
+            )
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    console.route_worker_output()
+    console.announce(where)
+    return connected
+
+
+def _node_probe(storage_uri: str, tracking_uri: str, names: list[str]) -> dict[str, Any]:
+    """On one node: which of `names` are unset, and the storage and tracking checks."""
+    missing = [n for n in names if not os.environ.get(n)]
+    problems = []
+    for check in (
+        lambda: check_storage(open_storage(storage_uri)),
+        lambda: check_tracking(tracking_uri),
+    ):
+        try:
+            check()
+        except ValueError as exc:
+            problems.append(str(exc))
+    return {"missing": missing, "problems": problems}
+
+
+def check_nodes(storage_uri: str, tracking_uri: str) -> None:
+    """Every alive node other than the driver's reaches storage and tracking as the driver does.
+
+    A ConfigError names the node, what fails there and which credential variables the driver
+    has but the node lacks (names only). Nodes that reach both are fine, whatever their
+    credential source.
+    """
+    names = [n for n in (*AWS_CREDENTIALS, *TRACKING_CREDENTIALS) if os.environ.get(n)]
+    here = ray.get_runtime_context().get_node_id()
+    probe = ray.remote(num_cpus=0, max_retries=0)(_node_probe)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    pending = {}
+    for node in ray.nodes():
+        if not node.get("Alive") or node["NodeID"] == here:
+            continue
+        strategy = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
+        ref = probe.options(
+            scheduling_strategy=strategy, runtime_env={"env_vars": forwarded_env()}
+        ).remote(storage_uri, tracking_uri, names)
+        pending[ref] = node.get("NodeManagerAddress", node["NodeID"])
+    for ref, address in pending.items():
+        found = ray.get(ref, timeout=120)
+        if found["problems"]:
+            lacking = (
+                f"; {', '.join(found['missing'])} set here but not on that node"
+                if found["missing"]
+                else ""
+            )
+            raise ConfigError(f"node {address}: {found['problems'][0]}{lacking}")

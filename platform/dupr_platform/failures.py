@@ -1,0 +1,60 @@
+"""Run-time failures that a restart cannot fix: fail once, naming the cause and the checkpoint.
+
+Ray Train restarts the worker group after any worker error, up to `max_failures` times: the
+right answer to a lost node, the wrong one to an object store that is down or data that does
+not decode, where every restart fails the same way after minutes of start-up. The training
+workers raise `UnrecoverableError` for those (`dupr_platform.pretrain.train_worker` decides),
+and `StopOnUnrecoverable`, a Ray Train callback on the controller, stops the run at the first
+such error with one line that names the cause and the last complete checkpoint. Any other
+error is left to Ray's retries.
+
+Ray Train has no public switch for "do not retry this error"; the callback relies on Ray Train
+2.60 ending the run when `UserCallback.after_exception` raises (its controller turns the
+exception into a non-retryable `ControllerError`). `tests/test_storage_outage.py` checks that
+behaviour, so an upgrade that changes it is caught.
+
+This module is small on purpose: the controller actor imports it to unpickle the callback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray.train
+
+
+class UnrecoverableError(RuntimeError):
+    """A failure that a restart cannot fix; the message is one line for the user."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[type[UnrecoverableError], tuple[str]]:
+        # One string argument: the error crosses processes (worker → controller → driver).
+        return (type(self), (str(self),))
+
+
+class StopOnUnrecoverable(ray.train.UserCallback):
+    """Ends the run at the first `UnrecoverableError` of any worker (no restart).
+
+    `last_checkpoint` is the latest complete checkpoint when the run (re)starts; the callback
+    follows every checkpoint reported after that. `uri_prefix` turns Ray's path inside the
+    storage filesystem into the URI the user knows ("s3://" for S3, "" for local folders).
+    """
+
+    def __init__(self, last_checkpoint: str | None, uri_prefix: str = "") -> None:
+        self.last_checkpoint = last_checkpoint
+        self.uri_prefix = uri_prefix
+
+    def after_report(self, run_context: Any, metrics: Any, checkpoint: Any) -> None:
+        if checkpoint is not None:  # uploaded, and recorded by Ray's checkpoint manager
+            self.last_checkpoint = self.uri_prefix + checkpoint.path
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        for rank, exc in sorted(worker_exceptions.items()):
+            if isinstance(exc, UnrecoverableError):
+                raise UnrecoverableError(
+                    f"{exc} (rank {rank}; not retried); last complete checkpoint: "
+                    f"{self.last_checkpoint or 'none'}; once the cause is fixed, the same "
+                    "command resumes from it"
+                )

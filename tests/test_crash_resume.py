@@ -1,0 +1,138 @@
+"""kill -9 of the driver of the main job (and of a sweep), then the same command again.
+
+What a crash on a cluster does: the driver process dies without a word, its local Ray instance
+with it. The rerun must continue pre-training from the latest complete checkpoint, take the
+finished stages from the cache, complete, and leave no MLflow run RUNNING; the pre-training
+run's steps have no gap and no duplicate. The console shows the project's own lines only, and
+a rerun with nothing left to do does not start Ray.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+from drivers import ABLATE, PIPELINE, PROJECT_LINE, Driver, files_under, ray_tmpdir, run
+from dupr.data import embedded_image_folder
+from helpers import TOY_PIPELINE
+
+
+def _toy(tmp_path: Path, experiment: str, *extra: str) -> list[str]:
+    return [
+        f"storage={tmp_path / 'storage'}",
+        f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"experiment={experiment}",
+        f"pretrain.data={embedded_image_folder(64)}",
+        *TOY_PIPELINE,
+        "pretrain.method.optim.epochs=4",  # 8 steps per epoch: a kill lands mid-run
+        "baselines.random=false",
+        *extra,
+    ]
+
+
+def _checkpointed(storage: Path, count: int = 1) -> bool:
+    """`count` pre-trainings have a checkpoint that Ray Train has recorded."""
+    found = 0
+    for snapshot in storage.rglob("checkpoint_manager_snapshot.json"):
+        found += "checkpoint_epoch=" in snapshot.read_text()
+    return found >= count
+
+
+def _all_runs(tracking: str, experiment: str) -> list:
+    client = MlflowClient(tracking)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def _check_runs_after_resume(tracking: str, experiment: str, pretrain_runs: int = 1) -> None:
+    client = MlflowClient(tracking)
+    runs = _all_runs(tracking, experiment)
+    by_id = {r.info.run_id: r for r in runs}
+    assert not [r.data.tags.get("mlflow.runName") for r in runs if r.info.status == "RUNNING"]
+    for ended in runs:
+        if ended.info.status == "KILLED":  # a run of a killed invocation names who carried on
+            assert ended.data.tags["dupr.continued_by"] in by_id, ended.data.tags
+    pretrains = [r for r in runs if r.data.tags.get("dupr.run_key", "").startswith("pretrain-")]
+    assert len(pretrains) == pretrain_runs
+    resumed = [r for r in pretrains if "dupr.resumed_at_step" in r.data.tags]
+    assert resumed, "no pre-training continued from a checkpoint"
+    for pretrain in resumed:
+        assert pretrain.info.status == "FINISHED"
+        assert int(pretrain.data.tags["dupr.resumed_at_step"]) > 0
+        steps = sorted(m.step for m in client.get_metric_history(pretrain.info.run_id, "loss"))
+        assert steps == list(range(1, 33)), steps  # no gap, no duplicate
+
+
+def _console_is_the_projects(output: str) -> None:
+    lines = [line for line in output.splitlines() if line.strip()]
+    strangers = [line for line in lines if not PROJECT_LINE.match(line)]
+    assert not strangers, strangers[:10]
+    assert sum("Ray's own output: " in line for line in lines) == 1
+
+
+def test_pipeline_resumes_after_its_driver_is_killed(tmp_path):
+    args = [PIPELINE, *_toy(tmp_path, "crash", "stages=[pretrain,convert,probe]")]
+    storage, tracking = tmp_path / "storage", f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    # 1. Killed after the first pre-training checkpoint.
+    first = Driver(args, tmp_path / "first.txt")
+    first.wait_for(lambda: _checkpointed(storage), 300, "first checkpoint")
+    first.kill()
+    first.stop()
+    assert not any(storage.glob("stages/*/_COMPLETE.json"))
+
+    # 2. Resumes pre-training; killed once the conversion is complete.
+    second = Driver(args, tmp_path / "second.txt")
+    second.wait_for(lambda: any(storage.glob("stages/convert-*/_COMPLETE.json")), 300, "convert")
+    second.kill()
+    second.stop()
+    assert "[pipeline] pretrain: done" in second.output()
+
+    # 3. Finished stages are cache hits; the rest runs; every run ends.
+    status, output = run(args, tmp_path / "third.txt", timeout=600)
+    assert status == 0, output[-4000:]
+    assert "[pipeline] pretrain: cache hit" in output
+    assert "[pipeline] convert/dupr: cache hit" in output
+    assert "| probe/dupr " in output and "continuing the work of an earlier run" in output
+    _console_is_the_projects(output)
+    _check_runs_after_resume(tracking, "crash")
+    parents = [r for r in _all_runs(tracking, "crash") if "dupr.pipeline" in r.data.tags]
+    assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED", "KILLED"]
+
+    # 4. Nothing left to do: every stage a cache hit, and Ray is not started.
+    ray_tmp = ray_tmpdir()
+    status, output = run(args, tmp_path / "fourth.txt", timeout=300, ray_tmp=ray_tmp)
+    assert status == 0, output[-4000:]
+    assert "Ray's own output" not in output and not files_under(ray_tmp)
+    assert "3 stages to run" not in output and "0 stages to run" in output
+
+
+def test_sweep_resumes_after_its_driver_is_killed(tmp_path):
+    grid = tmp_path / "two.yaml"
+    grid.write_text(yaml.safe_dump({"key": "pretrain.method.model.tau", "values": [0.1, 0.3]}))
+    args = [
+        ABLATE,
+        "--grid",
+        str(grid),
+        "sweep.name=crash",
+        "stages=[pretrain,convert]",
+        *_toy(tmp_path, "sweep-crash"),
+    ]
+    storage, tracking = tmp_path / "storage", f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    first = Driver(args, tmp_path / "first.txt")
+    # The second trial has checkpointed: the first trial is finished.
+    first.wait_for(lambda: _checkpointed(storage, count=2), 600, "second trial's checkpoint")
+    first.kill()
+    first.stop()
+
+    status, output = run(args, tmp_path / "second.txt", timeout=600)
+    assert status == 0, output[-4000:]
+    rows = [line for line in output.splitlines() if line.startswith("| 0.")]
+    assert [row.rsplit("|", 2)[-2].strip() for row in rows] == ["stored", "done"], rows
+    _console_is_the_projects(output)
+    _check_runs_after_resume(tracking, "sweep-crash", pretrain_runs=2)
+    sweeps = [r for r in _all_runs(tracking, "sweep-crash") if "dupr.sweep" in r.data.tags]
+    assert [r.info.status for r in sweeps] == ["FINISHED"]  # the same sweep run, continued
