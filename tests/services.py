@@ -244,11 +244,21 @@ def mlflow_server(
         "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url,
     }
     cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-        "--artifacts-destination", f"s3://{MLFLOW_BUCKET}/",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{workdir / 'mlflow.db'}",
+        "--artifacts-destination",
+        f"s3://{MLFLOW_BUCKET}/",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             cmd, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -273,8 +283,11 @@ def _ray_start(args: list[str], env: dict, log_path: Path) -> subprocess.Popen:
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             [str(BIN / "ray"), "start", "--block", *args],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 @pytest.fixture
@@ -298,20 +311,28 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     log_path = tmp_path_factory.mktemp("ray-head") / "head.log"
     head = _ray_start(
         [
-            "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-            "--num-cpus=2", f"--temp-dir={temp_dir}",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=2",
+            f"--temp-dir={temp_dir}",
         ],
-        env, log_path,
-    )  # fmt: skip
+        env,
+        log_path,
+    )
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.monotonic() + 120
         while True:
             probe = subprocess.run(
                 [str(BIN / "ray"), "job", "list", "--address", address],
-                env=env, capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             if probe.returncode == 0:
                 break
             if head.poll() is not None or time.monotonic() > deadline:
@@ -327,8 +348,9 @@ def ray_worker_node(head: RayHead, env: dict, log_path: Path, num_cpus: int = 1)
     """Another node of `head`'s cluster, started with `env`; stopped through its group."""
     node = _ray_start(
         [f"--address={head.gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}"],
-        env, log_path,
-    )  # fmt: skip
+        env,
+        log_path,
+    )
     try:
         yield
     finally:

@@ -26,8 +26,11 @@ def _nodes_up(head, count: int) -> None:
     while time.monotonic() < deadline:
         probe = subprocess.run(
             [sys.executable, "-c", COUNT_NODES],
-            env={**head.env, "RAY_ADDRESS": head.gcs}, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            env={**head.env, "RAY_ADDRESS": head.gcs},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if probe.stdout.strip().endswith(str(count)):
             return
         time.sleep(2)

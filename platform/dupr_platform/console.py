@@ -42,9 +42,14 @@ _console: Any = None  # the stdout of the session: where worker stdout lines are
 
 
 class _ScrubSecrets(logging.Filter):
+    """Secret values out of a record's message and traceback (a filter, not a formatter: Ray
+    replaces the formatters of the handlers on its logger when it starts)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg = scrub_secrets(record.getMessage())
         record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = scrub_secrets(logging.Formatter().formatException(record.exc_info))
         return True
 
 
@@ -65,16 +70,12 @@ def session(name: str) -> Iterator[Path | None]:
     restored afterwards, so a caller in a longer-lived process (a test) gets its own back."""
     global _log_path, _file_handler, _announced
     touched = ["", *PROJECT_LOGGERS, *QUIETED_LOGGERS, WORKERS_LOGGER]
-    saved = {
-        n: (list(logging.getLogger(n).handlers), logging.getLogger(n).level,
-            logging.getLogger(n).propagate)
-        for n in touched
-    }  # fmt: skip
+    loggers = [logging.getLogger(n) for n in touched]
+    saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
     try:
         yield _setup(name)
     finally:
-        for n, (handlers, level, propagate) in saved.items():
-            logger = logging.getLogger(n)
+        for logger, handlers, level, propagate in saved:
             logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
         if _file_handler is not None:
             _file_handler.close()

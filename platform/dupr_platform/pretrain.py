@@ -406,8 +406,11 @@ def check_data(job: PretrainSettings) -> None:
     if errors:
         log.warning(
             "data %s: %d of %d sampled images do not decode (skipped in training), e.g. %s",
-            job.data, len(errors), len(sample), errors[0],
-        )  # fmt: skip
+            job.data,
+            len(errors),
+            len(sample),
+            errors[0],
+        )
 
 
 def preflight(job: PretrainJob) -> None:
@@ -571,7 +574,7 @@ def latest_checkpoint(storage: Storage, name: str) -> str | None:
         result = ray.train.Result.from_path(
             storage.join(name), storage_filesystem=storage.filesystem
         )
-    except Exception:  # noqa: BLE001 - no snapshot yet, or storage down: nothing to name
+    except Exception:  # no snapshot yet, or storage down: nothing to name
         return None
     return (
         None

@@ -89,7 +89,7 @@ class Heartbeat:
         while not self._stop.wait(self.interval_s):
             try:
                 self._beat()
-            except Exception as exc:  # noqa: BLE001 - a missed beat is not worth a crash
+            except Exception as exc:  # a missed beat is not worth a crash
                 _log.warning("heartbeat of run %s failed: %s", self.run_id, exc)
 
     def stop(self) -> None:
