@@ -15,6 +15,10 @@ pytest_plugins = ["services"]
 os.environ.setdefault(
     "DUPR_DATA_HOME", os.path.join(os.path.dirname(__file__), "..", "runs", "test-data")
 )
+# Console log files of the pipelines run in-process go there too, not into the user's runs/logs.
+os.environ.setdefault(
+    "DUPR_LOG_DIR", os.path.join(os.path.dirname(__file__), "..", "runs", "test-logs")
+)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 # Without Ray's dashboard the Train state-actor reconciliation only logs failures.
 os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")

@@ -111,6 +111,9 @@ PIPELINE_CASES = [
     ("eval.detection.norm=group_norm", "eval.detection.norm='group_norm'"),
     ("eval.detection.lr_steps=[0.9,0.5]", "eval.detection.lr_steps"),
     ("eval.detection.warmup_iters=1000", "eval.detection.warmup_iters=1000"),
+    # the default overrides are R-CNN arguments; RetinaNet's constructor refuses them
+    ("eval.detection.detectors=[retinanet_fpn]", "not accepted by retinanet_fpn"),
+    ("+eval.detection.overrides.nms=0.5", "['nms'] not accepted by faster_rcnn_fpn"),
     ("eval.resources.cpus=0", "eval.resources.cpus=0"),
     ("eval.resources.gpus=lots", "eval.resources.gpus='lots'"),
     ("eval.data.detection.train_images=/data/x", "eval.data.detection: needs all of"),

@@ -156,7 +156,11 @@ def _resnet(arch: str, norm: str) -> torchvision.models.ResNet:
     return getattr(torchvision.models, arch)(weights=None, norm_layer=norm_layer(norm))
 
 
-def _check_overrides(name: str, overrides: Mapping[str, Any]) -> None:
+def check_overrides(name: str, overrides: Mapping[str, Any]) -> None:
+    """Raise a ValueError naming the `overrides` that detector `name`'s constructor refuses.
+
+    Checked before training starts: torchvision would only refuse them when the model is built.
+    """
     valid = set(inspect.signature(_CLASSES[name].__init__).parameters) - _OWN_ARGS
     valid |= set(inspect.signature(GeneralizedRCNNTransform.__init__).parameters) - _OWN_ARGS
     if name == "faster_rcnn_c4":
@@ -193,7 +197,7 @@ def build_detector(
         raise ValueError(f"arch={arch!r}: unknown (valid: {', '.join(BACKBONES)})")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r}: must be an integer >= 1")
-    _check_overrides(name, overrides)
+    check_overrides(name, overrides)
     common: dict[str, Any] = dict(
         min_size=min_size,
         max_size=max_size,

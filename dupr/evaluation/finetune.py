@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from dupr.config import ConfigError
 from dupr.evaluation.coco_metrics import coco_metrics, masks_to_rle
-from dupr.evaluation.detectors import DETECTORS, NORMS, build_detector
+from dupr.evaluation.detectors import DETECTORS, NORMS, build_detector, check_overrides
 from dupr.evaluation.voc_metrics import voc_metrics
 
 # RoI and proposal counts that make the two-stage detectors usable on a CPU (the torchvision
@@ -145,6 +145,10 @@ class DetectionConfig:
             _fail("num_workers", self.num_workers, "must be >= 0")
         if not isinstance(self.overrides, dict):
             _fail("overrides", self.overrides, "must be a mapping of constructor arguments")
+        try:
+            check_overrides(self.detector, self.overrides)
+        except ValueError as exc:
+            raise ConfigError(f"detection.{exc}") from None
         return self
 
     def build(

@@ -273,6 +273,9 @@ def typed(values: dict[str, Any], schema: type) -> Any:
         raise config_error(exc) from None
 
 
+_MISSING = object()
+
+
 def update(cfg: Any, dotted: str, value: Any) -> None:
     """Set `dotted` in a typed DictConfig: an unknown key or a wrong type is a ConfigError."""
     from omegaconf import OmegaConf
@@ -286,7 +289,6 @@ def update(cfg: Any, dotted: str, value: Any) -> None:
         raise config_error(exc) from None
 
 
-_MISSING = object()
 _TYPE_NAMES = {
     "Float": "a number",
     "Integer": "an integer",

@@ -57,7 +57,7 @@ from dupr_platform.stages import (
     write_marker,
 )
 from dupr_platform.storage import check_storage, open_storage
-from dupr_platform.tracking import RunLogger, check_tracking, redact_tree
+from dupr_platform.tracking import ERROR_TAG, RunLogger, check_tracking, redact_tree
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ class _Runner:
         log.debug("stage %s failed:\n%s", stage.name, "".join(traceback.format_exception(exc)))
         run = self.loggers.pop(stage.name, None)
         if run is not None:
-            run.set_tag("dupr.error", message[:5000])
+            run.set_tag(ERROR_TAG, message[:5000])
             run.end("FAILED")
         seconds = time.monotonic() - self.started.get(stage.name, time.monotonic())
         self.reports[stage.name] = StageReport(

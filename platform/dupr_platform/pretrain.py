@@ -63,7 +63,7 @@ from dupr_platform.storage import (
     open_storage,
     ray_storage_args,
 )
-from dupr_platform.tracking import TRACKING_CREDENTIALS, RunLogger, check_tracking
+from dupr_platform.tracking import ERROR_TAG, TRACKING_CREDENTIALS, RunLogger, check_tracking
 
 log = logging.getLogger(__name__)
 
@@ -552,7 +552,7 @@ def run_pretraining(
     except BaseException as exc:
         interrupted = not isinstance(exc, Exception)  # Ctrl-C, SIGTERM (ray job stop)
         message = "interrupted" if interrupted else failure_message(exc, storage, job.name)
-        logger.set_tag("dupr.error", message)
+        logger.set_tag(ERROR_TAG, message)
         logger.end("KILLED" if interrupted else "FAILED")
         if interrupted:
             raise

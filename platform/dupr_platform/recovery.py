@@ -7,6 +7,12 @@ and keeps a heartbeat tag fresh while it lives. When the same command starts aga
 for RUNNING runs of the same pipeline whose driver is gone, and ends them, and their RUNNING
 children, as KILLED with `dupr.continued_by` naming the run that carries on their work.
 
+Two kinds of run meet different ends. A run keyed by its content (a pre-training, a sweep, a
+trial: the same name means the same work) is continued in place by the next invocation, which
+finds it by name, sets it RUNNING again and removes the `dupr.continued_by` and `dupr.error`
+tags that no longer hold (`RunLogger.start`). A run that belongs to one invocation (a
+pipeline's parent run, a stage run) stays KILLED; the new invocation opens its own.
+
 A driver counts as dead when it ran on this host and its process is gone (or the pid now
 belongs to another process), or, on another host, when its heartbeat is older than
 `STALE_AFTER_S`. Work is not lost either way: stages are cached by key and pre-training

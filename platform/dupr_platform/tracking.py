@@ -47,6 +47,7 @@ from dupr_platform.storage import (
 )
 
 __all__ = [
+    "ERROR_TAG",
     "REDACTED",
     "RUN_KEY_TAG",
     "RunLogger",
@@ -63,6 +64,7 @@ RUN_KEY_TAG = "dupr.run_key"
 PARENT_TAG = "mlflow.parentRunId"
 PREVIOUS_PARENT_TAG = "dupr.previous_parent_run"
 CONTINUED_BY_TAG = "dupr.continued_by"  # on a run a crashed driver left: who carried on
+ERROR_TAG = "dupr.error"  # the one-line reason a run FAILED
 MAX_PARAMS_PER_BATCH = 100
 MAX_TAGS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
@@ -337,8 +339,10 @@ class RunLogger:
             rid = run.info.run_id
             if resumed:
                 client.update_run(rid, status="RUNNING")
-                if CONTINUED_BY_TAG in run.data.tags:  # ended by a crash cleanup; alive again
-                    client.delete_tag(rid, CONTINUED_BY_TAG)
+                # Alive again: what a crash cleanup or an earlier failure wrote no longer holds.
+                for stale in (CONTINUED_BY_TAG, ERROR_TAG):
+                    if stale in run.data.tags:
+                        client.delete_tag(rid, stale)
             extra = redact(dict(tags or {}))
             if parent_run_id and resumed:
                 # A continued run moves under the parent of the invocation that continues it.
