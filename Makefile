@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# The main job on embedded defaults: the whole study (pre-train -> convert -> evaluate) on a
+# The main job on its defaults and bundled data: the whole study (pre-train -> convert -> evaluate) on a
 # local Ray instance, with the data built offline; results in runs/ and the MLflow store there.
 demo: $(STAMP)
 	$(PY) pipelines/pretrain_and_eval.py

@@ -10,8 +10,8 @@ exactly as MoCo v2's `aug_plus` and called twice, with two blurs:
   (a) torchvision's T.GaussianBlur(kernel_size=23, sigma=(0.1, 2.0)) on the PIL image.
 
 The `mocov2_randaugment` preset is timed too, for information only. Images are decoded into
-memory first, so only the transforms are timed: the embedded image folder (crops of 128-256 px)
-and the full-size embedded photographs (300-1411 px). Single process, one torch thread. Each round
+memory first, so only the transforms are timed: the bundled image folder (crops of 128-256 px)
+and the full-size bundled photographs (300-1411 px). Single process, one torch thread. Each round
 is one pass over each image set in which the variants alternate every few images (order shuffled
 per block; each variant keeps its own torch + `random` stream, reseeded per round), and variants
 are compared by the median and quartiles of per-round ratios: slow drifts of a shared machine's
@@ -39,7 +39,7 @@ from _common import fill_sizes, machine_lines, markdown_table, quartiles, record
 from PIL import Image, ImageFilter
 
 from dupr.config import AugmentConfig
-from dupr.data import ImageFolderDataset, build_embedded_image_folder, embedded_photos
+from dupr.data import ImageFolderDataset, build_bundled_image_folder, bundled_photos
 from dupr.views import IMAGENET_MEAN, IMAGENET_STD, TwoViews
 
 TARGET_RATIO = 1.0  # ours / baseline pairs per second
@@ -107,16 +107,16 @@ def make_variants(size: int) -> dict[str, Transform]:
 
 
 def load_image_sets(num_images: int, full_images: int, tmp: Path) -> dict[str, list[Image.Image]]:
-    """Decoded RGB images, held in memory: the embedded folder and the full-size photographs."""
-    root = build_embedded_image_folder(tmp / "embedded", num_images=num_images)
+    """Decoded RGB images, held in memory: the bundled folder and the full-size photographs."""
+    root = build_bundled_image_folder(tmp / "bundled", num_images=num_images)
     dataset = ImageFolderDataset(root)
     small = [dataset[i] for i in range(len(dataset))]
-    photos = [image for _, image in embedded_photos()]
+    photos = [image for _, image in bundled_photos()]
     full = list(itertools.islice(itertools.cycle(photos), full_images))
     sides = sorted(max(im.size) for im in photos)
     small_sides = sorted(max(im.size) for im in small)
     return {
-        f"embedded folder: {len(small)} crops, {small_sides[0]}-{small_sides[-1]} px": small,
+        f"bundled folder: {len(small)} crops, {small_sides[0]}-{small_sides[-1]} px": small,
         f"full-size photos: {len(photos)} photos x{full_images / len(photos):.1f}, "
         f"{sides[0]}-{sides[-1]} px": full,
     }
@@ -194,7 +194,7 @@ def verdict(ratios: list[float]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--images", type=int, help="images in the embedded folder set (128)")
+    p.add_argument("--images", type=int, help="images in the bundled folder set (128)")
     p.add_argument("--full-images", type=int, help="full-size photos per pass, cycled (32)")
     p.add_argument("--rounds", type=int, help="rounds, one pass over each set each (9)")
     p.add_argument("--block", type=int, default=8, help="images per interleaving block")

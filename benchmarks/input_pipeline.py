@@ -5,7 +5,7 @@ Why: on a cluster the images come from Parquet shards in object storage
 That must not slow the data path: target Parquet >= 0.9x the local-folder path, per loader
 configuration, on the same images.
 
-What runs: the embedded image folder (`--images`, 512 JPEGs of 128-256 px) and the same files
+What runs: the bundled image folder (`--images`, 512 JPEGs of 128-256 px) and the same files
 packed by `prepare_shards` into local shards; both go through
 `dupr.data.two_views.build_loader(images, TwoViews(224), batch_size=32, num_workers=N)` for each N
 in `--workers` (0, 1, 2), persistent workers, one torch thread in the main process. Variants:
@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from _common import fill_sizes, machine_lines, markdown_table, quartiles, record, resolve_device
 
-from dupr.data import ImageFolderDataset, build_embedded_image_folder
+from dupr.data import ImageFolderDataset, build_bundled_image_folder
 from dupr.data.two_views import build_loader
 from dupr.views import TwoViews
 from dupr_platform.shards import ParquetImageDataset, prepare_shards
@@ -84,7 +84,7 @@ def verdict(ratios: list[float]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--images", type=int, help="images in the embedded set (512)")
+    p.add_argument("--images", type=int, help="images in the bundled set (512)")
     p.add_argument("--epochs", type=int, help="timed rounds, one epoch of each variant each (4)")
     p.add_argument("--workers", default="0,1,2", help="DataLoader num_workers values")
     p.add_argument("--batch-size", type=int, default=32)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(machine), flush=True)
 
     with tempfile.TemporaryDirectory(prefix="dupr-input-bench-") as tmp:
-        folder = build_embedded_image_folder(Path(tmp) / "folder", num_images=args.images)
+        folder = build_bundled_image_folder(Path(tmp) / "folder", num_images=args.images)
         start = time.perf_counter()
         index = prepare_shards(
             str(folder),
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown_table(header, rows)
     groups = sum(len(s.row_groups) for s in index.shards)
     notes = [
-        f"{args.images} embedded JPEGs (128-256 px); shards: {len(index.shards)} files, "
+        f"{args.images} bundled JPEGs (128-256 px); shards: {len(index.shards)} files, "
         f"{groups} row groups of {args.row_group_size}, written by prepare_shards in "
         f"{prepare_s:.1f} s (reads + verifies every image)",
         f"build_loader(images, TwoViews({args.size}), batch_size={args.batch_size}, "

@@ -3,7 +3,7 @@
     python benchmarks/ray_overhead.py [--record benchmarks/RESULTS.md] [--quick] [--rounds N]
 
 Both sides train the same model on the same images with the same `dupr.train.train` loop: once
-called directly in this process, once through `dupr_platform.pretrain.run_pretraining` (a local
+called directly in this process, once through `dupr_platform.ray_pretrain.run_pretraining` (a local
 Ray instance, one TorchTrainer worker with all cores, checkpoints to a local folder, metrics to
 a local MLflow store). Per-step time is taken from the loop's own throughput windows after the
 first one (warm-up excluded), so both are measured the same way; the Ray side also reports its
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_lines, markdown_table, quartiles, record  # noqa: E402
 
 from dupr.config import DUPRConfig, ModelConfig, OptimConfig, validate  # noqa: E402
-from dupr.data import ImageFolderDataset, embedded_image_folder  # noqa: E402
+from dupr.data import ImageFolderDataset, bundled_image_folder  # noqa: E402
 from dupr.data.two_views import build_loader  # noqa: E402
 from dupr.model import DUPR  # noqa: E402
 from dupr.train import build_state, train  # noqa: E402
@@ -56,7 +56,7 @@ def method(epochs: int, image_size: int) -> DUPRConfig:
 def plain_run(cfg: DUPRConfig, images: int, log_every: int) -> list[float]:
     """Seconds per step for each logged window, training in this process."""
     torch.manual_seed(cfg.seed)
-    data = ImageFolderDataset(embedded_image_folder(images))
+    data = ImageFolderDataset(bundled_image_folder(images))
     loader = build_loader(data, TwoViews(cfg.model.image_size, cfg.augment), cfg.optim.batch_size)
     state = build_state(DUPR(cfg.model), cfg.optim, len(loader), torch.device("cpu"))
     windows: list[float] = []
@@ -83,7 +83,7 @@ def ray_run(
     from mlflow.tracking import MlflowClient
 
     from dupr_platform import pretrain
-    from dupr_platform.pretrain import PretrainJob, run_pretraining
+    from dupr_platform.ray_pretrain import PretrainJob, run_pretraining
 
     pretrain.COMPUTE_PRIORITY = {"RAY_worker_niceness": niceness}
 
@@ -92,7 +92,7 @@ def ray_run(
         job = PretrainJob(
             name="overhead",
             method=cfg,
-            data=str(embedded_image_folder(images)),
+            data=str(bundled_image_folder(images)),
             storage=f"{tmp}/store",
             tracking_uri=tracking,
             experiment="overhead",
@@ -231,7 +231,7 @@ def main() -> None:
         for name in variants[1:]
     )
     notes = (
-        f"\n- resnet18 at {args.image_size} px, batch 16, K=256, {args.images} embedded images, "
+        f"\n- resnet18 at {args.image_size} px, batch 16, K=256, {args.images} bundled images, "
         f"{args.epochs} epochs; step time = median over throughput windows of {args.log_every} "
         "steps, first window excluded\n"
         f"- {args.rounds} rounds, each running every variant back to back (order rotating; each "

@@ -279,7 +279,7 @@ def preset(name: str) -> DUPRConfig:
         )
     if name == "cpu_demo":
         # Small enough to pre-train for a few epochs on 2 CPU cores in about a minute; lr follows
-        # the linear scaling of 0.06 per 256 images, K is well below the 512 embedded images.
+        # the linear scaling of 0.06 per 256 images, K is well below the 512 bundled images.
         return DUPRConfig(
             model=ModelConfig(
                 backbone="resnet18",

@@ -1,6 +1,6 @@
 """The framework-neutral training step and loop (no Ray, no MLflow): SGD, cosine schedule, AMP.
 
-A launcher (the plain `dupr.pretrain` script, or the Ray Train worker in the platform) builds a
+A launcher (the plain `dupr.local_pretrain` script, or the Ray Train worker in the platform) builds a
 `TrainState`, restores it from a checkpoint if there is one, and calls `train()` with callbacks
 for logging and checkpointing. `TrainState.state_dict()` holds everything needed to continue a
 run exactly: model with memory banks, optimizer, scheduler, AMP scaler, epoch and step, and the

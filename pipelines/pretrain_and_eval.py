@@ -1,6 +1,6 @@
 """Pre-train DUPR, convert the weights, evaluate them: one MLflow parent run, cached stages.
 
-    python pipelines/pretrain_and_eval.py                        # embedded CPU demo
+    python pipelines/pretrain_and_eval.py                        # CPU demo, bundled data
     python pipelines/pretrain_and_eval.py preset=paper_r50_imagenet
     python pipelines/pretrain_and_eval.py stages=[detection] eval.detection.iterations=500
     ray job submit --working-dir . -- python pipelines/pretrain_and_eval.py <overrides>

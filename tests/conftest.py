@@ -11,7 +11,7 @@ from helpers import tiny_model_config
 # Real services for the integration tests (S3 on moto, an MLflow server), shared by all modules.
 pytest_plugins = ["services"]
 
-# Tests never write the embedded data into the user's cache; one folder per session.
+# Tests never write the bundled data into the user's cache; one folder per session.
 os.environ.setdefault(
     "DUPR_DATA_HOME", os.path.join(os.path.dirname(__file__), "..", "runs", "test-data")
 )

@@ -1,6 +1,6 @@
 """The entry points as a user runs them: a separate driver process, killable like on a cluster.
 
-`Driver` starts `python pipelines/…` or `python -m dupr_platform.pretrain` in its own process
+`Driver` starts `python pipelines/…` or `python -m dupr_platform.ray_pretrain` in its own process
 group, with its own Ray temp root (`RAY_TMPDIR`, so a test can read every file of the Ray
 session it starts), its own log folder, and stdout/stderr in a file. `kill()` sends SIGKILL to
 the driver process only, as a crash or an OOM killer would; the local Ray instance it started

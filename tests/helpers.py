@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from dupr.config import DUPRConfig, ModelConfig, OptimConfig
-from dupr.data import embedded_image_folder
+from dupr.data import bundled_image_folder
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
@@ -37,8 +37,8 @@ def random_batch(n: int, size: int, seed: int = 0, overlap: bool = True):
 
 
 def tiny_job(name: str, storage: str, tracking: str, epochs: int, workers: int = 2):
-    """A 2-worker CPU pre-training job of the tiny model on 24 embedded images."""
-    from dupr_platform.pretrain import PretrainJob
+    """A 2-worker CPU pre-training job of the tiny model on 24 bundled images."""
+    from dupr_platform.ray_pretrain import PretrainJob
 
     return PretrainJob(
         name=name,
@@ -46,7 +46,7 @@ def tiny_job(name: str, storage: str, tracking: str, epochs: int, workers: int =
             model=tiny_model_config(),
             optim=OptimConfig(lr=0.01, batch_size=8, epochs=epochs, amp=False),
         ),
-        data=str(embedded_image_folder(24)),
+        data=str(bundled_image_folder(24)),
         storage=storage,
         tracking_uri=tracking,
         experiment="ray-tests",
@@ -97,7 +97,7 @@ def sweep_config(tmp_path: Path, tracking: str, *extra: str) -> dict:
             f"storage={tmp_path / 'storage'}",
             f"tracking_uri={tracking}",
             "experiment=sweep-tests",
-            f"pretrain.data={embedded_image_folder(16)}",
+            f"pretrain.data={bundled_image_folder(16)}",
             "sweep.name=toy-tau",
             *TOY_PIPELINE,
             *extra,

@@ -1,7 +1,7 @@
 """Every bad input, at every entry point, is one line and exit status 2 before Ray starts.
 
 The table calls each entry point's `main` as the command line does (`pipelines/*.py` and
-`python -m dupr_platform.pretrain`) and checks the exit status, that stderr is one line that
+`python -m dupr_platform.ray_pretrain`) and checks the exit status, that stderr is one line that
 names the field, file or value, that no traceback is printed, and that Ray was not started.
 A few cases also run as real processes, with their own Ray temp folder, which must stay empty.
 """
@@ -17,8 +17,8 @@ import pytest
 import ray
 
 from drivers import ABLATE, PIPELINE, files_under, ray_tmpdir, run
-from dupr.data import embedded_image_folder
-from dupr.data.embedded_eval import embedded_detection_set
+from dupr.data import bundled_image_folder
+from dupr.data.bundled_eval import bundled_detection_set
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,7 +35,7 @@ ABLATE_MAIN = _entry(ROOT / "pipelines" / "ablate.py")
 
 
 def _pretrain_main(argv: list[str]) -> int:
-    from dupr_platform.pretrain import main
+    from dupr_platform.ray_pretrain import main
 
     return main(argv)
 
@@ -167,7 +167,7 @@ GRIDS = {
     "fixed": "key: pretrain.method.model.tau\nfixed: {eval.spatial.roi_size: 0}\nvalues: [0.2]\n",
 }
 
-# (overrides, text) for python -m dupr_platform.pretrain.
+# (overrides, text) for python -m dupr_platform.ray_pretrain.
 PRETRAIN_CASES = [
     (["method.model.tau=abc"], "method.model.tau='abc': must be a number"),
     (["method.model.tau=nan"], "method.model.tau=nan"),
@@ -229,7 +229,7 @@ def test_pretrain_bad_input(where, argv, needle, capsys):
 
 def _detection_copy(tmp_path: Path) -> Path:
     data = tmp_path / "detection"
-    shutil.copytree(embedded_detection_set(), data)
+    shutil.copytree(bundled_detection_set(), data)
     return data
 
 
@@ -255,7 +255,7 @@ def test_data_certain_to_fail_is_found_in_preflight(where, tmp_path, capsys):
         "cannot decode image",
         capsys,
     )
-    few = embedded_image_folder(16).resolve()
+    few = bundled_image_folder(16).resolve()
     _one_line_exit_2(
         PIPELINE_MAIN,
         [*where, f"pretrain.data={few}"],
@@ -292,7 +292,7 @@ def test_data_certain_to_fail_is_found_in_preflight(where, tmp_path, capsys):
 
     flat = tmp_path / "flat"
     flat.mkdir()
-    shutil.copy(next(embedded_image_folder(16).rglob("*.jpg")), flat / "one.jpg")
+    shutil.copy(next(bundled_image_folder(16).rglob("*.jpg")), flat / "one.jpg")
     _one_line_exit_2(
         PIPELINE_MAIN,
         [*where, f"eval.data.classification.train={flat}", f"eval.data.classification.val={flat}"],
@@ -306,9 +306,9 @@ def test_data_certain_to_fail_is_found_in_preflight(where, tmp_path, capsys):
     [
         (PIPELINE, ["pretrain.method.model.tau=abc"], "pretrain.method.model.tau='abc'"),
         (ABLATE, ["--grid", "beta", "sweep.metric=nope"], "sweep.metric='nope'"),
-        ("-m", ["dupr_platform.pretrain", "num_workers=abc"], "num_workers='abc'"),
+        ("-m", ["dupr_platform.ray_pretrain", "num_workers=abc"], "num_workers='abc'"),
     ],
-    ids=["pretrain_and_eval", "ablate", "dupr_platform.pretrain"],
+    ids=["pretrain_and_eval", "ablate", "dupr_platform.ray_pretrain"],
 )
 def test_the_commands_as_processes(tmp_path, script, argv, needle):
     """The real commands: status 2, one line on the console, no Ray session folder."""

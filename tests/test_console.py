@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from drivers import PIPELINE, PROJECT_LINE, Driver, files_under, ray_tmpdir
-from dupr.data import embedded_image_folder
+from dupr.data import bundled_image_folder
 from helpers import TOY_PIPELINE
 
 
@@ -22,7 +22,7 @@ def _args(tmp_path, name: str) -> list[str]:
         f"name={name}",
         f"storage={tmp_path / name / 'storage'}",
         f"tracking_uri=sqlite:///{tmp_path / name / 'mlflow.db'}",
-        f"pretrain.data={embedded_image_folder(16)}",
+        f"pretrain.data={bundled_image_folder(16)}",
         *TOY_PIPELINE,
         "pretrain.num_workers=1",
         "pretrain.cpus_per_worker=0.5",

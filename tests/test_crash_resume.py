@@ -15,7 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from drivers import ABLATE, PIPELINE, PROJECT_LINE, Driver, files_under, ray_tmpdir, run
-from dupr.data import embedded_image_folder
+from dupr.data import bundled_image_folder
 from helpers import TOY_PIPELINE
 
 
@@ -24,7 +24,7 @@ def _toy(tmp_path: Path, experiment: str, *extra: str) -> list[str]:
         f"storage={tmp_path / 'storage'}",
         f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         f"experiment={experiment}",
-        f"pretrain.data={embedded_image_folder(64)}",
+        f"pretrain.data={bundled_image_folder(64)}",
         *TOY_PIPELINE,
         "pretrain.method.optim.epochs=4",  # 8 steps per epoch: a kill lands mid-run
         "baselines.random=false",

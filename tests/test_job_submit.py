@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from dupr.data import embedded_image_folder
+from dupr.data import bundled_image_folder
 from helpers import TOY_PIPELINE
 from services import BIN
 
@@ -64,7 +64,7 @@ def test_ray_job_submit_runs_the_pipeline_and_resumes_after_ray_job_stop(ray_hea
         f"storage={storage}",
         f"tracking_uri={tracking}",
         "baselines.random=false",
-        f"pretrain.data={embedded_image_folder(64)}",
+        f"pretrain.data={bundled_image_folder(64)}",
         *TOY_PIPELINE,
         "pretrain.method.optim.epochs=6",  # 8 steps per epoch: time to stop it mid-run
     ]

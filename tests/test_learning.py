@@ -1,9 +1,9 @@
-"""A short CPU pre-training on the embedded photographs whose loss goes down."""
+"""A short CPU pre-training on the bundled photographs whose loss goes down."""
 
 import torch
 
 from dupr.config import DUPRConfig, OptimConfig, validate
-from dupr.data import ImageFolderDataset, embedded_image_folder
+from dupr.data import ImageFolderDataset, bundled_image_folder
 from dupr.data.two_views import build_loader
 from dupr.model import DUPR
 from dupr.train import build_state, train
@@ -20,7 +20,7 @@ def test_short_pretraining_lowers_the_loss():
         )
     )
     torch.manual_seed(0)
-    images = ImageFolderDataset(embedded_image_folder(256))
+    images = ImageFolderDataset(bundled_image_folder(256))
     loader = build_loader(images, TwoViews(64, cfg.augment), 16, num_workers=1)
     state = build_state(DUPR(cfg.model), cfg.optim, len(loader), torch.device("cpu"))
     logged: list[tuple[int, dict[str, float]]] = []

@@ -9,8 +9,8 @@ import torch
 import torchvision
 from mlflow.tracking import MlflowClient
 
-from dupr.data import embedded_image_folder
-from dupr.data.embedded_eval import embedded_detection_set
+from dupr.data import bundled_image_folder
+from dupr.data.bundled_eval import bundled_detection_set
 from dupr_platform.configs import compose
 from dupr_platform.pipeline import build_stages, run_pipeline
 from dupr_platform.storage import open_storage
@@ -21,7 +21,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def toy_config(name: str, storage: str, tracking: str, *extra: str) -> dict:
-    data = embedded_image_folder(16)
+    data = bundled_image_folder(16)
     overrides = [
         f"name={name}",
         f"storage={storage}",
@@ -135,7 +135,7 @@ def test_a_failed_evaluation_resumes_without_pretraining_again(local_ray, tmp_pa
     state = torchvision.models.resnet18().state_dict()
     torch.save({"state_dict": {f"module.encoder_q.{k}": v for k, v in state.items()}}, moco)
     data = tmp_path / "detection"
-    shutil.copytree(embedded_detection_set(), data)
+    shutil.copytree(bundled_detection_set(), data)
     image = sorted((data / "val").iterdir())[0]
     good = image.read_bytes()
     image.write_bytes(b"not a jpeg")

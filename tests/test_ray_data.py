@@ -15,7 +15,7 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from dupr.config import AugmentConfig, ConfigError, OptimConfig
-from dupr.data import build_embedded_image_folder
+from dupr.data import build_bundled_image_folder
 from dupr.data.two_views import TwoViewDataset, sample_seed
 from dupr.train import build_state, train
 from dupr.views import TwoViews
@@ -39,7 +39,7 @@ NUM_IMAGES = 24
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("ray-data")
-    images = build_embedded_image_folder(root / "images", num_images=NUM_IMAGES)
+    images = build_bundled_image_folder(root / "images", num_images=NUM_IMAGES)
     dest = root / "shards"
     prepare_shards(str(images), str(dest), images_per_shard=10, row_group_size=4)
     return str(dest)
@@ -268,7 +268,7 @@ def test_shards_on_s3_with_a_custom_endpoint(local_ray, shards, s3_env, tmp_path
     # The Ray workers started before this test set AWS_ENDPOINT_URL: the endpoint and the
     # credentials reach the read tasks only inside the filesystem given to read_parquet.
     make_bucket(s3_env.endpoint_url, "raydata")
-    images = build_embedded_image_folder(tmp_path / "images", num_images=NUM_IMAGES)
+    images = build_bundled_image_folder(tmp_path / "images", num_images=NUM_IMAGES)
     prepare_shards(str(images), "s3://raydata/shards", images_per_shard=10)
     ds = two_view_dataset(
         "s3://raydata/shards", SIZE, {}, seed=0, concurrency=1, num_cpus=0.5, read_num_cpus=0.25

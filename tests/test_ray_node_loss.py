@@ -15,8 +15,8 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
-from dupr.data import embedded_image_folder
-from dupr_platform.pretrain import run_pretraining
+from dupr.data import bundled_image_folder
+from dupr_platform.ray_pretrain import run_pretraining
 from helpers import tiny_job
 from services import list_keys, make_bucket, s3_client
 
@@ -39,7 +39,7 @@ def test_run_survives_the_loss_of_a_worker_node(cluster, s3_env, s3_server, mlfl
     ray.init(address=cluster.address, log_to_driver=False)
     bucket = make_bucket(s3_server.endpoint_url, "node-loss")
     job = tiny_job("node-loss", f"s3://{bucket}/runs", mlflow_server.uri, epochs=4)
-    job.data = str(embedded_image_folder(48))  # 6 steps per epoch
+    job.data = str(bundled_image_folder(48))  # 6 steps per epoch
 
     outcome: dict = {}
     fit = threading.Thread(target=lambda: outcome.update(result=run_pretraining(job)), daemon=True)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from dupr.data import embedded_image_folder
-from dupr_platform.pretrain import (
+from dupr.data import bundled_image_folder
+from dupr_platform.ray_pretrain import (
     job_from_overrides,
     load_checkpoint_state,
     preflight,
@@ -30,7 +30,7 @@ def bucket_keys(endpoint: str, bucket: str, prefix: str) -> list[str]:
 def test_two_workers_on_s3_and_mlflow_then_resume(local_ray, s3_env, s3_server, mlflow_server):
     make_bucket(s3_server.endpoint_url, "pretrain")
     # Data in the object-storage format: Parquet shards on S3, read by every worker.
-    prepare_shards(str(embedded_image_folder(24)), "s3://pretrain/shards", images_per_shard=10)
+    prepare_shards(str(bundled_image_folder(24)), "s3://pretrain/shards", images_per_shard=10)
     job = tiny_job("ddp-s3", "s3://pretrain/runs", mlflow_server.uri, epochs=2)
     job.data = "s3://pretrain/shards"
     result = run_pretraining(job)
@@ -74,7 +74,7 @@ def test_rerun_after_a_crash_resumes_from_the_latest_checkpoint(local_ray, mlflo
     started again, it resumes. Ray registers checkpoints with some delay, so the run has enough
     epochs left for the failure to hit it whichever checkpoint it resumes from."""
     data = tmp_path / "data"
-    shutil.copytree(embedded_image_folder(48), data)
+    shutil.copytree(bundled_image_folder(48), data)
     job = tiny_job("crash-resume", str(tmp_path / "store"), mlflow_server.uri, epochs=4)
     job.data, job.max_failures = str(data), 0
     snapshot = tmp_path / "store" / "crash-resume" / "checkpoint_manager_snapshot.json"
@@ -171,7 +171,7 @@ def test_ddp_two_workers_equal_one_worker_with_the_global_batch(local_ray, mlflo
         job = tiny_job(
             f"ddp-{workers}", str(tmp_path / "store"), mlflow_server.uri, epochs=1, workers=workers
         )
-        job.data = str(embedded_image_folder(8))  # one global batch: exactly one step
+        job.data = str(bundled_image_folder(8))  # one global batch: exactly one step
         job.method.model.bn_mode = "sync"
         job.method.optim.lr = 1.0  # weights after one step then differ by the gradients' difference
         result = run_pretraining(job)
@@ -192,7 +192,7 @@ def test_ddp_two_workers_equal_one_worker_with_the_global_batch(local_ray, mlflo
 
 
 def test_command_line_rejects_bad_input_in_one_line_before_starting_ray(capsys, tmp_path):
-    from dupr_platform.pretrain import main
+    from dupr_platform.ray_pretrain import main
 
     assert main(["method.model.tau=-1"]) == 2
     err = capsys.readouterr().err.strip()
@@ -206,7 +206,7 @@ def test_ray_data_pipeline_streams_decoded_views_into_the_workers(
     local_ray, mlflow_server, tmp_path
 ):
     shards = tmp_path / "shards"
-    prepare_shards(str(embedded_image_folder(24)), str(shards), images_per_shard=10)
+    prepare_shards(str(bundled_image_folder(24)), str(shards), images_per_shard=10)
     job = tiny_job("ray-data", str(tmp_path / "store"), mlflow_server.uri, epochs=2)
     job.data, job.data_loader = str(shards), "ray"
     # 2 CPUs: 2 × 0.25 for training, one 0.5-CPU decoding actor, 1 for Ray Data's listing task.
@@ -218,6 +218,6 @@ def test_ray_data_pipeline_streams_decoded_views_into_the_workers(
     ]
     assert sorted(steps) == list(range(1, 7))
 
-    job.data = str(embedded_image_folder(24))  # a plain folder cannot be streamed this way
+    job.data = str(bundled_image_folder(24))  # a plain folder cannot be streamed this way
     with pytest.raises(ValueError, match="data_loader=ray needs Parquet shards"):
         job.validate()

@@ -14,7 +14,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from drivers import PIPELINE, files_under, ray_tmpdir, run
-from dupr.data import embedded_image_folder
+from dupr.data import bundled_image_folder
 from helpers import TOY_PIPELINE
 from services import list_keys, make_bucket, s3_client
 
@@ -49,7 +49,7 @@ def test_no_secret_in_any_file_a_run_writes(s3_server, mlflow_server, tmp_path, 
         f"storage=s3://{bucket}/runs",
         f"tracking_uri={mlflow_server.uri}",
         "experiment=secrets",
-        f"pretrain.data={embedded_image_folder(16)}",
+        f"pretrain.data={bundled_image_folder(16)}",
         *TOY_PIPELINE,
         "pretrain.num_workers=2",
         "pretrain.cpus_per_worker=0.5",

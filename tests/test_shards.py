@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dupr.data import ImageDecodeError, ImageFolderDataset, build_embedded_image_folder
+from dupr.data import ImageDecodeError, ImageFolderDataset, build_bundled_image_folder
 from dupr.data.two_views import TwoViewDataset, build_loader
 from dupr.views import TwoViews
 from dupr_platform import shards as shards_module
@@ -38,8 +38,8 @@ SMALL = dict(images_per_shard=8, row_group_size=3, workers=2)
 
 @pytest.fixture(scope="module")
 def clean_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """30 embedded JPEGs in photo subfolders (built once for the module; tests must not edit)."""
-    return build_embedded_image_folder(tmp_path_factory.mktemp("embedded") / "set", NUM_IMAGES)
+    """30 bundled JPEGs in photo subfolders (built once for the module; tests must not edit)."""
+    return build_bundled_image_folder(tmp_path_factory.mktemp("bundled") / "set", NUM_IMAGES)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from moto.server import ThreadedMotoServer
 
 from drivers import PIPELINE, Driver, run
-from dupr.data import embedded_image_folder
+from dupr.data import bundled_image_folder
 from helpers import TOY_PIPELINE
 from services import free_port, list_keys, make_bucket, s3_client
 
@@ -46,7 +46,7 @@ def test_storage_outage_fails_once_then_resumes(tmp_path):
             f"storage=s3://{bucket}/runs",
             f"tracking_uri={tracking}",
             "experiment=outage",
-            f"pretrain.data={embedded_image_folder(64)}",
+            f"pretrain.data={bundled_image_folder(64)}",
             *TOY_PIPELINE,
             "pretrain.method.optim.epochs=4",
             "pretrain.max_failures=3",

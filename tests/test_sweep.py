@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
-from dupr.data.embedded_eval import embedded_detection_set
+from dupr.data.bundled_eval import bundled_detection_set
 from dupr_platform.sweeps import load_grid, run_sweep
 from helpers import CONFIGS, sweep_config
 
@@ -27,7 +27,7 @@ def test_sweep_table_nesting_failure_isolation_and_resume(local_ray, mlflow_serv
     trial is retried, then marked failed while the sweep completes; once the image is repaired,
     running the same command again runs only that trial."""
     good, broken = tmp_path / "good", tmp_path / "broken"
-    shutil.copytree(embedded_detection_set(), good)
+    shutil.copytree(bundled_detection_set(), good)
     shutil.copytree(good, broken)
     image = sorted((broken / "val").iterdir())[0]
     pristine = image.read_bytes()

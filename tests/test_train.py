@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from dupr.config import DUPRConfig
-from dupr.data import ImageFolderDataset, embedded_image_folder
+from dupr.data import ImageFolderDataset, bundled_image_folder
 from dupr.data.two_views import build_loader
+from dupr.local_pretrain import main as pretrain_main
 from dupr.model import DUPR
-from dupr.pretrain import main as pretrain_main
 from dupr.train import TrainState, build_state, lr_factor, train
 from dupr.views import TwoViews
 
@@ -43,7 +43,7 @@ def roundtrip(obj):
 
 @pytest.fixture(scope="module")
 def images():
-    return ImageFolderDataset(embedded_image_folder(24))
+    return ImageFolderDataset(bundled_image_folder(24))
 
 
 def test_resume_after_an_epoch_reaches_identical_weights(tiny_config, images):

@@ -1,10 +1,10 @@
-"""Data for DUPR pre-training: unlabeled image folders and the embedded, offline default set."""
+"""Data for DUPR pre-training: unlabeled image folders and the bundled, offline default set."""
 
-from dupr.data.embedded import (
-    build_embedded_image_folder,
+from dupr.data.bundled import (
+    build_bundled_image_folder,
+    bundled_image_folder,
+    bundled_photos,
     default_data_home,
-    embedded_image_folder,
-    embedded_photos,
 )
 from dupr.data.folder import (
     IMAGE_EXTENSIONS,
@@ -16,8 +16,8 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageDecodeError",
     "ImageFolderDataset",
-    "build_embedded_image_folder",
+    "build_bundled_image_folder",
     "default_data_home",
-    "embedded_image_folder",
-    "embedded_photos",
+    "bundled_image_folder",
+    "bundled_photos",
 ]

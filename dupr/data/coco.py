@@ -1,7 +1,7 @@
 """COCO-format detection data: a folder of images plus an instances JSON, validated up front.
 
 Why validate everything on load: the detection fine-tuning of the paper's §4 (COCO, VOC or the
-embedded set) runs for hours, and a malformed annotation found at iteration 10k wastes them. So
+bundled set) runs for hours, and a malformed annotation found at iteration 10k wastes them. So
 `load_coco` checks the whole file once and raises `CocoFormatError` with a one-line message that
 names the file and the field (`instances_val.json: annotations[3].bbox: ...`), and
 `CocoDetection.check_files` checks that every image file exists before training starts.

@@ -1,7 +1,7 @@
 """The pipelines' configuration: a typed schema of dataclasses, composed by Hydra.
 
 The schema is made of the project's dataclasses: the method (`dupr.config.DUPRConfig`), the
-pre-training job (`dupr_platform.pretrain.PretrainSettings`), the fine-tuning recipe
+pre-training job (`dupr_platform.ray_pretrain.PretrainSettings`), the fine-tuning recipe
 (`dupr.evaluation.finetune.DetectionConfig`) and the pipeline's own sections below. They are
 registered in Hydra's ConfigStore, so the YAML files in configs/ only set values: Hydra checks the
 type of every value, from a file or the command line, and refuses unknown keys while it composes.
@@ -36,7 +36,7 @@ from dupr.config import (
 )
 from dupr.evaluation.detectors import DETECTORS
 from dupr.evaluation.finetune import DetectionConfig
-from dupr_platform.pretrain import PretrainSettings, check_uris
+from dupr_platform.ray_pretrain import PretrainSettings, check_uris
 from dupr_platform.storage import AWS_CREDENTIALS, check_no_password
 
 STAGE_KINDS = ("pretrain", "convert", "detection", "spatial", "correspondence", "probe")
@@ -73,7 +73,7 @@ class ResourcesConfig:
 
 @dataclass
 class DetectionDataConfig:
-    """A COCO-format detection set (all four null: the embedded set built offline)."""
+    """A COCO-format detection set (all four null: the bundled set built offline)."""
 
     train_images: str | None = None
     train_annotations: str | None = None
@@ -83,7 +83,7 @@ class DetectionDataConfig:
 
 @dataclass
 class ClassificationDataConfig:
-    """ImageFolder roots, one sub-folder per class (both null: the embedded set)."""
+    """ImageFolder roots, one sub-folder per class (both null: the bundled set)."""
 
     train: str | None = None
     val: str | None = None
@@ -451,7 +451,7 @@ def detection_recipe(values: dict[str, Any], detector: str) -> DetectionConfig:
 
 
 def _all_or_none(given: Any, keys: tuple[str, ...], where: str) -> None:
-    """All of `keys` given, or none (the embedded set)."""
+    """All of `keys` given, or none (the bundled set)."""
     values = {k: getattr(given, k) for k in keys}
     if not any(values.values()):
         return

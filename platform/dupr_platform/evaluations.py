@@ -5,7 +5,7 @@ function that does the work, and writes its outputs into a local folder. `run_st
 copies that folder into the stage's storage folder and logs the plots and tables to the
 stage's MLflow run. The pipeline driver writes the completion marker only after that.
 
-Datasets default to the embedded sets built offline (dupr.data.embedded_eval); a COCO-format
+Datasets default to the bundled sets built offline (dupr.data.bundled_eval); a COCO-format
 detection set or an ImageFolder classification set on a local disk or on S3 can replace them
 (see configs/pretrain_and_eval.yaml, `eval.data`).
 """
@@ -36,9 +36,9 @@ from dupr.convert import (
     save_detectron2,
     to_detectron2,
 )
+from dupr.data.bundled import default_data_home
+from dupr.data.bundled_eval import bundled_classification_set, bundled_detection_set
 from dupr.data.coco import CocoDetection, load_coco, parse_json
-from dupr.data.embedded import default_data_home
-from dupr.data.embedded_eval import embedded_classification_set, embedded_detection_set
 from dupr.data.folder import is_image_file, load_rgb
 from dupr.evaluation.coco_metrics import COCO_STAT_INDEX
 from dupr.evaluation.correspondence import patch_correspondence, plot_correspondence
@@ -49,8 +49,8 @@ from dupr.evaluation.spatial import SpatialResult, iou_similarity, plot_iou_simi
 from dupr.evaluation.voc_metrics import VOC_METRICS
 from dupr.views import IMAGENET_MEAN, IMAGENET_STD
 from dupr_platform.configs import CLASSIFICATION_DATA, DETECTION_DATA, detection_recipe
-from dupr_platform.pretrain import STATE_FILE
 from dupr_platform.progress import Progress
+from dupr_platform.ray_pretrain import STATE_FILE
 from dupr_platform.stages import Stage, StageContext, StageOutput
 from dupr_platform.storage import localize, open_storage, split_uri
 from dupr_platform.tracking import RunLogger
@@ -102,9 +102,9 @@ def backbone_module(ctx: StageContext) -> nn.Module:
 
 
 def detection_data(inputs: dict[str, str | None]) -> dict[str, str]:
-    """Local paths of the detection set: the given URIs, or the embedded set."""
+    """Local paths of the detection set: the given URIs, or the bundled set."""
     if not inputs.get("train_annotations"):
-        root = embedded_detection_set()
+        root = bundled_detection_set()
         return {
             "train_images": str(root / "train"),
             "train_annotations": str(root / "annotations" / "instances_train.json"),
@@ -116,7 +116,7 @@ def detection_data(inputs: dict[str, str | None]) -> dict[str, str]:
 
 def classification_data(inputs: dict[str, str | None]) -> dict[str, str]:
     if not inputs.get("train"):
-        root = embedded_classification_set()
+        root = bundled_classification_set()
         return {"train": str(root / "train"), "val": str(root / "val")}
     return {k: localize(inputs[k], _cache_dir()) for k in CLASSIFICATION_DATA}
 
@@ -349,7 +349,7 @@ def check_inputs(kind: str, inputs: dict[str, Any]) -> None:
 def check_eval_data(data: dict[str, Any]) -> None:
     """The evaluation sets given in `eval.data` can be read: annotation files parse as COCO
     (a JSON error names the file, line and column), every image they name is in its image
-    folder, and the classification roots have class folders. The embedded sets need nothing.
+    folder, and the classification roots have class folders. The bundled sets need nothing.
     Single images that do not decode are found at run time (the stages that read them fail;
     the rest of the pipeline goes on)."""
     det = data.get("detection") or {}

@@ -3,7 +3,7 @@
 Ray Train restarts the worker group after any worker error, up to `max_failures` times: the
 right answer to a lost node, the wrong one to an object store that is down or data that does
 not decode, where every restart fails the same way after minutes of start-up. The training
-workers raise `UnrecoverableError` for those (`dupr_platform.pretrain.train_worker` decides),
+workers raise `UnrecoverableError` for those (`dupr_platform.ray_pretrain.train_worker` decides),
 and `StopOnUnrecoverable`, a Ray Train callback on the controller, stops the run at the first
 such error with one line that names the cause and the last complete checkpoint. Any other
 error is left to Ray's retries.

@@ -2,7 +2,7 @@
 
 `build_stages` turns the resolved pipeline config (configs/pretrain_and_eval.yaml) into stages:
 
-    pretrain                       DUPR pre-training on Ray Train (dupr_platform.pretrain)
+    pretrain                       DUPR pre-training on Ray Train (dupr_platform.ray_pretrain)
     convert/<init>                 checkpoint → torchvision and detectron2 weights
     detection/<detector>/<init>    fine-tune and evaluate a detector (Tables I–III)
     spatial/<init>                 IoU–similarity curve (§4.6.1, Eq. 9)
@@ -35,7 +35,8 @@ from dupr_platform import console, evaluations
 from dupr_platform.cluster import COMPUTE_PRIORITY, check_nodes, forwarded_env, start_ray
 from dupr_platform.configs import selected_kinds, validate_pipeline
 from dupr_platform.failures import UnrecoverableError
-from dupr_platform.pretrain import (
+from dupr_platform.progress import format_duration
+from dupr_platform.ray_pretrain import (
     PretrainJob,
     PretrainSettings,
     absolute_locations,
@@ -44,7 +45,6 @@ from dupr_platform.pretrain import (
     preflight_config,
     run_pretraining,
 )
-from dupr_platform.progress import format_duration
 from dupr_platform.recovery import driving
 from dupr_platform.stages import (
     Ref,

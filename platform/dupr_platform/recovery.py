@@ -16,7 +16,7 @@ pipeline's parent run, a stage run) stays KILLED; the new invocation opens its o
 A driver counts as dead when it ran on this host and its process is gone (or the pid now
 belongs to another process), or, on another host, when its heartbeat is older than
 `STALE_AFTER_S`. Work is not lost either way: stages are cached by key and pre-training
-resumes from its latest checkpoint (see `dupr_platform.stages`, `dupr_platform.pretrain`).
+resumes from its latest checkpoint (see `dupr_platform.stages`, `dupr_platform.ray_pretrain`).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from dupr.config import (
     field_prefix,
     validate,
 )
-from dupr.data import ImageFolderDataset, default_data_home, embedded_image_folder
+from dupr.data import ImageFolderDataset, bundled_image_folder, default_data_home
 from dupr.data.folder import ImageDecodeError
 from dupr.data.two_views import UndecodableDataError, build_loader, check_epoch_size
 from dupr.model import DUPR
@@ -86,7 +86,7 @@ class PretrainSettings:
 
     method: DUPRConfig = field(default_factory=DUPRConfig)
     # Parquet shards (s3://… or local prefix with _index.json, see dupr_platform.shards), a
-    # local image folder, or None: the embedded photo set, as local Parquet shards.
+    # local image folder, or None: the bundled photo set, as local Parquet shards.
     data: str | None = None
     num_workers: int = 1
     use_gpu: bool = False
@@ -196,13 +196,13 @@ def open_images(data: str) -> Any:
 
 
 def default_data() -> str:
-    """The embedded photo set in the object-storage format: Parquet shards in the data home.
+    """The bundled photo set in the object-storage format: Parquet shards in the data home.
 
     Built once (about a second) and reused; the local default thus reads the same format as a
     cluster run on s3:// shards.
     """
-    dest = default_data_home() / "embedded-unlabeled-v1-512-shards"
-    prepare_shards(str(embedded_image_folder()), str(dest), images_per_shard=128)
+    dest = default_data_home() / "bundled-unlabeled-v1-512-shards"
+    prepare_shards(str(bundled_image_folder()), str(dest), images_per_shard=128)
     return str(dest)
 
 
@@ -621,7 +621,7 @@ def load_checkpoint_state(checkpoint_uri: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Command line: `python -m dupr_platform.pretrain [preset=cpu_demo] key=value ...`
+# Command line: `python -m dupr_platform.ray_pretrain [preset=cpu_demo] key=value ...`
 
 
 def job_from_overrides(overrides: list[str]) -> PretrainJob:

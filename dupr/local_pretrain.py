@@ -1,7 +1,7 @@
 """Plain single-process DUPR pre-training, in the style of torchvision's reference scripts.
 
-    python -m dupr.pretrain --preset cpu_demo --output-dir runs/demo
-    python -m dupr.pretrain --preset dupr --data /path/to/images --epochs 200 --workers 16
+    python -m dupr.local_pretrain --preset cpu_demo --output-dir runs/demo
+    python -m dupr.local_pretrain --preset dupr --data /path/to/images --epochs 200 --workers 16
 
 It runs on one device without Ray or MLflow, writes ``config.json``, ``metrics.jsonl`` and an
 atomically replaced ``checkpoint.pt`` after each epoch into the output folder, and continues from
@@ -24,13 +24,13 @@ from typing import Any
 import torch
 
 from dupr.config import ConfigError, DUPRConfig, preset, validate
-from dupr.data import ImageFolderDataset, embedded_image_folder
+from dupr.data import ImageFolderDataset, bundled_image_folder
 from dupr.data.two_views import build_loader
 from dupr.model import DUPR
 from dupr.train import TrainState, build_state, train
 from dupr.views import TwoViews
 
-log = logging.getLogger("dupr.pretrain")
+log = logging.getLogger("dupr.local_pretrain")
 
 
 def save_atomically(obj: Any, path: Path) -> None:
@@ -60,7 +60,7 @@ def run(
     log_every: int = 10,
 ) -> TrainState:
     validate(cfg)
-    images = ImageFolderDataset(data if data is not None else embedded_image_folder())
+    images = ImageFolderDataset(data if data is not None else bundled_image_folder())
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     dev = pick_device(device)
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--preset", default="cpu_demo", help="dupr, dupr_ablation, mocov2, cpu_demo"
     )
-    parser.add_argument("--data", type=Path, help="image folder (default: the embedded photo set)")
+    parser.add_argument("--data", type=Path, help="image folder (default: the bundled photo set)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/pretrain"))
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)

@@ -1,16 +1,16 @@
-"""Embedded, offline labelled sets for the evaluations of the paper's §4, composed from real photos.
+"""Bundled, offline labelled sets for the evaluations of the paper's §4, composed from real photos.
 
 Why composed: no installed package ships real photographs with boxes or class labels, and the
 detection transfer (§4.1-§4.3) and linear-probe checks must run without internet. So objects with
-exact ground truth are pasted onto real photographs (`dupr.data.embedded.embedded_photos()`):
+exact ground truth are pasted onto real photographs (`dupr.data.bundled.bundled_photos()`):
 each object is the silhouette of one of `SHAPES`, filled with a texture cut from a *different*
 photograph, so that the class is carried by the shape and not by colour or background. Objects
 never overlap, so each object's mask is exactly its silhouette pixels and its box is the tight
 box of that mask (COCO pixel-edge convention: `x` = leftmost column, `w` = rightmost - leftmost
 + 1).
 
-`embedded_detection_set` writes a COCO-format set (`train/`, `val/`, `annotations/instances_*.json`
-with compressed-RLE masks) and `embedded_classification_set` an ImageFolder layout
+`bundled_detection_set` writes a COCO-format set (`train/`, `val/`, `annotations/instances_*.json`
+with compressed-RLE masks) and `bundled_classification_set` an ImageFolder layout
 (`train/<class>/*.jpg`, `val/<class>/*.jpg`). Both are deterministic (only `rng.random()` is
 drawn, whose stream NumPy keeps stable, so the same arguments and package versions give
 byte-identical files), cached under `default_data_home()` in a folder named by a hash of the
@@ -37,12 +37,12 @@ import numpy as np
 from faster_coco_eval.core import mask as mask_utils
 from PIL import Image, ImageDraw
 
-from dupr.data.embedded import (
+from dupr.data.bundled import (
     MANIFEST_NAME,
     _read_manifest,
     _write_json_atomic,
+    bundled_photos,
     default_data_home,
-    embedded_photos,
     manifest_matches,
     publish_folder,
 )
@@ -228,7 +228,7 @@ def _categories() -> list[dict[str, Any]]:
 
 def _cache_root(kind: str, spec: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode("utf-8")).hexdigest()[:12]
-    return default_data_home() / f"embedded-{kind}-v{EVAL_VERSION}-{digest}"
+    return default_data_home() / f"bundled-{kind}-v{EVAL_VERSION}-{digest}"
 
 
 def _is_our_leftover(root: Path, spec: dict[str, Any]) -> bool:
@@ -275,20 +275,20 @@ def _build(
             root,
             lambda r: manifest_matches(r, spec),
             lambda r: _is_our_leftover(r, spec),
-            "embedded evaluation data",
+            "bundled evaluation data",
         )
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("embedded evaluation data: wrote %d files to %s", len(files), root)
+    logger.info("bundled evaluation data: wrote %d files to %s", len(files), root)
     return root
 
 
 @functools.lru_cache(maxsize=1)
 def _photos() -> tuple[tuple[str, Photo], ...]:
-    """The embedded photos, decoded once per process (about 4 s; ~15 MB kept), since building
+    """The bundled photos, decoded once per process (about 4 s; ~15 MB kept), since building
     several sets in one process, as tests do, would otherwise decode them again each time."""
-    return tuple(embedded_photos())
+    return tuple(bundled_photos())
 
 
 def _write_file(tmp: Path, relative: str, data: bytes, files: list[dict[str, Any]]) -> None:
@@ -345,7 +345,7 @@ def _detection_split(
             )
     coco = {
         "info": {
-            "description": f"dupr embedded detection set ({name}), composed offline",
+            "description": f"dupr bundled detection set ({name}), composed offline",
             "version": str(EVAL_VERSION),
         },
         "licenses": [],
@@ -357,14 +357,14 @@ def _detection_split(
     _write_file(tmp, f"annotations/instances_{name}.json", data, files)
 
 
-def embedded_detection_set(
+def bundled_detection_set(
     num_train: int = 96,
     num_val: int = 32,
     min_side: int = 144,
     max_side: int = 208,
     seed: int = 0,
 ) -> Path:
-    """The embedded COCO-format detection set, built on first use; returns its root folder.
+    """The bundled COCO-format detection set, built on first use; returns its root folder.
 
     Layout: `train/`, `val/` (JPEG, quality 95) and `annotations/instances_{train,val}.json`.
     Each image (width and height each in [min_side, max_side]) is a random crop of one photo
@@ -377,7 +377,7 @@ def embedded_detection_set(
     _check_int("max_side", max_side, min_side)
     _check_int("seed", seed, 0)
     spec = {
-        "format": "dupr-embedded-detection",
+        "format": "dupr-bundled-detection",
         "version": EVAL_VERSION,
         "num_train": num_train,
         "num_val": num_val,
@@ -402,15 +402,15 @@ CLASSIFICATION_SPLIT_X = 0.6
 CLASSIFICATION_CROP_SCALE = (0.3, 0.8)
 
 
-def embedded_classification_set(
+def bundled_classification_set(
     num_train_per_class: int = 40,
     num_val_per_class: int = 20,
     size: int = 96,
     seed: int = 0,
 ) -> Path:
-    """The embedded classification set for the linear probe, built on first use; returns its root.
+    """The bundled classification set for the linear probe, built on first use; returns its root.
 
-    One class per embedded photograph (scene recognition: its label needs the image-level
+    One class per bundled photograph (scene recognition: its label needs the image-level
     content that VOC07 classification needs in the paper's Table VI b). Shapes pasted on
     backgrounds were tried first and gave chance accuracy at every level whatever the
     backbone, since globally pooled features do not carry an object's outline: an
@@ -424,7 +424,7 @@ def embedded_classification_set(
     _check_int("size", size, 32)
     _check_int("seed", seed, 0)
     spec = {
-        "format": "dupr-embedded-classification",
+        "format": "dupr-bundled-classification",
         "version": EVAL_VERSION + 1,  # 2: classes are photos (1 was pasted shapes)
         "num_train_per_class": num_train_per_class,
         "num_val_per_class": num_val_per_class,

@@ -1,4 +1,4 @@
-"""Tests for dupr.data.embedded: real photographs, deterministic and idempotent offline builds."""
+"""Tests for dupr.data.bundled: real photographs, deterministic and idempotent offline builds."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dupr.data import embedded
-from dupr.data.embedded import (
+from dupr.data import bundled
+from dupr.data.bundled import (
     MANIFEST_NAME,
-    build_embedded_image_folder,
+    build_bundled_image_folder,
+    bundled_image_folder,
+    bundled_photos,
     default_data_home,
-    embedded_image_folder,
-    embedded_photos,
 )
 from dupr.data.folder import ImageFolderDataset
 
@@ -35,13 +35,13 @@ def _private_data_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(scope="module")
 def photos() -> list[tuple[str, Image.Image]]:
-    return embedded_photos()
+    return bundled_photos()
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One build shared by the read-only tests; tests that modify a build copy it first."""
-    return build_embedded_image_folder(tmp_path_factory.mktemp("built") / "set", num_images=NUM)
+    return build_bundled_image_folder(tmp_path_factory.mktemp("built") / "set", num_images=NUM)
 
 
 def neighbour_correlation(image: Image.Image) -> float:
@@ -91,7 +91,7 @@ def test_at_least_ten_distinct_real_photos(photos: list[tuple[str, Image.Image]]
 
 
 def test_photos_come_in_a_fixed_order(photos: list[tuple[str, Image.Image]]) -> None:
-    again = embedded_photos()
+    again = bundled_photos()
     assert [name for name, _ in again] == [name for name, _ in photos]
     assert np.array_equal(np.asarray(again[0][1]), np.asarray(photos[0][1]))
 
@@ -159,8 +159,8 @@ def test_image_folder_dataset_reads_the_build(built: Path) -> None:
 def test_same_seed_gives_identical_bytes_and_other_seed_differs(
     built: Path, tmp_path: Path
 ) -> None:
-    again = build_embedded_image_folder(tmp_path / "again", num_images=NUM, seed=0)
-    other = build_embedded_image_folder(tmp_path / "other", num_images=NUM, seed=1)
+    again = build_bundled_image_folder(tmp_path / "again", num_images=NUM, seed=0)
+    other = build_bundled_image_folder(tmp_path / "other", num_images=NUM, seed=1)
 
     assert file_hashes(again) == file_hashes(built)
     assert (again / MANIFEST_NAME).read_bytes() == (built / MANIFEST_NAME).read_bytes()
@@ -179,8 +179,8 @@ def test_second_call_is_a_cheap_no_op(
     def no_photos() -> None:
         raise AssertionError("a complete build must not load the photos again")
 
-    monkeypatch.setattr(embedded, "_embedded_photos_with_sources", no_photos)
-    assert build_embedded_image_folder(root, num_images=NUM) == root.absolute()
+    monkeypatch.setattr(bundled, "_bundled_photos_with_sources", no_photos)
+    assert build_bundled_image_folder(root, num_images=NUM) == root.absolute()
 
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
 
@@ -193,7 +193,7 @@ def test_folder_without_manifest_is_rebuilt(built: Path, tmp_path: Path) -> None
     for path in victims:
         path.unlink()  # as if the writer had been killed half-way
 
-    build_embedded_image_folder(root, num_images=NUM)
+    build_bundled_image_folder(root, num_images=NUM)
 
     assert (root / MANIFEST_NAME).is_file()
     assert file_hashes(root) == file_hashes(built)
@@ -205,10 +205,10 @@ def test_damaged_file_or_other_arguments_trigger_a_rebuild(built: Path, tmp_path
     first = jpeg_files(root)[0]
     first.write_bytes(first.read_bytes()[:100])  # truncated after the manifest was written
 
-    build_embedded_image_folder(root, num_images=NUM)
+    build_bundled_image_folder(root, num_images=NUM)
     assert file_hashes(root) == file_hashes(built)
 
-    build_embedded_image_folder(root, num_images=NUM, seed=3)  # same folder, other content
+    build_bundled_image_folder(root, num_images=NUM, seed=3)  # same folder, other content
     manifest = json.loads((root / MANIFEST_NAME).read_text())
     assert manifest["seed"] == 3
     assert len(jpeg_files(root)) == NUM
@@ -216,7 +216,7 @@ def test_damaged_file_or_other_arguments_trigger_a_rebuild(built: Path, tmp_path
 
 
 def test_size_bounds_are_respected(tmp_path: Path) -> None:
-    root = build_embedded_image_folder(tmp_path / "small", num_images=16, min_side=64, max_side=80)
+    root = build_bundled_image_folder(tmp_path / "small", num_images=16, min_side=64, max_side=80)
     files = jpeg_files(root)
     assert len(files) == 16
     for path in files:
@@ -231,7 +231,7 @@ def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path: Path) -> None:
     precious.write_text("do not delete")
 
     with pytest.raises(FileExistsError, match="refusing"):
-        build_embedded_image_folder(root, num_images=NUM)
+        build_bundled_image_folder(root, num_images=NUM)
 
     assert precious.read_text() == "do not delete"
     assert [p.name for p in tmp_path.iterdir()] == ["mine"]  # the temporary build was removed
@@ -244,7 +244,7 @@ def test_concurrent_builds_agree(built: Path, tmp_path: Path) -> None:
 
     def build() -> None:
         try:
-            results.append(build_embedded_image_folder(root, num_images=NUM))
+            results.append(build_bundled_image_folder(root, num_images=NUM))
         except BaseException as exc:  # reported below
             errors.append(exc)
 
@@ -260,12 +260,12 @@ def test_concurrent_builds_agree(built: Path, tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["shared"]
 
 
-def test_default_data_home_and_embedded_image_folder(
+def test_default_data_home_and_bundled_image_folder(
     built: Path, _private_data_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     assert default_data_home() == _private_data_home
-    folder = embedded_image_folder(num_images=NUM)
-    assert folder == _private_data_home / f"embedded-unlabeled-v1-{NUM}"
+    folder = bundled_image_folder(num_images=NUM)
+    assert folder == _private_data_home / f"bundled-unlabeled-v1-{NUM}"
     assert file_hashes(folder) == file_hashes(built)
 
     monkeypatch.delenv("DUPR_DATA_HOME")
@@ -279,15 +279,15 @@ def test_missing_sources_are_skipped_but_too_few_photos_is_an_error(
     def broken() -> list:
         raise ModuleNotFoundError("No module named 'not_installed'")
 
-    sources = dict(embedded._SOURCES)
-    monkeypatch.setattr(embedded, "_SOURCES", (("broken", broken), *embedded._SOURCES))
-    assert len(embedded_photos()) >= 10
+    sources = dict(bundled._SOURCES)
+    monkeypatch.setattr(bundled, "_SOURCES", (("broken", broken), *bundled._SOURCES))
+    assert len(bundled_photos()) >= 10
 
     monkeypatch.setattr(
-        embedded, "_SOURCES", (("broken", broken), ("matplotlib", sources["matplotlib"]))
+        bundled, "_SOURCES", (("broken", broken), ("matplotlib", sources["matplotlib"]))
     )
     with pytest.raises(RuntimeError, match="at least 10 photographs") as info:
-        build_embedded_image_folder(tmp_path / "too-few", num_images=NUM)
+        build_bundled_image_folder(tmp_path / "too-few", num_images=NUM)
     assert "broken" in str(info.value)
     assert not (tmp_path / "too-few").exists()
 
@@ -303,5 +303,5 @@ def test_missing_sources_are_skipped_but_too_few_photos_is_an_error(
 )
 def test_invalid_arguments_are_rejected(tmp_path: Path, kwargs: dict) -> None:
     with pytest.raises(ValueError):
-        build_embedded_image_folder(tmp_path / "x", **kwargs)
+        build_bundled_image_folder(tmp_path / "x", **kwargs)
     assert not (tmp_path / "x").exists()

@@ -1,4 +1,4 @@
-"""Tests for dupr.data.embedded_eval: exact ground truth, determinism and caching of the sets."""
+"""Tests for dupr.data.bundled_eval: exact ground truth, determinism and caching of the sets."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
-from dupr.data.coco import CocoDetection, load_coco
-from dupr.data.embedded import MANIFEST_NAME, embedded_photos
-from dupr.data.embedded_eval import (
+from dupr.data.bundled import MANIFEST_NAME, bundled_photos
+from dupr.data.bundled_eval import (
     SHAPES,
-    embedded_classification_set,
-    embedded_detection_set,
+    bundled_classification_set,
+    bundled_detection_set,
     silhouette,
 )
+from dupr.data.coco import CocoDetection, load_coco
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -27,7 +27,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(scope="module")
 def detection_root() -> Path:
     """The default set, built in the session's DUPR_DATA_HOME (tests/conftest.py)."""
-    return embedded_detection_set()
+    return bundled_detection_set()
 
 
 def tight_box(mask: torch.Tensor) -> list[float]:
@@ -105,7 +105,7 @@ def test_objects_are_textured_from_other_photos(detection_root: Path) -> None:
 
 def test_second_call_is_fast_and_returns_the_same_path(detection_root: Path) -> None:
     start = time.perf_counter()
-    again = embedded_detection_set()
+    again = bundled_detection_set()
     assert again == detection_root
     assert time.perf_counter() - start < 1.0
     manifest = json.loads((detection_root / MANIFEST_NAME).read_text())
@@ -118,7 +118,7 @@ def test_rebuild_is_byte_identical_and_repairs_a_damaged_build(
     roots = []
     for home in ("a", "b"):
         monkeypatch.setenv("DUPR_DATA_HOME", str(tmp_path / home))
-        roots.append(embedded_detection_set(num_train=10, num_val=5))
+        roots.append(bundled_detection_set(num_train=10, num_val=5))
     a, b = roots
     assert a.name == b.name and a != b
     hashes = file_hashes(a)
@@ -130,14 +130,14 @@ def test_rebuild_is_byte_identical_and_repairs_a_damaged_build(
 
     # A truncated file makes the cached build incomplete: the next call rebuilds it in place.
     (b / "val" / "00002.jpg").write_bytes(b"")
-    assert embedded_detection_set(num_train=10, num_val=5) == b
+    assert bundled_detection_set(num_train=10, num_val=5) == b
     assert file_hashes(b) == hashes
 
 
 def test_other_arguments_give_another_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DUPR_DATA_HOME", str(tmp_path))
-    first = embedded_classification_set(num_train_per_class=2, num_val_per_class=1, size=48)
-    other = embedded_classification_set(num_train_per_class=2, num_val_per_class=1, size=48, seed=1)
+    first = bundled_classification_set(num_train_per_class=2, num_val_per_class=1, size=48)
+    other = bundled_classification_set(num_train_per_class=2, num_val_per_class=1, size=48, seed=1)
     assert first != other
     name = sorted((first / "train").iterdir())[0].name
     key = f"train/{name}/0000.jpg"
@@ -145,8 +145,8 @@ def test_other_arguments_give_another_set(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_classification_set_has_imagefolder_layout_one_class_per_photo() -> None:
-    root = embedded_classification_set()
-    photos = sorted(name for name, _ in embedded_photos())
+    root = bundled_classification_set()
+    photos = sorted(name for name, _ in bundled_photos())
     for split, per_class in (("train", 40), ("val", 20)):
         folder = ImageFolder(root / split)
         assert folder.classes == photos
@@ -163,7 +163,7 @@ def test_classification_set_makes_an_informative_probe() -> None:
     from dupr.backbone import ResNetBackbone
     from dupr.evaluation.linear_probe import linear_probe, probe_transform
 
-    root = embedded_classification_set()
+    root = bundled_classification_set()
     transform = probe_transform(96)
     torch.manual_seed(0)
     accuracy = linear_probe(
@@ -178,8 +178,8 @@ def test_classification_set_makes_an_informative_probe() -> None:
 
 def test_bad_arguments_raise_one_line_errors() -> None:
     with pytest.raises(ValueError, match=r"^num_train must be an integer >= 1, got 0$"):
-        embedded_detection_set(num_train=0)
+        bundled_detection_set(num_train=0)
     with pytest.raises(ValueError, match=r"^max_side must be an integer >= 144, got 100$"):
-        embedded_detection_set(max_side=100)
+        bundled_detection_set(max_side=100)
     with pytest.raises(ValueError, match="size"):
-        embedded_classification_set(size=8)
+        bundled_classification_set(size=8)

@@ -1,4 +1,4 @@
-"""The embedded default data: a small unlabeled image folder built offline from real photographs.
+"""The bundled default data: a small unlabeled image folder built offline from real photographs.
 
 Why it exists: the project must train and be tested on machines without internet access, and
 self-supervised pre-training on random noise teaches nothing (and hides bugs, since any loss curve
@@ -8,7 +8,7 @@ packages already ship: scikit-image's bundled sample images (read straight from
 matplotlib's portrait of Grace Hopper. Each source is optional; at least `MIN_PHOTOS` photographs
 must be found.
 
-From those photos, `build_embedded_image_folder` writes a few hundred JPEG files made by seeded
+From those photos, `build_bundled_image_folder` writes a few hundred JPEG files made by seeded
 random crops of varied position, scale and aspect ratio, resized to a small size, so that the set
 is diverse yet small and fast to decode. The result is deterministic: the same arguments (and the
 same package versions) give byte-identical files. The folder is written to a temporary sibling
@@ -37,7 +37,7 @@ from dupr.data.folder import load_rgb
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_VERSION = 1
+BUNDLED_VERSION = 1
 MANIFEST_NAME = "MANIFEST.json"
 MIN_PHOTOS = 10
 JPEG_QUALITY = 90
@@ -84,12 +84,12 @@ def _skimage_photos() -> list[tuple[str, Image.Image, str]]:
     for name, filename in SKIMAGE_PHOTOS:
         path = data_dir / filename
         if not path.is_file():
-            logger.warning("embedded data: scikit-image photo %s not found at %s", name, path)
+            logger.warning("bundled data: scikit-image photo %s not found at %s", name, path)
             continue
         try:
             image = load_rgb(path)
         except Exception as exc:  # one unreadable optional photo must not stop the others
-            logger.warning("embedded data: skipping scikit-image photo %s: %s", name, exc)
+            logger.warning("bundled data: skipping scikit-image photo %s: %s", name, exc)
             continue
         photos.append((name, image, f"scikit-image {skimage.__version__}: data/{filename}"))
     return photos
@@ -126,7 +126,7 @@ _SOURCES: tuple[tuple[str, Callable[[], list[tuple[str, Image.Image, str]]]], ..
 )
 
 
-def _embedded_photos_with_sources() -> list[tuple[str, Image.Image, str]]:
+def _bundled_photos_with_sources() -> list[tuple[str, Image.Image, str]]:
     """(name, RGB image, provenance) for every available photo, in a fixed order."""
     photos: list[tuple[str, Image.Image, str]] = []
     failures: list[str] = []
@@ -134,29 +134,29 @@ def _embedded_photos_with_sources() -> list[tuple[str, Image.Image, str]]:
         try:
             photos.extend(loader())
         except Exception as exc:  # an optional package that is missing or broken is skipped
-            logger.warning("embedded data: skipping source %s: %s", source, exc)
+            logger.warning("bundled data: skipping source %s: %s", source, exc)
             failures.append(f"{source} ({type(exc).__name__}: {exc})")
     names = [name for name, _, _ in photos]
     if len(set(names)) != len(names):
-        raise RuntimeError(f"embedded data: duplicate photo names {sorted(names)}")
+        raise RuntimeError(f"bundled data: duplicate photo names {sorted(names)}")
     if len(photos) < MIN_PHOTOS:
         found = ", ".join(names) or "none"
         failed = "; ".join(failures) or "none"
         raise RuntimeError(
-            f"embedded data needs at least {MIN_PHOTOS} photographs but found {len(photos)} "
+            f"bundled data needs at least {MIN_PHOTOS} photographs but found {len(photos)} "
             f"({found}); failed sources: {failed}; install scikit-image, scikit-learn and "
             "matplotlib"
         )
     return photos
 
 
-def embedded_photos() -> list[tuple[str, Image.Image]]:
+def bundled_photos() -> list[tuple[str, Image.Image]]:
     """The real photographs shipped by installed packages, as (name, RGB image), fixed order.
 
     Raises `RuntimeError` if fewer than `MIN_PHOTOS` are available, since a set built from a
     handful of photos would be too repetitive to pre-train on.
     """
-    return [(name, image) for name, image, _ in _embedded_photos_with_sources()]
+    return [(name, image) for name, image, _ in _bundled_photos_with_sources()]
 
 
 def default_data_home() -> Path:
@@ -167,17 +167,17 @@ def default_data_home() -> Path:
     return Path.home() / ".cache" / "dupr"
 
 
-def embedded_image_folder(num_images: int = 512) -> Path:
-    """The embedded unlabeled image folder with `num_images` images, built on first use."""
-    root = default_data_home() / f"embedded-unlabeled-v{EMBEDDED_VERSION}-{num_images}"
-    return build_embedded_image_folder(root, num_images=num_images)
+def bundled_image_folder(num_images: int = 512) -> Path:
+    """The bundled unlabeled image folder with `num_images` images, built on first use."""
+    root = default_data_home() / f"bundled-unlabeled-v{BUNDLED_VERSION}-{num_images}"
+    return build_bundled_image_folder(root, num_images=num_images)
 
 
 def _spec(num_images: int, min_side: int, max_side: int, seed: int) -> dict[str, Any]:
     """Everything that determines the folder's content; a manifest with the same spec is reused."""
     return {
-        "format": "dupr-embedded-unlabeled",
-        "version": EMBEDDED_VERSION,
+        "format": "dupr-bundled-unlabeled",
+        "version": BUNDLED_VERSION,
         "num_images": num_images,
         "seed": seed,
         "min_side": min_side,
@@ -324,14 +324,14 @@ def publish_folder(
     raise RuntimeError(message) from last_error
 
 
-def build_embedded_image_folder(
+def build_bundled_image_folder(
     root: str | os.PathLike[str],
     num_images: int = 512,
     min_side: int = 128,
     max_side: int = 256,
     seed: int = 0,
 ) -> Path:
-    """Write `num_images` JPEG crops of the embedded photos to `root/<photo>/<k>.jpg`.
+    """Write `num_images` JPEG crops of the bundled photos to `root/<photo>/<k>.jpg`.
 
     Image `k` is a crop of photo `k mod P` (so every photo contributes), at a position, scale
     (10%..100% of the photo's area) and aspect ratio (3/4..4/3) drawn from a generator seeded by
@@ -353,9 +353,9 @@ def build_embedded_image_folder(
     spec = _spec(num_images, min_side, max_side, seed)
     if _is_complete(root, spec):
         return root
-    refuse_foreign(root, _is_our_leftover, "embedded data")  # fail before the work
+    refuse_foreign(root, _is_our_leftover, "bundled data")  # fail before the work
 
-    photos = _embedded_photos_with_sources()
+    photos = _bundled_photos_with_sources()
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
@@ -391,11 +391,9 @@ def build_embedded_image_folder(
             "files": files,
         }
         _write_json_atomic(tmp / MANIFEST_NAME, manifest)
-        publish_folder(
-            tmp, root, lambda r: _is_complete(r, spec), _is_our_leftover, "embedded data"
-        )
+        publish_folder(tmp, root, lambda r: _is_complete(r, spec), _is_our_leftover, "bundled data")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("embedded data: wrote %d images to %s", num_images, root)
+    logger.info("bundled data: wrote %d images to %s", num_images, root)
     return root
