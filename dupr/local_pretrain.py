@@ -1,7 +1,7 @@
 """Plain single-process DUPR pre-training, in the style of torchvision's reference scripts.
 
-    python -m dupr.local_pretrain --preset cpu_demo --output-dir runs/demo
-    python -m dupr.local_pretrain --preset dupr --data /path/to/images --epochs 200 --workers 16
+    python -m dupr.local_pretrain --method cpu_demo --output-dir runs/demo
+    python -m dupr.local_pretrain --method dupr --data /path/to/images --epochs 200 --workers 16
 
 It runs on one device without Ray or MLflow, writes ``config.json``, ``metrics.jsonl`` and an
 atomically replaced ``checkpoint.pt`` after each epoch into the output folder, and continues from
@@ -14,35 +14,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from dupr.config import ConfigError, DUPRConfig, preset, validate
 from dupr.data import ImageFolderDataset, bundled_image_folder
 from dupr.data.two_views import build_loader
+from dupr.io import write_atomically
 from dupr.model import DUPR
 from dupr.train import TrainState, build_state, train
 from dupr.views import TwoViews
 
 log = logging.getLogger("dupr.local_pretrain")
-
-
-def save_atomically(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def pick_device(name: str) -> torch.device:
@@ -97,7 +83,8 @@ def run(
         )
 
     def on_epoch_end(s: TrainState) -> None:
-        save_atomically(s.state_dict(), checkpoint)
+        # A crash never leaves a half-written checkpoint.
+        write_atomically(checkpoint, lambda f: torch.save(s.state_dict(), f), fsync=False)
         log.info("epoch %d done, checkpoint %s", s.epoch, checkpoint)
 
     log.info(
@@ -126,7 +113,7 @@ def run(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--preset", default="cpu_demo", help="dupr, dupr_ablation, mocov2, cpu_demo"
+        "--method", default="cpu_demo", help="method preset: dupr, dupr_ablation, mocov2, cpu_demo"
     )
     parser.add_argument("--data", type=Path, help="image folder (default: the bundled photo set)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/pretrain"))
@@ -139,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
-        cfg = preset(args.preset)
+        cfg = preset(args.method)
         for field, value in (
             ("epochs", args.epochs),
             ("batch_size", args.batch_size),

@@ -1,6 +1,6 @@
 """The entry points as a user runs them: a separate driver process, killable like on a cluster.
 
-`Driver` starts `python pipelines/…` or `python -m dupr_platform.ray_pretrain` in its own process
+`Driver` starts `python pipelines/…` in its own process
 group, with its own Ray temp root (`RAY_TMPDIR`, so a test can read every file of the Ray
 session it starts), its own log folder, and stdout/stderr in a file. `kill()` sends SIGKILL to
 the driver process only, as a crash or an OOM killer would; the local Ray instance it started
@@ -11,6 +11,7 @@ process group the test started, and nothing else.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import signal
@@ -24,6 +25,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE = str(ROOT / "pipelines" / "pretrain_and_eval.py")
 ABLATE = str(ROOT / "pipelines" / "ablate.py")
+PRETRAIN = str(ROOT / "pipelines" / "pretrain.py")
+
+
+def main_of(script: str) -> Callable[[list[str]], int]:
+    """The `main` of a pipelines/ script, to call in-process as its command line does."""
+    spec = importlib.util.spec_from_file_location(Path(script).stem, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
 
 # The project's console lines: stage events, progress, the summary table, errors.
 PROJECT_LINE = re.compile(

@@ -1,14 +1,13 @@
 """Every bad input, at every entry point, is one line and exit status 2 before Ray starts.
 
-The table calls each entry point's `main` as the command line does (`pipelines/*.py` and
-`python -m dupr_platform.ray_pretrain`) and checks the exit status, that stderr is one line that
-names the field, file or value, that no traceback is printed, and that Ray was not started.
+The table calls each entry point's `main` as the command line does (`pipelines/*.py`) and
+checks the exit status, that stderr is one line that names the field, file or value, that no
+traceback is printed, and that Ray was not started.
 A few cases also run as real processes, with their own Ray temp folder, which must stay empty.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -16,28 +15,16 @@ from pathlib import Path
 import pytest
 import ray
 
-from drivers import ABLATE, PIPELINE, files_under, ray_tmpdir, run
+from drivers import ABLATE, PIPELINE, PRETRAIN, files_under, main_of, ray_tmpdir, run
 from dupr.data import bundled_image_folder
 from dupr.data.bundled_eval import bundled_detection_set
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _entry(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-PIPELINE_MAIN = _entry(ROOT / "pipelines" / "pretrain_and_eval.py")
-ABLATE_MAIN = _entry(ROOT / "pipelines" / "ablate.py")
-
-
-def _pretrain_main(argv: list[str]) -> int:
-    from dupr_platform.ray_pretrain import main
-
-    return main(argv)
+PIPELINE_MAIN = main_of(PIPELINE)
+ABLATE_MAIN = main_of(ABLATE)
+PRETRAIN_MAIN = main_of(PRETRAIN)
 
 
 # (override, text the one line must contain) for pipelines/pretrain_and_eval.py.
@@ -167,7 +154,7 @@ GRIDS = {
     "fixed": "key: pretrain.method.model.tau\nfixed: {eval.spatial.roi_size: 0}\nvalues: [0.2]\n",
 }
 
-# (overrides, text) for python -m dupr_platform.ray_pretrain.
+# (overrides, text) for pipelines/pretrain.py.
 PRETRAIN_CASES = [
     (["method.model.tau=abc"], "method.model.tau='abc': must be a number"),
     (["method.model.tau=nan"], "method.model.tau=nan"),
@@ -175,7 +162,8 @@ PRETRAIN_CASES = [
     (["method.optim.batch_size=32.5"], "method.optim.batch_size='32.5'"),
     (["num_workers=abc"], "num_workers='abc'"),
     (["num_workers=3"], "not divisible by num_workers=3"),
-    (["preset=nope"], "preset='nope'"),
+    (["method=nope"], "method='nope'"),
+    (["preset=mocov2"], "preset=mocov2: pretrain has no preset option"),
     (["nope=1"], "nope: unknown configuration key"),
     (["tau"], "cannot parse the override"),
     (["storage="], "storage='': must not be empty"),
@@ -224,7 +212,7 @@ def test_ablate_bad_input(where, tmp_path, argv, needle, capsys):
     "argv, needle", PRETRAIN_CASES, ids=[" ".join(c[0]) for c in PRETRAIN_CASES]
 )
 def test_pretrain_bad_input(where, argv, needle, capsys):
-    _one_line_exit_2(_pretrain_main, [*where, *argv], needle, capsys)
+    _one_line_exit_2(PRETRAIN_MAIN, [*where, *argv], needle, capsys)
 
 
 def _detection_copy(tmp_path: Path) -> Path:
@@ -264,7 +252,7 @@ def test_data_certain_to_fail_is_found_in_preflight(where, tmp_path, capsys):
         capsys,
     )
     _one_line_exit_2(
-        _pretrain_main,
+        PRETRAIN_MAIN,
         [*where, f"data={few}", "num_workers=2", "method.optim.batch_size=64"],
         f"data={str(few)!r}: 16 images, less than one batch per worker",
         capsys,
@@ -306,13 +294,13 @@ def test_data_certain_to_fail_is_found_in_preflight(where, tmp_path, capsys):
     [
         (PIPELINE, ["pretrain.method.model.tau=abc"], "pretrain.method.model.tau='abc'"),
         (ABLATE, ["--grid", "beta", "sweep.metric=nope"], "sweep.metric='nope'"),
-        ("-m", ["dupr_platform.ray_pretrain", "num_workers=abc"], "num_workers='abc'"),
+        (PRETRAIN, ["num_workers=abc"], "num_workers='abc'"),
     ],
-    ids=["pretrain_and_eval", "ablate", "dupr_platform.ray_pretrain"],
+    ids=["pretrain_and_eval", "ablate", "pretrain"],
 )
 def test_the_commands_as_processes(tmp_path, script, argv, needle):
     """The real commands: status 2, one line on the console, no Ray session folder."""
-    args = [script, *argv] if script != "-m" else ["-m", *argv]
+    args = [script, *argv]
     where = [f"storage={tmp_path / 'storage'}", f"tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
     ray_tmp = ray_tmpdir()
     status, output = run([*args, *where], tmp_path / "out.txt", timeout=300, ray_tmp=ray_tmp)

@@ -13,7 +13,7 @@ from dupr.config import PRESETS, ConfigError, preset
 from dupr.convert import ConversionError
 from dupr.data.coco import CocoFormatError
 from dupr_platform.configs import compose
-from dupr_platform.evaluations import convert
+from dupr_platform.convert_stage import convert
 from dupr_platform.pipeline import build_stages, run_pipeline
 from dupr_platform.progress import Progress
 from dupr_platform.stages import Ref, Stage, StageContext, assign_keys

@@ -9,9 +9,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from drivers import PRETRAIN, ROOT, main_of
 from dupr.data import bundled_image_folder
+from dupr_platform.configs import compose, pretrain_job
 from dupr_platform.ray_pretrain import (
-    job_from_overrides,
     load_checkpoint_state,
     preflight,
     run_pretraining,
@@ -154,8 +155,13 @@ def test_preflight_rejects_bad_input_before_any_worker(
     assert not (tmp_path / "store" / "x").exists()  # nothing was started or written
 
 
+def job_from_overrides(overrides: list[str]):
+    """What pipelines/pretrain.py builds from its command line."""
+    return pretrain_job(compose(ROOT / "configs", "pretrain", overrides))
+
+
 def test_overrides_build_a_job_and_reject_unknown_keys():
-    job = job_from_overrides(["preset=mocov2", "num_workers=2", "method.model.tau=0.1", "name=abc"])
+    job = job_from_overrides(["method=mocov2", "num_workers=2", "method.model.tau=0.1", "name=abc"])
     assert job.method.model.alpha == (0, 0, 0, 1) and job.method.model.tau == 0.1
     assert job.num_workers == 2 and job.name == "abc"
     with pytest.raises(ValueError, match="method.model.temperature: unknown configuration key"):
@@ -192,8 +198,7 @@ def test_ddp_two_workers_equal_one_worker_with_the_global_batch(local_ray, mlflo
 
 
 def test_command_line_rejects_bad_input_in_one_line_before_starting_ray(capsys, tmp_path):
-    from dupr_platform.ray_pretrain import main
-
+    main = main_of(PRETRAIN)
     assert main(["method.model.tau=-1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: method.model.tau=-1.0: temperature must be > 0"

@@ -114,7 +114,7 @@ def test_non_finite_loss_stops_before_the_checkpoint(tiny_config, images):
 
 
 def test_pretrain_cli_rejects_bad_input_in_one_line(capsys, tmp_path):
-    assert pretrain_main(["--preset", "nope", "--output-dir", str(tmp_path)]) == 2
+    assert pretrain_main(["--method", "nope", "--output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: preset='nope'") and "\n" not in err
     assert pretrain_main(["--epochs", "0", "--output-dir", str(tmp_path)]) == 2

@@ -1,6 +1,6 @@
 """The frame of every entry point: console, signals, errors and exit codes.
 
-    pipelines/pretrain_and_eval.py, pipelines/ablate.py, python -m dupr_platform.ray_pretrain
+    pipelines/pretrain_and_eval.py, pipelines/ablate.py, pipelines/pretrain.py
 
 Exit status: 0 when everything finished, 1 when something failed at run time (one line says
 what; the rest of a pipeline or sweep still ran), 2 for bad input found before anything

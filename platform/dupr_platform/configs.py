@@ -26,6 +26,7 @@ from dupr.config import (
     PRESETS,
     STRIDES,
     ConfigError,
+    DUPRConfig,
     check_bool,
     check_choice,
     check_int,
@@ -36,7 +37,7 @@ from dupr.config import (
 )
 from dupr.evaluation.detectors import DETECTORS
 from dupr.evaluation.finetune import DetectionConfig
-from dupr_platform.ray_pretrain import PretrainSettings, check_uris
+from dupr_platform.ray_pretrain import PretrainJob, PretrainSettings, check_uris
 from dupr_platform.storage import AWS_CREDENTIALS, check_no_password
 
 STAGE_KINDS = ("pretrain", "convert", "detection", "spatial", "correspondence", "probe")
@@ -209,14 +210,20 @@ class AblateConfig(PipelineConfig):
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
-SCHEMAS: dict[str, type] = {"pipeline": PipelineConfig, "ablate": AblateConfig}
+# configs/pretrain.yaml (pipelines/pretrain.py) uses the pre-training job itself as its schema.
+SCHEMAS: dict[str, type] = {
+    "pipeline": PipelineConfig,
+    "ablate": AblateConfig,
+    "pretrain": PretrainJob,
+}
 
 
 def register() -> None:
     """Put the schemas and the method presets into Hydra's ConfigStore (idempotent).
 
-    configs/*.yaml select them in their defaults lists: `schema: pipeline` (or `ablate`) and
-    `method: <preset>`, the presets of `dupr.config.preset` stored at `pretrain.method`.
+    configs/*.yaml select them in their defaults lists: `schema: pipeline` (`ablate`,
+    `pretrain`) and `method: <preset>`, the presets of `dupr.config.preset` stored at
+    `pretrain.method` (configs/pretrain.yaml places them at `method` with `method@method`).
     """
     from hydra.core.config_store import ConfigStore
 
@@ -241,21 +248,48 @@ def compose(config_dir: str | Path, config_name: str, overrides: list[str]) -> d
 
     register()
     config_dir = Path(config_dir).resolve()
+    groups = _groups(config_dir, config_name)
     for override in overrides:
         group, sep, value = override.partition("=")
-        if sep and group in ("preset", "method"):
-            options = PRESETS if group == "method" else _yaml_options(config_dir / group)
-            if value not in options:
-                raise ConfigError(f"{group}={value!r}: unknown (valid: {', '.join(options)})")
+        if not sep or group not in ("preset", "method"):
+            continue
+        options = PRESETS if group == "method" else _yaml_options(config_dir / group)
+        if group not in groups:  # `preset`: a whole study, which a pre-training alone is not
+            raise ConfigError(
+                f"{override}: {config_name} has no {group} option (a whole-study preset is for "
+                f"pipelines/pretrain_and_eval.py and ablate.py; the method is method=NAME, "
+                f"valid: {', '.join(PRESETS)})"
+            )
+        if value not in options:
+            raise ConfigError(f"{group}={value!r}: unknown (valid: {', '.join(options)})")
     try:
         with initialize_config_dir(str(config_dir), version_base="1.3", job_name=config_name):
             cfg = hydra_compose(config_name=config_name, overrides=overrides)
         values = OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as exc:
         raise config_error(exc) from None
-    values.pop("preset", None)
-    values.pop("method", None)
     return values
+
+
+def _groups(config_dir: Path, config_name: str) -> set[str]:
+    """The config groups config `config_name`'s defaults list selects (and those it includes)."""
+    from omegaconf import OmegaConf
+
+    groups: set[str] = set()
+    for entry in OmegaConf.load(config_dir / f"{config_name}.yaml").get("defaults", []):
+        if isinstance(entry, str) and entry != "_self_":
+            groups |= _groups(config_dir, entry)
+        elif not isinstance(entry, str):
+            (key,) = entry.keys()
+            groups.add(key.removeprefix("override ").split("@")[0].strip())
+    return groups
+
+
+def pretrain_job(values: dict[str, Any]) -> PretrainJob:
+    """The checked pre-training job of a composed configs/pretrain.yaml."""
+    values = dict(values)
+    method = DUPRConfig.from_dict(values.pop("method"))
+    return PretrainJob(method=method, **values).validate()
 
 
 def _yaml_options(folder: Path) -> tuple[str, ...]:

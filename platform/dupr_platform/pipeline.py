@@ -21,9 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -31,7 +34,7 @@ from mlflow.tracking import MlflowClient
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dupr.config import ConfigError, DUPRConfig, field_prefix
-from dupr_platform import console, evaluations
+from dupr_platform import console, convert_stage, eval_stages, report
 from dupr_platform.cluster import COMPUTE_PRIORITY, check_nodes, forwarded_env, start_ray
 from dupr_platform.configs import selected_kinds, validate_pipeline
 from dupr_platform.failures import UnrecoverableError
@@ -166,9 +169,9 @@ def preflight_pipeline(cfg: dict[str, Any]) -> list[Stage]:
     storage = open_storage(cfg["storage"])
     check_storage(storage)
     check_tracking(cfg["tracking_uri"])
-    evaluations.check_eval_data(cfg["eval"]["data"])
+    eval_stages.check_eval_data(cfg["eval"]["data"])
     for stage in stages:
-        evaluations.check_inputs(stage.kind, stage.inputs)
+        convert_stage.check_inputs(stage.kind, stage.inputs)
     return stages
 
 
@@ -220,13 +223,38 @@ class PipelineResult:
         return all(r.status in ("done", "cached", "not selected") for r in self.reports)
 
 
+# The body of each stage kind but pre-training (which is a Ray Train job of its own).
+BODIES: dict[str, Callable[[StageContext, Path], StageOutput]] = {
+    "convert": convert_stage.convert,
+    "detection": eval_stages.detection,
+    "spatial": eval_stages.spatial,
+    "correspondence": eval_stages.correspondence,
+    "probe": eval_stages.probe,
+}
+
+
+def run_stage(ctx: StageContext) -> StageOutput:
+    """Run the body, copy its folder to the stage's storage folder, log its artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    with tempfile.TemporaryDirectory(prefix="dupr-stage-") as tmp:
+        result = BODIES[ctx.kind](ctx, Path(tmp))
+        open_storage(ctx.storage_uri).upload(tmp, ctx.folder)
+        client = MlflowClient(ctx.tracking_uri)
+        # 0 unless Ray's low worker priority applied (see cluster.COMPUTE_PRIORITY).
+        client.set_tag(ctx.run_id, "dupr.worker_niceness", str(os.nice(0)))
+        for name in result.artifacts:
+            client.log_artifact(ctx.run_id, os.path.join(tmp, name))
+    return result
+
+
 @ray.remote(max_retries=0)
 def _stage_task(ctx: StageContext) -> StageOutput:
     """One stage body in its own Ray worker process, with as many threads as it has CPUs."""
     import torch
 
     torch.set_num_threads(max(1, int(ctx.cpus)))
-    return evaluations.run_stage(ctx)
+    return run_stage(ctx)
 
 
 class _Runner:
@@ -327,7 +355,7 @@ class _Runner:
         print(f"[pipeline] {stage.name}: pre-training ({job.name})", flush=True)
         try:
             result = run_pretraining(job, self.pretrain_callbacks, tags=self.stage_tags(stage))
-        except Exception as exc:  # noqa: BLE001 - reported, and the pipeline goes on
+        except Exception as exc:  # reported, and the pipeline goes on
             self.fail(stage, exc)
             return
         # The run's last value of each metric (loss, accuracies, throughput) and Ray's counters.
@@ -378,7 +406,7 @@ class _Runner:
                     continue
                 try:
                     ref, ctx = self.launch(stage)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     self.fail(stage, exc)
                     continue
                 running[ref] = stage
@@ -403,13 +431,13 @@ class _Runner:
             stage = running.pop(ref)
             try:
                 out = ray.get(ref)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 self.fail(stage, exc)
                 continue
             run = self.loggers.pop(stage.name)
             try:
                 self.finish(stage, contexts[stage.name], out, run.run_id)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 self.loggers[stage.name] = run
                 self.fail(stage, exc)
                 continue
@@ -505,7 +533,7 @@ def run_pipeline(
         result = PipelineResult(
             parent.run_id, [runner.reports[s.name] for s in stages], runner.records
         )
-        evaluations.report(cfg, stages, runner.records, parent)
+        report.report(cfg, stages, runner.records, parent)
         table = summary_table(result, cfg)
         parent.log_text(table + "\n", "summary.md")
         print(table, flush=True)
@@ -590,7 +618,7 @@ def _absolute(cfg: dict[str, Any]) -> dict[str, Any]:
     uri = cfg["tracking_uri"]
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         cfg["tracking_uri"] = prefix + os.path.abspath(uri[len(prefix) :])
-    cfg["eval"] = evaluations.absolute_data(cfg["eval"])
+    cfg["eval"] = eval_stages.absolute_data(cfg["eval"])
     cfg["baselines"] = dict(cfg["baselines"])
     cfg["baselines"]["checkpoints"] = {
         k: v if "://" in v else os.path.abspath(v)

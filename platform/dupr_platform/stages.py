@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from dupr_platform.storage import Storage
+from dupr.data import default_data_home
+from dupr_platform.storage import Storage, localize
 
 MARKER = "_COMPLETE.json"
 STAGES_DIR = "stages"
@@ -163,3 +164,12 @@ class StageOutput:
     metrics: dict[str, float]
     values: dict[str, str] = field(default_factory=dict)  # outputs that are not files
     artifacts: list[str] = field(default_factory=list)  # file names to log to the MLflow run
+
+
+def local_input(uri: str) -> str:
+    """A local path for a stage input: local paths as they are; data and weights on object
+    storage are copied once per node into the data home (`dupr_platform.storage.localize`),
+    because the dupr/ code that reads them reads local files."""
+    cache = default_data_home() / "remote"
+    cache.mkdir(parents=True, exist_ok=True)
+    return localize(uri, cache)

@@ -35,6 +35,7 @@ __all__ = [
     "aws_settings",
     "check_storage",
     "localize",
+    "uri_exists",
     "contains_secret",
     "mask_userinfo",
     "open_storage",
@@ -253,6 +254,14 @@ def _fingerprint(storage: Storage, name: str) -> str:
     if info.type == pafs.FileType.Directory:
         infos = storage.filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
     return ";".join(sorted(f"{i.path}:{i.size}:{i.mtime_ns}" for i in infos))
+
+
+def uri_exists(uri: str) -> bool:
+    """Whether a local path or an s3:// object or prefix exists."""
+    if "://" not in uri:
+        return os.path.exists(uri)
+    storage, name = split_uri(uri)
+    return storage.exists(name)
 
 
 def localize(uri: str, cache_dir: str | os.PathLike[str]) -> str:

@@ -1,23 +1,21 @@
-"""Stage bodies for conversion and the downstream evaluations, run inside Ray tasks.
+"""The evaluation stages' bodies (§4 of the paper), each run inside its own Ray task.
 
-Each body reads its inputs (weights and data, local or on object storage), calls the dupr/
-function that does the work, and writes its outputs into a local folder. `run_stage` then
-copies that folder into the stage's storage folder and logs the plots and tables to the
-stage's MLflow run. The pipeline driver writes the completion marker only after that.
+Each body reads its inputs (the backbone's weights and the data, local or on object storage),
+calls the dupr/ function that does the work (`dupr.evaluation`), and writes its outputs into a
+local folder; `dupr_platform.pipeline.run_stage` copies that folder into the stage's storage
+folder and logs its plots and tables. The pipeline driver writes the completion marker after.
 
 Datasets default to the bundled sets built offline (dupr.data.bundled_eval); a COCO-format
 detection set or an ImageFolder classification set on a local disk or on S3 can replace them
-(see configs/pretrain_and_eval.yaml, `eval.data`).
+(see configs/pretrain_and_eval.yaml, `eval.data`), checked before anything runs
+(`check_eval_data`).
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +25,7 @@ from torch import nn
 
 from dupr.backbone import ResNetBackbone
 from dupr.config import LEVELS, ConfigError
-from dupr.convert import (
-    SETTINGS,
-    ConversionError,
-    backbone_from_checkpoint,
-    detectron2_config,
-    infer_arch,
-    save_detectron2,
-    to_detectron2,
-)
-from dupr.data.bundled import default_data_home
+from dupr.convert import infer_arch
 from dupr.data.bundled_eval import bundled_classification_set, bundled_detection_set
 from dupr.data.coco import CocoDetection, load_coco, parse_json
 from dupr.data.folder import is_image_file, load_rgb
@@ -45,21 +34,15 @@ from dupr.evaluation.correspondence import patch_correspondence, plot_correspond
 from dupr.evaluation.detectors import build_detector
 from dupr.evaluation.finetune import evaluate, finetune
 from dupr.evaluation.linear_probe import linear_probe, probe_transform
-from dupr.evaluation.spatial import SpatialResult, iou_similarity, plot_iou_similarity, summarise
+from dupr.evaluation.spatial import iou_similarity, plot_iou_similarity
 from dupr.evaluation.voc_metrics import VOC_METRICS
 from dupr.views import IMAGENET_MEAN, IMAGENET_STD
 from dupr_platform.configs import CLASSIFICATION_DATA, DETECTION_DATA, detection_recipe
+from dupr_platform.convert_stage import CONVERT_METRICS
 from dupr_platform.progress import Progress
-from dupr_platform.ray_pretrain import STATE_FILE
-from dupr_platform.stages import Stage, StageContext, StageOutput
-from dupr_platform.storage import localize, open_storage, split_uri
+from dupr_platform.stages import StageContext, StageOutput, local_input
+from dupr_platform.storage import open_storage, split_uri, uri_exists
 from dupr_platform.tracking import RunLogger
-
-
-def _cache_dir() -> Path:
-    path = default_data_home() / "remote"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _device(ctx: StageContext) -> torch.device:
@@ -70,25 +53,12 @@ def _device(ctx: StageContext) -> torch.device:
 # Inputs: weights and data
 
 
-def load_checkpoint_file(uri: str) -> dict[str, Any]:
-    """A checkpoint's state: a pre-training checkpoint folder (state.pt) or a .pth/.pt file."""
-    path = Path(localize(uri, _cache_dir()))
-    if path.is_dir():
-        path = path / STATE_FILE
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {uri!r}: no {STATE_FILE} in the folder and not a file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ConfigError(f"checkpoint {uri!r}: not a PyTorch checkpoint ({exc})") from None
-
-
 def load_backbone(ctx: StageContext) -> tuple[str, dict[str, torch.Tensor] | None]:
     """(arch, torchvision state) of the stage's initialisation; state None = random init."""
     uri = ctx.inputs.get("backbone")
     if uri is None:
         return ctx.config["arch"], None
-    state = torch.load(localize(uri, _cache_dir()), map_location="cpu", weights_only=True)
+    state = torch.load(local_input(uri), map_location="cpu", weights_only=True)
     return infer_arch(state, source=uri), state
 
 
@@ -111,14 +81,14 @@ def detection_data(inputs: dict[str, str | None]) -> dict[str, str]:
             "val_images": str(root / "val"),
             "val_annotations": str(root / "annotations" / "instances_val.json"),
         }
-    return {k: localize(inputs[k], _cache_dir()) for k in DETECTION_DATA}
+    return {k: local_input(inputs[k]) for k in DETECTION_DATA}
 
 
 def classification_data(inputs: dict[str, str | None]) -> dict[str, str]:
     if not inputs.get("train"):
         root = bundled_classification_set()
         return {"train": str(root / "train"), "val": str(root / "val")}
-    return {k: localize(inputs[k], _cache_dir()) for k in CLASSIFICATION_DATA}
+    return {k: local_input(inputs[k]) for k in CLASSIFICATION_DATA}
 
 
 def _normalise(image: torch.Tensor) -> torch.Tensor:
@@ -129,31 +99,6 @@ def _normalise(image: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # Bodies
-
-
-def convert(ctx: StageContext, out: Path) -> StageOutput:
-    """Checkpoint → torchvision state_dict, detectron2 .pkl and the detectron2 config lines."""
-    uri = ctx.inputs["checkpoint"]
-    arch, state = backbone_from_checkpoint(load_checkpoint_file(uri), source=uri)
-    torch.save(state, out / "backbone_torchvision.pth")
-    d2_path = save_detectron2(to_detectron2(state), out / "backbone_detectron2.pkl")
-    d2_uri = open_storage(ctx.storage_uri).uri_for(ctx.folder, d2_path.name)
-    files = {"torchvision": "backbone_torchvision.pth", "detectron2": d2_path.name}
-    for setting in SETTINGS:
-        try:
-            text = detectron2_config(arch, setting, weights=d2_uri)
-        except ConversionError:
-            continue  # e.g. detectron2's C4 head builds bottleneck blocks only: no R18/R34
-        name = f"detectron2_{setting}.yaml"
-        (out / name).write_text(text)
-        files[f"detectron2_config_{setting}"] = name
-    parameters = sum(v.numel() for k, v in state.items() if not k.endswith("running_mean"))
-    return StageOutput(
-        files=files,
-        metrics={"parameters": float(parameters), "tensors": float(len(state))},
-        values={"arch": arch},
-        artifacts=[f for k, f in files.items() if k.startswith("detectron2_config")],
-    )
 
 
 def detection(ctx: StageContext, out: Path) -> StageOutput:
@@ -210,7 +155,7 @@ def metric_names(kind: str, config: dict[str, Any]) -> list[str]:
         "spatial": list(SPATIAL_METRICS),
         "correspondence": list(CORRESPONDENCE_METRICS),
         "probe": list(LEVELS),
-        "convert": ["parameters", "tensors"],
+        "convert": list(CONVERT_METRICS),
     }.get(kind, [])
 
 
@@ -299,51 +244,8 @@ def probe(ctx: StageContext, out: Path) -> StageOutput:
     return StageOutput(files={"accuracy": "accuracy.json"}, metrics=accuracy)
 
 
-BODIES: dict[str, Callable[[StageContext, Path], StageOutput]] = {
-    "convert": convert,
-    "detection": detection,
-    "spatial": spatial,
-    "correspondence": correspondence,
-    "probe": probe,
-}
-
-
-def run_stage(ctx: StageContext) -> StageOutput:
-    """Run the body, copy its folder to the stage's storage folder, log its artifacts."""
-    from mlflow.tracking import MlflowClient
-
-    with tempfile.TemporaryDirectory(prefix="dupr-stage-") as tmp:
-        result = BODIES[ctx.kind](ctx, Path(tmp))
-        open_storage(ctx.storage_uri).upload(tmp, ctx.folder)
-        client = MlflowClient(ctx.tracking_uri)
-        # 0 unless Ray's low worker priority applied (see cluster.COMPUTE_PRIORITY).
-        client.set_tag(ctx.run_id, "dupr.worker_niceness", str(os.nice(0)))
-        for name in result.artifacts:
-            client.log_artifact(ctx.run_id, os.path.join(tmp, name))
-    return result
-
-
 # ---------------------------------------------------------------------------------------------
 # Checks before anything runs
-
-
-def _exists(uri: str) -> bool:
-    if "://" not in uri:
-        return os.path.exists(uri)
-    storage, name = split_uri(uri)
-    return storage.exists(name)
-
-
-def check_inputs(kind: str, inputs: dict[str, Any]) -> None:
-    """A stage's literal checkpoint input exists and holds a ResNet backbone (data is checked
-    once for all stages by `check_eval_data`)."""
-    uri = inputs.get("checkpoint")
-    if kind != "convert" or not isinstance(uri, str):
-        return  # a Ref to another stage's output, or no checkpoint
-    if not _exists(uri):
-        raise ConfigError(f"{kind} input checkpoint: {uri!r} does not exist")
-    # A baseline checkpoint: refuse it now, not after pre-training.
-    backbone_from_checkpoint(load_checkpoint_file(uri), source=uri)
 
 
 def check_eval_data(data: dict[str, Any]) -> None:
@@ -358,7 +260,7 @@ def check_eval_data(data: dict[str, Any]) -> None:
         if not annotations:
             continue
         where = f"eval.data.detection.{split}_annotations"
-        if not _exists(annotations):
+        if not uri_exists(annotations):
             raise ConfigError(f"{where}: {annotations!r} does not exist")
         storage, name = split_uri(annotations)
         coco = load_coco(parse_json(storage.read_bytes(name), annotations), source=annotations)
@@ -371,7 +273,7 @@ def check_eval_data(data: dict[str, Any]) -> None:
 
 
 def _check_image_files(coco: dict[str, Any], images: str, source: str, where: str) -> None:
-    if not _exists(images):
+    if not uri_exists(images):
         raise ConfigError(f"{where}: {images!r} does not exist")
     storage = open_storage(images)
     present = set(storage.list(recursive=True))
@@ -385,7 +287,7 @@ def _check_image_files(coco: dict[str, Any], images: str, source: str, where: st
 
 
 def _check_class_folders(root: str, where: str) -> None:
-    if not _exists(root):
+    if not uri_exists(root):
         raise ConfigError(f"{where}: {root!r} does not exist")
     entries = open_storage(root).list(recursive=True)
     classes = {e.split("/")[0] for e in entries if "/" in e and is_image_file(e)}
@@ -407,72 +309,6 @@ def absolute_data(ev: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # The study's results, side by side
-
-
-def results_by_init(
-    stages: list[Stage], records: dict[str, dict[str, Any]]
-) -> dict[str, dict[str, float]]:
-    """{init: {"<kind>[/<detector>]/<metric>": value}} over the finished evaluation stages."""
-    rows: dict[str, dict[str, float]] = {}
-    for stage in stages:
-        record = records.get(stage.name)
-        if record is None or stage.kind in ("pretrain", "convert"):
-            continue
-        parts = stage.name.split("/")
-        init, prefix = parts[-1], "/".join(parts[1:-1])
-        row = rows.setdefault(init, {})
-        for key, value in record["metrics"].items():
-            row[f"{stage.kind}{'/' + prefix if prefix else ''}/{key}"] = value
-    return rows
-
-
-def report(
-    cfg: dict[str, Any], stages: list[Stage], records: dict[str, dict[str, Any]], parent: RunLogger
-) -> None:
-    """Results per initialisation (rows) and metric (columns), and the Fig. 6 curves overlaid.
-
-    Logged to the parent run as results.md, results.csv, an MLflow table and, when spatial
-    stages finished, iou_similarity.png with one curve per initialisation.
-    """
-    rows = results_by_init(stages, records)
-    curves: dict[str, SpatialResult] = {}
-    storage = open_storage(cfg["storage"])
-    for stage in stages:
-        record = records.get(stage.name)
-        init = stage.name.split("/")[-1]
-        if record is not None and stage.kind == "spatial":
-            _, name = split_uri(record["outputs"]["points"])
-            points = json.loads(storage.read_bytes(f"{stage.folder}/{name}"))
-            curves[init] = summarise(
-                np.array(points["ious"]), np.array(points["sims"]), points["bins"]
-            )
-    if not rows:
-        return
-    columns = sorted({k for r in rows.values() for k in r})
-    table = [{"init": init, **{c: rows[init].get(c) for c in columns}} for init in rows]
-    parent.log_text(_markdown(table, ["init", *columns]), "results.md")
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["init", *columns])
-    writer.writeheader()
-    writer.writerows(table)
-    parent.log_text(buffer.getvalue(), "results.csv")
-    for init, row in rows.items():
-        parent.log_metrics(0, {f"{init}/{k}": v for k, v in row.items()})
-    parent.commit()
-    if curves:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "iou_similarity.png"
-            plot_iou_similarity(curves, path)
-            parent.log_artifact(path)
-
-
-def _markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    def fmt(v: Any) -> str:
-        return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
 
 
 def _write_rows(path: Path, rows: list[dict[str, float]]) -> None:
