@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmark scripts: machine description, Markdown tables, recording.
+"""Shared helpers for the benchmark scripts: machine description, recording.
 
 Every benchmark prints the machine it ran on and can append its table to a results file, so a
 number in `RESULTS.md` is never separated from the hardware and software that produced it.
@@ -69,18 +69,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {name}: CUDA is not available on this machine")
     return device
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A GitHub-flavoured Markdown table with padded columns, readable as plain text too."""
-    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-
-    def line(row: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
 
 
 def quartiles(values: Sequence[float]) -> tuple[float, float, float]:

@@ -35,11 +35,12 @@ from pathlib import Path
 
 import torch
 import torchvision.transforms as T
-from _common import fill_sizes, machine_lines, markdown_table, quartiles, record
+from _common import fill_sizes, machine_lines, quartiles, record
 from PIL import Image, ImageFilter
 
 from dupr.config import AugmentConfig
 from dupr.data import ImageFolderDataset, build_bundled_image_folder, bundled_photos
+from dupr.io import markdown_table
 from dupr.views import IMAGENET_MEAN, IMAGENET_STD, TwoViews
 
 TARGET_RATIO = 1.0  # ours / baseline pairs per second
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         "target",
         "result",
     ]
-    table = markdown_table(header, rows)
+    table = markdown_table(rows, header, pad=True)
     notes = [
         f"{args.rounds} rounds; within a round the variants alternate every {args.block} "
         f"images (order shuffled per block); each variant has its own torch + random stream "

@@ -32,9 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import machine_lines, markdown_table, record, resolve_device  # noqa: E402
+from _common import machine_lines, record, resolve_device  # noqa: E402
 
 from dupr.config import OptimConfig, preset, validate  # noqa: E402
+from dupr.io import markdown_table  # noqa: E402
 from dupr.model import DUPR  # noqa: E402
 from dupr.train import build_state, train_step  # noqa: E402
 from dupr.views import CropAndFlip  # noqa: E402
@@ -150,7 +151,7 @@ def main() -> None:
             [m, f"{flops[m] / args.batch / 1e9:.2f}", f"{flops[m] / flops['mocov2']:.3f}"]
             for m in methods
         ]
-        table = markdown_table(["method", "GFLOP per image", "FLOPs / MoCo v2"], rows)
+        table = markdown_table(rows, ["method", "GFLOP per image", "FLOPs / MoCo v2"], pad=True)
         notes = (
             f"\n- {args.backbone}, {args.size} px, K={args.queue}, one training step of "
             f"{args.batch} images counted by torch.utils.flop_counter (forward + backward, "
@@ -201,7 +202,7 @@ def main() -> None:
         "target",
         "result",
     ]
-    table = markdown_table(header, rows)
+    table = markdown_table(rows, header, pad=True)
     notes = (
         f"\n- {args.backbone}, {args.size} px, per-GPU batch {args.batch}, K={args.queue}, bf16 autocast, "
         f"channels_last; {args.rounds} rounds × {args.steps} steps after {args.warmup} warm-up steps; "

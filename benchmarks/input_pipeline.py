@@ -40,10 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import fill_sizes, machine_lines, markdown_table, quartiles, record, resolve_device
+from _common import fill_sizes, machine_lines, quartiles, record, resolve_device
 
 from dupr.data import ImageFolderDataset, build_bundled_image_folder
 from dupr.data.two_views import build_loader
+from dupr.io import markdown_table
 from dupr.views import TwoViews
 from dupr_platform.shards import ParquetImageDataset, prepare_shards
 
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         "target",
         "result",
     ]
-    table = markdown_table(header, rows)
+    table = markdown_table(rows, header, pad=True)
     groups = sum(len(s.row_groups) for s in index.shards)
     notes = [
         f"{args.images} bundled JPEGs (128-256 px); shards: {len(index.shards)} files, "

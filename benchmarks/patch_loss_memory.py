@@ -35,8 +35,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import fill_sizes, machine_lines, markdown_table, record, resolve_device
+from _common import fill_sizes, machine_lines, record, resolve_device
 
+from dupr.io import markdown_table
 from dupr.losses import info_nce
 
 TARGET_RATIO = 0.25  # chunked peak must be at most this fraction of the direct peak
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
         "target",
         "result",
     ]
-    table = markdown_table(header, rows)
+    table = markdown_table(rows, header, pad=True)
     if device.type == "cuda":
         how = "peak = torch.cuda.max_memory_allocated above the memory held after the inputs"
     else:

@@ -29,11 +29,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_lines, markdown_table, quartiles, record  # noqa: E402
+from _common import machine_lines, quartiles, record  # noqa: E402
 
 from dupr.config import DUPRConfig, ModelConfig, OptimConfig, validate  # noqa: E402
 from dupr.data import ImageFolderDataset, bundled_image_folder  # noqa: E402
 from dupr.data.two_views import build_loader  # noqa: E402
+from dupr.io import markdown_table  # noqa: E402
 from dupr.model import DUPR  # noqa: E402
 from dupr.train import build_state, train  # noqa: E402
 from dupr.views import TwoViews  # noqa: E402
@@ -211,6 +212,7 @@ def main() -> None:
             ]
         )
     table = markdown_table(
+        rows,
         [
             "variant",
             "step ms (median)",
@@ -220,7 +222,7 @@ def main() -> None:
             "target",
             "result",
         ],
-        rows,
+        pad=True,
     )
     per_round = "; ".join(
         f"{name}: "

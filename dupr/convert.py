@@ -8,17 +8,16 @@ do not match the pre-trained weights.
 
 The detectron2 file follows MoCo's public conversion rules (stem., layerN→res{N+1},
 bnK→convK.norm, downsample.0/1→shortcut/shortcut.norm) but, unlike MoCo's script, checks the
-full key set and shapes, so a silently empty or partial export is impossible.
+full key set and shapes, so a silently empty or partial export is impossible. The detectron2
+config file that fine-tunes from these weights is written by `dupr.detectron2_config`.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,14 +28,12 @@ import torchvision
 from torch import Tensor
 
 from dupr.config import BACKBONES
+from dupr.io import write_atomically
 
 DDP_PREFIX = "module."
 QUERY_BACKBONE = "encoder_q.backbone."
 AUTHOR = "DUPR"
-SETTINGS = ("voc_c4", "coco_fpn")
 _COUNTER = "num_batches_tracked"
-_DEPTH = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
-_BASIC_BLOCK = ("resnet18", "resnet34")
 
 
 class ConversionError(ValueError):
@@ -365,23 +362,12 @@ def from_detectron2(obj: Any, source: str = "detectron2 weights") -> dict[str, T
 
 
 def save_detectron2(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Validate, then write the plain pickle atomically (temp file, then os.replace)."""
+    """Validate, then write the plain pickle atomically (`write_atomically`, with fsync)."""
     path = Path(path)
     if path.suffix != ".pkl":
         raise ConversionError(f"{path}: detectron2 loads pickled weights only from a .pkl file")
     detectron2_arch(obj, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda f: pickle.dump(obj, f))
 
 
 def load_detectron2(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -394,109 +380,3 @@ def load_detectron2(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConversionError(f"{path}: cannot read a pickle: {type(e).__name__}: {e}") from e
     detectron2_arch(obj, str(path))
     return obj
-
-
-# ---------------------------------------------------------------- detectron2 config
-
-_PIXEL_MEAN = [123.675, 116.280, 103.530]  # torchvision's normalisation in 0..255 RGB units
-_PIXEL_STD = [58.395, 57.120, 57.375]
-
-
-def _setting(arch: str, setting: str) -> dict[str, Any]:
-    """The config entries of one paper setting, over detectron2's stock base file."""
-    if setting == "voc_c4":
-        # Faster R-CNN R50-C4 on VOC07+12 (paper §4.2.1, MoCo's pascal_voc_R_50_C4_24k): SyncBN
-        # everywhere, an extra norm after res5 in the RoI head, 24k iterations, 480–800 px.
-        return {
-            "_BASE_": "PascalVOC-Detection/faster_rcnn_R_50_C4.yaml",
-            "MODEL": {
-                "MASK_ON": False,
-                "BACKBONE": {"FREEZE_AT": 0},
-                "RESNETS": {"NORM": "SyncBN"},
-                "RPN": {"PRE_NMS_TOPK_TEST": 6000, "POST_NMS_TOPK_TEST": 1000},
-                # Registered by MoCo's train_net.py: Res5ROIHeads plus a norm after res5.
-                "ROI_HEADS": {"NAME": "Res5ROIHeadsExtraNorm", "NUM_CLASSES": 20},
-            },
-            "INPUT": {
-                "MIN_SIZE_TRAIN": [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800],
-                "MIN_SIZE_TEST": 800,
-            },
-            "DATASETS": {
-                "TRAIN": ["voc_2007_trainval", "voc_2012_trainval"],
-                "TEST": ["voc_2007_test"],
-            },
-            "SOLVER": {
-                "IMS_PER_BATCH": 16,
-                "BASE_LR": 0.02,
-                "STEPS": [18000, 22000],
-                "MAX_ITER": 24000,
-                "WARMUP_ITERS": 100,
-            },
-            "TEST": {"PRECISE_BN": {"ENABLED": True}},
-        }
-    if setting == "coco_fpn":
-        # Mask R-CNN R50-FPN 1× on COCO (paper §4.2.2): SyncBN in the backbone and the new FPN.
-        return {
-            "_BASE_": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml",
-            "MODEL": {
-                "MASK_ON": True,
-                "BACKBONE": {"FREEZE_AT": 0},
-                "RESNETS": {"NORM": "SyncBN"},
-                "FPN": {"NORM": "SyncBN"},
-            },
-            "INPUT": {"MIN_SIZE_TRAIN": [640, 672, 704, 736, 768, 800], "MIN_SIZE_TEST": 800},
-            "TEST": {"PRECISE_BN": {"ENABLED": True}},
-        }
-    raise ConversionError(f"setting={setting!r}: unknown (valid: {', '.join(SETTINGS)})")
-
-
-def _yaml(value: Any, indent: int = 0) -> list[str]:
-    """Block-style YAML for nested dicts of str/bool/int/float/lists (no PyYAML in dupr/)."""
-    lines = []
-    for key, v in value.items():
-        if isinstance(v, dict):
-            lines += [" " * indent + f"{key}:", *_yaml(v, indent + 2)]
-        else:
-            lines.append(" " * indent + f"{key}: {_scalar(v)}")
-    return lines
-
-
-def _scalar(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid YAML double-quoted scalar
-    return "[" + ", ".join(_scalar(x) for x in v) + "]"
-
-
-def detectron2_config(arch: str, setting: str, weights: str) -> str:
-    """YAML for detectron2 fine-tuning from exported weights in one of the paper's settings.
-
-    `_BASE_` is relative to detectron2's `configs/` folder, so save the text there or edit it.
-    The input is RGB normalised as in torchvision and STRIDE_IN_1X1 is False: torchvision's
-    bottleneck strides in the 3×3 conv, unlike MSRA's Caffe2 ResNets (MoCo's *_moco.yaml).
-    """
-    if arch not in BACKBONES:
-        raise ConversionError(f"arch={arch!r}: unknown (valid: {', '.join(BACKBONES)})")
-    if not isinstance(weights, str) or not weights.strip():
-        raise ConversionError(f"weights={weights!r}: must be a non-empty path or URI")
-    cfg = _setting(arch, setting)
-    if setting == "voc_c4" and arch in _BASIC_BLOCK:
-        # detectron2's Res5ROIHeads always builds bottleneck res5 blocks: a basic-block res5
-        # would be skipped by the checkpointer (shape mismatch) with only a warning.
-        raise ConversionError(
-            f"arch={arch!r}: setting voc_c4 needs a bottleneck ResNet (resnet50/101/152)"
-        )
-    model = cfg["MODEL"] = {
-        "WEIGHTS": weights,
-        "PIXEL_MEAN": list(_PIXEL_MEAN),
-        "PIXEL_STD": list(_PIXEL_STD),
-        **cfg["MODEL"],
-    }
-    model["RESNETS"] |= {"DEPTH": _DEPTH[arch], "STRIDE_IN_1X1": False}
-    if arch in _BASIC_BLOCK:
-        model["RESNETS"]["RES2_OUT_CHANNELS"] = 64  # detectron2 requires it for R18/R34
-    cfg["INPUT"]["FORMAT"] = "RGB"
-    return "\n".join(_yaml(cfg)) + "\n"

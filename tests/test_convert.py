@@ -1,5 +1,6 @@
 """Weight export: query backbone → torchvision state → detectron2 pickle and config."""
 
+import json
 import pickle
 
 import numpy as np
@@ -14,7 +15,6 @@ from dupr.convert import (
     backbone_from_checkpoint,
     check_detectron2,
     check_torchvision_state,
-    detectron2_config,
     detectron2_name,
     from_detectron2,
     infer_arch,
@@ -25,6 +25,7 @@ from dupr.convert import (
     to_torchvision,
     torchvision_name,
 )
+from dupr.detectron2_config import SETTINGS, detectron2_config, detectron2_config_dict
 from dupr.model import DUPR
 from helpers import tiny_model_config
 
@@ -241,6 +242,45 @@ def test_detectron2_config_parses_and_holds_the_paper_settings(arch, setting, de
     else:
         assert cfg["_BASE_"].endswith("mask_rcnn_R_50_FPN_1x.yaml")
         assert model["FPN"]["NORM"] == "SyncBN" and model["MASK_ON"] is True
+
+
+VALID_CONFIGS = [
+    (arch, setting)
+    for arch in BACKBONES
+    for setting in SETTINGS
+    if not (setting == "voc_c4" and arch in ("resnet18", "resnet34"))
+]
+AWKWARD_WEIGHTS = [
+    "s3://b/x: y #z.pkl",
+    "out/dupr r50.pkl",
+    "yes",
+    "0.5",
+    "~",
+    "- [a, b]",
+    "'quoted\" 'path'.pkl",
+    "  padded  ",
+    "ünïcode/w.pkl",
+]
+
+
+@pytest.mark.parametrize(("arch", "setting"), VALID_CONFIGS)
+@pytest.mark.parametrize("weights", AWKWARD_WEIGHTS)
+def test_detectron2_config_yaml_round_trips_with_the_types_detectron2_expects(
+    arch, setting, weights
+):
+    intended = detectron2_config_dict(arch, setting, weights)
+    text = detectron2_config(arch, setting, weights)
+    cfg = yaml.safe_load(text)
+    assert cfg == json.loads(json.dumps(intended))  # tuples become lists, nothing else changes
+    assert text.isascii() and list(cfg) == list(intended)  # `_BASE_` first, as written
+    model = cfg["MODEL"]
+    assert model["WEIGHTS"] == weights
+    assert all(type(v) is float for v in model["PIXEL_MEAN"] + model["PIXEL_STD"])
+    assert type(model["RESNETS"]["DEPTH"]) is int and model["RESNETS"]["STRIDE_IN_1X1"] is False
+    assert model["BACKBONE"]["FREEZE_AT"] == 0 and type(model["MASK_ON"]) is bool
+    assert all(type(v) is int for v in cfg["INPUT"]["MIN_SIZE_TRAIN"])
+    assert type(cfg["INPUT"]["MIN_SIZE_TEST"]) is int and cfg["INPUT"]["FORMAT"] == "RGB"
+    assert cfg["TEST"]["PRECISE_BN"]["ENABLED"] is True
 
 
 def test_detectron2_config_rejects_unknown_values():

@@ -9,8 +9,11 @@ deciding whether to skip such files is left to a wrapper.
 
 from __future__ import annotations
 
+import io
 import os
+import re
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch.utils.data
@@ -28,6 +31,9 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".ppm",
     ".pgm",
 )
+
+
+_BUFFER_RE = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 class ImageDecodeError(Exception):
@@ -83,27 +89,44 @@ def _to_rgb(image: Image.Image) -> Image.Image:
             values = np.clip(values, 0, 65535) >> 8
         image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
     elif mode == "F":
-        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
-        if values.max(initial=0.0) <= 1.0:
-            values = values * 255.0
-        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+        floats = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        if floats.max(initial=0.0) <= 1.0:
+            floats = floats * 255.0
+        image = Image.fromarray(np.clip(np.rint(floats), 0, 255).astype(np.uint8))
     return image.convert("RGB")
 
 
-def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
-    """Decode the whole file at `path` into an upright RGB image, or raise `ImageDecodeError`.
+def _decode(file: str | os.PathLike[str] | BinaryIO, source: str | os.PathLike[str]) -> Image.Image:
+    """The one decoder behind `load_rgb` and `decode_rgb`; errors name `source`.
 
     `load()` forces the full decode while the file is open, so a truncated file raises here
     (Pillow's global `LOAD_TRUNCATED_IMAGES` is left alone and must be False for that). The EXIF
     orientation is applied so that phone photos are not sideways.
     """
     try:
-        with Image.open(path) as image:
+        with Image.open(file) as image:
             image.load()
             upright = ImageOps.exif_transpose(image)
             return _to_rgb(upright)
     except Exception as exc:  # Pillow raises many types for malformed data; all mean "bad file".
-        raise ImageDecodeError(path, f"{type(exc).__name__}: {exc}") from exc
+        # Pillow names a buffer by its repr ("<_io.BytesIO object at 0x...>"): name the source
+        # instead, so that messages (and the reasons a shard index keeps) are the same every run.
+        name = os.fspath(source)
+        reason = _BUFFER_RE.sub(lambda _: name, f"{type(exc).__name__}: {exc}")
+        raise ImageDecodeError(source, reason) from exc
+
+
+def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
+    """Decode the whole file at `path` into an upright RGB image, or raise `ImageDecodeError`."""
+    return _decode(path, path)
+
+
+def decode_rgb(data: bytes, source: str) -> Image.Image:
+    """Encoded image bytes (e.g. from a Parquet shard) → upright RGB, exactly as `load_rgb`.
+
+    Raises `ImageDecodeError` whose `.path` is `source` (a file name or an image id).
+    """
+    return _decode(io.BytesIO(data), source)
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):

@@ -34,6 +34,7 @@ from mlflow.tracking import MlflowClient
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dupr.config import ConfigError, DUPRConfig, field_prefix
+from dupr.io import markdown_table
 from dupr_platform import console, convert_stage, eval_stages, report
 from dupr_platform.cluster import COMPUTE_PRIORITY, check_nodes, forwarded_env, start_ray
 from dupr_platform.configs import selected_kinds, validate_pipeline
@@ -60,6 +61,7 @@ from dupr_platform.stages import (
     write_marker,
 )
 from dupr_platform.storage import check_storage, open_storage
+from dupr_platform.text import one_line
 from dupr_platform.tracking import ERROR_TAG, RunLogger, check_tracking, redact_tree
 
 log = logging.getLogger(__name__)
@@ -593,16 +595,7 @@ def summary_table(result: PipelineResult, cfg: dict[str, Any]) -> str:
             ]
         )
     head = ["stage", "status", "cache hit", "key metrics", "MLflow run"]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
-    lines = [
-        "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |",
-        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-    ]
-    for row in rows:
-        lines.append(
-            "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
-        )
-    return "\n".join(lines)
+    return markdown_table(rows, head, pad=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -645,12 +638,14 @@ def _is_number(v: Any) -> bool:
 def _one_line(exc: BaseException) -> str:
     # Ray wraps task errors; the cause's own message is what the user needs.
     cause = getattr(exc, "cause", None) or exc
-    # Our own errors are phrased for the user; anything else says what it is.
-    ours = isinstance(cause, ConfigError | UnrecoverableError)
-    text = str(cause) if ours else f"{type(cause).__name__}: {cause}"
-    first = [line for line in str(text).splitlines() if line.strip()]
-    limit = 1000 if ours else 500  # ours name a cause and a checkpoint URI
-    return (first[-1] if len(first) > 1 and "Traceback" in first[0] else " ".join(first))[:limit]
+    # Our own errors are phrased for the user and name a cause and a checkpoint URI.
+    if isinstance(cause, ConfigError | UnrecoverableError):
+        return one_line(cause, limit=1000)
+    lines = [line for line in str(cause).splitlines() if line.strip()]
+    if len(lines) > 1 and "Traceback" in lines[0]:  # a task error whose cause did not arrive
+        return one_line(cause, keep_line=lambda _: True, limit=500)  # its last line
+    # Anything else says what it is.
+    return f"{type(cause).__name__}: {one_line(cause)}"[:500]
 
 
 def _resources(stage: Stage) -> str:

@@ -63,6 +63,7 @@ from dupr_platform.storage import (
     open_storage,
     ray_storage_args,
 )
+from dupr_platform.text import one_line
 from dupr_platform.tracking import ERROR_TAG, TRACKING_CREDENTIALS, RunLogger, check_tracking
 
 log = logging.getLogger(__name__)
@@ -143,13 +144,19 @@ class PretrainSettings:
 
 
 @dataclass
-class PretrainJob(PretrainSettings):
+class RunLocation:
+    """Where runs are stored and tracked: one set of defaults for a pre-training and a study."""
+
+    storage: str = "runs/storage"  # local folder or s3://bucket/prefix
+    tracking_uri: str = "sqlite:///runs/mlflow.db"  # or http(s)://your-mlflow-server
+    experiment: str = "dupr"
+
+
+@dataclass
+class PretrainJob(PretrainSettings, RunLocation):
     """One pre-training run: its settings plus where it is stored and tracked, by name."""
 
     name: str = "dupr-pretrain"  # fixed name: starting it again resumes it
-    storage: str = "runs/storage"  # local folder or s3://bucket/prefix
-    tracking_uri: str = "sqlite:///runs/mlflow.db"
-    experiment: str = "dupr"
     # The MLflow run this run is nested under (a pipeline's); a tag, never a param: it changes
     # when a crashed pipeline is started again and its pre-training continues.
     parent_run_id: str | None = field(default=None, metadata=EXECUTION_ONLY)
@@ -333,11 +340,11 @@ def train_worker(config: dict[str, Any]) -> None:
 
 def _first_line(exc: BaseException) -> str:
     """The exception's own message: a DataLoader worker's error carries its traceback after it."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    own = [
-        line for line in lines if not line.startswith(("Caught ", "Original Traceback", "File "))
-    ]
-    return (own[-1] if own else type(exc).__name__)[:500]
+    return one_line(exc, keep_line=_own_message, limit=500)
+
+
+def _own_message(line: str) -> bool:
+    return not line.startswith(("Caught ", "Original Traceback", "File "))
 
 
 @contextlib.contextmanager

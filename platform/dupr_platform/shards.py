@@ -23,7 +23,6 @@ import argparse
 import bisect
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
@@ -41,13 +40,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch.utils.data
-from PIL import Image, ImageOps
+from PIL import Image
 
-# `_to_rgb` is the mode conversion of `load_rgb` (16-bit and float scaling). `load_rgb` itself
-# only takes a path (its error type builds a `Path` from the argument), so bytes are opened here
-# with the same calls (open, load, exif_transpose) and converted by the very same function.
-from dupr.data.folder import IMAGE_EXTENSIONS, ImageDecodeError, _to_rgb
-from dupr_platform.storage import Storage, StorageError, open_storage, scrub_secrets
+# Shard rows decode exactly as image files do; tests replace `decode_image` to simulate crashes.
+from dupr.data.folder import IMAGE_EXTENSIONS, ImageDecodeError
+from dupr.data.folder import decode_rgb as decode_image
+from dupr_platform.storage import Storage, StorageError, open_storage
+from dupr_platform.text import one_line
 
 __all__ = [
     "INDEX_NAME",
@@ -70,7 +69,6 @@ SCHEMA_VERSION = 1
 INDEX_NAME = "_index.json"
 LABELS_NAME = "labels.json"
 _SHARD_RE = re.compile(r"^part-\d{5,}\.parquet$")
-_BUFFER_RE = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -82,28 +80,6 @@ class ShardError(ValueError):
 
 class ShardIndexError(ShardError):
     """A missing or malformed ``_index.json``."""
-
-
-def _one_line(exc: BaseException) -> str:
-    """pyarrow's AWS errors span lines and may echo settings: squash and scrub them."""
-    return scrub_secrets(" ".join(str(exc).split())) or type(exc).__name__
-
-
-def decode_image(data: bytes, name: str) -> Image.Image:
-    """Encoded bytes → upright RGB image, exactly as ``dupr.data.folder.load_rgb`` decodes a file.
-
-    Raises ``ImageDecodeError`` whose ``.path`` is ``name`` (the image id).
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            upright = ImageOps.exif_transpose(image)
-            return _to_rgb(upright)
-    except Exception as exc:  # Pillow raises many types for malformed data; all mean "bad file".
-        # Pillow names the buffer ("<_io.BytesIO object at 0x...>"): name the image instead, so
-        # reasons in the index are the same on every run.
-        reason = _BUFFER_RE.sub(name, f"{type(exc).__name__}: {exc}")
-        raise ImageDecodeError(name, reason) from exc
 
 
 def _schema(labels: bool) -> pa.Schema:
@@ -207,7 +183,7 @@ class ShardIndex:
                 uri=uri,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            detail = f"missing field {exc}" if isinstance(exc, KeyError) else _one_line(exc)
+            detail = f"missing field {exc}" if isinstance(exc, KeyError) else one_line(exc)
             raise ShardIndexError(f"malformed shard index {uri}: {detail}") from None
 
     @classmethod
@@ -222,11 +198,11 @@ class ShardIndex:
                 f"no shard index {uri}: not a shard set, or prepare_shards did not finish"
             ) from None
         except (OSError, StorageError) as exc:
-            raise ShardIndexError(f"cannot read shard index {uri}: {_one_line(exc)}") from None
+            raise ShardIndexError(f"cannot read shard index {uri}: {one_line(exc)}") from None
         try:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
-            raise ShardIndexError(f"malformed shard index {uri}: {_one_line(exc)}") from None
+            raise ShardIndexError(f"malformed shard index {uri}: {one_line(exc)}") from None
         return cls.from_json(data, uri)
 
     @cached_property
@@ -300,7 +276,7 @@ def _list_source(storage: Storage) -> list[_SourceFile]:
     try:
         infos = storage.filesystem.get_file_info(selector)
     except OSError as exc:
-        raise ShardError(f"cannot list source {storage.uri}: {_one_line(exc)}") from None
+        raise ShardError(f"cannot list source {storage.uri}: {one_line(exc)}") from None
     base = storage.path.rstrip("/") + "/"
     files = []
     for info in infos:
@@ -413,7 +389,7 @@ class _ShardWriter:
             try:
                 self._writer.close()
                 self._out.close()
-            except Exception:  # noqa: BLE001 - already failing; the original error matters
+            except Exception:  # already failing: the original error matters
                 pass
             self._writer = self._out = None
 
@@ -502,7 +478,7 @@ def prepare_shards(
             with src.filesystem.open_input_stream(f.path) as stream:
                 data = stream.read()
         except OSError as exc:
-            raise ShardError(f"cannot read {src.uri_for(f.id)}: {_one_line(exc)}") from None
+            raise ShardError(f"cannot read {src.uri_for(f.id)}: {one_line(exc)}") from None
         try:
             decode_image(data, f.id)
         except ImageDecodeError as exc:
@@ -636,7 +612,7 @@ class ParquetImageDataset(torch.utils.data.Dataset):
             parquet = pq.ParquetFile(handle, pre_buffer=True)
         except (OSError, pa.ArrowException) as exc:
             raise ShardError(
-                f"cannot open shard {uri}: {_one_line(exc)} (re-run prepare_shards)"
+                f"cannot open shard {uri}: {one_line(exc)} (re-run prepare_shards)"
             ) from None
         groups = tuple(
             parquet.metadata.row_group(k).num_rows for k in range(parquet.metadata.num_row_groups)
@@ -665,7 +641,7 @@ class ParquetImageDataset(torch.utils.data.Dataset):
         except (OSError, pa.ArrowException) as exc:
             uri = self.storage.uri_for(self.index.shards[shard].path)
             raise ShardError(
-                f"cannot read row group {group} of shard {uri}: {_one_line(exc)}"
+                f"cannot read row group {group} of shard {uri}: {one_line(exc)}"
             ) from None
         self._cache[key] = table
         while len(self._cache) > self.cache_row_groups:

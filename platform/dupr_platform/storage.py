@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +27,7 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 
 from dupr.config import ConfigError
+from dupr.io import write_atomically
 
 __all__ = [
     "Storage",
@@ -146,19 +146,7 @@ class Storage:
             with self.filesystem.open_output_stream(path) as out:
                 out.write(data)
             return
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomically(path, data)
 
     def read_bytes(self, rel: str) -> bytes:
         path = self.join(rel)

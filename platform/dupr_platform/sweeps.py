@@ -35,10 +35,11 @@ from typing import Any
 import yaml
 
 from dupr.config import ConfigError
+from dupr.io import markdown_table
 from dupr_platform import console
 from dupr_platform.cluster import check_nodes, credentials_withheld, start_ray
 from dupr_platform.configs import PipelineConfig, typed, update, validate_sweep
-from dupr_platform.evaluations import metric_names, results_by_init
+from dupr_platform.eval_stages import metric_names
 from dupr_platform.pipeline import (
     EVALUATIONS,
     PipelineResult,
@@ -47,7 +48,9 @@ from dupr_platform.pipeline import (
     run_pipeline,
 )
 from dupr_platform.recovery import driving
+from dupr_platform.report import results_by_init
 from dupr_platform.storage import open_storage, ray_storage_args
+from dupr_platform.text import one_line
 from dupr_platform.tracking import RUN_KEY_TAG, RunLogger
 
 TRIALS_DIR = "sweep/trials"
@@ -243,8 +246,11 @@ def run_sweep(cfg: dict[str, Any], grid: Grid) -> SweepResult:
     validate_sweep(cfg, sorted({m for t in trials for m in trial_metrics(t.cfg)}))
     state = open_storage(cfg["storage"]).uri_for(name)
     store = open_storage(state)
-    stored = {t.key: store.read_json(f"{TRIALS_DIR}/{t.key}.json") for t in trials
-              if store.exists(f"{TRIALS_DIR}/{t.key}.json")}  # fmt: skip
+    stored = {
+        t.key: store.read_json(f"{TRIALS_DIR}/{t.key}.json")
+        for t in trials
+        if store.exists(f"{TRIALS_DIR}/{t.key}.json")
+    }
     todo = [t for t in trials if t.key not in stored]
 
     if todo and start_ray("sweep"):
@@ -278,10 +284,15 @@ def _run_trials(
     # retries) may change between runs of the same sweep and goes into the artifact.
     sweep_run.log_params({"grid": grid.name, "table": grid.table, "storage": state})
     sweep_run.log_dict(
-        {"grid": grid.name, "values": [[label, o] for label, o in grid.values],
-         "fixed": grid.fixed, "sweep": sw, "trials": [t.cfg for t in trials]},
+        {
+            "grid": grid.name,
+            "values": [[label, o] for label, o in grid.values],
+            "fixed": grid.fixed,
+            "sweep": sw,
+            "trials": [t.cfg for t in trials],
+        },
         "config/sweep.json",
-    )  # fmt: skip
+    )
     print(
         f"[sweep] {name}: {len(trials)} trials ({grid.table}), {len(stored)} already done, "
         f"{len(todo)} to run; MLflow run {sweep_run.run_id}",
@@ -320,7 +331,14 @@ def _run_trials(
         for result in results:
             key = result.config["key"]
             if result.error is not None:
-                outcomes[key] = ("failed", {}, _one_line(result.error))
+                # Under Ray's traceback, the last line that names an error.
+                error = one_line(
+                    result.error,
+                    keep_line=lambda line: "Error" in line,
+                    else_last_line=True,
+                    limit=300,
+                )
+                outcomes[key] = ("failed", {}, error)
             elif (result.metrics or {}).get(FAILED_METRIC):  # not retried: see trial_fn
                 outcomes[key] = ("failed", {}, str(result.metrics[FAILED_METRIC]))
             elif (result.metrics or {}).get("pipeline_done") != 1.0:
@@ -332,8 +350,9 @@ def _run_trials(
     rows = []
     for t in trials:
         if t.key in stored:
-            rows.append({"label": t.label, "status": "stored", "error": "",
-                         **stored[t.key]["metrics"]})  # fmt: skip
+            rows.append(
+                {"label": t.label, "status": "stored", "error": "", **stored[t.key]["metrics"]}
+            )
         else:
             status, metrics, error = outcomes.get(t.key, ("failed", {}, "not run"))
             rows.append({"label": t.label, "status": status, "error": error, **metrics})
@@ -364,15 +383,30 @@ def _trial_config(trial: Trial, sweep: str, run_id: str, sw: dict[str, Any]) -> 
 # The table
 
 
-SHOWN = ("bbox/AP", "bbox/AP50", "bbox/AP75", "segm/AP", "voc/AP", "voc/AP50", "voc/AP75",
-         "conv2", "conv3", "conv4", "conv5", "accuracy", "slope")  # fmt: skip
+SHOWN = (
+    "bbox/AP",
+    "bbox/AP50",
+    "bbox/AP75",
+    "segm/AP",
+    "voc/AP",
+    "voc/AP50",
+    "voc/AP75",
+    "conv2",
+    "conv3",
+    "conv4",
+    "conv5",
+    "accuracy",
+    "slope",
+)
 
 
 def table_columns(rows: list[dict[str, Any]]) -> list[str]:
     """The paper's columns first (detection, probe), then the cheap proxies."""
     keys = {k for r in rows for k in r if k not in ("label", "status", "error")}
-    return sorted((k for k in keys if k.endswith(SHOWN)), key=lambda k: (
-        0 if k.startswith("detection") else 1 if k.startswith("probe") else 2, k))  # fmt: skip
+    return sorted(
+        (k for k in keys if k.endswith(SHOWN)),
+        key=lambda k: (0 if k.startswith("detection") else 1 if k.startswith("probe") else 2, k),
+    )
 
 
 def format_table(grid: Grid, rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -391,13 +425,11 @@ def format_table(grid: Grid, rows: list[dict[str, Any]], columns: list[str]) -> 
             text += f" ({diff:+.1f})" if scale == 100 else f" ({diff:+.3f})"
         return text
 
-    head = [grid.label, *columns, "status"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        status = row["status"] + (f": {row['error'][:120]}" if row.get("error") else "")
-        lines.append("| " + " | ".join([row["label"], *(cell(row, c) for c in columns), status])
-                     + " |")  # fmt: skip
-    return "\n".join(lines) + "\n"
+    def status(row: dict[str, Any]) -> str:
+        return row["status"] + (f": {row['error'][:120]}" if row.get("error") else "")
+
+    cells = [[row["label"], *(cell(row, c) for c in columns), status(row)] for row in rows]
+    return markdown_table(cells, [grid.label, *columns, "status"]) + "\n"
 
 
 def log_table(
@@ -418,8 +450,9 @@ def log_table(
         data={c: [r.get(c) for r in rows] for c in ["label", *columns, "status"]},
         artifact_file="sweep_table.json",
     )
-    scored = [r for r in rows if isinstance(r.get(metric), float | int)
-              and not math.isnan(r[metric])]  # fmt: skip
+    scored = [
+        r for r in rows if isinstance(r.get(metric), float | int) and not math.isnan(r[metric])
+    ]
     if not scored:
         return table, None
     best = (max if mode == "max" else min)(scored, key=lambda r: r[metric])
@@ -430,12 +463,6 @@ def log_table(
 
 def _is_metric(key: str, value: Any) -> bool:
     return isinstance(value, float | int) and not isinstance(value, bool) and "/" in key
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    tail = [line for line in lines if "Error" in line]
-    return (tail[-1] if tail else lines[-1] if lines else type(exc).__name__)[:300]
 
 
 __all__ = ["Grid", "SweepResult", "build_trials", "load_grid", "run_sweep", "trial_fn"]

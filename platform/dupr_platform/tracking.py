@@ -22,6 +22,7 @@ Secrets never reach MLflow: params, tags and logged dicts/texts go through :func
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -45,6 +46,7 @@ from dupr_platform.storage import (
     scrub_secrets,
     secret_env_values,
 )
+from dupr_platform.text import one_line
 
 __all__ = [
     "ERROR_TAG",
@@ -154,9 +156,8 @@ def redact_tree(obj: Any) -> Any:
     return walk(obj)
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = scrub_secrets(" ".join(str(exc).split())) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+# Tracking errors become MLflow tags and console lines: short ones.
+_one_line = functools.partial(one_line, limit=300, cut_mark="...")
 
 
 def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
