@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -154,12 +155,16 @@ class DUPR(nn.Module):
 
     def bank_snapshot(self, name: str) -> Tensor:
         """The bank's keys as they are now; backward needs them after `enqueue` changed the bank."""
-        return self.banks[name].keys.clone()
+        return self.bank(name).keys.clone()
+
+    def bank(self, name: str) -> MemoryBank:
+        """The memory bank of one loss term (`nn.ModuleDict` types its items as plain modules)."""
+        return cast(MemoryBank, self.banks[name])
 
     @torch.no_grad()
     def momentum_update(self) -> None:
         """θ_k ← m·θ_k + (1 − m)·θ_q over parameters (BN running statistics are not averaged)."""
-        k_params = list(self.encoder_k.parameters())
+        k_params: list[Tensor] = list(self.encoder_k.parameters())
         q_params = [p.detach() for p in self.encoder_q.parameters()]
         torch._foreach_lerp_(k_params, q_params, 1.0 - self.cfg.momentum)
 
@@ -188,9 +193,9 @@ class DUPR(nn.Module):
     ) -> None:
         """Image banks take every key of the global batch; patch banks a random sample."""
         for name, k in image_k.items():
-            self.banks[f"image_{name}"].enqueue(D.all_gather(k.float()))
+            self.bank(f"image_{name}").enqueue(D.all_gather(k.float()))
         for name, r in patch_k.items():
-            self.banks[f"patch_{name}"].enqueue(self.sample_patch_keys(r, overlap))
+            self.bank(f"patch_{name}").enqueue(self.sample_patch_keys(r, overlap))
 
     @torch.no_grad()
     def sample_patch_keys(self, r_k: Tensor, overlap: Tensor) -> Tensor:

@@ -32,15 +32,18 @@ class SyncBatchNorm(nn.BatchNorm2d):
         mean = stats[:c] / total
         var = (stats[c : 2 * c] / total - mean * mean).clamp(min=0)
         if self.track_running_stats:
+            # BatchNorm registers these buffers (not None) whenever track_running_stats is on.
+            tracked, running_mean, running_var = (
+                self.num_batches_tracked,
+                self.running_mean,
+                self.running_var,
+            )
+            assert tracked is not None and running_mean is not None and running_var is not None
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = (
-                    self.momentum
-                    if self.momentum is not None
-                    else 1.0 / float(self.num_batches_tracked)
-                )
-                self.running_mean.lerp_(mean.detach(), m)
-                self.running_var.lerp_(var.detach() * total / (total - 1).clamp(min=1), m)
+                tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(tracked)
+                running_mean.lerp_(mean.detach(), m)
+                running_var.lerp_(var.detach() * total / (total - 1).clamp(min=1), m)
         shape = [1, c] + [1] * (x.dim() - 2)
         y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:

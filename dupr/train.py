@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -151,6 +151,14 @@ StepCallback = Callable[[int, dict[str, float]], None]
 EpochCallback = Callable[[TrainState], None]
 
 
+class ResumableSampler(Protocol):
+    """What `train` needs of the loader's sampler: `EpochSampler` (or the Ray Data adapter's)."""
+
+    def samples_per_replica(self) -> int: ...
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None: ...
+
+
 def _mean_metrics(window: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Average a window of per-step metrics (and over ranks) with one device→host transfer.
 
@@ -189,12 +197,16 @@ def train(
     """
     if not loader.drop_last:
         raise ValueError("the loader needs drop_last=True: Shuffle BN needs equal per-rank batches")
-    steps_per_epoch = loader.sampler.samples_per_replica() // loader.batch_size
-    global_batch = global_batch or loader.batch_size
+    if loader.batch_size is None:
+        raise ValueError("the loader needs a batch_size (not a batch_sampler)")
+    batch_size: int = loader.batch_size
+    sampler = cast(ResumableSampler, loader.sampler)
+    steps_per_epoch = sampler.samples_per_replica() // batch_size
+    global_batch = global_batch or batch_size
     state.model.train()
     while state.epoch < cfg.epochs:
         done_in_epoch = state.step - state.epoch * steps_per_epoch
-        loader.sampler.set_epoch(state.epoch, start=done_in_epoch * loader.batch_size)
+        sampler.set_epoch(state.epoch, start=done_in_epoch * batch_size)
         window: list[dict[str, torch.Tensor]] = []
         data_wait, skipped, tick = 0.0, 0, time.perf_counter()
         fetch = time.perf_counter()

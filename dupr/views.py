@@ -31,7 +31,7 @@ class PhotometricRandAugment(T.RandAugment):
 
     GEOMETRIC = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"})
 
-    def _augmentation_space(self, num_bins: int, image_size: tuple[int, int]):  # noqa: D102
+    def _augmentation_space(self, num_bins: int, image_size: tuple[int, int]):
         space = super()._augmentation_space(num_bins, image_size)
         return {k: v for k, v in space.items() if k not in self.GEOMETRIC}
 

@@ -1,6 +1,15 @@
-"""Shared fixtures: tiny configurations that run in seconds on two CPU cores."""
+"""Shared fixtures: tiny configurations that run in seconds on two CPU cores.
 
+Also the `slow` marker's rule (`make test-fast` runs ``-m "not slow"``): every test that uses a
+fixture starting Ray or a real service (`local_ray`, and every fixture of services.py, directly
+or through another fixture) is marked here; modules whose tests start such processes themselves
+say so with ``pytestmark = pytest.mark.slow``. A test outside `slow` that starts Ray in this
+process fails, so a missing mark cannot go unnoticed.
+"""
+
+import ast
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +31,61 @@ os.environ.setdefault(
 torch.set_num_threads(min(2, torch.get_num_threads()))
 # Without Ray's dashboard the Train state-actor reconciliation only logs failures.
 os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
+
+
+def _fixtures_defined_in(path: Path) -> frozenset[str]:
+    """Names of the functions decorated with ``pytest.fixture`` (with or without arguments)."""
+
+    def is_fixture(decorator: ast.expr) -> bool:
+        target = decorator.func if isinstance(decorator, ast.Call) else decorator
+        return isinstance(target, ast.Attribute | ast.Name) and ast.unparse(target) in (
+            "pytest.fixture",
+            "fixture",
+        )
+
+    tree = ast.parse(path.read_text())
+    return frozenset(
+        node.name
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef) and any(map(is_fixture, node.decorator_list))
+    )
+
+
+# Fixtures that start Ray or a service process: the ones below, and all of services.py's.
+SERVICE_FIXTURES = _fixtures_defined_in(Path(__file__).with_name("services.py")) | {"local_ray"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        # `fixturenames` is the closure: fixtures used through other fixtures count too.
+        if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _only_slow_tests_start_ray(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """Fail a test that calls `ray.init` (itself, or through Ray's auto-init) without `slow`."""
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    import ray
+
+    calls: list[str] = []
+    real_init = ray.init
+
+    def watched_init(*args, **kwargs):
+        calls.append(repr(kwargs.get("address", args[0] if args else None)))
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(ray, "init", watched_init)
+    yield
+    if calls:
+        pytest.fail(
+            f"{request.node.nodeid} started Ray (ray.init, address {calls[0]}) but is not "
+            "marked slow: use the local_ray fixture or mark it @pytest.mark.slow",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="module")

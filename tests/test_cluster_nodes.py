@@ -12,11 +12,15 @@ import subprocess
 import sys
 import time
 
+import pytest
 import ray
 
 from drivers import PIPELINE, run
 from helpers import TOY_PIPELINE
 from services import ray_worker_node
+
+# Starts a `ray start` head and a second node, and a driver process.
+pytestmark = pytest.mark.slow
 
 COUNT_NODES = "import ray; ray.init(); print(sum(n['Alive'] for n in ray.nodes()))"
 

@@ -11,9 +11,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from drivers import PIPELINE, PROJECT_LINE, Driver, files_under, ray_tmpdir
 from dupr.data import bundled_image_folder
 from helpers import TOY_PIPELINE
+
+# Starts two pipelines as driver processes, each with its own Ray instance.
+pytestmark = pytest.mark.slow
 
 
 def _args(tmp_path, name: str) -> list[str]:

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from drivers import ABLATE, PIPELINE, PROJECT_LINE, Driver, files_under, ray_tmpdir, run
 from dupr.data import bundled_image_folder
 from helpers import TOY_PIPELINE
+
+# Starts the entry points as driver processes, each with its own Ray instance.
+pytestmark = pytest.mark.slow
 
 
 def _toy(tmp_path: Path, experiment: str, *extra: str) -> list[str]:

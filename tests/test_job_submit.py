@@ -12,11 +12,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from dupr.data import bundled_image_folder
 from helpers import TOY_PIPELINE
 from services import BIN
+
+# Starts a `ray start --head` process and jobs submitted to it.
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,12 +35,12 @@ def _submit(head, submission_id: str, overrides: list[str]) -> None:
     runtime_env = {"env_vars": {"DUPR_DATA_HOME": os.path.abspath(os.environ["DUPR_DATA_HOME"])}}
     submit = _ray(
         head,
-        "job", "submit", "--address", head.dashboard, "--no-wait",
-        "--submission-id", submission_id, "--working-dir", str(ROOT),
-        "--runtime-env-json", json.dumps(runtime_env),
-        "--", "python", "pipelines/pretrain_and_eval.py", *overrides,
+        *("job", "submit", "--address", head.dashboard, "--no-wait"),
+        *("--submission-id", submission_id, "--working-dir", str(ROOT)),
+        *("--runtime-env-json", json.dumps(runtime_env)),
+        *("--", "python", "pipelines/pretrain_and_eval.py", *overrides),
         timeout=300,
-    )  # fmt: skip
+    )
     assert submit.returncode == 0, submit.stderr[-3000:]
 
 

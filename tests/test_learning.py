@@ -1,5 +1,6 @@
 """A short CPU pre-training on the bundled photographs whose loss goes down."""
 
+import pytest
 import torch
 
 from dupr.config import DUPRConfig, OptimConfig, validate
@@ -11,6 +12,7 @@ from dupr.views import TwoViews
 from helpers import tiny_model_config
 
 
+@pytest.mark.slow  # 10-14 s on 2 CPU cores
 def test_short_pretraining_lowers_the_loss():
     # 256 images ≫ K = 64, so a sample's own older key is never among its negatives.
     cfg = validate(

@@ -5,6 +5,7 @@ import pickle
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 import torchvision
 from mlflow.tracking import MlflowClient
@@ -16,6 +17,9 @@ from dupr_platform.pipeline import build_stages, run_pipeline
 from dupr_platform.storage import open_storage
 from helpers import TOY_PIPELINE
 from services import list_keys, make_bucket
+
+# Starts a local Ray instance, an S3 and an MLflow server.
+pytestmark = pytest.mark.slow
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -86,8 +90,8 @@ def test_pipeline_runs_every_stage_then_is_all_cache_hits(
     assert {"bbox/AP", "bbox/AP50", "bbox/AP75", "voc/AP", "voc/AP50", "voc/AP75"} <= set(
         runs["detection/faster_rcnn_fpn/dupr"].data.metrics
     )
-    assert len(client.get_metric_history(runs["detection/faster_rcnn_fpn/dupr"].info.run_id,
-                                         "train/loss")) >= 1  # fmt: skip
+    detection_run = runs["detection/faster_rcnn_fpn/dupr"].info.run_id
+    assert len(client.get_metric_history(detection_run, "train/loss")) >= 1
     assert set(runs["probe/random"].data.metrics) >= {"conv2", "conv3", "conv4", "conv5"}
     assert "slope" in runs["spatial/dupr"].data.metrics
     spatial_files = {a.path for a in client.list_artifacts(runs["spatial/dupr"].info.run_id)}

@@ -20,6 +20,9 @@ from dupr_platform.ray_pretrain import run_pretraining
 from helpers import tiny_job
 from services import list_keys, make_bucket, s3_client
 
+# Starts a 3-node ray.cluster_utils.Cluster, an S3 and an MLflow server.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def cluster(monkeypatch, s3_env):

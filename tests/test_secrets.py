@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from drivers import PIPELINE, files_under, ray_tmpdir, run
 from dupr.data import bundled_image_folder
 from helpers import TOY_PIPELINE
 from services import list_keys, make_bucket, s3_client
+
+# Starts a driver process with its own Ray, an S3 and an MLflow server.
+pytestmark = pytest.mark.slow
 
 KEY_ID = "AKIADUPRFAKEKEY77123"
 SECRET = "dupr-fake-secret-Zq81-never-logged"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
+import pytest
 from mlflow.tracking import MlflowClient
 from moto.server import ThreadedMotoServer
 
@@ -19,6 +20,9 @@ from drivers import PIPELINE, Driver, run
 from dupr.data import bundled_image_folder
 from helpers import TOY_PIPELINE
 from services import free_port, list_keys, make_bucket, s3_client
+
+# Starts an S3 (moto) server of its own and driver processes that start Ray.
+pytestmark = pytest.mark.slow
 
 
 def _serve(port: int) -> ThreadedMotoServer:

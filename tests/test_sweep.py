@@ -4,12 +4,16 @@ tracking on a real MLflow server process."""
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from dupr.data.bundled_eval import bundled_detection_set
 from dupr_platform.sweeps import load_grid, run_sweep
 from helpers import CONFIGS, sweep_config
+
+# Starts a local Ray instance (Ray Tune trials) and an MLflow server.
+pytestmark = pytest.mark.slow
 
 
 def detection_data(root: Path) -> dict:

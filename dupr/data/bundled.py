@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from dupr.data.folder import load_rgb
+from dupr.io import is_partial_write, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ def _skimage_photos() -> list[tuple[str, Image.Image, str]]:
     import skimage.data
 
     data_dir = Path(skimage.data.data_dir)
+    # skimage's __init__.pyi stub omits the __version__ that the package defines.
+    version: str = skimage.__version__  # type: ignore[attr-defined]
     photos = []
     for name, filename in SKIMAGE_PHOTOS:
         path = data_dir / filename
@@ -91,7 +94,7 @@ def _skimage_photos() -> list[tuple[str, Image.Image, str]]:
         except Exception as exc:  # one unreadable optional photo must not stop the others
             logger.warning("bundled data: skipping scikit-image photo %s: %s", name, exc)
             continue
-        photos.append((name, image, f"scikit-image {skimage.__version__}: data/{filename}"))
+        photos.append((name, image, f"scikit-image {version}: data/{filename}"))
     return photos
 
 
@@ -248,17 +251,8 @@ def _crop_box(
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON to a temporary sibling, then rename it over `path`, so it is never partial."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write JSON so that it is never partial (`write_atomically`, with fsync)."""
+    write_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _is_our_leftover(root: Path) -> bool:
@@ -270,7 +264,7 @@ def _is_our_leftover(root: Path) -> bool:
     if not root.is_dir() or root.is_symlink():
         return False
     for entry in root.iterdir():
-        if entry.name == MANIFEST_NAME or entry.name.startswith(f".{MANIFEST_NAME}.tmp-"):
+        if entry.name == MANIFEST_NAME or is_partial_write(entry.name, MANIFEST_NAME):
             continue
         if not entry.is_dir() or entry.is_symlink():
             return False

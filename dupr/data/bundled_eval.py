@@ -316,7 +316,8 @@ def _detection_split(
     spec: dict[str, Any],
 ) -> None:
     """Write `count` images of one split and its COCO instances file."""
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for k in range(count):
         rng = np.random.default_rng([spec["seed"], 0, split, k])
         width = _randint(rng, spec["min_side"], spec["max_side"])
@@ -437,8 +438,10 @@ def bundled_classification_set(
 
     def write(tmp: Path, photos: list[Photo], files: list[dict[str, Any]]) -> None:
         names = [name for name, _ in _photos()]
-        splits = (("train", num_train_per_class, 0.0, CLASSIFICATION_SPLIT_X),
-                  ("val", num_val_per_class, CLASSIFICATION_SPLIT_X, 1.0))  # fmt: skip
+        splits = (
+            ("train", num_train_per_class, 0.0, CLASSIFICATION_SPLIT_X),
+            ("val", num_val_per_class, CLASSIFICATION_SPLIT_X, 1.0),
+        )
         for split, (name, count, left, right) in enumerate(splits):
             for c, photo in enumerate(photos):
                 region = photo.crop(
@@ -447,9 +450,12 @@ def bundled_classification_set(
                 for k in range(count):
                     rng = np.random.default_rng([seed, 2, split, c, k])
                     crop = _random_crop(
-                        rng, region, (size, size), CLASSIFICATION_CROP_SCALE,
+                        rng,
+                        region,
+                        (size, size),
+                        CLASSIFICATION_CROP_SCALE,
                         Image.Resampling.BICUBIC,
-                    )  # fmt: skip
+                    )
                     if rng.random() < 0.5:
                         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
                     data = _jpeg_bytes(np.asarray(crop, dtype=np.uint8))

@@ -29,6 +29,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
@@ -264,8 +265,9 @@ def _faster_rcnn_c4(
     return model
 
 
-def init_predictors(model: nn.Module) -> None:
-    """Initialise the new output layers as detectron2 (the paper's framework) does.
+def init_predictors(model: FasterRCNN) -> None:
+    """Initialise the new output layers of a two-stage detector (Faster or Mask R-CNN) as
+    detectron2 (the paper's framework) does.
 
     torchvision's MaskRCNNPredictor uses Kaiming init with fan_out = number of classes, which
     gives mask logits of tens at the start; with small batches that diverges within a few
@@ -282,13 +284,13 @@ def init_predictors(model: nn.Module) -> None:
         nn.init.zeros_(mask.mask_fcn_logits.bias)
 
 
-def _block_out_channels(block: nn.Module) -> int:
+def _block_out_channels(block: BasicBlock | Bottleneck) -> int:
     """Output channels of a torchvision BasicBlock/Bottleneck (its last conv)."""
     last = block.conv3 if hasattr(block, "conv3") else block.conv2
     return int(last.out_channels)
 
 
-def trunk_norms(model: nn.Module) -> list[nn.Module]:
+def trunk_norms(model: FasterRCNN | RetinaNet) -> list[nn.Module]:
     """The normalisation modules of the ResNet trunk of a built detector (for checks and tests)."""
     body = getattr(model.backbone, "body", None)  # FPN detectors wrap the ResNet in .body
     trunk: list[nn.Module] = [body if body is not None else model.backbone]

@@ -218,7 +218,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters, with no weight decay on norm layers (detectron2's
     WEIGHT_DECAY_NORM = 0 default)."""
     norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-    decay, no_decay, seen = [], [], set()
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
     for module in model.modules():
         for p in module.parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:

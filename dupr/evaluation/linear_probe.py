@@ -103,7 +103,7 @@ def probe_accuracy(
         )
     if len(np.unique(train_y)) < 2:
         raise ValueError(f"train_y: needs at least two classes, got {np.unique(train_y).tolist()}")
-    grid = [float(C)] if np.isscalar(C) else [float(c) for c in C]
+    grid = [float(C)] if isinstance(C, int | float | np.number) else [float(c) for c in C]
     if len(grid) > 1:
         _, counts = np.unique(train_y, return_counts=True)
         fit_x, held_x, fit_y, held_y = train_test_split(

@@ -37,7 +37,7 @@ from dupr.config import (
 )
 from dupr.evaluation.detectors import DETECTORS
 from dupr.evaluation.finetune import DetectionConfig
-from dupr_platform.ray_pretrain import PretrainJob, PretrainSettings, check_uris
+from dupr_platform.ray_pretrain import PretrainJob, PretrainSettings, RunLocation, check_uris
 from dupr_platform.storage import AWS_CREDENTIALS, check_no_password
 
 STAGE_KINDS = ("pretrain", "convert", "detection", "spatial", "correspondence", "probe")
@@ -168,13 +168,10 @@ class EvalConfig:
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(RunLocation):
     """configs/pretrain_and_eval.yaml: storage, tracking, the stages and their settings."""
 
     name: str = "dupr-study"  # the MLflow parent run's name
-    storage: str = "runs/storage"  # local folder or s3://bucket/prefix
-    tracking_uri: str = "sqlite:///runs/mlflow.db"  # or http(s)://your-mlflow-server
-    experiment: str = "dupr"
     # Which stages run: all, or a list of STAGE_KINDS (Any: a word or a list).
     stages: Any = "all"
     pretrain: PipelinePretrainConfig = field(default_factory=PipelinePretrainConfig)
