@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from dupr.config import DUPRConfig, OptimConfig, validate
+from dupr_platform.environment import environment
 from helpers import tiny_model_config
 
 # Real services for the integration tests (S3 on moto, an MLflow server), shared by all modules.
@@ -101,16 +102,8 @@ def local_ray():
     from services import FAKE_KEY, FAKE_SECRET
 
     node_env = {"AWS_ACCESS_KEY_ID": FAKE_KEY, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET}
-    saved = {k: os.environ.get(k) for k in node_env}
-    os.environ.update(node_env)
-    try:
+    with environment(node_env):
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     yield
     ray.shutdown()
 

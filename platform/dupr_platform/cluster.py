@@ -26,6 +26,7 @@ import ray
 
 from dupr.config import ConfigError
 from dupr_platform import console
+from dupr_platform.environment import environment
 from dupr_platform.storage import AWS_CREDENTIALS, aws_settings, check_storage, open_storage
 from dupr_platform.tracking import TRACKING_CREDENTIALS, check_tracking
 
@@ -65,11 +66,8 @@ def credentials_withheld() -> Iterator[None]:
     environment while Tune starts trials; clients made before (the storage filesystems) keep
     theirs.
     """
-    saved = {k: os.environ.pop(k) for k in _TUNE_COPIED_CREDENTIALS if k in os.environ}
-    try:
+    with environment(dict.fromkeys(_TUNE_COPIED_CREDENTIALS)):
         yield
-    finally:
-        os.environ.update(saved)
 
 
 def _free_port() -> int:
@@ -105,20 +103,13 @@ def start_ray(where: str) -> bool:
     else:
         port = _free_port()
         own = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"}
-        saved = {k: os.environ.get(k) for k in own}
-        os.environ.update(own)  # inherited by the instance's processes, not kept here
-        try:
+        # Inherited by the instance's processes, not kept in this one.
+        with environment(own):
             ray.init(
                 address="local",
                 logging_level="INFO",
                 dashboard_port=_free_port(),
             )
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
     console.route_worker_output()
     console.announce(where)
     return connected

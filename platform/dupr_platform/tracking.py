@@ -39,6 +39,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from dupr_platform.environment import environment
 from dupr_platform.storage import (
     REDACTED,
     contains_secret,
@@ -244,17 +245,8 @@ def _fail_fast_http() -> Iterator[None]:
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": str(_CHECK_TIMEOUT_S),
     }
-    with _ENV_LOCK:
-        saved = {k: os.environ.get(k) for k in overrides}
-        os.environ.update(overrides)
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with _ENV_LOCK, environment(overrides):
+        yield
 
 
 def _check_sqlite(uri: str, shown: str) -> None:
