@@ -1,6 +1,7 @@
 """The pipeline's configuration, stage graph, cache keys and preflight: no cluster needed."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -220,3 +221,78 @@ def test_progress_lines_say_where_how_fast_and_how_long(capsys):
     assert lines[0].startswith("[detection/x] iter 25/100 (25%) · 2.5")
     assert "loss 1.5" in lines[0] and lines[0].endswith("30s left")
     assert lines[1].startswith("[detection/x] iter 100/100 (100%)") and lines[1].endswith("0s left")
+
+
+def test_view_sizes_of_the_analyses_follow_pretraining_unless_set(tmp_path):
+    """Correspondence and probe see views at the pre-training size, the same for every init."""
+
+    def sizes(*overrides: str) -> dict[str, int]:
+        stages = build_stages(config(tmp_path, *overrides))
+        return {
+            s.name: s.config["image_size"] for s in stages if s.kind in ("correspondence", "probe")
+        }
+
+    demo = preset("cpu_demo").model.image_size
+    assert set(sizes().values()) == {demo} and len(sizes()) == 4  # dupr and random, two kinds
+    assert set(sizes("pretrain.method.model.image_size=128").values()) == {128}
+    chosen = sizes("eval.correspondence.image_size=160")
+    assert chosen["correspondence/random"] == chosen["correspondence/dupr"] == 160
+    assert chosen["probe/random"] == demo
+
+
+def test_correspondence_reads_the_images_its_annotation_file_names(tmp_path, monkeypatch):
+    """Not a folder listing: a file_name with a sub-folder is found, other files are ignored."""
+    from dupr.data.bundled_eval import bundled_detection_set
+    from dupr_platform import eval_stages
+    from dupr_platform.eval_stages import correspondence
+
+    source = bundled_detection_set()
+    val = tmp_path / "val"
+    shutil.copytree(source / "val", val)
+    coco = json.loads((source / "annotations" / "instances_val.json").read_text())
+    first = coco["images"][0]["file_name"]
+    (val / "sub").mkdir()
+    (val / first).rename(val / "sub" / first)
+    coco["images"][0]["file_name"] = f"sub/{first}"
+    coco["images"] = coco["images"][:3]
+    kept = {im["id"] for im in coco["images"]}
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in kept]
+    annotations = tmp_path / "instances_val.json"
+    annotations.write_text(json.dumps(coco))
+    (val / "notes.json").write_text("{}")  # a listing would try to decode these
+    (val / "preview.txt").write_text("not an image")
+    inputs = {
+        "backbone": None,
+        "train_images": str(val),
+        "train_annotations": str(annotations),
+        "val_images": str(val),
+        "val_annotations": str(annotations),
+    }
+    ctx = StageContext(
+        name="correspondence/random",
+        kind="correspondence",
+        key="k",
+        config={
+            "init": "random",
+            "arch": "resnet18",
+            "level": 2,
+            "image_size": 64,
+            "max_images": 16,
+            "pairs_per_image": 1,
+            "seed": 0,
+        },
+        inputs=inputs,
+        storage_uri=str(tmp_path),
+        folder="stages/correspondence-random-k",
+        run_id="r",
+        tracking_uri="sqlite:///unused.db",
+        experiment="e",
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    read: list[Path] = []
+    real_load = eval_stages.load_rgb
+    monkeypatch.setattr(eval_stages, "load_rgb", lambda p: read.append(Path(p)) or real_load(p))
+    result = correspondence(ctx, out)
+    assert result.metrics["valid_cells"] > 0
+    assert read == [val / im["file_name"] for im in coco["images"]]  # the three, in order

@@ -142,7 +142,7 @@ class CorrespondenceConfig:
     """`eval.correspondence`: patch matching between two views (§4.6.2, Fig. 7)."""
 
     level: int = 2
-    image_size: int = 224
+    image_size: int | None = None  # None: the pre-training image size (the views it learnt on)
     max_images: int = 16
     pairs_per_image: int = 1
     seed: int = 0
@@ -152,7 +152,7 @@ class CorrespondenceConfig:
 class ProbeConfig:
     """`eval.probe`: the per-level linear probe (Table VI b)."""
 
-    image_size: int = 96
+    image_size: int | None = None  # None: the pre-training image size
     batch_size: int = 32
     seed: int = 0
 
@@ -461,11 +461,13 @@ def _validate_eval(ev: Any) -> None:
     check_int("spatial.bins", ev.spatial.bins, low=1)
     check_int("spatial.max_images", ev.spatial.max_images, low=1)
     stride = STRIDES[ev.correspondence.level]
-    check_int("correspondence.image_size", ev.correspondence.image_size, low=2 * stride)
+    if ev.correspondence.image_size is not None:
+        check_int("correspondence.image_size", ev.correspondence.image_size, low=2 * stride)
     check_int("correspondence.max_images", ev.correspondence.max_images, low=1)
     check_int("correspondence.pairs_per_image", ev.correspondence.pairs_per_image, low=1)
     # The probe reads every level down to conv5 (stride 32): at least one cell there.
-    check_int("probe.image_size", ev.probe.image_size, low=STRIDES[-1])
+    if ev.probe.image_size is not None:
+        check_int("probe.image_size", ev.probe.image_size, low=STRIDES[-1])
     check_int("probe.batch_size", ev.probe.batch_size, low=1)
     for section in ("spatial", "correspondence", "probe"):
         check_int(f"{section}.seed", getattr(ev, section).seed, low=0)

@@ -205,8 +205,10 @@ def correspondence(ctx: StageContext, out: Path) -> StageOutput:
     """Patch matching between two augmented views (§4.6.2, Fig. 7)."""
     c = ctx.config
     data = detection_data(ctx.inputs)
-    files = sorted(p for p in Path(data["val_images"]).iterdir() if p.is_file())
-    images = [load_rgb(p) for p in files[: c["max_images"]]]
+    # The images the annotation file names, in its order: never a folder listing, which would
+    # mix splits (VOC's JPEGImages/), miss sub-folders and trip over other files.
+    val_set = CocoDetection(data["val_images"], data["val_annotations"])
+    images = [load_rgb(val_set.image_path(i)) for i in range(min(len(val_set), c["max_images"]))]
     result = patch_correspondence(
         backbone_module(ctx),
         images,

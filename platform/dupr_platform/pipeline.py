@@ -123,6 +123,13 @@ def build_stages(cfg: dict[str, Any]) -> list[Stage]:
         "GPU": gpus if gpus == "auto" else float(gpus),
     }
     det_data, cls_data = ev["data"]["detection"] or {}, ev["data"]["classification"] or {}
+    # The analyses that feed the backbone views see them at the size it was pre-trained at,
+    # unless set: the same size for every initialisation, so that their rows compare.
+    pretrain_size = cfg["pretrain"]["method"]["model"]["image_size"]
+    sized = {
+        kind: {**ev[kind], "image_size": ev[kind].get("image_size") or pretrain_size}
+        for kind in ("correspondence", "probe")
+    }
     for init, weights in inits.items():
         # Random initialisation has no weights file: the architecture comes from the config.
         base = {"init": init, "arch": arch if weights is None else None}
@@ -131,13 +138,16 @@ def build_stages(cfg: dict[str, Any]) -> list[Stage]:
                 Stage(
                     f"{kind}/{init}",
                     kind,
-                    {**base, **ev[kind]},
+                    {**base, **sized.get(kind, ev[kind])},
                     {"backbone": weights, **det_data},
                 )
             )
         stages.append(
             Stage(
-                f"probe/{init}", "probe", {**base, **ev["probe"]}, {"backbone": weights, **cls_data}
+                f"probe/{init}",
+                "probe",
+                {**base, **sized["probe"]},
+                {"backbone": weights, **cls_data},
             )
         )
         for detector in ev["detection"]["detectors"]:
