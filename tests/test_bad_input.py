@@ -105,6 +105,12 @@ PIPELINE_CASES = [
     ("eval.resources.gpus=lots", "eval.resources.gpus='lots'"),
     ("eval.data.detection.train_images=/data/x", "eval.data.detection: needs all of"),
     ("eval.data.classification.val=/data/x", "eval.data.classification: needs all of"),
+    ("eval.data.detection.voc_root=/no/such", "eval.data.detection.voc_root: '/no/such' does not"),
+    ("eval.data.detection.voc_root=s3://b/voc", "eval.data.detection.voc_root='s3://b/voc': must"),
+    (
+        "eval.data.detection={voc_root:/x,train_images:/y}",
+        "eval.data.detection: voc_root and train_images exclude each other",
+    ),
     ("stages=[]", "stages=[]"),
     ("stages=[pretrain,evaluate]", "'evaluate'"),
     ("stages=[pretrain", "stages=[pretrain: cannot parse"),

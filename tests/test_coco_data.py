@@ -204,6 +204,12 @@ def _bad_rle_size() -> dict[str, Any]:
     return coco
 
 
+def _bad_difficult() -> dict[str, Any]:
+    coco = make_coco()
+    coco["annotations"][0]["difficult"] = "yes"  # PASCAL VOC's flag: 0 or 1
+    return coco
+
+
 @pytest.mark.parametrize(
     ("data", "field"),
     [
@@ -214,6 +220,7 @@ def _bad_rle_size() -> dict[str, Any]:
         (_unknown_image(), "annotations[2].image_id"),
         (_duplicate_image_id(), "images[1].id"),
         (_bad_rle_size(), "annotations[3].segmentation.size"),
+        (_bad_difficult(), "annotations[0].difficult: expected 0 or 1, got 'yes'"),
     ],
 )
 def test_load_coco_errors_are_one_line_and_name_file_and_field(

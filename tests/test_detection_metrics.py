@@ -164,6 +164,26 @@ def test_coco_annotation_id_zero_is_handled():
     assert coco_metrics(gt, _gt_as_predictions(gt))["AP"] == pytest.approx(1.0)
 
 
+def test_coco_ignores_voc_difficult_objects():
+    """A `difficult` object (PASCAL VOC) is an ignore region, as the VOC protocol prescribes:
+    not a positive, and a detection on it is neither a TP nor a FP."""
+    gt = _gt()
+    gt["annotations"].append(
+        {"id": 9, "image_id": 1, "category_id": 1, "bbox": [100.0, 100.0, 30.0, 30.0]}
+    )
+    gt["annotations"][-1]["difficult"] = 1
+    exact = _gt_as_predictions({**gt, "annotations": gt["annotations"][:-1]})
+    on_difficult = [{"image_id": 1, "category_id": 1, "bbox": [100, 100, 30, 30], "score": 2.0}]
+    assert coco_metrics(gt, exact)["AP"] == pytest.approx(1.0)  # missing it costs nothing
+    assert coco_metrics(gt, exact + on_difficult)["AP"] == pytest.approx(1.0)  # nor finding it
+    assert "iscrowd" not in gt["annotations"][-1]  # the caller's dict is left as it was
+    # Counter-checks: as an ordinary object it is a positive; dropped, the detection is a FP.
+    gt["annotations"][-1]["difficult"] = 0
+    assert coco_metrics(gt, exact)["AP"] < 0.9
+    gt["annotations"].pop()
+    assert coco_metrics(gt, exact + on_difficult)["AP"] < 0.9
+
+
 def test_coco_bad_input_names_the_value():
     gt = _gt()
     bad = _gt_as_predictions(gt)

@@ -1,5 +1,6 @@
 """The pipeline's configuration, stage graph, cache keys and preflight: no cluster needed."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -13,8 +14,10 @@ import torch
 from dupr.config import PRESETS, ConfigError, preset
 from dupr.convert import ConversionError
 from dupr.data.coco import CocoFormatError
-from dupr_platform.configs import compose
+from dupr.evaluation.finetune import DetectionConfig
+from dupr_platform.configs import compose, detection_recipe
 from dupr_platform.convert_stage import convert
+from dupr_platform.eval_stages import metric_names
 from dupr_platform.pipeline import build_stages, run_pipeline
 from dupr_platform.progress import Progress
 from dupr_platform.stages import Ref, Stage, StageContext, assign_keys
@@ -57,25 +60,114 @@ def test_presets_select_the_method_and_overrides_reach_it(tmp_path):
 
 def test_paper_preset_takes_its_data_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("DUPR_IMAGENET_SHARDS", "s3://datasets/imagenet-shards")
-    monkeypatch.setenv("DUPR_VOC_ROOT", "s3://datasets/voc-coco")
+    monkeypatch.setenv("DUPR_VOC_ROOT", "/shared/VOCdevkit")
     cfg = config(tmp_path, "preset=paper_r50_imagenet")
     assert cfg["pretrain"]["method"]["model"]["backbone"] == "resnet50"
     assert cfg["pretrain"]["method"]["optim"]["epochs"] == 200
     assert cfg["pretrain"]["num_workers"] == 8 and cfg["pretrain"]["use_gpu"] is True
     assert cfg["pretrain"]["data"] == "s3://datasets/imagenet-shards"
     assert cfg["eval"]["detection"]["detectors"] == ["faster_rcnn_c4"]
-    assert cfg["eval"]["data"]["detection"]["val_annotations"] == (
-        "s3://datasets/voc-coco/annotations/instances_val.json"
-    )
+    # The VOCdevkit as distributed, read in place (dupr.data.voc): no conversion step.
+    assert cfg["eval"]["data"]["detection"] == {
+        "voc_root": "/shared/VOCdevkit",
+        **dict.fromkeys(("train_images", "train_annotations", "val_images", "val_annotations")),
+    }
     monkeypatch.delenv("DUPR_IMAGENET_SHARDS")
     with pytest.raises(ConfigError, match="DUPR_IMAGENET_SHARDS"):
         config(tmp_path, "preset=paper_r50_imagenet")
 
 
+def test_paper_coco_preset_is_the_1x_mask_rcnn_recipe_on_coco_2017(tmp_path, monkeypatch):
+    """§4.2: Mask R-CNN R50-FPN, SyncBN, 1x (DetectionConfig.coco), box and mask AP, on COCO
+    2017 as distributed under DUPR_COCO_ROOT; the same pre-training as paper_r50_imagenet."""
+    monkeypatch.setenv("DUPR_IMAGENET_SHARDS", "s3://datasets/imagenet-shards")
+    monkeypatch.setenv("DUPR_COCO_ROOT", "s3://datasets/coco")
+    monkeypatch.delenv("DUPR_VOC_ROOT", raising=False)  # not needed by the COCO study
+    cfg = config(tmp_path, "preset=paper_r50_coco")
+    assert cfg["eval"]["data"]["detection"] == {
+        "voc_root": None,
+        "train_images": "s3://datasets/coco/train2017",
+        "train_annotations": "s3://datasets/coco/annotations/instances_train2017.json",
+        "val_images": "s3://datasets/coco/val2017",
+        "val_annotations": "s3://datasets/coco/annotations/instances_val2017.json",
+    }
+    det = cfg["eval"]["detection"]
+    assert det["detectors"] == ["mask_rcnn_fpn"] and det["voc_metric"] is False
+    paper = dataclasses.asdict(DetectionConfig.coco("mask_rcnn_fpn", 1))
+    recipe = dataclasses.asdict(detection_recipe(det, "mask_rcnn_fpn"))
+    # overrides: see test_paper_presets_use_the_detectors_own_roi_counts.
+    assert _without(recipe, "overrides") == _without(paper, "overrides")
+    assert recipe["norm"] == "sync_bn" and recipe["iterations"] == 90000
+    stages = {s.name: s for s in build_stages(cfg)}
+    assert stages["detection/mask_rcnn_fpn/dupr"].config["detector"] == "mask_rcnn_fpn"
+    assert set(metric_names("detection", stages["detection/mask_rcnn_fpn/dupr"].config)) == {
+        f"{t}/{k}" for t in ("bbox", "segm") for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    }
+    # One pre-trained model for both studies: the pre-training stage has the same key.
+    monkeypatch.setenv("DUPR_VOC_ROOT", "/shared/VOCdevkit")
+    voc = {s.name: s for s in build_stages(config(tmp_path, "preset=paper_r50_imagenet"))}
+    assert stages["pretrain"].key == voc["pretrain"].key
+    monkeypatch.delenv("DUPR_COCO_ROOT")
+    with pytest.raises(ConfigError, match="DUPR_COCO_ROOT"):
+        config(tmp_path, "preset=paper_r50_coco")
+
+
+@pytest.mark.parametrize("name", ["paper_r50_imagenet", "paper_r50_coco"])
+def test_paper_presets_use_the_detectors_own_roi_counts(tmp_path, monkeypatch, name):
+    """A preset replaces the demo's recipe: its `overrides: {}` is not merged with the CPU's."""
+    for var in ("DUPR_IMAGENET_SHARDS", "DUPR_VOC_ROOT", "DUPR_COCO_ROOT"):
+        monkeypatch.setenv(var, "/data")
+    assert config(tmp_path, f"preset={name}")["eval"]["detection"]["overrides"] == {}
+
+
+def _without(d: dict, *keys: str) -> dict:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+def test_coco_2017_layout_with_sub_folders_and_other_files_passes_preflight(tmp_path, monkeypatch):
+    """COCO as distributed (train2017/, val2017/, annotations/instances_*2017.json), whose
+    file names may hold a sub-folder and whose image folders may hold other files: preflight
+    and CocoDetection go by the file names, never by a folder listing."""
+    from dupr.data.bundled_eval import bundled_detection_set
+    from dupr.data.coco import CocoDetection
+    from dupr_platform.eval_stages import check_eval_data, detection_set
+
+    source, root = bundled_detection_set(), tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        images = root / f"{split}2017"
+        shutil.copytree(source / split, images)
+        coco = json.loads((source / "annotations" / f"instances_{split}.json").read_text())
+        first = coco["images"][0]["file_name"]
+        (images / "part1").mkdir()
+        (images / first).rename(images / "part1" / first)
+        coco["images"][0]["file_name"] = f"part1/{first}"
+        (images / "index.json").write_text("{}")  # other files next to the images
+        shutil.copy(images / coco["images"][1]["file_name"], images / "preview.jpg")
+        (images / "README").write_text("not an image")
+        annotations = root / "annotations" / f"instances_{split}2017.json"
+        annotations.write_text(json.dumps(coco))
+    monkeypatch.setenv("DUPR_IMAGENET_SHARDS", "/data/shards")
+    monkeypatch.setenv("DUPR_COCO_ROOT", str(root))
+    data = config(tmp_path, "preset=paper_r50_coco")["eval"]["data"]
+    check_eval_data(data)
+    val = detection_set(data["detection"], "val", with_masks=True)
+    assert isinstance(val, CocoDetection) and len(val) == len(coco["images"])
+    val.check_files()
+    image, target = val[0]  # the one in the sub-folder, with its masks
+    assert image.shape[0] == 3 and target["masks"].shape[0] == len(target["boxes"])
+
+    (root / "val2017" / "part1" / first).unlink()
+    with pytest.raises(ConfigError) as info:
+        check_eval_data(data)
+    assert str(info.value).startswith("eval.data.detection.val_images: ")
+    assert f"'part1/{first}'" in str(info.value) and "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize(
     "override, match",
     [
-        ("preset=nope", "preset='nope': unknown \\(valid: cpu_demo, mocov2, paper_r50_imagenet\\)"),
+        ("preset=nope", "preset='nope': unknown \\(valid: cpu_demo, mocov2, paper_r50_coco, paper"),
         ("method=nope", "method='nope': unknown"),
         ("eval.detection.nope=1", "eval.detection.nope"),
         ("stages=[pretrain", "no viable alternative"),
@@ -206,7 +298,8 @@ def test_the_command_line_reports_bad_input_in_one_line_with_status_2():
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: preset='nope': unknown (valid: cpu_demo, mocov2, paper_r50_imagenet)"
+        "error: preset='nope': unknown (valid: cpu_demo, mocov2, paper_r50_coco, "
+        "paper_r50_imagenet)"
     ]
 
 

@@ -10,6 +10,8 @@ Conventions (those of the COCO format and of torchvision's detection models): `b
 `[x, y, w, h]` in pixels with pixel-edge coordinates, so its corners are `(x, y)` and
 `(x + w, y + h)`; targets give `xyxy` boxes and labels `1..C` (0 is the background), with label
 `l` meaning category `category_ids[l - 1]`. Masks are decoded with faster-coco-eval's mask API.
+An annotation may carry PASCAL VOC's `difficult` flag (`dupr.data.voc`): it is trained on, as
+any other, and both metrics ignore it.
 """
 
 from __future__ import annotations
@@ -200,6 +202,10 @@ def load_coco(annotations: str | os.PathLike[str] | dict, source: str | None = N
         iscrowd = ann.setdefault("iscrowd", 0)
         if not _is_int(iscrowd) or iscrowd not in (0, 1):
             raise CocoFormatError(f"{where}.iscrowd: expected 0 or 1, got {_short(iscrowd)}")
+        # Optional: PASCAL VOC's flag (dupr.data.voc), which both metrics ignore.
+        difficult = ann.get("difficult", 0)
+        if not _is_int(difficult) or difficult not in (0, 1):
+            raise CocoFormatError(f"{where}.difficult: expected 0 or 1, got {_short(difficult)}")
         area = ann.setdefault("area", float(bbox[2]) * float(bbox[3]))
         if not _is_number(area) or area < 0:
             raise CocoFormatError(
@@ -209,6 +215,18 @@ def load_coco(annotations: str | os.PathLike[str] | dict, source: str | None = N
             image = images[ann["image_id"]]
             _check_segmentation(where, ann["segmentation"], image["height"], image["width"])
     return data
+
+
+def data_summary(coco: dict) -> dict[str, int]:
+    """Counts of a COCO-format dict for the record of a run: images, objects, and of those the
+    crowd regions and PASCAL VOC `difficult` objects, which the metrics ignore."""
+    anns = coco["annotations"]
+    return {
+        "images": len(coco["images"]),
+        "objects": len(anns),
+        "crowd": sum(1 for a in anns if a.get("iscrowd")),
+        "difficult": sum(1 for a in anns if a.get("difficult")),
+    }
 
 
 def decode_segmentation(segm: list | dict, height: int, width: int) -> np.ndarray:
@@ -250,12 +268,16 @@ class CocoDetection(torch.utils.data.Dataset):
         with_masks: bool = False,
         hflip_prob: float = 0.0,
         seed: int = 0,
+        source: str | None = None,
     ) -> None:
         if not 0.0 <= hflip_prob <= 1.0:
             raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob!r}")
         self.image_root = Path(image_root)
-        self.source = str(annotations) if not isinstance(annotations, dict) else "<dict>"
-        self.coco: dict = load_coco(annotations)
+        # How errors name the data: the file, or what a dict came from (a VOCdevkit split).
+        if source is None:
+            source = str(annotations) if not isinstance(annotations, dict) else "<dict>"
+        self.source = source
+        self.coco: dict = load_coco(annotations, source=source)
         self.with_masks = with_masks
         self.hflip_prob = float(hflip_prob)
         self.seed = int(seed)

@@ -80,7 +80,11 @@ def _checked_gt(gt: dict, iou_type: str) -> dict:
 
     Annotation ids are renumbered 1..N because COCOeval uses them as match markers where 0 means
     "unmatched" (an id 0, common in converted VOC sets, would silently skew AP); missing
-    ``iscrowd`` defaults to 0 and missing ``area`` to the box area.
+    ``iscrowd`` defaults to 0 and missing ``area`` to the box area. A PASCAL VOC ``difficult``
+    object becomes a crowd region, COCOeval's only ignore flag: the VOC protocol counts it
+    neither as a positive nor, when a detection matches it, as a TP or a FP (COCOeval matches
+    a detection to an ignored region only when no other ground truth takes it, and measures
+    that overlap as intersection over the detection's area).
     """
     for key in ("images", "annotations", "categories"):
         if key not in gt:
@@ -98,6 +102,8 @@ def _checked_gt(gt: dict, iou_type: str) -> dict:
             raise ValueError(f"coco_metrics: {label} has no 'segmentation' for iou_type 'segm'")
         ann["id"] = new_id
         ann.setdefault("iscrowd", 0)
+        if ann.get("difficult"):
+            ann["iscrowd"] = 1
         ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))
     return gt
 

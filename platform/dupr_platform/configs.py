@@ -74,12 +74,15 @@ class ResourcesConfig:
 
 @dataclass
 class DetectionDataConfig:
-    """A COCO-format detection set (all four null: the bundled set built offline)."""
+    """A COCO-format detection set (the four COCO fields), or a VOCdevkit root as distributed
+    (`voc_root`: VOC2007 + VOC2012 trainval for training, VOC2007 test for evaluation, the
+    paper's §4.1; `dupr.data.voc`), not both. All null: the bundled set built offline."""
 
     train_images: str | None = None
     train_annotations: str | None = None
     val_images: str | None = None
     val_annotations: str | None = None
+    voc_root: str | None = None  # a local or shared-filesystem path, not s3://
 
 
 @dataclass
@@ -415,10 +418,12 @@ def validate_pipeline(values: dict[str, Any]) -> Any:
     for key, uri in cfg.baselines.checkpoints.items():
         check_no_password(f"baselines.checkpoints.{key}", uri, " and ".join(AWS_CREDENTIALS[:2]))
     data = cfg.eval.data
-    for section, keys in (("detection", DETECTION_DATA), ("classification", CLASSIFICATION_DATA)):
-        for key in keys:
-            uri = getattr(getattr(data, section), key)
-            check_no_password(f"eval.data.{section}.{key}", uri, " and ".join(AWS_CREDENTIALS[:2]))
+    for section in ("detection", "classification"):
+        given = getattr(data, section)
+        for f in dataclasses.fields(given):
+            uri = getattr(given, f.name)
+            where = f"eval.data.{section}.{f.name}"
+            check_no_password(where, uri, " and ".join(AWS_CREDENTIALS[:2]))
     selected_kinds(cfg.stages)
     with field_prefix("pretrain."):
         cfg.pretrain.validate()
@@ -441,7 +446,7 @@ def _validate_eval(ev: Any) -> None:
     check_number("resources.cpus", ev.resources.cpus, above=0)
     if gpus != "auto":
         check_number("resources.gpus", gpus, at_least=0)
-    _all_or_none(ev.data.detection, DETECTION_DATA, "data.detection")
+    _check_detection_data(ev.data.detection, ev.detection.detectors)
     _all_or_none(ev.data.classification, CLASSIFICATION_DATA, "data.classification")
 
     det = ev.detection
@@ -481,6 +486,32 @@ def detection_recipe(values: dict[str, Any], detector: str) -> DetectionConfig:
         if isinstance(recipe.get(key), list):
             recipe[key] = tuple(recipe[key])
     return DetectionConfig(**{**recipe, "detector": detector}).validate()
+
+
+def _check_detection_data(given: Any, detectors: list[str]) -> None:
+    """A VOCdevkit root or the four COCO fields (all or none), not both; a devkit on a path
+    every node reads (its XMLs are read in place, not copied from object storage); and no
+    mask detector on VOC, whose detection annotations have boxes only."""
+    root = given.voc_root
+    if not root:
+        _all_or_none(given, DETECTION_DATA, "data.detection")
+        return
+    coco = [k for k in DETECTION_DATA if getattr(given, k)]
+    if coco:
+        raise ConfigError(
+            f"data.detection: voc_root and {', '.join(coco)} exclude each other (give a "
+            f"VOCdevkit root or the four COCO fields {', '.join(DETECTION_DATA)}, not both)"
+        )
+    if "://" in root:
+        raise ConfigError(
+            f"data.detection.voc_root={root!r}: must be a local or shared-filesystem path (a "
+            "VOCdevkit on object storage is not supported; copy it where every node can read it)"
+        )
+    if "mask_rcnn_fpn" in detectors:
+        raise ConfigError(
+            "detection.detectors: mask_rcnn_fpn needs instance masks, which PASCAL VOC "
+            "detection (data.detection.voc_root) does not have"
+        )
 
 
 def _all_or_none(given: Any, keys: tuple[str, ...], where: str) -> None:

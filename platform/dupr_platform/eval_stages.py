@@ -6,9 +6,9 @@ local folder; `dupr_platform.pipeline.run_stage` copies that folder into the sta
 folder and logs its plots and tables. The pipeline driver writes the completion marker after.
 
 Datasets default to the bundled sets built offline (dupr.data.bundled_eval); a COCO-format
-detection set or an ImageFolder classification set on a local disk or on S3 can replace them
-(see configs/pretrain_and_eval.yaml, `eval.data`), checked before anything runs
-(`check_eval_data`).
+detection set or an ImageFolder classification set on a local disk or on S3, or a PASCAL VOC
+devkit as distributed on a local or shared disk (`dupr.data.voc`), can replace them (see
+configs/pretrain_and_eval.yaml, `eval.data`), checked before anything runs (`check_eval_data`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -27,8 +27,9 @@ from dupr.backbone import ResNetBackbone
 from dupr.config import LEVELS, ConfigError
 from dupr.convert import infer_arch
 from dupr.data.bundled_eval import bundled_classification_set, bundled_detection_set
-from dupr.data.coco import CocoDetection, load_coco, parse_json
+from dupr.data.coco import CocoDetection, data_summary, load_coco, parse_json
 from dupr.data.folder import is_image_file, load_rgb
+from dupr.data.voc import VOC_SPLITS, VocFormatError, load_voc
 from dupr.evaluation.coco_metrics import COCO_STAT_INDEX
 from dupr.evaluation.correspondence import patch_correspondence, plot_correspondence
 from dupr.evaluation.detectors import build_detector
@@ -71,17 +72,44 @@ def backbone_module(ctx: StageContext) -> nn.Module:
     return net.to(_device(ctx)).eval()
 
 
-def detection_data(inputs: dict[str, str | None]) -> dict[str, str]:
-    """Local paths of the detection set: the given URIs, or the bundled set."""
+class DetectionSplit(NamedTuple):
+    """One split of the detection set as `CocoDetection` takes it."""
+
+    images: str  # the local folder its file names are relative to
+    annotations: str | dict[str, Any]  # a local COCO file, or a COCO-format dict (VOC)
+    source: str  # how errors name it
+
+
+# The devkit's split each pipeline split reads: the paper's 07+12 trainval and 07 test (§4.1).
+VOC_SPLIT = {"train": "train", "val": "test"}
+
+
+def detection_data(inputs: dict[str, str | None], split: str) -> DetectionSplit:
+    """The detection set's `split` ("train" or "val"), local: a VOCdevkit read in place, the
+    given COCO-format URIs (copied if on S3), or the bundled set. Every stage that reads
+    detection data goes through here, so all read the same images and boxes."""
+    voc_root = inputs.get("voc_root")
+    if voc_root:
+        root = local_input(voc_root)
+        voc_split = VOC_SPLIT[split]
+        sets = " + ".join(f"{y} {s}" for y, s in VOC_SPLITS[voc_split])
+        return DetectionSplit(root, load_voc(root, voc_split), f"{root} ({sets})")
     if not inputs.get("train_annotations"):
         root = bundled_detection_set()
-        return {
-            "train_images": str(root / "train"),
-            "train_annotations": str(root / "annotations" / "instances_train.json"),
-            "val_images": str(root / "val"),
-            "val_annotations": str(root / "annotations" / "instances_val.json"),
-        }
-    return {k: local_input(inputs[k]) for k in DETECTION_DATA}
+        annotations = str(root / "annotations" / f"instances_{split}.json")
+        return DetectionSplit(str(root / split), annotations, annotations)
+    images, annotations = inputs.get(f"{split}_images"), inputs.get(f"{split}_annotations")
+    if not images or not annotations:  # validate_pipeline refuses this before any stage runs
+        raise ConfigError(f"eval.data.detection: needs all of {', '.join(DETECTION_DATA)}")
+    return DetectionSplit(local_input(images), local_input(annotations), annotations)
+
+
+def detection_set(
+    inputs: dict[str, str | None], split: str, with_masks: bool = False
+) -> CocoDetection:
+    """`split` of the detection set as a `CocoDetection` (see `detection_data`)."""
+    data = detection_data(inputs, split)
+    return CocoDetection(data.images, data.annotations, with_masks=with_masks, source=data.source)
 
 
 def classification_data(inputs: dict[str, str | None]) -> dict[str, str]:
@@ -105,12 +133,14 @@ def detection(ctx: StageContext, out: Path) -> StageOutput:
     """Fine-tune a detector from the backbone and evaluate it (Tables I–III)."""
     c = ctx.config
     cfg = detection_recipe(c, c["detector"])
-    data = detection_data(ctx.inputs)
     masks = cfg.detector == "mask_rcnn_fpn"
-    train_set = CocoDetection(data["train_images"], data["train_annotations"], with_masks=masks)
-    val_set = CocoDetection(data["val_images"], data["val_annotations"], with_masks=masks)
+    train_set = detection_set(ctx.inputs, "train", with_masks=masks)
+    val_set = detection_set(ctx.inputs, "val", with_masks=masks)
     train_set.check_files()
     val_set.check_files()
+    # What was trained and evaluated on, with the objects the metrics ignore (crowd, difficult).
+    summary = {"train": data_summary(train_set.coco), "val": data_summary(val_set.coco)}
+    (out / "data.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     arch, state = load_backbone(ctx)
     torch.manual_seed(cfg.seed)
     model = build_detector(
@@ -138,7 +168,11 @@ def detection(ctx: StageContext, out: Path) -> StageOutput:
     finally:
         logger.flush()
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    return StageOutput(files={"metrics": "metrics.json"}, metrics=metrics)
+    return StageOutput(
+        files={"metrics": "metrics.json", "data": "data.json"},
+        metrics=metrics,
+        artifacts=["data.json"],
+    )
 
 
 SPATIAL_METRICS = ("slope", "sim_iou_above_0.5", "sim_iou_below_0.3", "points")
@@ -162,8 +196,7 @@ def metric_names(kind: str, config: dict[str, Any]) -> list[str]:
 def spatial(ctx: StageContext, out: Path) -> StageOutput:
     """The IoU–similarity curve of §4.6.1 (Eq. 9) on the detection set's validation boxes."""
     c = ctx.config
-    data = detection_data(ctx.inputs)
-    val_set = CocoDetection(data["val_images"], data["val_annotations"])
+    val_set = detection_set(ctx.inputs, "val")
     images, boxes = [], []
     for i in range(min(len(val_set), c["max_images"])):
         image, target = val_set[i]
@@ -204,10 +237,9 @@ def spatial(ctx: StageContext, out: Path) -> StageOutput:
 def correspondence(ctx: StageContext, out: Path) -> StageOutput:
     """Patch matching between two augmented views (§4.6.2, Fig. 7)."""
     c = ctx.config
-    data = detection_data(ctx.inputs)
     # The images the annotation file names, in its order: never a folder listing, which would
     # mix splits (VOC's JPEGImages/), miss sub-folders and trip over other files.
-    val_set = CocoDetection(data["val_images"], data["val_annotations"])
+    val_set = detection_set(ctx.inputs, "val")
     images = [load_rgb(val_set.image_path(i)) for i in range(min(len(val_set), c["max_images"]))]
     result = patch_correspondence(
         backbone_module(ctx),
@@ -253,10 +285,13 @@ def probe(ctx: StageContext, out: Path) -> StageOutput:
 def check_eval_data(data: dict[str, Any]) -> None:
     """The evaluation sets given in `eval.data` can be read: annotation files parse as COCO
     (a JSON error names the file, line and column), every image they name is in its image
-    folder, and the classification roots have class folders. The bundled sets need nothing.
-    Single images that do not decode are found at run time (the stages that read them fail;
-    the rest of the pipeline goes on)."""
+    folder, a VOCdevkit has the layout, image sets, XMLs and JPEGs the protocol reads, and the
+    classification roots have class folders. The bundled sets need nothing. Single images
+    that do not decode are found at run time (the stages that read them fail; the rest of
+    the pipeline goes on)."""
     det = data.get("detection") or {}
+    if det.get("voc_root"):
+        _check_voc(det["voc_root"])
     for split in ("train", "val"):
         images, annotations = det.get(f"{split}_images"), det.get(f"{split}_annotations")
         if not annotations:
@@ -272,6 +307,18 @@ def check_eval_data(data: dict[str, Any]) -> None:
         root = cls.get(split)
         if root:
             _check_class_folders(root, f"eval.data.classification.{split}")
+
+
+def _check_voc(root: str) -> None:
+    """Both splits of the devkit load as the stages will load them (`load_voc`)."""
+    where = "eval.data.detection.voc_root"
+    if not os.path.isdir(root):
+        raise ConfigError(f"{where}: {root!r} does not exist or is not a folder")
+    for split in VOC_SPLIT.values():
+        try:
+            load_voc(root, split)
+        except VocFormatError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
 
 
 def _check_image_files(coco: dict[str, Any], images: str, source: str, where: str) -> None:
