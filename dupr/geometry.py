@@ -70,6 +70,16 @@ def view_boxes(crop1: Tensor, crop2: Tensor, size: int) -> tuple[Tensor, Tensor,
     return b1, b2, overlaps
 
 
+def spans_a_cell(box: Tensor, stride: int) -> Tensor:
+    """Whether view boxes (N, 4) are at least one feature cell (`stride` pixels) wide and high.
+
+    RoIAlign with aligned=False widens a thinner RoI to one cell from its top-left corner: in a
+    flipped view that corner is the other side of B, and the two views' scales differ, so the
+    two pooled grids would cover different parts of the image. Such pairs are not positives.
+    """
+    return ((box[:, 2] - box[:, 0]) >= stride) & ((box[:, 3] - box[:, 1]) >= stride)
+
+
 def unflip_grid(grid: Tensor, crop: Tensor) -> Tensor:
     """Mirror pooled (N, C, S, S) grids of flipped views back along the width.
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from dupr import distributed as D
 from dupr.backbone import ResNetBackbone
 from dupr.config import LEVELS, STRIDES, ModelConfig
-from dupr.geometry import view_boxes
+from dupr.geometry import spans_a_cell, view_boxes
 from dupr.heads import ImageHead, PatchHead
 from dupr.losses import info_nce
 from dupr.memory_bank import MemoryBank
@@ -116,34 +116,44 @@ class DUPR(nn.Module):
             total = total + weight * loss
             metrics[f"loss/image_{name}"] = loss.detach()
             metrics[f"acc/image_{name}"] = correct.float().mean()
-        # Patch losses are averaged over the valid cells of the GLOBAL batch (see patch_loss).
-        n_overlap = D.all_reduce_sum(overlap.sum()) if patch_q else overlap.sum()
+        # A pair counts at a level where B spans at least one of its cells in both views.
+        valid = {
+            name: overlap & spans_a_cell(box_q, stride) & spans_a_cell(box_k, stride)
+            for name, stride in zip(LEVELS, STRIDES, strict=True)
+            if name in patch_q
+        }
+        # Patch losses are averaged over the valid cells of the GLOBAL batch (see patch_loss);
+        # one all-reduce carries every level's count.
+        counts = torch.stack([v.sum() for v in valid.values()]) if valid else overlap.new_zeros(0)
+        n_valid = dict(zip(valid, D.all_reduce_sum(counts) if valid else counts, strict=True))
         for name, r_q in patch_q.items():
             weight = cfg.beta[LEVELS.index(name)]
-            loss, acc = self.patch_loss(name, r_q, patch_k[name], overlap, n_overlap)
+            loss, acc = self.patch_loss(name, r_q, patch_k[name], valid[name], n_valid[name])
             total = total + weight * loss
             metrics[f"loss/patch_{name}"] = loss.detach()
             metrics[f"acc/patch_{name}"] = acc
+            metrics[f"valid/patch_{name}"] = valid[name].float().mean()
         metrics["loss"] = total.detach()
 
-        self.enqueue(image_k, patch_k, overlap)  # after the loss: a key is never its own negative
+        self.enqueue(image_k, patch_k, valid)  # after the loss: a key is never its own negative
         return total, metrics
 
     def patch_loss(
-        self, name: str, r_q: Tensor, r_k: Tensor, overlap: Tensor, n_overlap_global: Tensor
+        self, name: str, r_q: Tensor, r_k: Tensor, valid: Tensor, n_valid_global: Tensor
     ) -> tuple[Tensor, Tensor]:
         """Eq. 7 for one level, normalised as a mean over valid cells and images.
 
         The paper writes Eq. 7 as a sum over the S×S positions p; we divide by the number of
         positions and images so that β_m = 1 weighs a level like α_m = 1 does for the mean of
-        Eq. 8. Pairs whose crops do not overlap contribute nothing. Under DDP each rank divides
-        by the global count / world size, so that DDP's gradient average equals the mean over
-        the global batch whatever the per-rank counts are.
+        Eq. 8. Pairs that are not `valid` at this level (crops that do not overlap, or overlap
+        by less than one cell: `dupr.geometry.spans_a_cell`) contribute nothing. Under DDP each
+        rank divides by the global count / world size, so that DDP's gradient average equals
+        the mean over the global batch whatever the per-rank counts are.
         """
         cells = r_q.shape[-1] * r_q.shape[-2]
-        q = r_q.flatten(2).transpose(1, 2)[overlap].flatten(0, 1)  # (valid·S², d)
-        k = r_k.flatten(2).transpose(1, 2)[overlap].flatten(0, 1)
-        denom = (n_overlap_global * cells).clamp(min=1).float() / D.world_size()
+        q = r_q.flatten(2).transpose(1, 2)[valid].flatten(0, 1)  # (valid·S², d)
+        k = r_k.flatten(2).transpose(1, 2)[valid].flatten(0, 1)
+        denom = (n_valid_global * cells).clamp(min=1).float() / D.world_size()
         if len(q) == 0:
             # Nothing overlaps here: a zero that stays connected to the patch head, so every
             # parameter still receives a (zero) gradient and DDP's reducer is satisfied.
@@ -189,16 +199,16 @@ class DUPR(nn.Module):
 
     @torch.no_grad()
     def enqueue(
-        self, image_k: dict[str, Tensor], patch_k: dict[str, Tensor], overlap: Tensor
+        self, image_k: dict[str, Tensor], patch_k: dict[str, Tensor], valid: dict[str, Tensor]
     ) -> None:
-        """Image banks take every key of the global batch; patch banks a random sample."""
+        """Image banks take every key of the global batch; patch banks a random valid sample."""
         for name, k in image_k.items():
             self.bank(f"image_{name}").enqueue(D.all_gather(k.float()))
         for name, r in patch_k.items():
-            self.bank(f"patch_{name}").enqueue(self.sample_patch_keys(r, overlap))
+            self.bank(f"patch_{name}").enqueue(self.sample_patch_keys(r, valid[name]))
 
     @torch.no_grad()
-    def sample_patch_keys(self, r_k: Tensor, overlap: Tensor) -> Tensor:
+    def sample_patch_keys(self, r_k: Tensor, valid: Tensor) -> Tensor:
         """`patch_keys_per_enqueue` random valid patch keys of the GLOBAL batch (paper: 32).
 
         The paper samples 32 patch keys per batch of 256 images, and its batch is the global
@@ -209,7 +219,7 @@ class DUPR(nn.Module):
         """
         want = self.cfg.patch_keys_per_enqueue
         n_local = math.ceil(want / D.world_size())
-        keys = r_k.flatten(2).transpose(1, 2)[overlap].flatten(0, 1).float()
+        keys = r_k.flatten(2).transpose(1, 2)[valid].flatten(0, 1).float()
         take = min(n_local, len(keys))
         picked = keys[torch.randperm(len(keys), device=keys.device)[:take]]
         sample = keys.new_zeros(n_local, keys.shape[1])

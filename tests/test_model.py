@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torchvision
 
 from dupr.config import LEVELS, preset
-from dupr.geometry import view_boxes
+from dupr.geometry import spans_a_cell, view_boxes
 from dupr.model import DUPR
 from dupr.sync_batchnorm import SyncBatchNorm
 from helpers import random_batch, tiny_model_config
@@ -105,6 +105,38 @@ def test_batch_without_any_overlap_gives_finite_connected_loss():
     for p in model.encoder_q.patch_heads.parameters():
         assert p.grad is not None and torch.all(p.grad == 0)
     assert model.banks["patch_conv4"].ptr.item() == ptr  # nothing to enqueue
+
+
+def test_a_thin_flipped_overlap_counts_only_at_the_levels_whose_cells_it_spans():
+    """B 24 px wide in both views: one conv4 cell (16 px) fits, no conv5 cell (32 px) does.
+
+    RoIAlign (aligned=False) would widen the conv5 RoI from its left edge in each view, which in
+    the flipped view is the other side of B: those grids are not the same patch, not positives.
+    """
+    model = DUPR(tiny_model_config(queue_size=64, patch_keys_per_enqueue=8))
+    n, size = 4, 64
+    g = torch.Generator().manual_seed(0)
+    im_q, im_k = (
+        torch.randn(n, 3, size, size, generator=g),
+        torch.randn(n, 3, size, size, generator=g),
+    )
+    crop_q = torch.tensor([[0.0, 0.0, 64.0, 64.0, 1.0]]).repeat(n, 1)  # flipped, scale 1
+    crop_k = torch.tensor([[40.0, 0.0, 104.0, 64.0, 0.0]]).repeat(n, 1)  # B = [40, 64] x [0, 64]
+    box_q, box_k, overlap = view_boxes(crop_q, crop_k, size)
+    assert overlap.all() and torch.allclose(box_q[:, 2] - box_q[:, 0], torch.tensor(24.0))
+    ptr5 = model.banks["patch_conv5"].ptr.item()
+    loss, metrics = model(im_q, im_k, crop_q, crop_k)
+    assert torch.isfinite(loss)
+    assert metrics["valid/patch_conv4"] == 1 and metrics["loss/patch_conv4"] > 0
+    assert metrics["valid/patch_conv5"] == 0 and metrics["loss/patch_conv5"] == 0
+    assert model.banks["patch_conv5"].ptr.item() == ptr5  # no conv5 key from these pairs
+    assert model.banks["patch_conv4"].ptr.item() == 8
+
+
+def test_spans_a_cell_in_view_pixels():
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0], [0.0, 0.0, 31.9, 40.0], [5.0, 5.0, 45.0, 36.9]])
+    assert spans_a_cell(boxes, 32).tolist() == [True, False, False]
+    assert spans_a_cell(boxes, 16).tolist() == [True, True, True]
 
 
 def test_patch_loss_averages_over_valid_cells_only():
