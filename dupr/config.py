@@ -16,6 +16,10 @@ from typing import Any
 
 LEVELS = ("conv2", "conv3", "conv4", "conv5")
 STRIDES = (4, 8, 16, 32)
+# The revision of what the method's code trains from a configuration. A pipeline's cache key
+# for a pre-training includes it, so a change of the method (not only of its configuration)
+# trains anew. 2: a patch pair counts at a level only where B spans one of its cells.
+METHOD_REVISION = 2
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 AUGMENTATIONS = ("mocov2", "mocov2_randaugment")
 BN_MODES = ("shuffle", "sync", "none")

@@ -389,3 +389,15 @@ def test_correspondence_reads_the_images_its_annotation_file_names(tmp_path, mon
     result = correspondence(ctx, out)
     assert result.metrics["valid_cells"] > 0
     assert read == [val / im["file_name"] for im in coco["images"]]  # the three, in order
+
+
+def test_a_new_method_revision_retrains_but_keeps_the_random_baseline(tmp_path, monkeypatch):
+    """The method's code is part of a pre-training's key (dupr.config.METHOD_REVISION)."""
+    import dupr_platform.pipeline as pipeline
+
+    before = {s.name: s.key for s in build_stages(config(tmp_path))}
+    monkeypatch.setattr(pipeline, "METHOD_REVISION", pipeline.METHOD_REVISION + 1)
+    after = {s.name: s.key for s in build_stages(config(tmp_path))}
+    changed = {name for name in before if before[name] != after[name]}
+    assert "pretrain" in changed and "probe/dupr" in changed
+    assert not any(name.endswith("/random") for name in changed)

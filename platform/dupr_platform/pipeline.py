@@ -33,7 +33,7 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from dupr.config import ConfigError, DUPRConfig, field_prefix
+from dupr.config import METHOD_REVISION, ConfigError, DUPRConfig, field_prefix
 from dupr.io import markdown_table
 from dupr_platform import console, convert_stage, eval_stages, report
 from dupr_platform.cluster import COMPUTE_PRIORITY, check_nodes, forwarded_env, start_ray
@@ -97,6 +97,7 @@ def _pretrain_slice(cfg: dict[str, Any]) -> dict[str, Any]:
     values = {k: v for k, v in cfg["pretrain"].items() if k not in neutral}
     values.pop("data", None)  # an input, not config
     values.pop("label", None)  # a name in the results, not a setting
+    values["method_revision"] = METHOD_REVISION  # the code's part of what it trains
     return values
 
 
