@@ -25,7 +25,7 @@ test: lint
 	$(PY) -m pytest
 
 # The developer loop: every test that starts no Ray, MLflow or S3 server and takes under ~10 s
-# (`slow` marks the others; see tests/conftest.py). Under 2 minutes on 2 cores.
+# (`slow` marks the others; see tests/conftest.py). Under 3 minutes on 2 cores.
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
