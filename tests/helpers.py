@@ -103,3 +103,21 @@ def sweep_config(tmp_path: Path, tracking: str, *extra: str) -> dict:
             *extra,
         ],
     )
+
+
+def stage_context(tmp_path, name: str, config: dict, inputs: dict):
+    """A stage body's context for calling it directly, outside a pipeline (no tracking)."""
+    from dupr_platform.stages import StageContext
+
+    return StageContext(
+        name=name,
+        kind=name.split("/")[0],
+        key="k",
+        config=config,
+        inputs=inputs,
+        storage_uri=str(tmp_path),
+        folder=f"stages/{name.replace('/', '-')}-k",
+        run_id="r",
+        tracking_uri="sqlite:///unused.db",
+        experiment="e",
+    )

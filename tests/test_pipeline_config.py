@@ -20,7 +20,8 @@ from dupr_platform.convert_stage import convert
 from dupr_platform.eval_stages import metric_names
 from dupr_platform.pipeline import build_stages, run_pipeline
 from dupr_platform.progress import Progress
-from dupr_platform.stages import Ref, Stage, StageContext, assign_keys
+from dupr_platform.stages import Ref, Stage, assign_keys
+from helpers import stage_context
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -269,18 +270,7 @@ def test_bad_input_fails_before_ray_starts(tmp_path):
 def test_convert_refuses_a_checkpoint_without_a_backbone(tmp_path):
     path = tmp_path / "weights.pth"
     torch.save({"model": {"head.weight": torch.zeros(3)}}, path)
-    ctx = StageContext(
-        name="convert/x",
-        kind="convert",
-        key="k",
-        config={},
-        inputs={"checkpoint": str(path)},
-        storage_uri=str(tmp_path),
-        folder="stages/convert-x-k",
-        run_id="r",
-        tracking_uri="sqlite:///unused.db",
-        experiment="e",
-    )
+    ctx = stage_context(tmp_path, "convert/x", {}, {"checkpoint": str(path)})
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(ConversionError, match="weights.pth: no ResNet backbone") as info:
@@ -361,11 +351,10 @@ def test_correspondence_reads_the_images_its_annotation_file_names(tmp_path, mon
         "val_images": str(val),
         "val_annotations": str(annotations),
     }
-    ctx = StageContext(
-        name="correspondence/random",
-        kind="correspondence",
-        key="k",
-        config={
+    ctx = stage_context(
+        tmp_path,
+        "correspondence/random",
+        {
             "init": "random",
             "arch": "resnet18",
             "level": 2,
@@ -374,12 +363,7 @@ def test_correspondence_reads_the_images_its_annotation_file_names(tmp_path, mon
             "pairs_per_image": 1,
             "seed": 0,
         },
-        inputs=inputs,
-        storage_uri=str(tmp_path),
-        folder="stages/correspondence-random-k",
-        run_id="r",
-        tracking_uri="sqlite:///unused.db",
-        experiment="e",
+        inputs,
     )
     out = tmp_path / "out"
     out.mkdir()

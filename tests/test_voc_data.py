@@ -23,7 +23,7 @@ from dupr.evaluation.finetune import DetectionConfig, evaluate
 from dupr_platform import eval_stages
 from dupr_platform.configs import compose, validate_pipeline
 from dupr_platform.eval_stages import check_eval_data, detection_set
-from dupr_platform.stages import StageContext
+from helpers import stage_context
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -364,17 +364,11 @@ def test_the_detection_stage_fine_tunes_and_evaluates_on_voc(devkit, tmp_path, m
         "max_size": 64,
         "warmup_iters": 1,
     }
-    ctx = StageContext(
-        name="detection/faster_rcnn_c4/random",
-        kind="detection",
-        key="k",
-        config=config,
-        inputs={"backbone": None, "voc_root": str(devkit)},
-        storage_uri=str(tmp_path),
-        folder="stages/detection-k",
-        run_id="r",
-        tracking_uri="sqlite:///unused.db",
-        experiment="e",
+    ctx = stage_context(
+        tmp_path,
+        "detection/faster_rcnn_c4/random",
+        config,
+        {"backbone": None, "voc_root": str(devkit)},
     )
     out = tmp_path / "out"
     out.mkdir()
