@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -101,3 +102,29 @@ def test_storage_outage_fails_once_then_resumes(tmp_path):
         assert steps == list(range(1, 33))
     finally:
         server.stop()
+
+
+def test_the_failure_line_names_the_checkpoint_ray_recorded_while_storage_is_down(local_ray):
+    """Ray's record of its checkpoints is a file in the storage that is down, so the driver
+    names the checkpoint that the controller's callback saw recorded (its ledger), not
+    "none". A controller error (Ray failing to write its own state) takes this path."""
+    import ray.train
+
+    from dupr_platform.failures import CheckpointLedger, StopOnUnrecoverable
+    from dupr_platform.ray_pretrain import _ledger_latest, failure_message
+    from dupr_platform.storage import open_storage
+
+    ledger = CheckpointLedger.remote(None)
+    callback = StopOnUnrecoverable(None, "s3://", ledger=ledger)
+    callback.after_report(None, [{}], None)  # a report without a checkpoint changes nothing
+    recorded = SimpleNamespace(path="bucket/runs/stages/pretrain-x/checkpoint_epoch=0001")
+    callback.after_report(None, [{}], recorded)
+
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    storage = open_storage("s3://bucket/runs/stages", endpoint_url=endpoint)
+    error = ray.train.ControllerError(OSError("When uploading the run state: failed"))
+    line = failure_message(error, storage, "pretrain-x", _ledger_latest(ledger))
+    assert "unreachable" in line and endpoint in line
+    assert (
+        "last complete checkpoint: s3://bucket/runs/stages/pretrain-x/checkpoint_epoch=0001" in line
+    )

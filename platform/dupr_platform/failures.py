@@ -34,21 +34,49 @@ class UnrecoverableError(RuntimeError):
         return (type(self), (str(self),))
 
 
+@ray.remote(num_cpus=0)
+class CheckpointLedger:
+    """The latest complete checkpoint, kept outside the storage that holds it.
+
+    Ray Train records its checkpoints in a snapshot file in the run's storage; when that
+    storage is down, the driver cannot read the snapshot to name the checkpoint a rerun will
+    resume from. The controller's `StopOnUnrecoverable` writes each checkpoint here as Ray
+    records it, so the driver's failure line names it even then.
+    """
+
+    def __init__(self, uri: str | None) -> None:
+        self.uri = uri
+
+    def record(self, uri: str) -> None:
+        self.uri = uri
+
+    def latest(self) -> str | None:
+        return self.uri
+
+
 class StopOnUnrecoverable(ray.train.UserCallback):
     """Ends the run at the first `UnrecoverableError` of any worker (no restart).
 
     `last_checkpoint` is the latest complete checkpoint when the run (re)starts; the callback
-    follows every checkpoint reported after that. `uri_prefix` turns Ray's path inside the
-    storage filesystem into the URI the user knows ("s3://" for S3, "" for local folders).
+    follows every checkpoint reported after that, and tells `ledger` (a `CheckpointLedger`)
+    when one is given. `uri_prefix` turns Ray's path inside the storage filesystem into the
+    URI the user knows ("s3://" for S3, "" for local folders).
     """
 
-    def __init__(self, last_checkpoint: str | None, uri_prefix: str = "") -> None:
+    def __init__(
+        self, last_checkpoint: str | None, uri_prefix: str = "", ledger: Any = None
+    ) -> None:
         self.last_checkpoint = last_checkpoint
         self.uri_prefix = uri_prefix
+        self.ledger = ledger
 
     def after_report(self, run_context: Any, metrics: Any, checkpoint: Any) -> None:
-        if checkpoint is not None:  # uploaded, and recorded by Ray's checkpoint manager
+        # Ray calls this after its checkpoint manager has written the snapshot that names
+        # `checkpoint` (the manager is the first report callback), so it is complete.
+        if checkpoint is not None:
             self.last_checkpoint = self.uri_prefix + checkpoint.path
+            if self.ledger is not None:
+                self.ledger.record.remote(self.last_checkpoint)
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
         for rank, exc in sorted(worker_exceptions.items()):

@@ -50,7 +50,7 @@ from dupr.model import DUPR
 from dupr.train import TrainState, build_state, rng_state, train
 from dupr.views import TwoViews
 from dupr_platform.cluster import COMPUTE_PRIORITY, check_nodes, forwarded_env, start_ray
-from dupr_platform.failures import StopOnUnrecoverable, UnrecoverableError
+from dupr_platform.failures import CheckpointLedger, StopOnUnrecoverable, UnrecoverableError
 from dupr_platform.progress import Progress
 from dupr_platform.ray_data import RayDataLoader, count_images, two_view_dataset
 from dupr_platform.shards import INDEX_NAME, ParquetImageDataset, ShardError, prepare_shards
@@ -513,6 +513,8 @@ def run_pretraining(
         }
         num_images = count_images(job.data)
 
+    resumes_from = latest_checkpoint(storage, job.name)
+    ledger = CheckpointLedger.remote(resumes_from)
     trainer = TorchTrainer(
         train_worker,
         datasets=datasets,
@@ -545,7 +547,7 @@ def run_pretraining(
             worker_runtime_env={"env_vars": forwarded_env() | COMPUTE_PRIORITY},
             callbacks=[
                 StopOnUnrecoverable(
-                    latest_checkpoint(storage, job.name), "" if storage.is_local else "s3://"
+                    resumes_from, "" if storage.is_local else "s3://", ledger=ledger
                 ),
                 *(callbacks or []),
             ],
@@ -558,7 +560,11 @@ def run_pretraining(
             raise result.error
     except BaseException as exc:
         interrupted = not isinstance(exc, Exception)  # Ctrl-C, SIGTERM (ray job stop)
-        message = "interrupted" if interrupted else failure_message(exc, storage, job.name)
+        message = (
+            "interrupted"
+            if interrupted
+            else failure_message(exc, storage, job.name, _ledger_latest(ledger))
+        )
         logger.set_tag(ERROR_TAG, message)
         logger.end("KILLED" if interrupted else "FAILED")
         if interrupted:
@@ -590,8 +596,21 @@ def latest_checkpoint(storage: Storage, name: str) -> str | None:
     )
 
 
-def failure_message(exc: BaseException, storage: Storage, name: str) -> str:
+def _ledger_latest(ledger: Any) -> str | None:
+    """The ledger's checkpoint; None when it cannot answer (its node is gone)."""
+    try:
+        return ray.get(ledger.latest.remote(), timeout=30)
+    except (ray.exceptions.RayError, TimeoutError):
+        return None
+
+
+def failure_message(
+    exc: BaseException, storage: Storage, name: str, last: str | None = None
+) -> str:
     """One line for a pre-training that ended with `exc`: the cause and the last checkpoint.
+
+    `last` is the latest complete checkpoint as the run's `CheckpointLedger` saw it; when it
+    has none, Ray's own record in `storage` is read (it may be down: that is often the cause).
 
     Ray Train reports an unrecoverable worker error (see `dupr_platform.failures`) and a failed
     write of its own state as controller errors, worker errors that exhausted `max_failures`
@@ -614,7 +633,7 @@ def failure_message(exc: BaseException, storage: Storage, name: str) -> str:
     text = _first_line(cause) if not isinstance(cause, StorageError) else str(cause)
     if isinstance(exc, ray.exceptions.ActorDiedError):
         text = "the run could not start: " + _first_line(exc)
-    last = latest_checkpoint(storage, name)
+    last = last or latest_checkpoint(storage, name)
     return (
         f"{text}; last complete checkpoint: {last or 'none'}; once the cause is fixed, the "
         "same command resumes from it"
