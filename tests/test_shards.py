@@ -322,7 +322,7 @@ def test_cli_prints_the_summary(
     folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     dest = tmp_path / "shards"
-    assert main([str(folder), str(dest), "--images-per-shard", "16"]) == 0
+    assert main([str(folder), str(dest), "--images-per-shard", "16", "--single-process"]) == 0
     out = capsys.readouterr().out
     assert f"{NUM_IMAGES} images in 2 shards" in out and "skipped: 1" in out and CORRUPT in out
 

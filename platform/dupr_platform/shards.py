@@ -11,10 +11,19 @@ Layout under the destination prefix::
     part-00000.parquet ...   columns id (string), image (binary)[, label (int32)]
     labels.json              class names, position = label (only with labels=True)
     _index.json              written last: shards, per-shard row-group sizes, total, skips
+    _manifests/part-*.json   while a build runs: one per finished shard (removed at commit)
 
-The index is the commit point: it is written with one atomic PUT (S3) or rename (local) after
-every shard is complete, and readers refuse a prefix without it. Files that do not decode are
-skipped and listed in the index, never fatal.
+Shard N holds the decodable images among positions [N * images_per_shard, (N + 1) *
+images_per_shard) of the sorted source listing, so the assignment depends only on the listing
+and any process can write any shard: ``python -m dupr_platform.shards SRC DEST`` writes them in
+parallel Ray tasks across a cluster (``--single-process`` in one process). Each shard appears
+whole (a temp file renamed, or one S3 upload), then its manifest (files, rows, row groups, bytes,
+skips and a fingerprint of its inputs) commits it; a rerun after an interruption keeps every
+shard whose manifest matches and whose file has the recorded size, and writes the rest.
+
+The index is the commit point of the whole set: it is written with one atomic PUT (S3) or
+rename (local) after every shard is complete, and readers refuse a prefix without it. Files
+that do not decode are skipped and listed in the index, never fatal.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import argparse
 import bisect
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -45,7 +55,9 @@ from PIL import Image
 # Shard rows decode exactly as image files do; tests replace `decode_image` to simulate crashes.
 from dupr.data.folder import IMAGE_EXTENSIONS, ImageDecodeError
 from dupr.data.folder import decode_rgb as decode_image
-from dupr_platform.storage import Storage, StorageError, open_storage
+from dupr.io import TEMP_SUFFIX, write_atomically
+from dupr_platform.progress import Progress
+from dupr_platform.storage import Storage, StorageError, check_storage, open_storage
 from dupr_platform.text import one_line
 
 __all__ = [
@@ -57,9 +69,12 @@ __all__ = [
     "ShardIndex",
     "ShardIndexError",
     "ShardInfo",
+    "ShardPlan",
     "ShardRecord",
     "decode_image",
+    "plan_shards",
     "prepare_shards",
+    "write_shards",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,6 +83,7 @@ FORMAT = "dupr-parquet-images"
 SCHEMA_VERSION = 1
 INDEX_NAME = "_index.json"
 LABELS_NAME = "labels.json"
+MANIFEST_DIR = "_manifests"  # one JSON per finished shard while a build is in progress
 _SHARD_RE = re.compile(r"^part-\d{5,}\.parquet$")
 
 T = TypeVar("T")
@@ -298,7 +314,7 @@ def _list_source(storage: Storage) -> list[_SourceFile]:
     return files
 
 
-def _fingerprint(files: list[_SourceFile]) -> str:
+def _fingerprint(files: Iterable[_SourceFile]) -> str:
     """Changes when a file is added, removed, resized or rewritten, so re-runs notice it."""
     digest = hashlib.sha256()
     for f in files:
@@ -323,75 +339,219 @@ def _ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iter
                 future.cancel()
 
 
-class _ShardWriter:
-    """Streams rows into ``part-NNNNN.parquet`` files, one row group per ``row_group_size`` rows."""
+@dataclass(frozen=True)
+class _Chunk:
+    """The source files of one shard: ``part-NNNNN.parquet`` holds the decodable ones among
+    listing positions ``[N * images_per_shard, (N + 1) * images_per_shard)``, so the same
+    listing gives the same assignment whichever process writes the shard, and a resumed run
+    knows which shards it still lacks."""
 
-    def __init__(self, dest: Storage, labels: bool, images_per_shard: int, row_group_size: int):
-        self.dest, self.schema = dest, _schema(labels)
-        self.images_per_shard, self.row_group_size = images_per_shard, row_group_size
-        self.shards: list[ShardInfo] = []
-        self._rows: list[tuple[str, bytes, int]] = []
-        self._groups: list[int] = []
-        self._out: Any = None
-        self._writer: pq.ParquetWriter | None = None
+    number: int
+    files: tuple[_SourceFile, ...]
+    labels: tuple[int, ...]  # -1 each without labels
+    fingerprint: str  # of the files, their labels and the settings that shape the shard
 
-    def add(self, image_id: str, data: bytes, label: int) -> None:
-        self._rows.append((image_id, data, label))
-        in_shard = sum(self._groups) + len(self._rows)
-        if len(self._rows) == self.row_group_size or in_shard == self.images_per_shard:
-            self._flush_group()
-        if sum(self._groups) == self.images_per_shard:
-            self._close_shard()
+    @property
+    def name(self) -> str:
+        return f"part-{self.number:05d}.parquet"
 
-    def finish(self) -> list[ShardInfo]:
-        self._flush_group()
-        self._close_shard()
-        return self.shards
+    @property
+    def manifest(self) -> str:
+        return f"{MANIFEST_DIR}/{self.name}.json"
 
-    def _flush_group(self) -> None:
-        if not self._rows:
-            return
-        if self._writer is None:
-            name = f"part-{len(self.shards):05d}.parquet"
-            self._out = self.dest.filesystem.open_output_stream(self.dest.join(name))
-            self._writer = pq.ParquetWriter(
-                self._out,
-                self.schema,
+
+@dataclass
+class ShardPlan:
+    """What ``write_shards`` will do, decided before any image is read or Ray is started, so
+    that bad input (no source, no images, an unwritable destination) fails first."""
+
+    source: Storage
+    dest: Storage
+    images_per_shard: int
+    row_group_size: int
+    labels: bool
+    source_fingerprint: str
+    chunks: list[_Chunk]
+    classes: list[str] | None = None
+    skipped: list[dict[str, str]] = field(default_factory=list)  # known before reading
+    up_to_date: ShardIndex | None = None  # a complete index for the same input: nothing to do
+
+    @property
+    def num_files(self) -> int:
+        return sum(len(c.files) for c in self.chunks)
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ShardError(f"{name} must be a positive integer, got {value!r}")
+
+
+def plan_shards(
+    source: str,
+    dest: str,
+    images_per_shard: int = 1000,
+    row_group_size: int = 64,
+    labels: bool = False,
+) -> ShardPlan:
+    """List ``source``, check ``dest`` and split the listing into shards; reads no image.
+
+    Raises a one-line ``ShardError`` for a missing source, one without images, or a
+    destination that cannot be created or written.
+    """
+    _check_positive(images_per_shard=images_per_shard, row_group_size=row_group_size)
+    src = _open_source(source)
+    files = _list_source(src)
+    fingerprint = _fingerprint(files)
+    try:
+        out = open_storage(dest)
+    except StorageError as exc:
+        raise ShardError(f"dest: {exc}") from None
+    plan = ShardPlan(src, out, images_per_shard, row_group_size, labels, fingerprint, chunks=[])
+
+    if out.exists(INDEX_NAME):
+        try:
+            old: ShardIndex | None = ShardIndex.load(out)
+        except ShardIndexError as exc:
+            log.warning("rebuilding: %s", exc)
+            old = None
+        if old is not None and old.source == src.uri and _is_complete(out, old):
+            same = (
+                old.source_fingerprint == fingerprint
+                and old.images_per_shard == images_per_shard
+                and old.row_group_size == row_group_size
+                and old.labels == labels
+            )
+            if same:
+                plan.up_to_date = old
+                return plan
+        log.info("shards at %s are stale or incomplete; rebuilding", out.uri)
+    try:
+        check_storage(out)
+    except StorageError as exc:
+        raise ShardError(f"dest: {exc}") from None
+
+    class_of: dict[str, int] = {}
+    if labels:
+        plan.classes = sorted({f.id.split("/")[0] for f in files if "/" in f.id})
+        class_of = {name: k for k, name in enumerate(plan.classes)}
+        plan.skipped = [
+            {"id": f.id, "reason": "not inside a class folder (labels=True)"}
+            for f in files
+            if "/" not in f.id
+        ]
+        files = [f for f in files if "/" in f.id]
+        if not plan.classes:
+            raise ShardError(f"source {src.uri} has no class folders (labels=True)")
+    settings = f"{SCHEMA_VERSION}\0{images_per_shard}\0{row_group_size}\0{labels}\n"
+    for number, start in enumerate(range(0, len(files), images_per_shard)):
+        part = tuple(files[start : start + images_per_shard])
+        part_labels = tuple(class_of.get(f.id.split("/")[0], -1) for f in part)
+        digest = hashlib.sha256(settings.encode())
+        digest.update(_fingerprint(part).encode())
+        digest.update(repr(part_labels).encode())
+        plan.chunks.append(_Chunk(number, part, part_labels, digest.hexdigest()))
+    return plan
+
+
+def _write_chunk(
+    source: Storage,
+    dest: Storage,
+    chunk: _Chunk,
+    row_group_size: int,
+    labels: bool,
+    read_threads: int = 4,
+    decode_threads: int = 1,
+) -> dict[str, Any]:
+    """Write one shard whole (local: temp file + rename; S3: one upload), then its manifest.
+
+    Every file is read (``read_threads`` overlap object-store latency) and fully decoded
+    (``decode_threads``, the CPU cost) so undecodable ones are skipped and listed instead of
+    failing a training run later. The manifest, written last, is the shard's commit point.
+    """
+    schema = _schema(labels)
+    skipped: list[dict[str, str]] = []
+
+    def read(item: tuple[_SourceFile, int]) -> tuple[_SourceFile, int, bytes]:
+        f, label = item
+        try:
+            with source.filesystem.open_input_stream(f.path) as stream:
+                return f, label, stream.read()
+        except OSError as exc:
+            raise ShardError(f"cannot read {source.uri_for(f.id)}: {one_line(exc)}") from None
+
+    def check(item: tuple[_SourceFile, int, bytes]) -> tuple[_SourceFile, int, bytes, str | None]:
+        f, label, data = item
+        try:
+            decode_image(data, f.id)
+        except ImageDecodeError as exc:
+            return f, label, data, exc.reason
+        return f, label, data, None
+
+    def tables() -> Iterator[pa.Table]:
+        fetched = _ordered_map(read, zip(chunk.files, chunk.labels, strict=True), read_threads)
+        checked = (
+            _ordered_map(check, fetched, decode_threads)
+            if decode_threads > 1
+            else map(check, fetched)
+        )
+        rows: list[tuple[str, bytes, int]] = []
+        for f, label, data, error in checked:
+            if error is not None:
+                log.warning("skipping undecodable image %s: %s", source.uri_for(f.id), error)
+                skipped.append({"id": f.id, "reason": error})
+                continue
+            rows.append((f.id, data, label))
+            if len(rows) == row_group_size:
+                yield _table(rows, schema)
+                rows = []
+        if rows:
+            yield _table(rows, schema)
+
+    groups: list[int] = []
+    parts = tables()
+    first = next(parts, None)
+    size = 0
+    if first is not None:
+
+        def write(sink: Any) -> None:
+            with pq.ParquetWriter(
+                sink,
+                schema,
                 compression="none",  # images are already compressed; ids are tiny
                 use_dictionary=False,
                 write_statistics=False,  # min/max of image blobs would only bloat the footer
-            )
-        columns: dict[str, list[Any]] = {
-            "id": [r[0] for r in self._rows],
-            "image": [r[1] for r in self._rows],
-        }
-        if "label" in self.schema.names:
-            columns["label"] = [r[2] for r in self._rows]
-        table = pa.Table.from_pydict(columns, schema=self.schema)
-        self._writer.write_table(table, row_group_size=len(self._rows))
-        self._groups.append(len(self._rows))
-        self._rows = []
+            ) as writer:
+                for table in itertools.chain([first], parts):
+                    writer.write_table(table, row_group_size=table.num_rows)
+                    groups.append(table.num_rows)
 
-    def _close_shard(self) -> None:
-        if self._writer is None:
-            return
-        self._writer.close()
-        size = self._out.tell()
-        self._out.close()
-        name = f"part-{len(self.shards):05d}.parquet"
-        self.shards.append(ShardInfo(name, sum(self._groups), tuple(self._groups), size))
-        log.info("wrote %s (%d images)", self.dest.uri_for(name), sum(self._groups))
-        self._writer, self._out, self._groups = None, None, []
+        path = dest.join(chunk.name)
+        if dest.is_local:
+            write_atomically(path, write)
+        else:  # an S3 object appears when its (multipart) upload completes
+            with dest.filesystem.open_output_stream(path) as out:
+                write(out)
+        size = dest.filesystem.get_file_info(path).size or 0
+        log.info("wrote %s (%d images)", dest.uri_for(chunk.name), sum(groups))
+    manifest = {
+        "path": chunk.name,
+        "rows": sum(groups),
+        "row_groups": groups,
+        "bytes": size,
+        "files": len(chunk.files),
+        "skipped": skipped,
+        "fingerprint": chunk.fingerprint,
+    }
+    dest.write_json(chunk.manifest, manifest)
+    return manifest
 
-    def abort(self) -> None:
-        """Close an open file after a failure; the missing index keeps readers away from it."""
-        if self._writer is not None:
-            try:
-                self._writer.close()
-                self._out.close()
-            except Exception:  # already failing: the original error matters
-                pass
-            self._writer = self._out = None
+
+def _table(rows: list[tuple[str, bytes, int]], schema: pa.Schema) -> pa.Table:
+    columns: dict[str, list[Any]] = {"id": [r[0] for r in rows], "image": [r[1] for r in rows]}
+    if "label" in schema.names:
+        columns["label"] = [r[2] for r in rows]
+    return pa.Table.from_pydict(columns, schema=schema)
 
 
 def _is_complete(dest: Storage, index: ShardIndex) -> bool:
@@ -407,6 +567,188 @@ def _is_complete(dest: Storage, index: ShardIndex) -> bool:
     )
 
 
+def _complete_chunks(plan: ShardPlan) -> dict[int, dict[str, Any]]:
+    """Manifests of shards an interrupted run finished for this very plan: the same files,
+    labels and settings (fingerprint), and the shard file present with the recorded size."""
+    out = plan.dest
+    present = set(out.list(MANIFEST_DIR))
+    chunks = [c for c in plan.chunks if f"{c.name}.json" in present]
+
+    def read(chunk: _Chunk) -> dict[str, Any] | None:
+        try:
+            manifest = out.read_json(chunk.manifest)
+        except (OSError, ValueError):
+            return None
+        ok = (
+            isinstance(manifest, dict)
+            and manifest.get("fingerprint") == chunk.fingerprint
+            and manifest.get("path") == chunk.name
+            and isinstance(manifest.get("rows"), int)
+        )
+        return manifest if ok else None
+
+    found: dict[int, dict[str, Any]] = {}
+    for chunk, manifest in zip(chunks, _ordered_map(read, chunks, 16), strict=True):
+        if manifest is not None:
+            found[chunk.number] = manifest
+    with_rows = [(n, m) for n, m in found.items() if m["rows"] > 0]
+    infos = out.filesystem.get_file_info([out.join(m["path"]) for _, m in with_rows])
+    for (number, manifest), info in zip(with_rows, infos, strict=True):
+        if info.type != pafs.FileType.File or info.size != manifest["bytes"]:
+            del found[number]
+    return found
+
+
+def write_shards(
+    plan: ShardPlan,
+    *,
+    workers: int = 4,
+    parallel: bool = False,
+    cpus_per_task: float = 1.0,
+    read_threads: int = 4,
+    progress: bool = False,
+    progress_every_s: float = 10.0,
+) -> ShardIndex:
+    """Write the shards a plan lacks, then the index (the commit point); return the index.
+
+    ``parallel``: one Ray task per shard (``cpus_per_task`` CPUs each) on the cluster this
+    process is connected to (or a local instance Ray starts); else in this process with
+    ``workers`` threads. Shards a run finished before an interruption (their manifests match)
+    are kept; the result is the same either way. ``progress`` prints images/s to stdout.
+    """
+    _check_positive(workers=workers, read_threads=read_threads)
+    if plan.up_to_date is not None:
+        log.info("shards at %s are up to date; nothing to do", plan.dest.uri)
+        return plan.up_to_date
+    out = plan.dest
+    if out.exists(INDEX_NAME):
+        # Withdraw the old index first: readers must fail clearly, not mix old and new shards.
+        out.filesystem.delete_file(out.join(INDEX_NAME))
+    done = _complete_chunks(plan)
+    todo = [c for c in plan.chunks if c.number not in done]
+    files_done = sum(m["files"] for m in done.values())
+    if done:
+        log.info("resuming: %d of %d shards already complete", len(done), len(plan.chunks))
+    meter = None
+    if progress:
+        meter = Progress("shards", plan.num_files, "images", progress_every_s, done=files_done)
+        if done:
+            print(f"[shards] {len(done)} of {len(plan.chunks)} shards already complete: kept")
+        meter.update(files_done)
+
+    def finished(manifest: dict[str, Any], chunk: _Chunk) -> None:
+        nonlocal files_done
+        done[chunk.number] = manifest
+        files_done += manifest["files"]
+        if meter is not None:
+            meter.update(files_done, {"shards": len(done)})
+
+    if parallel:
+        _write_on_ray(plan, todo, finished, cpus_per_task, read_threads)
+    else:
+        for chunk in todo:
+            args = (plan.row_group_size, plan.labels, workers, workers)
+            finished(_write_chunk(plan.source, out, chunk, *args), chunk)
+    return _commit(plan, [done[c.number] for c in plan.chunks])
+
+
+def _write_on_ray(
+    plan: ShardPlan,
+    todo: list[_Chunk],
+    finished: Callable[[dict[str, Any], _Chunk], None],
+    cpus_per_task: float,
+    read_threads: int,
+) -> None:
+    """One Ray task per shard, a bounded number in flight; a failed task stops the run (the
+    shards already finished stay committed by their manifests)."""
+    import ray
+
+    from dupr_platform.cluster import COMPUTE_PRIORITY, forwarded_env
+
+    task = ray.remote(_write_chunk).options(
+        num_cpus=cpus_per_task,
+        max_retries=3,  # a lost worker or node: a shard is rewritten whole, so retrying is safe
+        runtime_env={"env_vars": forwarded_env() | COMPUTE_PRIORITY},
+    )
+    decode_threads = max(1, round(cpus_per_task))
+    window = max(2, int(2 * ray.cluster_resources().get("CPU", 1) / cpus_per_task))
+    queue = iter(todo)
+    pending: dict[Any, _Chunk] = {}
+    try:
+        while True:
+            while len(pending) < window and (chunk := next(queue, None)) is not None:
+                ref = task.remote(
+                    plan.source,
+                    plan.dest,
+                    chunk,
+                    plan.row_group_size,
+                    plan.labels,
+                    read_threads,
+                    decode_threads,
+                )
+                pending[ref] = chunk
+            if not pending:
+                return
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                chunk = pending.pop(ref)
+                try:
+                    manifest = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:
+                    if isinstance(exc.cause, ShardError):  # one line, as in a single process
+                        raise ShardError(str(exc.cause)) from None
+                    raise
+                finished(manifest, chunk)
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
+
+
+def _commit(plan: ShardPlan, manifests: list[dict[str, Any]]) -> ShardIndex:
+    """Write labels and the index, the commit point, once every shard is complete."""
+    out = plan.dest
+    shards = [
+        ShardInfo(m["path"], int(m["rows"]), tuple(m["row_groups"]), int(m["bytes"]))
+        for m in manifests
+        if m["rows"] > 0
+    ]
+    skipped = plan.skipped + [s for m in manifests for s in m["skipped"]]
+    total = sum(s.rows for s in shards)
+    if total == 0:
+        first = f" (first: {skipped[0]['id']}: {skipped[0]['reason']})" if skipped else ""
+        raise ShardError(
+            f"source {plan.source.uri}: none of {len(skipped)} image files decode{first}"
+        )
+
+    # Shards of an earlier, larger build (and temp files of killed writers) would linger.
+    keep = {s.path for s in shards}
+    for name in out.list():
+        stale = _SHARD_RE.match(name) and name not in keep
+        if stale or (name.startswith(".part-") and name.endswith(TEMP_SUFFIX)):
+            out.filesystem.delete_file(out.join(name))
+    if plan.labels:
+        out.write_json(LABELS_NAME, plan.classes)
+    elif out.exists(LABELS_NAME):
+        out.filesystem.delete_file(out.join(LABELS_NAME))
+
+    index = ShardIndex(
+        source=plan.source.uri,
+        source_fingerprint=plan.source_fingerprint,
+        images_per_shard=plan.images_per_shard,
+        row_group_size=plan.row_group_size,
+        labels=plan.labels,
+        total=total,
+        shards=shards,
+        skipped=skipped,
+        classes=plan.classes,
+    )
+    out.write_json(INDEX_NAME, index.to_json())  # last: the commit point
+    out.delete(MANIFEST_DIR, recursive=True)  # the index now records every shard
+    index.uri = out.uri_for(INDEX_NAME)
+    log.info("wrote %s: %d images, %d skipped", index.uri, total, len(skipped))
+    return index
+
+
 def prepare_shards(
     source: str,
     dest: str,
@@ -414,111 +756,22 @@ def prepare_shards(
     row_group_size: int = 64,
     labels: bool = False,
     workers: int = 4,
+    *,
+    parallel: bool = False,
+    progress: bool = False,
 ) -> ShardIndex:
     """Pack the image files under ``source`` into Parquet shards under ``dest``; return the index.
 
     ``source`` and ``dest`` are local folders or ``s3://bucket/prefix``. Every file is read and
-    fully decoded once (by ``workers`` threads) so that undecodable ones are skipped and listed
-    in the index instead of failing a training run later. With ``labels``, each image's label is
-    the position of its first-level folder name in the sorted class list (``labels.json``).
-    A complete index for the same source contents and settings is returned without rewriting.
+    fully decoded once so that undecodable ones are skipped and listed in the index instead of
+    failing a training run later. With ``labels``, each image's label is the position of its
+    first-level folder name in the sorted class list (``labels.json``). A complete index for
+    the same source contents and settings is returned without rewriting; an interrupted run
+    resumes, keeping the shards it finished. ``parallel`` writes them in Ray tasks
+    (``plan_shards`` and ``write_shards`` separate the checks from the work).
     """
-    for name, value in (
-        ("images_per_shard", images_per_shard),
-        ("row_group_size", row_group_size),
-        ("workers", workers),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    src = _open_source(source)
-    files = _list_source(src)
-    fingerprint = _fingerprint(files)
-    try:
-        out = open_storage(dest)
-    except StorageError as exc:
-        raise ShardError(f"dest: {exc}") from None
-
-    wanted = dict(
-        source=src.uri,
-        source_fingerprint=fingerprint,
-        images_per_shard=images_per_shard,
-        row_group_size=row_group_size,
-        labels=labels,
-    )
-    if out.exists(INDEX_NAME):
-        try:
-            old = ShardIndex.load(out)
-        except ShardIndexError as exc:
-            log.warning("rebuilding: %s", exc)
-            old = None
-        if old is not None:
-            same = all(getattr(old, key) == value for key, value in wanted.items())
-            if same and _is_complete(out, old):
-                log.info("shards at %s are up to date; nothing to do", out.uri)
-                return old
-            log.info("shards at %s are stale or incomplete; rebuilding", out.uri)
-        # Withdraw the old index first: readers must fail clearly, not mix old and new shards.
-        out.filesystem.delete_file(out.join(INDEX_NAME))
-
-    classes: list[str] | None = None
-    class_of: dict[str, int] = {}
-    skipped: list[dict[str, str]] = []
-    if labels:
-        classes = sorted({f.id.split("/")[0] for f in files if "/" in f.id})
-        class_of = {name: k for k, name in enumerate(classes)}
-        for f in files:
-            if "/" not in f.id:
-                skipped.append({"id": f.id, "reason": "not inside a class folder (labels=True)"})
-        files = [f for f in files if "/" in f.id]
-        if not classes:
-            raise ShardError(f"source {src.uri} has no class folders (labels=True)")
-
-    def read_and_check(f: _SourceFile) -> tuple[_SourceFile, bytes, str | None]:
-        try:
-            with src.filesystem.open_input_stream(f.path) as stream:
-                data = stream.read()
-        except OSError as exc:
-            raise ShardError(f"cannot read {src.uri_for(f.id)}: {one_line(exc)}") from None
-        try:
-            decode_image(data, f.id)
-        except ImageDecodeError as exc:
-            return f, data, exc.reason
-        return f, data, None
-
-    writer = _ShardWriter(out, labels, images_per_shard, row_group_size)
-    try:
-        for f, data, error in _ordered_map(read_and_check, files, workers):
-            if error is not None:
-                log.warning("skipping undecodable image %s: %s", src.uri_for(f.id), error)
-                skipped.append({"id": f.id, "reason": error})
-                continue
-            writer.add(f.id, data, class_of.get(f.id.split("/")[0], -1))
-        shards = writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
-    total = sum(s.rows for s in shards)
-    if total == 0:
-        first = f" (first: {skipped[0]['id']}: {skipped[0]['reason']})" if skipped else ""
-        raise ShardError(f"source {src.uri}: none of {len(skipped)} image files decode{first}")
-
-    # Shards of an earlier, larger build would otherwise linger next to the new ones.
-    keep = {s.path for s in shards}
-    for name in out.list():
-        if _SHARD_RE.match(name) and name not in keep:
-            out.filesystem.delete_file(out.join(name))
-    if labels:
-        out.write_json(LABELS_NAME, classes)
-    elif out.exists(LABELS_NAME):
-        out.filesystem.delete_file(out.join(LABELS_NAME))
-
-    index = ShardIndex(
-        **wanted, total=total, shards=shards, skipped=skipped, classes=classes, uri=""
-    )
-    out.write_json(INDEX_NAME, index.to_json())  # last: the commit point
-    index.uri = out.uri_for(INDEX_NAME)
-    log.info("wrote %s: %d images, %d skipped", index.uri, total, len(skipped))
-    return index
+    plan = plan_shards(source, dest, images_per_shard, row_group_size, labels)
+    return write_shards(plan, workers=workers, parallel=parallel, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------
@@ -682,34 +935,57 @@ class ParquetImageDataset(torch.utils.data.Dataset):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: checks (exit status 2, one line) before Ray starts, then the work."""
     parser = argparse.ArgumentParser(
         prog="python -m dupr_platform.shards",
-        description="Pack an image folder (local or s3://) into Parquet shards (local or s3://).",
+        description="Pack an image folder (local or s3://) into Parquet shards (local or s3://), "
+        "in parallel Ray tasks on the cluster in RAY_ADDRESS or a local Ray instance. "
+        "Run it again after an interruption: finished shards are kept.",
     )
     parser.add_argument("source", help="folder or s3://bucket/prefix of image files")
     parser.add_argument("dest", help="folder or s3://bucket/prefix for the shards")
     parser.add_argument("--images-per-shard", type=int, default=1000)
     parser.add_argument("--row-group-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=4, help="reader/decoder threads")
     parser.add_argument(
         "--labels", action="store_true", help="label = first-level folder (class) name"
     )
+    parser.add_argument(
+        "--single-process", action="store_true", help="one process with threads, without Ray"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=4, help="reader/decoder threads of --single-process"
+    )
+    parser.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs per Ray task")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        index = prepare_shards(
+
+    from dupr_platform.cli import run_cli  # it imports this module
+    from dupr_platform.cluster import start_ray
+
+    def load() -> ShardPlan:
+        if args.cpus_per_task <= 0:
+            raise ShardError(f"--cpus-per-task must be > 0, got {args.cpus_per_task}")
+        return plan_shards(
             args.source,
             args.dest,
             images_per_shard=args.images_per_shard,
             row_group_size=args.row_group_size,
             labels=args.labels,
-            workers=args.workers,
         )
-    except (ShardError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(index.summary())
-    return 0
+
+    def run(plan: ShardPlan) -> None:
+        parallel = not args.single_process and plan.up_to_date is None
+        if parallel:
+            start_ray("shards")
+        index = write_shards(
+            plan,
+            workers=args.workers,
+            parallel=parallel,
+            cpus_per_task=args.cpus_per_task,
+            progress=True,
+        )
+        print(index.summary(), flush=True)
+
+    return run_cli(load, run, lambda plan: "shards")
 
 
 if __name__ == "__main__":
