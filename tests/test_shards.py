@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +26,7 @@ from dupr_platform import shards as shards_module
 from dupr_platform.shards import (
     INDEX_NAME,
     LABELS_NAME,
+    MANIFEST_DIR,
     ParquetImageDataset,
     ShardError,
     ShardIndex,
@@ -64,12 +70,24 @@ def _one_line(excinfo: pytest.ExceptionInfo, *fragments: str) -> str:
     return message
 
 
+def _stamp(path: Path) -> tuple[int, int]:
+    """Inode and modification time: a file rewritten (even atomically) gets new ones."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns
+
+
 def _upload(endpoint: str, bucket: str, root: Path, prefix: str) -> None:
     client = s3_client(endpoint)
     for path in sorted(root.rglob("*")):
         if path.is_file():
             key = f"{prefix}/{path.relative_to(root).as_posix()}"
             client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+
+
+def _objects(endpoint: str, bucket: str, prefix: str) -> list[str]:
+    """Keys under ``prefix`` but the empty "folder/" markers pyarrow leaves when it deletes
+    (here: the shard manifests at commit)."""
+    return [key for key in list_keys(endpoint, bucket, prefix) if not key.endswith("/")]
 
 
 def _assert_same_images(shards: ParquetImageDataset, folder_ds: ImageFolderDataset) -> None:
@@ -178,9 +196,19 @@ def test_index_is_the_commit_point(
         ParquetImageDataset(str(dest))
     _one_line(excinfo, "no shard index", str(dest / INDEX_NAME), "did not finish")
 
+    # Shards 0 and 1 (16 decodes) were complete before the crash: the rerun keeps them.
+    assert sorted(p.name for p in (dest / MANIFEST_DIR).iterdir()) == [
+        "part-00000.parquet.json",
+        "part-00001.parquet.json",
+    ]
+    kept = {name: _stamp(dest / name) for name in ("part-00000.parquet", "part-00001.parquet")}
     monkeypatch.setattr(shards_module, "decode_image", real_decode)
-    prepare_shards(str(folder), str(dest), **SMALL)
+    assert prepare_shards(str(folder), str(dest), **SMALL) == prepare_shards(
+        str(folder), str(tmp_path / "reference"), **SMALL
+    )
+    assert {name: _stamp(dest / name) for name in kept} == kept
     assert len(ParquetImageDataset(str(dest))) == NUM_IMAGES
+    assert not (dest / MANIFEST_DIR).exists()  # the index records every shard now
     (dest / INDEX_NAME).unlink()  # deleting the index withdraws the whole set
     with pytest.raises(ShardIndexError) as excinfo:
         ParquetImageDataset(str(dest))
@@ -318,17 +346,42 @@ def test_labels_mode(clean_folder: Path, tmp_path: Path) -> None:
     assert ParquetImageDataset(str(dest)).record(0).label is None
 
 
-def test_cli_prints_the_summary(
+def test_cli_prints_progress_and_the_summary(
     folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     dest = tmp_path / "shards"
     assert main([str(folder), str(dest), "--images-per-shard", "16", "--single-process"]) == 0
     out = capsys.readouterr().out
     assert f"{NUM_IMAGES} images in 2 shards" in out and "skipped: 1" in out and CORRUPT in out
+    last = [line for line in out.splitlines() if line.startswith("[shards] images")][-1]
+    assert last.startswith(f"[shards] images {NUM_IMAGES + 1}/{NUM_IMAGES + 1} (100%) · ")
+    assert " images/s · shards 2 · " in last, last
 
-    assert main([str(tmp_path / "missing"), str(dest)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: source") and "missing" in err and "\n" not in err
+
+def test_cli_bad_input_is_one_line_and_status_2_before_ray_starts(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ray
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    cases = [
+        ([str(tmp_path / "missing"), str(tmp_path / "out")], ["error: source", "missing"]),
+        ([str(empty), str(tmp_path / "out")], ["error: source", str(empty), "no image files"]),
+        ([str(folder), str(a_file / "shards")], ["error: dest", str(a_file / "shards")]),
+        ([str(folder), str(tmp_path / "out"), "--images-per-shard", "0"], ["images_per_shard"]),
+        ([str(folder), str(tmp_path / "out"), "--cpus-per-task", "0"], ["--cpus-per-task"]),
+    ]
+    for argv, fragments in cases:
+        assert main(argv) == 2, argv  # without --single-process: Ray would start next
+        captured = capsys.readouterr()
+        err = captured.err.strip()
+        assert "\n" not in err and "Traceback" not in err and not captured.out, err
+        assert err.startswith("error: ") and all(f in err for f in fragments), err
+    assert not ray.is_initialized()
 
 
 def test_s3_source_and_s3_dest(s3_env, folder: Path, tmp_path: Path) -> None:
@@ -343,7 +396,7 @@ def test_s3_source_and_s3_dest(s3_env, folder: Path, tmp_path: Path) -> None:
     index = prepare_shards(source, dest, **SMALL)
     assert index.source == source and index.total == NUM_IMAGES
     assert [s["id"] for s in index.skipped] == [CORRUPT]
-    assert list_keys(endpoint, bucket, "shards/") == [f"shards/v1/{INDEX_NAME}"] + [
+    assert _objects(endpoint, bucket, "shards/") == [f"shards/v1/{INDEX_NAME}"] + [
         f"shards/v1/part-0000{k}.parquet" for k in range(4)
     ]
     dataset = ParquetImageDataset(dest)
@@ -378,3 +431,112 @@ def test_s3_source_and_s3_dest(s3_env, folder: Path, tmp_path: Path) -> None:
     with pytest.raises(ShardError) as excinfo:
         prepare_shards(f"s3://{bucket}/no/such/prefix", f"s3://{bucket}/out")
     _one_line(excinfo, f"s3://{bucket}/no/such/prefix", "no image files")
+
+
+# --------------------------------------------------------------------------------------------
+# Parallel preparation in Ray tasks (slow: they start Ray)
+
+KILLED_DRIVER = """
+import os, signal, sys
+import ray
+from dupr_platform import progress, shards
+
+real_update = progress.Progress.update
+
+def update(self, done, metrics=None):
+    real_update(self, done, metrics)
+    if metrics and metrics["shards"] >= 3:  # the driver dies mid-run, as with a lost head node
+        os.kill(os.getpid(), signal.SIGKILL)
+
+progress.Progress.update = update
+ray.init(address="local", num_cpus=2, include_dashboard=False)
+sys.exit(shards.main(sys.argv[1:]))
+"""
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes of the session ``sid``: a driver started with a new session and its Ray."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        if int(fields[3]) == sid:  # state, ppid, pgrp, session
+            pids.append(int(entry))
+    return pids
+
+
+def _kill_session(sid: int) -> None:
+    for pid in _session_pids(sid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while _session_pids(sid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _session_pids(sid)
+
+
+def test_ray_tasks_write_what_one_process_writes(
+    local_ray, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    single = prepare_shards(str(folder), str(tmp_path / "single"), **SMALL)
+    capsys.readouterr()
+    parallel = prepare_shards(
+        str(folder), str(tmp_path / "ray"), **SMALL, parallel=True, progress=True
+    )
+    assert parallel == single  # ids and their order, row groups, skips: the same index
+    for shard in single.shards:  # and byte for byte the same files
+        got = (tmp_path / "ray" / shard.path).read_bytes()
+        assert got == (tmp_path / "single" / shard.path).read_bytes(), shard.path
+    out = capsys.readouterr().out
+    assert f"[shards] images {NUM_IMAGES + 1}/{NUM_IMAGES + 1} (100%)" in out and "images/s" in out
+
+
+def test_ray_tasks_write_to_s3(local_ray, s3_env, clean_folder: Path, tmp_path: Path) -> None:
+    bucket = make_bucket(s3_env.endpoint_url)
+    dest = f"s3://{bucket}/shards"
+    index = prepare_shards(str(clean_folder), dest, **SMALL, parallel=True)
+    assert index == prepare_shards(str(clean_folder), str(tmp_path / "single"), **SMALL)
+    assert _objects(s3_env.endpoint_url, bucket, "shards/") == [f"shards/{INDEX_NAME}"] + [
+        f"shards/part-0000{k}.parquet" for k in range(4)
+    ]
+    _assert_same_images(ParquetImageDataset(dest), ImageFolderDataset(clean_folder))
+
+
+def test_cli_resumes_after_the_driver_is_killed(
+    local_ray, clean_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dest = tmp_path / "shards"
+    argv = [str(clean_folder), str(dest), "--images-per-shard", "4", "--row-group-size", "3"]
+    output = tmp_path / "driver.out"
+    with open(output, "w") as out:
+        driver = subprocess.Popen(
+            [sys.executable, "-c", KILLED_DRIVER, *argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its Ray processes too: all of them are stopped below
+        )
+    try:
+        assert driver.wait(timeout=120) == -signal.SIGKILL, output.read_text()
+    finally:
+        _kill_session(driver.pid)
+    assert "[shards] images 0/30 (0%)" in output.read_text()
+    assert not (dest / INDEX_NAME).exists()
+    finished = sorted(p.name.removesuffix(".json") for p in (dest / MANIFEST_DIR).iterdir())
+    assert 3 <= len(finished) < 8, finished  # 8 shards of 4 images
+    kept = {name: _stamp(dest / name) for name in finished}
+
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"[shards] {len(finished)} of 8 shards already complete: kept" in out
+    assert "[shards] images 30/30 (100%)" in out and "30 images in 8 shards" in out
+    assert {name: _stamp(dest / name) for name in kept} == kept  # not rewritten
+    ref = tmp_path / "reference"
+    reference = prepare_shards(str(clean_folder), str(ref), images_per_shard=4, row_group_size=3)
+    assert ShardIndex.load(open_storage(str(dest))) == reference
+    for shard in reference.shards:
+        assert (dest / shard.path).read_bytes() == (ref / shard.path).read_bytes(), shard.path
