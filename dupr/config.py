@@ -296,3 +296,25 @@ def preset(name: str) -> DUPRConfig:
             optim=OptimConfig(lr=0.01, batch_size=32, epochs=5, warmup_epochs=0.5),
         )
     raise ConfigError(f"preset={name!r}: unknown preset (valid: {', '.join(PRESETS)})")
+
+
+# The paper's pre-training baselines that `baseline_method` derives from a DUPR configuration.
+BASELINES = ("mocov2",)
+
+
+def baseline_method(method: DUPRConfig, name: str) -> DUPRConfig:
+    """Baseline `name` trained like `method`: same backbone, views, data order, bank size,
+    schedule and budget, only the loss differs (the paper's comparison, Tables I–III).
+
+    MoCo v2 is Eq. 2 with the image-level loss on conv5 alone (α = 0, 0, 0, 1; β = 0) at its
+    τ = 0.2. Its learning rate keeps the two recipes' ratio (MoCo v2 0.03, DUPR 0.06 per 256
+    images): DUPR's Eq. 2 sums several weighted losses, so its gradients are larger.
+    """
+    if name not in BASELINES:
+        raise ConfigError(f"{name!r}: unknown baseline method (valid: {', '.join(BASELINES)})")
+    reference, mocov2 = preset("dupr"), preset(name)
+    model = dataclasses.replace(
+        method.model, alpha=mocov2.model.alpha, beta=mocov2.model.beta, tau=mocov2.model.tau
+    )
+    lr = method.optim.lr * mocov2.optim.lr / reference.optim.lr
+    return dataclasses.replace(method, model=model, optim=dataclasses.replace(method.optim, lr=lr))

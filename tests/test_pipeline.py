@@ -209,3 +209,44 @@ def test_a_failed_evaluation_resumes_without_pretraining_again(local_ray, tmp_pa
     third = run_pipeline(cfg_selected)
     assert {r.name: r.status for r in third.reports}["probe/dupr"] == "done"
     assert {r.name: r.status for r in third.reports}["detection/faster_rcnn_fpn/dupr"] == "cached"
+
+
+def test_seeds_and_the_mocov2_baseline_give_results_with_intervals(local_ray, tmp_path, capsys):
+    """`seeds=[0,1]` with the MoCo v2 baseline: both methods pre-trained per seed, every row
+    evaluated per seed, and the tables (console, results.md/.csv, MLflow) show means, intervals
+    and paired differences; the plots are logged. Seed 0's stages are a plain run's."""
+    storage, tracking = str(tmp_path / "storage"), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    kinds = "stages=[pretrain,convert,spatial,correspondence]"  # the cheap evaluations
+    cfg = toy_config("toy-seeds", storage, tracking, kinds, "baselines.pretrain=[mocov2]")
+    result = run_pipeline({**cfg, "seeds": [0, 1]})
+    assert result.ok, [(r.name, r.status, r.error) for r in result.reports]
+    done = {r.name for r in result.reports if r.status == "done"}
+    assert {"pretrain", "pretrain@seed1", "pretrain/mocov2", "pretrain/mocov2@seed1"} <= done
+    assert {"spatial/mocov2@seed1", "correspondence/random@seed1", "spatial/dupr@seed1"} <= done
+    moco = (
+        MlflowClient(tracking)
+        .get_run(result.records["pretrain/mocov2@seed1"]["run_id"])
+        .data.params
+    )
+    assert moco["model.beta"].strip("[]()") == "0.0, 0.0, 0.0, 0.0" and moco["seed"] == "1"
+
+    out = capsys.readouterr().out
+    assert "Mean [95% interval] over 2 seed(s)" in out
+    assert "| mocov2 − dupr |" in out and "| random − dupr |" in out
+    client = MlflowClient(tracking)
+    parent = client.get_run(result.parent_run_id)
+    for init in ("dupr", "mocov2", "random"):
+        low = parent.data.metrics[f"{init}/spatial/slope/ci95_low"]
+        high = parent.data.metrics[f"{init}/spatial/slope/ci95_high"]
+        assert low <= parent.data.metrics[f"{init}/spatial/slope"] <= high
+    files = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"results.md", "results.csv", "iou_similarity.png"} <= files
+    rows = client.download_artifacts(result.parent_run_id, "results.csv", str(tmp_path))
+    text = Path(rows).read_text()
+    assert text.startswith("init,metric,seeds,mean,ci95_low,ci95_high,reference,difference")
+    assert "\nrandom,correspondence/accuracy,2," in text
+
+    plain = run_pipeline(cfg)  # no seeds: seed 0's stages, all cached
+    status = {r.name: r.status for r in plain.reports}
+    assert status["pretrain/mocov2"] == status["spatial/random"] == "cached"
+    assert set(status.values()) == {"cached", "not selected"}  # probe, detection

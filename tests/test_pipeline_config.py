@@ -183,12 +183,17 @@ def test_bad_overrides_are_one_line_errors(tmp_path, override, match):
 def test_keys_change_exactly_where_the_inputs_change(tmp_path):
     base = {s.name: s.key for s in build_stages(config(tmp_path))}
     tau = {s.name: s.key for s in build_stages(config(tmp_path, "pretrain.method.model.tau=0.3"))}
-    assert all(base[n] != tau[n] for n in base if not n.endswith("/random"))
-    assert all(base[n] == tau[n] for n in base if n.endswith("/random"))
+    # τ is DUPR's: the MoCo v2 baseline keeps MoCo v2's, and random initialisation has none.
+    unchanged = {n for n in base if n.endswith(("/random", "/mocov2"))}
+    assert all(base[n] != tau[n] for n in base if n not in unchanged)
+    assert all(base[n] == tau[n] for n in unchanged)
+    lr = {s.name: s.key for s in build_stages(config(tmp_path, "pretrain.method.optim.lr=0.02"))}
+    assert {n for n in base if base[n] == lr[n]} == {n for n in base if n.endswith("/random")}
 
     det = {s.name: s.key for s in build_stages(config(tmp_path, "eval.detection.iterations=7"))}
     assert {n for n in base if base[n] != det[n]} == {
         "detection/faster_rcnn_fpn/dupr",
+        "detection/faster_rcnn_fpn/mocov2",
         "detection/faster_rcnn_fpn/random",
     }
     # How a run executes (retries, logging, CPUs per worker) does not change what it produces.
@@ -316,7 +321,7 @@ def test_view_sizes_of_the_analyses_follow_pretraining_unless_set(tmp_path):
         }
 
     demo = preset("cpu_demo").model.image_size
-    assert set(sizes().values()) == {demo} and len(sizes()) == 4  # dupr and random, two kinds
+    assert set(sizes().values()) == {demo} and len(sizes()) == 6  # dupr, mocov2, random; 2 kinds
     assert set(sizes("pretrain.method.model.image_size=128").values()) == {128}
     chosen = sizes("eval.correspondence.image_size=160")
     assert chosen["correspondence/random"] == chosen["correspondence/dupr"] == 160

@@ -9,7 +9,8 @@ classes are exclusive, so one-vs-rest LinearSVC with accuracy is the direct equi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from sklearn.svm import LinearSVC
 from torch.utils.data import DataLoader, Dataset
 
 from dupr.config import LEVELS
+from dupr.evaluation.stats import Estimate
 from dupr.views import IMAGENET_MEAN, IMAGENET_STD
 
 # Share of the training set held out to pick C when a grid of values is given.
@@ -142,3 +144,37 @@ def linear_probe(
         results.append(pooled_features(backbone, loader, levels, device))
     (train_f, train_y), (val_f, val_y) = results
     return {LEVELS[m]: probe_accuracy(train_f[m], train_y, val_f[m], val_y, C) for m in levels}
+
+
+def plot_levels(accuracy: Mapping[str, Mapping[str, Estimate]], path: str | Path) -> None:
+    """Table VI (b) as bars: the probe's accuracy per level for each initialisation, with the
+    95 % interval over seeds as error bars (none for one seed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(accuracy))
+    x = np.arange(len(LEVELS))
+    for i, (name, levels) in enumerate(accuracy.items()):
+        found = [levels.get(level) for level in LEVELS]
+        means = [e.mean * 100 if e else np.nan for e in found]
+        err = [(e.high - e.mean) * 100 if e and e.has_interval else 0.0 for e in found]
+        n = max((e.n for e in found if e), default=0)
+        shown = name + (f" ({n} seeds)" if n > 1 else "")
+        ax.bar(
+            x + (i - (len(accuracy) - 1) / 2) * width,
+            means,
+            width,
+            yerr=err,
+            capsize=3,
+            label=shown,
+        )
+    ax.set_xticks(x, list(LEVELS))
+    ax.set_ylabel("linear probe accuracy (%)")
+    ax.grid(axis="y", alpha=0.3)
+    if accuracy:
+        ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(Path(path), format="png", dpi=120)

@@ -8,6 +8,7 @@ well-aligned RoIs, low for poorly aligned ones; the paper compares the curves' s
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torch import Tensor
 from torchvision.ops import box_iou, roi_align
 
 from dupr.config import LEVELS, STRIDES
+from dupr.evaluation.stats import estimate
 from dupr.views import IMAGENET_MEAN, IMAGENET_STD
 
 # rois_at_ious stops drawing once every target is hit within this IoU distance; the curve uses
@@ -231,8 +233,14 @@ def iou_similarity(
     return summarise(torch.cat(all_ious).numpy(), torch.cat(all_sims).double().numpy(), bins)
 
 
-def plot_iou_similarity(curves: dict[str, SpatialResult], path: str | Path) -> None:
-    """Fig. 6 (b): binned mean Sim against IoU per curve, over a faint scatter of the points."""
+def plot_iou_similarity(
+    curves: Mapping[str, SpatialResult | Sequence[SpatialResult]], path: str | Path
+) -> None:
+    """Fig. 6 (b): binned mean Sim against IoU per curve, over a faint scatter of the points.
+
+    A curve given as several results (one per seed) is drawn as the mean over seeds of each
+    bin's mean, with its 95 % interval as error bars, and the mean slope in the legend.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -240,12 +248,23 @@ def plot_iou_similarity(curves: dict[str, SpatialResult], path: str | Path) -> N
     fig = Figure(figsize=(5.5, 4.0))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for name, res in curves.items():
-        centres = (res.bin_edges[:-1] + res.bin_edges[1:]) / 2
-        (line,) = ax.plot(
-            centres, res.bin_means, marker="o", label=f"{name} (slope {res.slope:.2f})"
+    for name, given in curves.items():
+        runs = [given] if isinstance(given, SpatialResult) else list(given)
+        first = runs[0]
+        centres = (first.bin_edges[:-1] + first.bin_edges[1:]) / 2
+        per_bin = [estimate(r.bin_means[b] for r in runs) for b in range(len(centres))]
+        means = np.array([e.mean for e in per_bin])
+        slope = estimate(r.slope for r in runs)
+        shown = f"{name} (slope {slope.mean:.2f}" + (
+            f", {len(runs)} seeds)" if len(runs) > 1 else ")"
         )
-        ax.scatter(res.ious, res.sims, s=4, alpha=0.15, color=line.get_color())
+        if len(runs) > 1:
+            err = np.array([(e.high - e.mean) if e.has_interval else np.nan for e in per_bin])
+            line, *_ = ax.errorbar(centres, means, yerr=err, marker="o", capsize=3, label=shown)
+        else:
+            (line,) = ax.plot(centres, means, marker="o", label=shown)
+        for r in runs:
+            ax.scatter(r.ious, r.sims, s=4, alpha=0.15 / len(runs), color=line.get_color())
     ax.set_xlabel("IoU with ground truth")
     ax.set_ylabel("Sim (Eq. 9)")
     ax.set_xlim(0, 1)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dupr.config import (
+    BASELINES,
     LEVELS,
     PRESETS,
     STRIDES,
@@ -58,10 +59,18 @@ class PipelinePretrainConfig(PretrainSettings):
 
 @dataclass
 class BaselinesConfig:
+    """What the pre-trained model is compared with, side by side in every table."""
+
     random: bool = True  # evaluate a randomly initialised backbone too
+    # Baseline methods pre-trained with the same data, backbone, budget and seeds as the
+    # model (`dupr.config.baseline_method`; valid: `dupr.config.BASELINES`), e.g. [mocov2].
+    pretrain: list[str] = field(default_factory=list)
     # label: URI of another checkpoint to evaluate side by side: a pre-training checkpoint
     # folder (state.pt), or a .pth with a torchvision ResNet or MoCo-style state_dict.
     checkpoints: dict[str, str] = field(default_factory=dict)
+    # The row the others are compared with (paired differences over seeds); None: the
+    # pre-trained model (`pretrain.label`).
+    reference: str | None = None
 
 
 @dataclass
@@ -177,6 +186,11 @@ class PipelineConfig(RunLocation):
     name: str = "dupr-study"  # the MLflow parent run's name
     # Which stages run: all, or a list of STAGE_KINDS (Any: a word or a list).
     stages: Any = "all"
+    # Run the study once per seed (pre-training's method.seed and every evaluation's seed set
+    # to it), e.g. [0, 1, 2]; tables show means and 95 % intervals. None: once, with the seeds
+    # as configured. Seed 0's stages are those of a run without seeds (shared in the cache);
+    # the others' stage names end in @seed<N>.
+    seeds: list[int] | None = None
     pretrain: PipelinePretrainConfig = field(default_factory=PipelinePretrainConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -431,14 +445,47 @@ def validate_pipeline(values: dict[str, Any]) -> Any:
         if cfg.pretrain.label == "random":
             raise ConfigError("label='random': reserved for the randomly initialised baseline")
     check_bool("baselines.random", cfg.baselines.random)
+    if cfg.seeds is not None:
+        if not cfg.seeds:
+            raise ConfigError("seeds=[]: give at least one seed, or null for the configured ones")
+        for seed in cfg.seeds:
+            check_int("seeds", seed, low=0)
+        if len(set(cfg.seeds)) != len(cfg.seeds):
+            raise ConfigError(f"seeds={list(cfg.seeds)}: a seed is given twice")
+    for name in cfg.baselines.pretrain:
+        check_choice("baselines.pretrain", name, BASELINES, "baseline method")
+        if name == cfg.pretrain.label:
+            raise ConfigError(
+                f"baselines.pretrain: {name!r} is also pretrain.label (the model under study)"
+            )
+    if len(set(cfg.baselines.pretrain)) != len(cfg.baselines.pretrain):
+        raise ConfigError(f"baselines.pretrain={list(cfg.baselines.pretrain)}: a name is twice")
     for label, uri in cfg.baselines.checkpoints.items():
         where = f"baselines.checkpoints.{label}"
-        if label in ("random", cfg.pretrain.label) or "/" in label or not label.strip():
+        if (
+            label in ("random", cfg.pretrain.label, *cfg.baselines.pretrain)
+            or "/" in label
+            or "@" in label
+            or not label.strip()
+        ):
             raise ConfigError(f"{where}: reserved or invalid label")
         check_name(where, uri, slash_ok=True)
+    rows = initialisations(cfg)
+    if cfg.baselines.reference is not None and cfg.baselines.reference not in rows:
+        raise ConfigError(
+            f"baselines.reference={cfg.baselines.reference!r}: not a row of this study "
+            f"(rows: {', '.join(rows)})"
+        )
     with field_prefix("eval."):
         _validate_eval(cfg.eval)
     return cfg
+
+
+def initialisations(cfg: Any) -> list[str]:
+    """The study's rows, in table order: the pre-trained model, the pre-trained baselines,
+    the baseline checkpoints, random initialisation."""
+    b = cfg.baselines
+    return [cfg.pretrain.label, *b.pretrain, *b.checkpoints] + (["random"] if b.random else [])
 
 
 def _validate_eval(ev: Any) -> None:

@@ -33,7 +33,13 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from dupr.config import METHOD_REVISION, ConfigError, DUPRConfig, field_prefix
+from dupr.config import (
+    METHOD_REVISION,
+    ConfigError,
+    DUPRConfig,
+    baseline_method,
+    field_prefix,
+)
 from dupr.io import markdown_table
 from dupr_platform import console, convert_stage, eval_stages, report
 from dupr_platform.cluster import COMPUTE_PRIORITY, check_nodes, forwarded_env, start_ray
@@ -76,13 +82,14 @@ PIPELINE_TAG = "dupr.pipeline"  # on a pipeline's parent run: the pipeline's nam
 
 
 def pretrain_job(cfg: dict[str, Any], stage: Stage) -> PretrainJob:
-    """The launcher's job for the pretrain stage: its checkpoints live in the stage folder."""
+    """The launcher's job for a pretrain stage: its method is the stage's (the model's or a
+    baseline's, at the stage's seed), its checkpoints live in the stage folder."""
     values = dict(cfg["pretrain"])
     values.pop("label", None)
-    method = DUPRConfig.from_dict(values.pop("method"))
+    values.pop("method")
     job = PretrainJob(
         name=stage.folder.rsplit("/", 1)[1],
-        method=method,
+        method=DUPRConfig.from_dict(stage.config["method"]),
         storage=open_storage(cfg["storage"]).uri_for(stage.folder.rsplit("/", 1)[0]),
         tracking_uri=cfg["tracking_uri"],
         experiment=cfg["experiment"],
@@ -91,28 +98,77 @@ def pretrain_job(cfg: dict[str, Any], stage: Stage) -> PretrainJob:
     return job
 
 
-def _pretrain_slice(cfg: dict[str, Any]) -> dict[str, Any]:
+def _pretrain_slice(cfg: dict[str, Any], method: dict[str, Any]) -> dict[str, Any]:
     """The pre-training settings that change its weights: its cache key."""
     neutral = execution_only_fields(PretrainSettings)
     values = {k: v for k, v in cfg["pretrain"].items() if k not in neutral}
     values.pop("data", None)  # an input, not config
     values.pop("label", None)  # a name in the results, not a setting
+    values["method"] = method
     values["method_revision"] = METHOD_REVISION  # the code's part of what it trains
     return values
 
 
+SEEDED_EVALUATIONS = ("detection", "spatial", "correspondence", "probe")
+
+
+def study_seeds(cfg: dict[str, Any]) -> list[int | None]:
+    """The seeds the study runs with; [None]: once, with the seeds as configured."""
+    return list(cfg.get("seeds") or [None])
+
+
+def seed_suffix(seed: int | None) -> str:
+    """What a stage name carries for its seed: nothing for seed 0 (or the configured seeds),
+    so that `seeds=[0, 1, 2]` shares seed 0's stages with a run without seeds."""
+    return f"@seed{seed}" if seed else ""
+
+
+def with_seed(cfg: dict[str, Any], seed: int | None) -> dict[str, Any]:
+    """`cfg` with the pre-training's and every evaluation's seed set to `seed`."""
+    if seed is None:
+        return cfg
+    cfg = json.loads(json.dumps(cfg))
+    cfg["pretrain"]["method"]["seed"] = seed
+    for kind in SEEDED_EVALUATIONS:
+        cfg["eval"][kind]["seed"] = seed
+    return cfg
+
+
 def build_stages(cfg: dict[str, Any]) -> list[Stage]:
-    """All stages of the study, upstream first, with their keys assigned."""
+    """All stages of the study, upstream first, with their keys assigned: per seed, the
+    pre-training of the model and of each baseline method, their conversions, and every
+    evaluation of every initialisation."""
+    stages = [
+        Stage(f"convert/{name}", "convert", {}, {"checkpoint": uri})
+        for name, uri in (cfg["baselines"].get("checkpoints") or {}).items()
+    ]
+    for seed in study_seeds(cfg):
+        stages += _seed_stages(with_seed(cfg, seed), seed_suffix(seed))
+    assign_keys(stages)
+    return stages
+
+
+def _seed_stages(cfg: dict[str, Any], suffix: str) -> list[Stage]:
+    """One seed's pre-trainings and evaluations; names end in `suffix`."""
     ev = cfg["eval"]
     label = cfg["pretrain"].get("label", "dupr")
-    arch = cfg["pretrain"]["method"]["model"]["backbone"]
-    stages = [
-        Stage("pretrain", "pretrain", _pretrain_slice(cfg), {"data": cfg["pretrain"]["data"]}),
-        Stage(f"convert/{label}", "convert", {}, {"checkpoint": Ref("pretrain", "checkpoint")}),
-    ]
-    inits: dict[str, Any] = {label: Ref(f"convert/{label}", "torchvision")}
-    for name, uri in (cfg["baselines"].get("checkpoints") or {}).items():
-        stages.append(Stage(f"convert/{name}", "convert", {}, {"checkpoint": uri}))
+    method = cfg["pretrain"]["method"]
+    arch = method["model"]["backbone"]
+    data = {"data": cfg["pretrain"]["data"]}
+    methods = {label: (f"pretrain{suffix}", method)}
+    for name in cfg["baselines"].get("pretrain") or []:
+        baseline = baseline_method(DUPRConfig.from_dict(method), name).to_dict()
+        baseline = json.loads(json.dumps(baseline))  # plain values, as composed configs are
+        methods[name] = (f"pretrain/{name}{suffix}", baseline)
+    stages, inits = [], {}
+    for init, (name, values) in methods.items():
+        pretrain = Stage(name, "pretrain", _pretrain_slice(cfg, values), data)
+        convert = Stage(
+            f"convert/{init}{suffix}", "convert", {}, {"checkpoint": Ref(name, "checkpoint")}
+        )
+        stages += [pretrain, convert]
+        inits[init] = Ref(convert.name, "torchvision")
+    for name in cfg["baselines"].get("checkpoints") or {}:
         inits[name] = Ref(f"convert/{name}", "torchvision")
     if cfg["baselines"].get("random", True):
         inits["random"] = None
@@ -126,7 +182,7 @@ def build_stages(cfg: dict[str, Any]) -> list[Stage]:
     det_data, cls_data = ev["data"]["detection"] or {}, ev["data"]["classification"] or {}
     # The analyses that feed the backbone views see them at the size it was pre-trained at,
     # unless set: the same size for every initialisation, so that their rows compare.
-    pretrain_size = cfg["pretrain"]["method"]["model"]["image_size"]
+    pretrain_size = method["model"]["image_size"]
     sized = {
         kind: {**ev[kind], "image_size": ev[kind].get("image_size") or pretrain_size}
         for kind in ("correspondence", "probe")
@@ -137,7 +193,7 @@ def build_stages(cfg: dict[str, Any]) -> list[Stage]:
         for kind in ("spatial", "correspondence"):
             stages.append(
                 Stage(
-                    f"{kind}/{init}",
+                    f"{kind}/{init}{suffix}",
                     kind,
                     {**base, **sized.get(kind, ev[kind])},
                     {"backbone": weights, **det_data},
@@ -145,7 +201,7 @@ def build_stages(cfg: dict[str, Any]) -> list[Stage]:
             )
         stages.append(
             Stage(
-                f"probe/{init}",
+                f"probe/{init}{suffix}",
                 "probe",
                 {**base, **sized["probe"]},
                 {"backbone": weights, **cls_data},
@@ -154,7 +210,7 @@ def build_stages(cfg: dict[str, Any]) -> list[Stage]:
         for detector in ev["detection"]["detectors"]:
             stages.append(
                 Stage(
-                    f"detection/{detector}/{init}",
+                    f"detection/{detector}/{init}{suffix}",
                     "detection",
                     {**base, "detector": detector, **_without(ev["detection"], "detectors")},
                     {"backbone": weights, **det_data},
@@ -163,7 +219,6 @@ def build_stages(cfg: dict[str, Any]) -> list[Stage]:
     for stage in stages:
         if stage.kind in EVALUATIONS:
             stage.resources = dict(resources)  # resources are not part of a stage's key
-    assign_keys(stages)
     return stages
 
 
@@ -281,6 +336,7 @@ class _Runner:
         self.loggers: dict[str, RunLogger] = {}
         self.started: dict[str, float] = {}
         self.pretrain_callbacks: list[Any] | None = None
+        self.tuned = next(s.name for s in stages if s.kind == "pretrain")
 
     # -- MLflow child runs ----------------------------------------------------------------
 
@@ -366,8 +422,11 @@ class _Runner:
         job.parent_run_id = self.parent.run_id
         self.started[stage.name] = time.monotonic()
         print(f"[pipeline] {stage.name}: pre-training ({job.name})", flush=True)
+        # A sweep's Tune callbacks follow the model's pre-training (the first seed's) only:
+        # its scheduler reads one loss curve per trial.
+        callbacks = self.pretrain_callbacks if stage.name == self.tuned else None
         try:
-            result = run_pretraining(job, self.pretrain_callbacks, tags=self.stage_tags(stage))
+            result = run_pretraining(job, callbacks, tags=self.stage_tags(stage))
         except Exception as exc:  # reported, and the pipeline goes on
             self.fail(stage, exc)
             return
@@ -503,10 +562,12 @@ def run_pipeline(
     cfg = _absolute(cfg)
     stages = preflight_pipeline(cfg)
     to_run, hits, unselected = plan_stages(cfg, stages, cfg["storage"])
-    pre = next((s for s in to_run if s.kind == "pretrain"), None)
-    job = absolute_locations(pretrain_job(cfg, pre)) if pre else None
-    if job is not None:
-        with field_prefix("pretrain."):
+    jobs = [absolute_locations(pretrain_job(cfg, s)) for s in to_run if s.kind == "pretrain"]
+    job = jobs[0] if jobs else None
+    with field_prefix("pretrain."):
+        for other in jobs[1:]:  # the same settings and data, another seed or loss
+            other.validate()
+        if job is not None:
             preflight_config(job)  # its data too, before anything starts
     if to_run:  # a rerun with nothing to do does not start Ray
         if start_ray("pipeline"):
@@ -546,10 +607,12 @@ def run_pipeline(
         result = PipelineResult(
             parent.run_id, [runner.reports[s.name] for s in stages], runner.records
         )
-        report.report(cfg, stages, runner.records, parent)
+        results = report.report(cfg, stages, runner.records, parent, key_columns(cfg))
         table = summary_table(result, cfg)
         parent.log_text(table + "\n", "summary.md")
         print(table, flush=True)
+        if results:
+            print("\n" + results, flush=True)
         _log_console(parent)
     parent.end("FINISHED" if result.ok else "FAILED")
     return result
@@ -583,6 +646,25 @@ KEY_METRICS = {
     "correspondence": ("accuracy",),
     "probe": ("conv2", "conv3", "conv4", "conv5"),
 }
+
+
+# The results table on the console (results.md has every metric): one or two per evaluation.
+RESULT_COLUMNS = {
+    "detection": ("bbox/AP", "bbox/AP50"),
+    "spatial": ("slope",),
+    "correspondence": ("accuracy",),
+    "probe": ("conv4", "conv5"),
+}
+
+
+def key_columns(cfg: dict[str, Any]) -> list[str]:
+    """The results table's columns on the console, in the order of `RESULT_COLUMNS`."""
+    detectors = cfg["eval"]["detection"]["detectors"]
+    columns = []
+    for kind, metrics in RESULT_COLUMNS.items():
+        for prefix in [f"{kind}/{d}" for d in detectors] if kind == "detection" else [kind]:
+            columns += [f"{prefix}/{m}" for m in metrics]
+    return columns
 
 
 def summary_table(result: PipelineResult, cfg: dict[str, Any]) -> str:

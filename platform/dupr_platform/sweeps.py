@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from dupr.config import ConfigError
+from dupr.evaluation.stats import estimate, paired_difference
 from dupr.io import markdown_table
 from dupr_platform import console
 from dupr_platform.cluster import check_nodes, credentials_withheld, start_ray
@@ -48,7 +49,7 @@ from dupr_platform.pipeline import (
     run_pipeline,
 )
 from dupr_platform.recovery import driving
-from dupr_platform.report import results_by_init
+from dupr_platform.report import DIFFERS, results_by_init, results_by_seed, split_seed
 from dupr_platform.storage import open_storage, ray_storage_args
 from dupr_platform.text import one_line
 from dupr_platform.tracking import RUN_KEY_TAG, RunLogger
@@ -105,12 +106,15 @@ def load_grid(name: str, grids_dir: Path) -> Grid:
     labels = [label for label, _ in values]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"{path}: two values have the same label ({labels})")
+    fixed = dict(spec.get("fixed") or {})
+    if "seeds" in spec:  # every value once per seed, as `seeds=` does for one pipeline
+        fixed["seeds"] = spec["seeds"]
     return Grid(
         name=path.stem,
         table=str(spec.get("table", path.stem)),
         label=str(spec.get("label", (key or "value").rsplit(".", 1)[-1])),
         values=values,
-        fixed=dict(spec.get("fixed") or {}),
+        fixed=fixed,
     )
 
 
@@ -165,11 +169,11 @@ def trial_metrics(trial_cfg: dict[str, Any]) -> list[str]:
     label = trial_cfg["pretrain"]["label"]
     names = ["loss"]
     for stage in build_stages(trial_cfg):
-        parts = stage.name.split("/")
+        parts = split_seed(stage.name)[0].split("/")
         if parts[-1] == label and stage.kind in EVALUATIONS:
             prefix = "/".join(parts[:-1])
             names += [f"{prefix}/{m}" for m in metric_names(stage.kind, stage.config)]
-    return names
+    return list(dict.fromkeys(names))  # once, whatever the number of seeds
 
 
 def trial_fn(config: dict[str, Any]) -> None:
@@ -198,12 +202,13 @@ def trial_fn(config: dict[str, Any]) -> None:
             tune.report({FAILED_METRIC: message, "pipeline_done": 0.0})
             return
         raise RuntimeError(message)  # Tune retries the trial; the stage cache keeps what finished
-    row = trial_row(config["cfg"], result)
+    row, per_seed = trial_row(config["cfg"], result)
     # Stored as soon as the trial is done: a sweep whose driver dies later keeps this row.
     metrics = {k: v for k, v in row.items() if _is_metric(k, v)}
     store = open_storage(config["cfg"]["storage"])
     store.write_json(
-        f"{TRIALS_DIR}/{config['key']}.json", {"label": config["label"], "metrics": metrics}
+        f"{TRIALS_DIR}/{config['key']}.json",
+        {"label": config["label"], "metrics": metrics, "per_seed": per_seed},
     )
     tune.report({**row, "pipeline_done": 1.0})
 
@@ -211,15 +216,24 @@ def trial_fn(config: dict[str, Any]) -> None:
 FAILED_METRIC = "trial_error"  # in a trial's result: it failed and must not be retried
 
 
-def trial_row(cfg: dict[str, Any], result: PipelineResult) -> dict[str, float]:
-    """The pre-trained model's metrics (every stage) of one finished pipeline."""
+def trial_row(
+    cfg: dict[str, Any], result: PipelineResult
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """The pre-trained model's metrics (every stage) of one finished pipeline: the means over
+    its seeds, and each metric's values per seed ({metric: {seed: value}}, for intervals)."""
     stages = build_stages(cfg)
-    rows = results_by_init(stages, result.records)
-    row = dict(rows.get(cfg["pretrain"].get("label", "dupr"), {}))
-    pre = result.records.get("pretrain", {}).get("metrics", {})
+    label = cfg["pretrain"].get("label", "dupr")
+    seeds = results_by_seed(stages, result.records).get(label, {})
+    row = dict(results_by_init(stages, result.records).get(label, {}))
+    per_seed: dict[str, dict[str, float]] = {}
+    for seed, values in seeds.items():
+        for metric, value in values.items():
+            per_seed.setdefault(metric, {})[str(seed)] = value
+    first = next(s.name for s in stages if s.kind == "pretrain")  # the one Tune follows
+    pre = result.records.get(first, {}).get("metrics", {})
     if "loss" in pre:
         row["loss"] = pre["loss"]  # the early-stopping proxy, reported in every result
-    return row
+    return row, per_seed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,11 +365,20 @@ def _run_trials(
     for t in trials:
         if t.key in stored:
             rows.append(
-                {"label": t.label, "status": "stored", "error": "", **stored[t.key]["metrics"]}
+                {
+                    "label": t.label,
+                    "status": "stored",
+                    "error": "",
+                    PER_SEED: stored[t.key].get("per_seed", {}),
+                    **stored[t.key]["metrics"],
+                }
             )
         else:
             status, metrics, error = outcomes.get(t.key, ("failed", {}, "not run"))
-            rows.append({"label": t.label, "status": status, "error": error, **metrics})
+            row = {"label": t.label, "status": status, "error": error, **metrics}
+            if status == "done" and store.exists(f"{TRIALS_DIR}/{t.key}.json"):
+                row[PER_SEED] = store.read_json(f"{TRIALS_DIR}/{t.key}.json").get("per_seed", {})
+            rows.append(row)
     table, best = log_table(sweep_run, grid, rows, sw["metric"], sw["mode"])
     if best is not None:  # the best row's own trial run is tagged too
         key = next(t.key for t in trials if t.label == best)
@@ -400,9 +423,12 @@ SHOWN = (
 )
 
 
+PER_SEED = "per_seed"  # a row's {metric: {seed: value}}: its intervals and paired differences
+
+
 def table_columns(rows: list[dict[str, Any]]) -> list[str]:
     """The paper's columns first (detection, probe), then the cheap proxies."""
-    keys = {k for r in rows for k in r if k not in ("label", "status", "error")}
+    keys = {k for r in rows for k in r if k not in ("label", "status", "error", PER_SEED)}
     return sorted(
         (k for k in keys if k.endswith(SHOWN)),
         key=lambda k: (0 if k.startswith("detection") else 1 if k.startswith("probe") else 2, k),
@@ -410,26 +436,47 @@ def table_columns(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def format_table(grid: Grid, rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """Markdown; fractions in percent as in the paper, difference to the first row in brackets."""
+    """Markdown; fractions in percent as in the paper. With several seeds a cell is the mean
+    [95 % interval], and the difference to the first row is paired over the seeds, marked
+    with * where its interval excludes zero (`dupr.evaluation.stats`)."""
     first = rows[0] if rows else {}
+
+    def seeds_of(row: dict[str, Any], col: str) -> dict[str, float]:
+        return (row.get(PER_SEED) or {}).get(col) or {}
 
     def cell(row: dict[str, Any], col: str) -> str:
         value = row.get(col)
         if not isinstance(value, float | int) or math.isnan(value):
             return ""
         scale = 1.0 if col.endswith("slope") else 100.0
-        text = f"{value * scale:.1f}" if scale == 100 else f"{value:.3f}"
+        fmt = ".1f" if scale == 100 else ".3f"
+        mean = estimate(v * scale for v in seeds_of(row, col).values())
+        text = mean.text(fmt) if mean.has_interval else f"{value * scale:{fmt}}"
         base = first.get(col)
         if row is not first and isinstance(base, float | int) and not math.isnan(base):
-            diff = (value - base) * scale
-            text += f" ({diff:+.1f})" if scale == 100 else f" ({diff:+.3f})"
+            diff = paired_difference(
+                {s: v * scale for s, v in seeds_of(row, col).items()},
+                {s: v * scale for s, v in seeds_of(first, col).items()},
+            )
+            if diff.has_interval:
+                mark = f" {DIFFERS}" if diff.excludes_zero else ""
+                text += f" ({diff.mean:+{fmt}} [{diff.low:+{fmt}}, {diff.high:+{fmt}}]{mark})"
+            else:
+                text += f" ({(value - base) * scale:+{fmt}})"
         return text
 
     def status(row: dict[str, Any]) -> str:
         return row["status"] + (f": {row['error'][:120]}" if row.get("error") else "")
 
     cells = [[row["label"], *(cell(row, c) for c in columns), status(row)] for row in rows]
-    return markdown_table(cells, [grid.label, *columns, "status"]) + "\n"
+    seeds = max((len(seeds_of(r, c)) for r in rows for c in columns), default=0)
+    note = (
+        f"Mean [95 % interval] over {seeds} seeds; in brackets the difference to the first "
+        f"row, paired over seeds, {DIFFERS} where its interval excludes zero.\n\n"
+        if seeds > 1
+        else ""
+    )
+    return note + markdown_table(cells, [grid.label, *columns, "status"]) + "\n"
 
 
 def log_table(
