@@ -611,8 +611,11 @@ def run_pipeline(
         table = summary_table(result, cfg)
         parent.log_text(table + "\n", "summary.md")
         print(table, flush=True)
-        if results:
-            print("\n" + results, flush=True)
+        if results:  # its captions as the pipeline's own lines, its tables as they are
+            lines = [
+                f"[pipeline] {x}" if x and not x.startswith("|") else x for x in results.split("\n")
+            ]
+            print("\n" + "\n".join(lines), flush=True)
         _log_console(parent)
     parent.end("FINISHED" if result.ok else "FAILED")
     return result

@@ -486,11 +486,19 @@ def log_table(
     columns = table_columns(rows)
     table = format_table(grid, rows, columns)
     run.log_text(f"# {grid.table}: {grid.name}\n\n{table}", "sweep_table.md")
+    # Each column's mean, then its seeds and 95 % interval (empty for one seed).
+    spread = [f"{c}/{part}" for c in columns for part in ("seeds", "ci95_low", "ci95_high")]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["label", *columns, "status", "error"])
+    writer = csv.DictWriter(buffer, fieldnames=["label", *columns, *spread, "status", "error"])
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: row.get(k, "") for k in ["label", *columns, "status", "error"]})
+        line = {k: row.get(k, "") for k in ["label", *columns, "status", "error"]}
+        for c in columns:
+            e = estimate(((row.get(PER_SEED) or {}).get(c) or {}).values())
+            line[f"{c}/seeds"] = e.n or ""
+            line[f"{c}/ci95_low"] = e.low if e.has_interval else ""
+            line[f"{c}/ci95_high"] = e.high if e.has_interval else ""
+        writer.writerow(line)
     run.log_text(buffer.getvalue(), "sweep_table.csv")
     run.client.log_table(
         run.run_id,
