@@ -14,10 +14,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from scipy import stats
 
 CONFIDENCE = 0.95
+Seed = TypeVar("Seed")  # an int, or its text in JSON records
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,8 @@ def estimate(values: Iterable[float], confidence: float = CONFIDENCE) -> Estimat
 
 
 def paired_difference(
-    values: Mapping[int, float], reference: Mapping[int, float], confidence: float = CONFIDENCE
+    values: Mapping[Seed, float], reference: Mapping[Seed, float], confidence: float = CONFIDENCE
 ) -> Estimate:
     """`values − reference` over the seeds both have: the mean difference and its interval."""
-    seeds = sorted(set(values) & set(reference))
+    seeds = set(values) & set(reference)
     return estimate((values[s] - reference[s] for s in seeds), confidence)
