@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format venv clean
+.PHONY: demo test test-fast lint format venv clean system-deps
 
 venv: $(STAMP)
 
@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 # Lint (style, formatting, types), then the whole test suite. pytest exits 5 when it collects
 # no test: that fails too.
-test: lint
+test: system-deps lint
 	$(PY) -m pytest
 
 # The developer loop: every test that starts no Ray, MLflow or S3 server and takes under ~10 s
@@ -38,6 +38,26 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
+
+# System packages that pip cannot install and tests/test_stack.py needs: PostgreSQL (the
+# MLflow server's backend store in the local stack) and Chromium (the MLflow UI check, driven
+# by Playwright with Debian's browser, never a downloaded one). CI runs `make test` on a fresh
+# machine, so this installs them there; only what is missing, only as root with apt-get, and
+# quietly. Elsewhere it names what is missing, and the stack tests fail with that name.
+SYSTEM_PACKAGES := postgresql chromium
+system-deps:
+	@missing=""; \
+	for pkg in $(SYSTEM_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$pkg 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$pkg"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing system packages:$$missing (apt-get, about 2 minutes)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else \
+		echo "warning: system packages missing:$$missing (as root: apt-get install$$missing)"; \
+	fi
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache
