@@ -18,6 +18,7 @@ from dupr.evaluation.correspondence import (
     grid_size,
     match_patches,
     patch_correspondence,
+    patch_correspondence_levels,
     plot_correspondence,
     true_correspondence,
 )
@@ -275,6 +276,33 @@ def test_patch_correspondence_on_resnet(resnet18, tmp_path):
     assert again.accuracy == res.accuracy and torch.equal(again.matches, res.matches)
     plot_correspondence(res, tmp_path / "fig7.png", max_lines=30)
     assert_png(tmp_path / "fig7.png")
+
+
+def test_correspondence_on_conv4_and_conv5_in_one_call(resnet18):
+    """Both levels see the same pairs; each reports exact and within-one accuracy."""
+    images = [photo(200)]
+    by_level = patch_correspondence_levels(
+        resnet18, images, image_size=128, levels=(2, 3), pairs_per_image=2
+    )
+    assert list(by_level) == ["conv4", "conv5"]
+    for level, res in zip((2, 3), by_level.values(), strict=True):
+        g = grid_size(128, STRIDES[level])
+        assert res.stride == STRIDES[level] and res.num_pairs == 2
+        assert 0 < res.num_valid <= 2 * g * g
+        assert 0.0 <= res.exact <= res.within_one == res.accuracy <= 1.0
+        alone = patch_correspondence(resnet18, images, 128, level=level, pairs_per_image=2)
+        assert (alone.exact, alone.within_one, alone.num_valid) == (
+            res.exact,
+            res.within_one,
+            res.num_valid,
+        )
+        assert torch.equal(alone.matches, res.matches)
+    exact = patch_correspondence(
+        resnet18, images, 128, level=2, pairs_per_image=2, tolerance_cells=0
+    )
+    assert exact.accuracy == exact.exact == by_level["conv4"].exact
+    with pytest.raises(ValueError, match="levels"):
+        patch_correspondence_levels(resnet18, images, levels=(4,))
 
 
 def test_correspondence_rejects_wrong_map_size():

@@ -377,6 +377,10 @@ def test_correspondence_reads_the_images_its_annotation_file_names(tmp_path, mon
     monkeypatch.setattr(eval_stages, "load_rgb", lambda p: read.append(Path(p)) or real_load(p))
     result = correspondence(ctx, out)
     assert result.metrics["valid_cells"] > 0
+    assert list(result.metrics) == metric_names("correspondence", ctx.config)
+    assert {"conv4/exact", "conv4/within_one", "conv5/exact", "conv5/within_one"} <= set(
+        result.metrics
+    )
     assert read == [val / im["file_name"] for im in coco["images"]]  # the three, in order
 
 

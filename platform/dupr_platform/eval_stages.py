@@ -31,7 +31,7 @@ from dupr.data.coco import CocoDetection, data_summary, load_coco, parse_json
 from dupr.data.folder import is_image_file, load_rgb
 from dupr.data.voc import VOC_SPLITS, VocFormatError, load_voc
 from dupr.evaluation.coco_metrics import COCO_STAT_INDEX
-from dupr.evaluation.correspondence import patch_correspondence, plot_correspondence
+from dupr.evaluation.correspondence import patch_correspondence_levels, plot_correspondence
 from dupr.evaluation.detectors import build_detector
 from dupr.evaluation.finetune import evaluate, finetune
 from dupr.evaluation.linear_probe import linear_probe, probe_transform
@@ -176,7 +176,16 @@ def detection(ctx: StageContext, out: Path) -> StageOutput:
 
 
 SPATIAL_METRICS = ("slope", "sim_iou_above_0.5", "sim_iou_below_0.3", "points")
-CORRESPONDENCE_METRICS = ("accuracy", "valid_cells")
+CORRESPONDENCE_METRICS = ("accuracy", "valid_cells")  # on the configured `level`, within one
+# Issue 15: conv4 and conv5 always, each as "<level>/exact" and "<level>/within_one".
+CORRESPONDENCE_LEVELS = (2, 3)
+CORRESPONDENCE_SCORES = ("exact", "within_one")
+
+
+def correspondence_levels(config: dict[str, Any]) -> list[int]:
+    """The levels a correspondence stage evaluates: `levels` if set, else conv4, conv5 and the
+    configured `level` (whose within-one accuracy stays the stage's `accuracy`)."""
+    return sorted({config["level"], *(config.get("levels") or CORRESPONDENCE_LEVELS)})
 
 
 def metric_names(kind: str, config: dict[str, Any]) -> list[str]:
@@ -187,7 +196,10 @@ def metric_names(kind: str, config: dict[str, Any]) -> list[str]:
         return names + ([f"voc/{k}" for k in VOC_METRICS] if config.get("voc_metric") else [])
     return {
         "spatial": list(SPATIAL_METRICS),
-        "correspondence": list(CORRESPONDENCE_METRICS),
+        "correspondence": list(CORRESPONDENCE_METRICS)
+        + [
+            f"{LEVELS[m]}/{k}" for m in correspondence_levels(config) for k in CORRESPONDENCE_SCORES
+        ],
         "probe": list(LEVELS),
         "convert": list(CONVERT_METRICS),
     }.get(kind, [])
@@ -241,17 +253,20 @@ def correspondence(ctx: StageContext, out: Path) -> StageOutput:
     # mix splits (VOC's JPEGImages/), miss sub-folders and trip over other files.
     val_set = detection_set(ctx.inputs, "val")
     images = [load_rgb(val_set.image_path(i)) for i in range(min(len(val_set), c["max_images"]))]
-    result = patch_correspondence(
+    by_level = patch_correspondence_levels(
         backbone_module(ctx),
         images,
         image_size=c["image_size"],
-        level=c["level"],
+        levels=correspondence_levels(c),
         pairs_per_image=c["pairs_per_image"],
         seed=c.get("seed", 0),
     )
+    result = by_level[LEVELS[c["level"]]]
     plot_correspondence(result, out / "correspondence.png")
     values = (float(result.accuracy), float(result.num_valid))
     metrics = dict(zip(CORRESPONDENCE_METRICS, values, strict=True))
+    for level, r in by_level.items():
+        metrics |= {f"{level}/exact": float(r.exact), f"{level}/within_one": float(r.within_one)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return StageOutput(
         files={"plot": "correspondence.png", "metrics": "metrics.json"},
