@@ -55,10 +55,12 @@ def test_pipeline_runs_every_stage_then_is_all_cache_hits(
         "convert/dupr",
         "spatial/dupr",
         "correspondence/dupr",
+        "object_probe/dupr",
         "probe/dupr",
         "detection/faster_rcnn_fpn/dupr",
         "spatial/random",
         "correspondence/random",
+        "object_probe/random",
         "probe/random",
         "detection/faster_rcnn_fpn/random",
     ]
@@ -166,10 +168,12 @@ def test_a_failed_evaluation_resumes_without_pretraining_again(local_ray, tmp_pa
         "detection/faster_rcnn_fpn/dupr": "failed",
         "spatial/dupr": "failed",
         "correspondence/dupr": "failed",
+        "object_probe/dupr": "failed",
         "probe/dupr": "done",
         "detection/faster_rcnn_fpn/moco": "failed",
         "spatial/moco": "failed",
         "correspondence/moco": "failed",
+        "object_probe/moco": "failed",
         "probe/moco": "done",
     }
     converted = torch.load(first.records["convert/moco"]["outputs"]["torchvision"])
@@ -191,10 +195,12 @@ def test_a_failed_evaluation_resumes_without_pretraining_again(local_ray, tmp_pa
         "detection/faster_rcnn_fpn/dupr": "done",
         "spatial/dupr": "done",
         "correspondence/dupr": "done",
+        "object_probe/dupr": "done",
         "probe/dupr": "cached",
         "detection/faster_rcnn_fpn/moco": "done",
         "spatial/moco": "done",
         "correspondence/moco": "done",
+        "object_probe/moco": "done",
         "probe/moco": "cached",
     }
     # The results table puts the pre-trained model and the baseline side by side.

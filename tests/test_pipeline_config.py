@@ -18,7 +18,7 @@ from dupr.evaluation.finetune import DetectionConfig
 from dupr_platform.configs import compose, detection_recipe
 from dupr_platform.convert_stage import convert
 from dupr_platform.eval_stages import metric_names
-from dupr_platform.pipeline import build_stages, run_pipeline
+from dupr_platform.pipeline import BODIES, build_stages, run_pipeline
 from dupr_platform.progress import Progress
 from dupr_platform.stages import Ref, Stage, assign_keys
 from helpers import stage_context
@@ -317,11 +317,13 @@ def test_view_sizes_of_the_analyses_follow_pretraining_unless_set(tmp_path):
     def sizes(*overrides: str) -> dict[str, int]:
         stages = build_stages(config(tmp_path, *overrides))
         return {
-            s.name: s.config["image_size"] for s in stages if s.kind in ("correspondence", "probe")
+            s.name: s.config["image_size"]
+            for s in stages
+            if s.kind in ("correspondence", "probe", "object_probe")
         }
 
     demo = preset("cpu_demo").model.image_size
-    assert set(sizes().values()) == {demo} and len(sizes()) == 6  # dupr, mocov2, random; 2 kinds
+    assert set(sizes().values()) == {demo} and len(sizes()) == 9  # dupr, mocov2, random; 3 kinds
     assert set(sizes("pretrain.method.model.image_size=128").values()) == {128}
     chosen = sizes("eval.correspondence.image_size=160")
     assert chosen["correspondence/random"] == chosen["correspondence/dupr"] == 160
@@ -394,3 +396,16 @@ def test_a_new_method_revision_retrains_but_keeps_the_random_baseline(tmp_path, 
     changed = {name for name in before if before[name] != after[name]}
     assert "pretrain" in changed and "probe/dupr" in changed
     assert not any(name.endswith("/random") for name in changed)
+
+
+def test_the_object_probe_stage_classifies_the_detection_sets_boxes_per_level(tmp_path):
+    """The object_probe body on the bundled detection set: one accuracy per level, the names
+    `metric_names` promises, written to the stage folder."""
+    config = {"init": "random", "arch": "resnet18", "roi_size": 2, "image_size": 64, "C": 1.0}
+    ctx = stage_context(tmp_path, "object_probe/random", {**config, "seed": 0}, {"backbone": None})
+    out = tmp_path / "out"
+    out.mkdir()
+    result = BODIES["object_probe"](ctx, out)
+    assert list(result.metrics) == metric_names("object_probe", ctx.config)
+    assert all(0.0 <= v <= 1.0 for v in result.metrics.values())
+    assert json.loads((out / "accuracy.json").read_text()) == result.metrics

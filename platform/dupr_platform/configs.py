@@ -41,7 +41,15 @@ from dupr.evaluation.finetune import DetectionConfig
 from dupr_platform.ray_pretrain import PretrainJob, PretrainSettings, RunLocation, check_uris
 from dupr_platform.storage import AWS_CREDENTIALS, check_no_password
 
-STAGE_KINDS = ("pretrain", "convert", "detection", "spatial", "correspondence", "probe")
+STAGE_KINDS = (
+    "pretrain",
+    "convert",
+    "detection",
+    "spatial",
+    "correspondence",
+    "probe",
+    "object_probe",
+)
 DETECTION_DATA = ("train_images", "train_annotations", "val_images", "val_annotations")
 CLASSIFICATION_DATA = ("train", "val")
 
@@ -170,6 +178,17 @@ class ProbeConfig:
 
 
 @dataclass
+class ObjectProbeConfig:
+    """`eval.object_probe`: a linear probe on frozen RoI features of the detection set's
+    ground-truth boxes, per level (`dupr.evaluation.object_probe`)."""
+
+    roi_size: int = 2  # cells per box side (RoIAlign, as the patch head pools)
+    image_size: int | None = None  # None: the pre-training image size (shorter side)
+    C: float = 1.0  # the linear SVM's regularisation
+    seed: int = 0
+
+
+@dataclass
 class EvalConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
@@ -177,6 +196,7 @@ class EvalConfig:
     spatial: SpatialConfig = field(default_factory=SpatialConfig)
     correspondence: CorrespondenceConfig = field(default_factory=CorrespondenceConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    object_probe: ObjectProbeConfig = field(default_factory=ObjectProbeConfig)
 
 
 @dataclass
@@ -521,7 +541,11 @@ def _validate_eval(ev: Any) -> None:
     if ev.probe.image_size is not None:
         check_int("probe.image_size", ev.probe.image_size, low=STRIDES[-1])
     check_int("probe.batch_size", ev.probe.batch_size, low=1)
-    for section in ("spatial", "correspondence", "probe"):
+    check_int("object_probe.roi_size", ev.object_probe.roi_size, low=1)
+    if ev.object_probe.image_size is not None:
+        check_int("object_probe.image_size", ev.object_probe.image_size, low=STRIDES[-1])
+    check_number("object_probe.C", ev.object_probe.C, above=0)
+    for section in ("spatial", "correspondence", "probe", "object_probe"):
         check_int(f"{section}.seed", getattr(ev, section).seed, low=0)
 
 

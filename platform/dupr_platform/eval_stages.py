@@ -35,6 +35,7 @@ from dupr.evaluation.correspondence import patch_correspondence_levels, plot_cor
 from dupr.evaluation.detectors import build_detector
 from dupr.evaluation.finetune import evaluate, finetune
 from dupr.evaluation.linear_probe import linear_probe, probe_transform
+from dupr.evaluation.object_probe import object_probe as probe_boxes
 from dupr.evaluation.spatial import iou_similarity, plot_iou_similarity
 from dupr.evaluation.voc_metrics import VOC_METRICS
 from dupr.views import IMAGENET_MEAN, IMAGENET_STD
@@ -194,13 +195,14 @@ def metric_names(kind: str, config: dict[str, Any]) -> list[str]:
         iou_types = ["bbox", "segm"] if config["detector"] == "mask_rcnn_fpn" else ["bbox"]
         names = [f"{t}/{k}" for t in iou_types for k in COCO_STAT_INDEX]
         return names + ([f"voc/{k}" for k in VOC_METRICS] if config.get("voc_metric") else [])
+    if kind == "correspondence":
+        levels = correspondence_levels(config)
+        scores = [f"{LEVELS[m]}/{k}" for m in levels for k in CORRESPONDENCE_SCORES]
+        return list(CORRESPONDENCE_METRICS) + scores
     return {
         "spatial": list(SPATIAL_METRICS),
-        "correspondence": list(CORRESPONDENCE_METRICS)
-        + [
-            f"{LEVELS[m]}/{k}" for m in correspondence_levels(config) for k in CORRESPONDENCE_SCORES
-        ],
         "probe": list(LEVELS),
+        "object_probe": list(LEVELS),
         "convert": list(CONVERT_METRICS),
     }.get(kind, [])
 
@@ -288,6 +290,23 @@ def probe(ctx: StageContext, out: Path) -> StageOutput:
         ImageFolder(data["val"], transform=transform),
         batch_size=c["batch_size"],
         device=_device(ctx),
+    )
+    (out / "accuracy.json").write_text(json.dumps(accuracy, indent=2))
+    return StageOutput(files={"accuracy": "accuracy.json"}, metrics=accuracy)
+
+
+def object_probe(ctx: StageContext, out: Path) -> StageOutput:
+    """Per-level linear probe on frozen RoI features of the detection set's ground-truth boxes
+    (train boxes → val boxes): the cheapest detection-relevant comparison of backbones."""
+    c = ctx.config
+    accuracy = probe_boxes(
+        backbone_module(ctx),
+        detection_set(ctx.inputs, "train"),
+        detection_set(ctx.inputs, "val"),
+        roi_size=c["roi_size"],
+        image_size=c["image_size"],
+        C=c["C"],
+        seed=c.get("seed", 0),
     )
     (out / "accuracy.json").write_text(json.dumps(accuracy, indent=2))
     return StageOutput(files={"accuracy": "accuracy.json"}, metrics=accuracy)

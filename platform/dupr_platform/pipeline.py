@@ -8,6 +8,7 @@
     spatial/<init>                 IoU–similarity curve (§4.6.1, Eq. 9)
     correspondence/<init>          patch matching between two views (§4.6.2)
     probe/<init>                   per-level linear probe (Table VI b)
+    object_probe/<init>            linear probe on the ground-truth boxes' RoI features
 
 where <init> is the pre-trained model, "random" and every baseline checkpoint given by URI.
 `run_pipeline` checks everything it can first, then runs what is not cached: pre-training
@@ -72,7 +73,7 @@ from dupr_platform.tracking import ERROR_TAG, RunLogger, check_tracking, redact_
 
 log = logging.getLogger(__name__)
 
-EVALUATIONS = ("detection", "spatial", "correspondence", "probe")
+EVALUATIONS = ("detection", "spatial", "correspondence", "probe", "object_probe")
 CACHE_HIT_TAG = "dupr.cache_hit"
 PIPELINE_TAG = "dupr.pipeline"  # on a pipeline's parent run: the pipeline's name
 
@@ -109,9 +110,6 @@ def _pretrain_slice(cfg: dict[str, Any], method: dict[str, Any]) -> dict[str, An
     return values
 
 
-SEEDED_EVALUATIONS = ("detection", "spatial", "correspondence", "probe")
-
-
 def study_seeds(cfg: dict[str, Any]) -> list[int | None]:
     """The seeds the study runs with; [None]: once, with the seeds as configured."""
     return list(cfg.get("seeds") or [None])
@@ -129,7 +127,7 @@ def with_seed(cfg: dict[str, Any], seed: int | None) -> dict[str, Any]:
         return cfg
     cfg = json.loads(json.dumps(cfg))
     cfg["pretrain"]["method"]["seed"] = seed
-    for kind in SEEDED_EVALUATIONS:
+    for kind in EVALUATIONS:  # every evaluation has a seed
         cfg["eval"][kind]["seed"] = seed
     return cfg
 
@@ -185,12 +183,12 @@ def _seed_stages(cfg: dict[str, Any], suffix: str) -> list[Stage]:
     pretrain_size = method["model"]["image_size"]
     sized = {
         kind: {**ev[kind], "image_size": ev[kind].get("image_size") or pretrain_size}
-        for kind in ("correspondence", "probe")
+        for kind in ("correspondence", "probe", "object_probe")
     }
     for init, weights in inits.items():
         # Random initialisation has no weights file: the architecture comes from the config.
         base = {"init": init, "arch": arch if weights is None else None}
-        for kind in ("spatial", "correspondence"):
+        for kind in ("spatial", "correspondence", "object_probe"):
             stages.append(
                 Stage(
                     f"{kind}/{init}{suffix}",
@@ -298,6 +296,7 @@ BODIES: dict[str, Callable[[StageContext, Path], StageOutput]] = {
     "spatial": eval_stages.spatial,
     "correspondence": eval_stages.correspondence,
     "probe": eval_stages.probe,
+    "object_probe": eval_stages.object_probe,
 }
 
 
@@ -648,6 +647,7 @@ KEY_METRICS = {
     "spatial": ("slope",),
     "correspondence": ("accuracy",),
     "probe": ("conv2", "conv3", "conv4", "conv5"),
+    "object_probe": ("conv2", "conv3", "conv4", "conv5"),
 }
 
 
@@ -655,8 +655,9 @@ KEY_METRICS = {
 RESULT_COLUMNS = {
     "detection": ("bbox/AP", "bbox/AP50"),
     "spatial": ("slope",),
-    "correspondence": ("accuracy",),
+    "correspondence": ("conv4/exact", "conv5/exact"),
     "probe": ("conv4", "conv5"),
+    "object_probe": ("conv4", "conv5"),
 }
 
 
