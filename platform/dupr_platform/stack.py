@@ -5,11 +5,14 @@
     python -m dupr_platform.stack add-worker              # one more worker node (a replacement)
     python -m dupr_platform.stack down                    # stop exactly what `up` started
 
-On loopback, each on a free port: PostgreSQL (Debian's `postgresql`) as the MLflow server's
+Each on a free port of this machine: PostgreSQL (Debian's `postgresql`) as the MLflow server's
 backend store, moto's S3 server with one bucket, the MLflow server with artifacts proxied to
 that bucket, a Ray head (no CPUs: it runs the job drivers, as on a cluster) and two worker
 nodes as separate `ray start` processes, each with a custom resource naming it
-(`stack_worker_1`, ...) so a test can tell where Ray placed what.
+(`stack_worker_1`, ...) so a test can tell where Ray placed what. PostgreSQL, S3, MLflow and
+Ray's dashboard listen on 127.0.0.1 only; Ray's node processes listen on every interface and
+advertise the host's address whatever `--node-ip-address` says (Ray maps 127.0.0.1 to it), so
+the stack runs them with token authentication on.
 
 Why this shape: it is the Compose stack of `deploy/compose/` without containers (this project's
 machines have no container engine), so the multi-node path (job submission, token auth,
