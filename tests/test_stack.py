@@ -374,10 +374,7 @@ def test_a_sweep_with_two_trials_at_once(stack: Stack, tmp_path: Path):
     args = [
         *("--grid", str(grid), "sweep.name=stack-sweep", "sweep.max_concurrent_trials=2"),
         "stages=[pretrain]",
-        # The nodes share this machine's disk. (With s3:// storage the sweep's driver fails
-        # today: `credentials_withheld` hides the AWS keys from the Tune storage filesystem
-        # it built before; reported, not fixed here.)
-        f"storage={tmp_path / 'storage'}",
+        f"storage=s3://{stack.bucket}/sweeps",
         f"tracking_uri={stack.mlflow}",
         "experiment=stack-sweep",
         f"pretrain.data={bundled_image_folder(16)}",
@@ -406,6 +403,13 @@ def test_a_sweep_with_two_trials_at_once(stack: Stack, tmp_path: Path):
     assert a.start_time < b.end_time and b.start_time < a.end_time
     server_log = Path(stack.services["mlflow"]["log"]).read_text(errors="replace")
     assert "Traceback" not in server_log and " 500 " not in server_log, server_log[-3000:]
+    # The sweep's state (Tune's and its stored rows) is in the bucket, signed with the keys;
+    # Tune copied no key into its trials (Ray logs their runtime environments).
+    keys = list_keys(stack.s3, stack.bucket, "sweeps/stack-sweep/")
+    assert sum("/sweep/trials/" in k for k in keys) == 2 and any("/tune/" in k for k in keys)
+    secret = stack.env["AWS_SECRET_ACCESS_KEY"].encode()
+    assert not [str(p) for p in files_under(stack.root) if secret in p.read_bytes()]
+    assert secret.decode() not in logs
 
 
 def test_down_stops_exactly_what_up_started(stack: Stack, tmp_path: Path):

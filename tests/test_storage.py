@@ -286,3 +286,26 @@ def test_upload_download_and_localize_an_s3_folder(s3_env, tmp_path):
     assert localize(str(src), cache) == str(src)  # local paths are used in place
     with pytest.raises(FileNotFoundError, match="s3://evaldata/sets/missing"):
         localize("s3://evaldata/sets/missing", cache)
+
+
+@pytest.mark.slow
+def test_tune_copies_no_credentials_yet_the_sweeps_storage_keeps_them(s3_iam_server, monkeypatch):
+    """During a sweep's `tuner.fit()` Ray Tune must not copy the AWS keys into its trials'
+    runtime environments (Ray logs those), while Tune's own calls to the sweep's s3:// folder
+    still sign with them: the store here rejects anonymous requests."""
+    from ray.tune.execution import class_cache
+
+    from dupr_platform.cluster import credentials_withheld
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_iam_server.endpoint_url)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_iam_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_iam_server.secret_key)
+    storage = open_storage(f"s3://{s3_iam_server.bucket}/sweeps")
+    keys = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+    with credentials_withheld():
+        assert not keys & class_cache.ENV_VARS_TO_PROPAGATE
+        storage.filesystem.create_dir(f"{storage.path}/tune")  # as Tune's storage setup does
+        storage.write_bytes("tune/state.json", b"{}")
+    assert storage.read_bytes("tune/state.json") == b"{}"
+    assert keys <= class_cache.ENV_VARS_TO_PROPAGATE  # restored for anything else

@@ -62,12 +62,20 @@ def credentials_withheld() -> Iterator[None]:
     """Keep Ray Tune from copying credential variables into its trials' runtime environments.
 
     Trials get credentials as every Ray worker does (inherited from the driver on a local
-    instance, the node's own on a cluster), so the variables are out of this process's
-    environment while Tune starts trials; clients made before (the storage filesystems) keep
-    theirs.
+    instance, the node's own on a cluster). Ray Tune 2.60 has no switch for the copy; it reads
+    the names from the set `class_cache.ENV_VARS_TO_PROPAGATE`, so the credential names are
+    taken out of that set while Tune runs. The values stay in this process's environment:
+    pyarrow's S3 filesystem reads them on every request, and Tune's own storage calls (the
+    sweep's s3:// folder) need them.
     """
-    with environment(dict.fromkeys(_TUNE_COPIED_CREDENTIALS)):
+    from ray.tune.execution import class_cache
+
+    names = set(_TUNE_COPIED_CREDENTIALS) & class_cache.ENV_VARS_TO_PROPAGATE
+    class_cache.ENV_VARS_TO_PROPAGATE.difference_update(names)
+    try:
         yield
+    finally:
+        class_cache.ENV_VARS_TO_PROPAGATE.update(names)
 
 
 def _free_port() -> int:
