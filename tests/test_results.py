@@ -183,7 +183,10 @@ def test_the_console_shows_each_evaluations_key_metrics(tmp_path):
         "detection/retinanet_fpn/bbox/AP",
         "detection/retinanet_fpn/bbox/AP50",
         "spatial/slope",
-        "correspondence/accuracy",
+        "correspondence/conv4/exact",
+        "correspondence/conv5/exact",
         "probe/conv4",
         "probe/conv5",
+        "object_probe/conv4",
+        "object_probe/conv5",
     ]
