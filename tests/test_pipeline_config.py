@@ -402,6 +402,7 @@ def test_the_object_probe_stage_classifies_the_detection_sets_boxes_per_level(tm
     """The object_probe body on the bundled detection set: one accuracy per level, the names
     `metric_names` promises, written to the stage folder."""
     config = {"init": "random", "arch": "resnet18", "roi_size": 2, "image_size": 64, "C": 1.0}
+    config["max_images"] = 8  # as the toy pipelines (tests/helpers.py)
     ctx = stage_context(tmp_path, "object_probe/random", {**config, "seed": 0}, {"backbone": None})
     out = tmp_path / "out"
     out.mkdir()

@@ -184,6 +184,7 @@ class ObjectProbeConfig:
 
     roi_size: int = 2  # cells per box side (RoIAlign, as the patch head pools)
     image_size: int | None = None  # None: the pre-training image size (shorter side)
+    max_images: int = 1000  # per split, the first in annotation order (COCO train has 118k)
     C: float = 1.0  # the linear SVM's regularisation
     seed: int = 0
 
@@ -542,6 +543,7 @@ def _validate_eval(ev: Any) -> None:
         check_int("probe.image_size", ev.probe.image_size, low=STRIDES[-1])
     check_int("probe.batch_size", ev.probe.batch_size, low=1)
     check_int("object_probe.roi_size", ev.object_probe.roi_size, low=1)
+    check_int("object_probe.max_images", ev.object_probe.max_images, low=1)
     if ev.object_probe.image_size is not None:
         check_int("object_probe.image_size", ev.object_probe.image_size, low=STRIDES[-1])
     check_number("object_probe.C", ev.object_probe.C, above=0)

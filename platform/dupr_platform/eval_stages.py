@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from dupr.backbone import ResNetBackbone
 from dupr.config import LEVELS, ConfigError
@@ -299,10 +300,14 @@ def object_probe(ctx: StageContext, out: Path) -> StageOutput:
     """Per-level linear probe on frozen RoI features of the detection set's ground-truth boxes
     (train boxes → val boxes): the cheapest detection-relevant comparison of backbones."""
     c = ctx.config
+    train, val = (detection_set(ctx.inputs, split) for split in ("train", "val"))
+    first = {
+        split: range(min(len(d), c["max_images"])) for split, d in (("train", train), ("val", val))
+    }
     accuracy = probe_boxes(
         backbone_module(ctx),
-        detection_set(ctx.inputs, "train"),
-        detection_set(ctx.inputs, "val"),
+        Subset(train, first["train"]),  # the same items, the first max_images
+        Subset(val, first["val"]),
         roi_size=c["roi_size"],
         image_size=c["image_size"],
         C=c["C"],
