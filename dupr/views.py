@@ -21,6 +21,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def normalise(image: Tensor) -> Tensor:
+    """A (3, H, W) image in [0, 1] normalised with the ImageNet statistics the views use."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (image - mean) / std
+
+
 class PhotometricRandAugment(T.RandAugment):
     """torchvision's RandAugment without its geometric operations.
 

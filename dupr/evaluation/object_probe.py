@@ -22,7 +22,7 @@ from torchvision.ops import roi_align
 from dupr.config import LEVELS, STRIDES
 from dupr.data.coco import CocoDetection
 from dupr.evaluation.linear_probe import _check_levels, probe_accuracy
-from dupr.views import IMAGENET_MEAN, IMAGENET_STD
+from dupr.views import normalise
 
 # RoIAlign sampling as in the patch head (dupr.config.ModelConfig.roi_sampling_ratio).
 _SAMPLING_RATIO = 2
@@ -31,12 +31,6 @@ _SAMPLING_RATIO = 2
 def _device(module: nn.Module) -> torch.device:
     param = next(module.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
-
-
-def _normalise(image: Tensor) -> Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (image - mean) / std
 
 
 def _resize(image: Tensor, boxes: Tensor, size: int | None) -> tuple[Tensor, Tensor]:
@@ -73,7 +67,7 @@ def box_features(
             image, target = dataset[i]
             if not len(target["boxes"]):
                 continue
-            image, boxes = _resize(_normalise(image), target["boxes"].float(), image_size)
+            image, boxes = _resize(normalise(image), target["boxes"].float(), image_size)
             maps = backbone(image[None].to(device), up_to=max(levels))
             for m in levels:
                 pooled = roi_align(

@@ -39,7 +39,7 @@ from dupr.evaluation.linear_probe import linear_probe, probe_transform
 from dupr.evaluation.object_probe import object_probe as probe_boxes
 from dupr.evaluation.spatial import iou_similarity, plot_iou_similarity
 from dupr.evaluation.voc_metrics import VOC_METRICS
-from dupr.views import IMAGENET_MEAN, IMAGENET_STD
+from dupr.views import normalise
 from dupr_platform.configs import CLASSIFICATION_DATA, DETECTION_DATA, detection_recipe
 from dupr_platform.convert_stage import CONVERT_METRICS
 from dupr_platform.progress import Progress
@@ -119,12 +119,6 @@ def classification_data(inputs: dict[str, str | None]) -> dict[str, str]:
         root = bundled_classification_set()
         return {"train": str(root / "train"), "val": str(root / "val")}
     return {k: local_input(inputs[k]) for k in CLASSIFICATION_DATA}
-
-
-def _normalise(image: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (image - mean) / std
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +210,7 @@ def spatial(ctx: StageContext, out: Path) -> StageOutput:
     for i in range(min(len(val_set), c["max_images"])):
         image, target = val_set[i]
         if len(target["boxes"]):
-            images.append(_normalise(image))
+            images.append(normalise(image))
             boxes.append(target["boxes"])
     result = iou_similarity(
         backbone_module(ctx),
