@@ -305,6 +305,29 @@ def test_correspondence_on_conv4_and_conv5_in_one_call(resnet18):
         patch_correspondence_levels(resnet18, images, levels=(4,))
 
 
+class PositionOnly(torch.nn.Module):
+    """A content-blind "backbone": each cell's feature is the one-hot of its grid position."""
+
+    def forward(self, x: torch.Tensor, up_to: int = 3) -> list[torch.Tensor]:
+        maps = []
+        for stride in STRIDES[: up_to + 1]:
+            g = grid_size(x.shape[-1], stride)
+            eye = torch.eye(g * g).reshape(g * g, g, g)
+            maps.append(eye.expand(len(x), -1, -1, -1))
+        return maps
+
+
+def test_same_position_baseline_is_what_a_content_blind_backbone_scores():
+    by_level = patch_correspondence_levels(
+        PositionOnly(), [photo(200)], image_size=96, levels=(2, 3), pairs_per_image=4
+    )
+    for res in by_level.values():
+        assert torch.equal(res.matches, torch.arange(len(res.matches)))
+        assert res.exact == res.same_position_exact
+        assert res.within_one == res.same_position_within_one
+        assert 0.0 <= res.same_position_exact <= res.same_position_within_one <= 1.0
+
+
 def test_correspondence_rejects_wrong_map_size():
     crop = torch.tensor([0.0, 0.0, 100.0, 100.0, 0.0])
     f = torch.zeros(4, 6, 6)

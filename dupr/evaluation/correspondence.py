@@ -93,6 +93,9 @@ class _Matches:
     valid: Tensor
     distance: Tensor  # Chebyshev distance in cells from each match to its true cell
     tolerance_cells: int
+    # The same for the content-blind baseline that matches each cell to the view-2 cell at the
+    # same grid position (its distance to the true cell).
+    same_position_distance: Tensor
 
     @property
     def correct(self) -> Tensor:
@@ -100,6 +103,9 @@ class _Matches:
 
     def within(self, cells: int) -> Tensor:
         return self.valid & (self.distance <= cells)
+
+    def same_position_within(self, cells: int) -> Tensor:
+        return self.valid & (self.same_position_distance <= cells)
 
 
 def _evaluate(
@@ -119,9 +125,19 @@ def _evaluate(
             )
     target, valid = true_correspondence(crop1, crop2, size, stride)
     matches = match_patches(feat1, feat2).cpu()
-    # Chebyshev distance in the view-2 grid.
-    dist = torch.maximum((matches // g - target // g).abs(), (matches % g - target % g).abs())
-    return _Matches(matches, target, valid, dist, tolerance_cells)
+    return _Matches(
+        matches,
+        target,
+        valid,
+        _chebyshev(matches, target, g),
+        tolerance_cells,
+        _chebyshev(torch.arange(g * g), target, g),
+    )
+
+
+def _chebyshev(a: Tensor, b: Tensor, g: int) -> Tensor:
+    """Chebyshev distance in cells between row-major indices of a g×g grid."""
+    return torch.maximum((a // g - b // g).abs(), (a % g - b % g).abs())
 
 
 def correspondence_accuracy(
@@ -149,11 +165,17 @@ class CorrespondenceResult:
 
     ``accuracy`` counts a match within ``tolerance_cells`` (what the plot colours green);
     ``exact`` and ``within_one`` are the same count at 0 and 1 cells, whatever the tolerance.
+    ``same_position_exact`` and ``same_position_within_one`` score a content-blind baseline
+    that matches every cell to the view-2 cell at the same grid position, on the same pairs:
+    on coarse grids with overlapping crops it is right often, so a backbone's accuracy means
+    something only above it.
     """
 
     accuracy: float
     exact: float
     within_one: float
+    same_position_exact: float
+    same_position_within_one: float
     num_valid: int
     num_pairs: int
     size: int
@@ -205,8 +227,9 @@ def patch_correspondence_levels(
     views = TwoViews(image_size, augment)
     backbone.eval()
     first: dict[int, tuple] = {}
-    # Per level: matches on the true cell, within one cell, within the tolerance; valid cells.
-    counts = {m: torch.zeros(4, dtype=torch.long) for m in levels}
+    # Per level: matches on the true cell, within one cell, within the tolerance; valid cells;
+    # the same-position baseline on the true cell and within one cell.
+    counts = {m: torch.zeros(6, dtype=torch.long) for m in levels}
     pairs = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -218,6 +241,7 @@ def patch_correspondence_levels(
                     feat = maps[m].float()
                     r = _evaluate(feat[0], feat[1], c1, c2, image_size, STRIDES[m], tolerance_cells)
                     hits = [r.within(0), r.within(1), r.correct, r.valid]
+                    hits += [r.same_position_within(0), r.same_position_within(1)]
                     counts[m] += torch.stack([h.sum() for h in hits]).long()
                     first.setdefault(m, (v1, v2, c1, c2, r))
                 pairs += 1
@@ -231,7 +255,7 @@ def _result(
     first: tuple, counts: Tensor, pairs: int, size: int, stride: int, tolerance_cells: int
 ) -> CorrespondenceResult:
     v1, v2, c1, c2, m = first
-    exact, within_one, correct, valid = counts.tolist()
+    exact, within_one, correct, valid, same_exact, same_within_one = counts.tolist()
 
     def rate(n: int) -> float:
         return n / valid if valid else float("nan")
@@ -240,6 +264,8 @@ def _result(
         accuracy=rate(correct),
         exact=rate(exact),
         within_one=rate(within_one),
+        same_position_exact=rate(same_exact),
+        same_position_within_one=rate(same_within_one),
         num_valid=valid,
         num_pairs=pairs,
         size=size,
