@@ -82,13 +82,12 @@ def test_detection_set_has_exact_ground_truth(detection_root: Path, split: str) 
     assert labels_seen == set(range(1, len(SHAPES) + 1))
 
 
-def test_objects_are_textured_from_other_photos(detection_root: Path) -> None:
-    """Pasted pixels differ from the background around them (the object is visible)."""
-    ds = CocoDetection(
-        detection_root / "val", detection_root / "annotations" / "instances_val.json", True
-    )
-    contrasts = []
-    for index in range(8):
+def contrast_and_flatness(root: Path, images: int = 8) -> tuple[float, float]:
+    """Medians over objects of |mean inside - mean of the band around| (max over channels) and
+    of the pixel std inside the object (mean over channels)."""
+    ds = CocoDetection(root / "val", root / "annotations" / "instances_val.json", True)
+    contrasts, spreads = [], []
+    for index in range(images):
         image, target = ds[index]
         objects = target["masks"].bool()
         for mask in objects:
@@ -100,7 +99,24 @@ def test_objects_are_textured_from_other_photos(detection_root: Path) -> None:
             inside = image[:, mask].mean(dim=1)
             outside = image[:, near].mean(dim=1)
             contrasts.append(float((inside - outside).abs().max()))
-    assert np.median(contrasts) > 0.05
+            spreads.append(float(image[:, mask].std(dim=1).mean()))
+    return float(np.median(contrasts)), float(np.median(spreads))
+
+
+def test_default_objects_are_flat_colours_that_stand_out(detection_root: Path) -> None:
+    """fill="solid" (the default): one colour per object, far from the background around it."""
+    contrast, spread = contrast_and_flatness(detection_root)
+    assert contrast > 0.2 and spread < 0.03
+
+
+def test_textured_objects_are_cut_from_other_photos(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fill="texture": the harder variant, objects carry photo texture and still stand out."""
+    monkeypatch.setenv("DUPR_DATA_HOME", str(tmp_path))
+    root = bundled_detection_set(num_train=1, num_val=8, fill="texture")
+    contrast, spread = contrast_and_flatness(root)
+    assert contrast > 0.05 and spread > 0.05
 
 
 def test_second_call_is_fast_and_returns_the_same_path(detection_root: Path) -> None:
@@ -183,3 +199,7 @@ def test_bad_arguments_raise_one_line_errors() -> None:
         bundled_detection_set(max_side=100)
     with pytest.raises(ValueError, match="size"):
         bundled_classification_set(size=8)
+    with pytest.raises(ValueError, match=r"^fill='plain': expected one of texture, solid$"):
+        bundled_detection_set(fill="plain")
+    with pytest.raises(ValueError, match=r"^object_size=\(0.5, 0.2\): expected"):
+        bundled_detection_set(object_size=(0.5, 0.2))

@@ -3,8 +3,12 @@
 Why composed: no installed package ships real photographs with boxes or class labels, and the
 detection transfer (§4.1-§4.3) and linear-probe checks must run without internet. So objects with
 exact ground truth are pasted onto real photographs (`dupr.data.bundled.bundled_photos()`):
-each object is the silhouette of one of `SHAPES`, filled with a texture cut from a *different*
-photograph, so that the class is carried by the shape and not by colour or background. Objects
+each object is the silhouette of one of `SHAPES`, filled with one flat colour of random hue that
+contrasts with the background under it (`fill="solid"`, the default) or with a texture cut from
+a *different* photograph (`fill="texture"`), so that the class is carried by the shape and not
+by colour or background. The flat fill is the default because the detection stage must rank
+backbones at the demo's budget (150 fine-tuning iterations): on textured objects every
+backbone, pre-trained or random, scored 1-2 AP there (noise); see the README's evidence. Objects
 never overlap, so each object's mask is exactly its silhouette pixels and its box is the tight
 box of that mask (COCO pixel-edge convention: `x` = leftmost column, `w` = rightmost - leftmost
 + 1).
@@ -20,6 +24,7 @@ reader never sees a half-written set and a second call returns at once.
 
 from __future__ import annotations
 
+import colorsys
 import functools
 import hashlib
 import io
@@ -63,6 +68,12 @@ BACKGROUND_SCALE = (0.35, 1.0)
 TEXTURE_SCALE = (0.15, 0.60)
 BRIGHTNESS_PROB = 0.5
 BRIGHTNESS = (0.6, 1.4)
+# fill="solid": one colour per object, of random hue, saturated, its brightness on the other
+# side of mid-grey from the background under the object (high contrast).
+FILLS = ("texture", "solid")
+SOLID_SATURATION = (0.6, 1.0)
+SOLID_VALUE_ON_DARK = (0.75, 1.0)  # background luminance below 128
+SOLID_VALUE_ON_LIGHT = (0.1, 0.4)
 STAR_INNER_RADIUS = 0.45
 CROSS_HALF_WIDTH = 0.3
 
@@ -162,14 +173,29 @@ def _texture(
     return texture
 
 
+def _solid(rng: np.random.Generator, window: np.ndarray, local_mask: np.ndarray) -> np.ndarray:
+    """A flat colour texture that contrasts with the background pixels under the silhouette."""
+    under = window[local_mask].astype(np.float64)
+    luminance = float((under @ np.array([0.299, 0.587, 0.114])).mean())
+    hue = float(rng.random())
+    saturation = _uniform(rng, *SOLID_SATURATION)
+    value = _uniform(rng, *(SOLID_VALUE_ON_DARK if luminance < 128 else SOLID_VALUE_ON_LIGHT))
+    colour = np.rint(np.array(colorsys.hsv_to_rgb(hue, saturation, value)) * 255)
+    return np.broadcast_to(colour.astype(np.uint8), (*local_mask.shape, 3))
+
+
 def _compose(
     rng: np.random.Generator,
     photos: list[Photo],
     size: tuple[int, int],
     shapes: list[int],
     object_size: tuple[float, float],
+    fill: str = "texture",
 ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
     """A background crop with the objects `shapes` (indices into SHAPES) pasted without overlap.
+
+    Each object is filled with a texture cut from another photo (`fill="texture"`) or with one
+    flat, contrasting colour (`fill="solid"`).
 
     An object whose placement fails `PLACEMENT_TRIES` times is left out (never the first one,
     which always fits on an empty canvas). Returns the image and (shape index, mask) per object.
@@ -192,7 +218,10 @@ def _compose(
                 break
         else:
             continue
-        texture = _texture(rng, photos, background, side)
+        if fill == "solid":
+            texture = _solid(rng, canvas[y0 : y0 + side, x0 : x0 + side], local)
+        else:
+            texture = _texture(rng, photos, background, side)
         mask = paste_object(canvas, local, x0, y0, texture)
         occupied |= mask
         objects.append((shape, mask))
@@ -322,13 +351,15 @@ def _detection_split(
         rng = np.random.default_rng([spec["seed"], 0, split, k])
         width = _randint(rng, spec["min_side"], spec["max_side"])
         height = _randint(rng, spec["min_side"], spec["max_side"])
-        num_objects = _randint(rng, 1, MAX_OBJECTS)
+        num_objects = _randint(rng, 1, spec["max_objects"])
         # The first object cycles through the categories, so every one occurs in any split of
         # at least len(SHAPES) images; the others are random.
         shapes = [k % len(SHAPES)] + [
             _randint(rng, 0, len(SHAPES) - 1) for _ in range(num_objects - 1)
         ]
-        canvas, objects = _compose(rng, photos, (width, height), shapes, DETECTION_OBJECT_SIZE)
+        canvas, objects = _compose(
+            rng, photos, (width, height), shapes, tuple(spec["object_size"]), spec["fill"]
+        )
         file_name = f"{k:05d}.jpg"
         _write_file(tmp, f"{name}/{file_name}", _jpeg_bytes(canvas), files)
         images.append({"id": k + 1, "file_name": file_name, "width": width, "height": height})
@@ -364,19 +395,30 @@ def bundled_detection_set(
     min_side: int = 144,
     max_side: int = 208,
     seed: int = 0,
+    fill: str = "solid",
+    max_objects: int = MAX_OBJECTS,
+    object_size: tuple[float, float] = DETECTION_OBJECT_SIZE,
 ) -> Path:
     """The bundled COCO-format detection set, built on first use; returns its root folder.
 
     Layout: `train/`, `val/` (JPEG, quality 95) and `annotations/instances_{train,val}.json`.
     Each image (width and height each in [min_side, max_side]) is a random crop of one photo
-    with 1 to `MAX_OBJECTS` non-overlapping objects of side 20-45% of the shorter image side;
-    masks are compressed RLE, boxes the tight boxes of the masks, categories `SHAPES` (ids 1..5).
+    with 1 to `max_objects` non-overlapping objects whose side is a fraction `object_size` (by
+    default 20-45%) of the shorter image side, filled as `fill` says ("solid" or "texture", see
+    the module's docstring); masks are compressed RLE, boxes the tight boxes of the masks,
+    categories `SHAPES` (ids 1..5).
     """
     _check_int("num_train", num_train, 1)
     _check_int("num_val", num_val, 1)
     _check_int("min_side", min_side, 32)
     _check_int("max_side", max_side, min_side)
     _check_int("seed", seed, 0)
+    _check_int("max_objects", max_objects, 1)
+    if fill not in FILLS:
+        raise ValueError(f"fill={fill!r}: expected one of {', '.join(FILLS)}")
+    low, high = (float(v) for v in object_size)
+    if not 0.0 < low <= high <= 1.0:
+        raise ValueError(f"object_size={object_size!r}: expected 0 < low <= high <= 1")
     spec = {
         "format": "dupr-bundled-detection",
         "version": EVAL_VERSION,
@@ -387,7 +429,9 @@ def bundled_detection_set(
         "seed": seed,
         "jpeg_quality": JPEG_QUALITY,
         "shapes": list(SHAPES),
-        "object_size": list(DETECTION_OBJECT_SIZE),
+        "object_size": [low, high],
+        "fill": fill,
+        "max_objects": max_objects,
     }
 
     def write(tmp: Path, photos: list[Photo], files: list[dict[str, Any]]) -> None:
