@@ -3,6 +3,7 @@
     python pipelines/ablate.py --grid beta                        # Table VII (b), CPU demo scale
     python pipelines/ablate.py --grid alpha preset=paper_r50_imagenet sweep.max_concurrent_trials=4
     python pipelines/ablate.py --grid my_grid.yaml                # a grid of your own
+    python pipelines/ablate.py --grid roi preset=paper_r50_imagenet smoke=true  # every trial, a few steps
     ray job submit --working-dir . -- python pipelines/ablate.py --grid roi <overrides>
 
 Grids: configs/grid/ (alpha, beta, roi, tau, loss). The config is configs/ablate.yaml (the

@@ -2,6 +2,7 @@
 
     python pipelines/pretrain_and_eval.py                        # CPU demo, bundled data
     python pipelines/pretrain_and_eval.py preset=paper_r50_imagenet
+    python pipelines/pretrain_and_eval.py preset=paper_r50_imagenet smoke=true  # before GPU hours
     python pipelines/pretrain_and_eval.py stages=[detection] eval.detection.iterations=500
     ray job submit --working-dir . -- python pipelines/pretrain_and_eval.py <overrides>
 

@@ -174,6 +174,9 @@ class ProbeConfig:
 
     image_size: int | None = None  # None: the pre-training image size
     batch_size: int = 32
+    # Per split, spread evenly over the folder's class-sorted order (every class keeps
+    # images); None: all.
+    max_images: int | None = None
     seed: int = 0
 
 
@@ -201,6 +204,24 @@ class EvalConfig:
 
 
 @dataclass
+class EstimateConfig:
+    """What the smoke run (`smoke=true`, `dupr_platform.smoke`) assumes for its estimate of the
+    full run and for its memory check."""
+
+    # Images in one pre-training epoch when pretrain.data is absent and stood in for (the
+    # paper presets: ImageNet-1k train, 1,281,167); None: counted from the data.
+    pretrain_images: int | None = None
+    # The memory of one device of the full run, in GB: every stage's peak, projected to its
+    # full per-device batch, must fit (GiB). None: the GPU's own memory when the smoke run has one;
+    # no check on a CPU.
+    device_memory_gib: float | None = None
+    # TFLOP/s one GPU is assumed to achieve when the smoke run has none and times come from
+    # counted FLOPs: about 10 % of an H100's bf16 peak (989), what convolutional nets' mixed-
+    # precision training reaches there. A GPU smoke run uses its measured step times instead.
+    device_tflops: float = 100.0
+
+
+@dataclass
 class PipelineConfig(RunLocation):
     """configs/pretrain_and_eval.yaml: storage, tracking, the stages and their settings."""
 
@@ -212,6 +233,11 @@ class PipelineConfig(RunLocation):
     # as configured. Seed 0's stages are those of a run without seeds (shared in the cache);
     # the others' stage names end in @seed<N>.
     seeds: list[int] | None = None
+    # A smoke run: every stage of this exact configuration for a few steps on a small slice of
+    # the data (stand-ins for absent data) on whatever device is there; prints each stage's
+    # step time and peak memory and an estimate of the full run (dupr_platform.smoke).
+    smoke: bool = False
+    estimate: EstimateConfig = field(default_factory=EstimateConfig)
     pretrain: PipelinePretrainConfig = field(default_factory=PipelinePretrainConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -300,10 +326,32 @@ def compose(config_dir: str | Path, config_name: str, overrides: list[str]) -> d
     try:
         with initialize_config_dir(str(config_dir), version_base="1.3", job_name=config_name):
             cfg = hydra_compose(config_name=config_name, overrides=overrides)
+        if cfg.get("smoke"):
+            _stand_in_for_unset_env(cfg)
         values = OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as exc:
         raise config_error(exc) from None
     return values
+
+
+def _stand_in_for_unset_env(node: Any) -> None:
+    """A smoke run of a preset whose data lives at `${oc.env:VAR}` with VAR unset: those
+    values become null, which every data field reads as its bundled stand-in (a preset's data
+    is often absent where its smoke run is tried first, e.g. on a laptop or in CI)."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
+
+    for key in list(node.keys()):
+        if OmegaConf.is_interpolation(node, key):
+            text = str(node._get_node(key)._value())
+            try:
+                node[key]
+            except InterpolationResolutionError:
+                if "oc.env:" not in text:
+                    raise
+                node[key] = None
+        elif isinstance(node.get(key), DictConfig):
+            _stand_in_for_unset_env(node[key])
 
 
 def _groups(config_dir: Path, config_name: str) -> set[str]:
@@ -390,6 +438,12 @@ def config_error(exc: BaseException) -> ConfigError:
         not_bool = re.match(r"Value '(.*)' is not a valid bool", text, re.S)
         if not_bool:
             return ConfigError(f"{key}={not_bool.group(1)!r}: must be true or false")
+        unset = re.search(r"Environment variable '(\w+)' not found", text)
+        if unset:
+            return ConfigError(
+                f"{key}: the environment variable {unset.group(1)} is not set (set it to the "
+                "data's location; smoke=true runs on stand-ins without it)"
+            )
         if re.match(r"Key '.*' (not in|is not in struct)", text):
             return ConfigError(f"{key}: unknown configuration key")
         invalid = re.match(
@@ -491,6 +545,14 @@ def validate_pipeline(values: dict[str, Any]) -> Any:
         ):
             raise ConfigError(f"{where}: reserved or invalid label")
         check_name(where, uri, slash_ok=True)
+    check_bool("smoke", cfg.smoke)
+    with field_prefix("estimate."):
+        est = cfg.estimate
+        if est.pretrain_images is not None:
+            check_int("pretrain_images", est.pretrain_images, low=1)
+        if est.device_memory_gib is not None:
+            check_number("device_memory_gib", est.device_memory_gib, above=0)
+        check_number("device_tflops", est.device_tflops, above=0)
     rows = initialisations(cfg)
     if cfg.baselines.reference is not None and cfg.baselines.reference not in rows:
         raise ConfigError(
@@ -542,6 +604,8 @@ def _validate_eval(ev: Any) -> None:
     if ev.probe.image_size is not None:
         check_int("probe.image_size", ev.probe.image_size, low=STRIDES[-1])
     check_int("probe.batch_size", ev.probe.batch_size, low=1)
+    if ev.probe.max_images is not None:
+        check_int("probe.max_images", ev.probe.max_images, low=1)
     check_int("object_probe.roi_size", ev.object_probe.roi_size, low=1)
     check_int("object_probe.max_images", ev.object_probe.max_images, low=1)
     if ev.object_probe.image_size is not None:

@@ -43,12 +43,20 @@ from dupr.views import normalise
 from dupr_platform.configs import CLASSIFICATION_DATA, DETECTION_DATA, detection_recipe
 from dupr_platform.convert_stage import CONVERT_METRICS
 from dupr_platform.progress import Progress
+from dupr_platform.smoke import (
+    SMOKE_IMAGES,
+    PeakMemory,
+    StepTimer,
+    flops_counted,
+    profile_metrics,
+)
 from dupr_platform.stages import StageContext, StageOutput, local_input
 from dupr_platform.storage import open_storage, split_uri, uri_exists
 from dupr_platform.tracking import RunLogger
 
 
-def _device(ctx: StageContext) -> torch.device:
+def stage_device(ctx: StageContext) -> torch.device:
+    """The stage's device: a GPU when Ray gave it one."""
     return torch.device("cuda" if ctx.gpus > 0 and torch.cuda.is_available() else "cpu")
 
 
@@ -71,7 +79,7 @@ def backbone_module(ctx: StageContext) -> nn.Module:
     net = ResNetBackbone(arch)
     if state is not None:
         net.load_state_dict(state)  # strict: every trunk tensor, nothing else
-    return net.to(_device(ctx)).eval()
+    return net.to(stage_device(ctx)).eval()
 
 
 class DetectionSplit(NamedTuple):
@@ -137,6 +145,13 @@ def detection(ctx: StageContext, out: Path) -> StageOutput:
     # What was trained and evaluated on, with the objects the metrics ignore (crowd, difficult).
     summary = {"train": data_summary(train_set.coco), "val": data_summary(val_set.coco)}
     (out / "data.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    device = stage_device(ctx)
+    memory = None
+    if ctx.profile:  # a smoke run: the whole set's classes, then a slice of it
+        check_classes(train_set)
+        train_set = first_images(train_set, cfg.iterations * cfg.batch_size)
+        val_set = first_images(val_set, SMOKE_IMAGES // 2)
+        memory = PeakMemory(device).start()
     arch, state = load_backbone(ctx)
     torch.manual_seed(cfg.seed)
     model = build_detector(
@@ -149,17 +164,29 @@ def detection(ctx: StageContext, out: Path) -> StageOutput:
         max_size=cfg.max_size,
         **cfg.overrides,
     )
-    device = _device(ctx)
     logger = RunLogger.start(ctx.tracking_uri, ctx.experiment, ctx.name, run_id=ctx.run_id)
     progress = Progress(ctx.name, cfg.iterations, unit="iter")
+    timer = StepTimer()
 
     def on_log(iteration: int, losses: dict[str, float]) -> None:
+        timer.tick()
         logger.log_metrics(iteration, {f"train/{k}": v for k, v in losses.items()})
         progress.update(iteration, {"loss": losses.get("loss", float("nan"))})
 
     try:
-        finetune(model, train_set, cfg, device, on_log=on_log, log_every=c.get("log_every", 10))
-        metrics = evaluate(model, val_set, device, voc=c.get("voc_metric", True))
+        with flops_counted(device if memory else None) as flops:
+            finetune(model, train_set, cfg, device, on_log=on_log, log_every=c.get("log_every", 10))
+        measured = {}
+        if memory is not None:
+            measured = profile_metrics(
+                device,
+                cfg.batch_size,
+                memory.stop(),
+                timer.step_s(),
+                flops.get("total"),
+                cfg.iterations,
+            )
+        metrics = evaluate(model, val_set, device, voc=c.get("voc_metric", True)) | measured
         logger.commit()
     finally:
         logger.flush()
@@ -169,6 +196,32 @@ def detection(ctx: StageContext, out: Path) -> StageOutput:
         metrics=metrics,
         artifacts=["data.json"],
     )
+
+
+def check_classes(data: CocoDetection) -> None:
+    """Every class of the detection set has a training box (a smoke run's check: a class
+    without one cannot be learnt, and its AP is 0 or undefined)."""
+    boxes = {a["category_id"] for a in data.coco["annotations"] if not a.get("iscrowd")}
+    missing = [c["name"] for c in data.coco["categories"] if c["id"] not in boxes]
+    if missing:
+        shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
+        raise ConfigError(
+            f"eval.data.detection: {data.source}: {len(missing)} of "
+            f"{len(data.coco['categories'])} classes have no training box ({shown})"
+        )
+
+
+def first_images(data: CocoDetection, n: int) -> CocoDetection:
+    """The set's first `n` images (annotation order) with their annotations only, so that
+    metrics on the slice count only its ground truth."""
+    images = data.coco["images"][:n]
+    ids = {im["id"] for im in images}
+    coco = {
+        **data.coco,
+        "images": images,
+        "annotations": [a for a in data.coco["annotations"] if a["image_id"] in ids],
+    }
+    return CocoDetection(data.image_root, coco, with_masks=data.with_masks, source=data.source)
 
 
 SPATIAL_METRICS = ("slope", "sim_iou_above_0.5", "sim_iou_below_0.3", "points")
@@ -279,15 +332,24 @@ def probe(ctx: StageContext, out: Path) -> StageOutput:
     c = ctx.config
     data = classification_data(ctx.inputs)
     transform = probe_transform(c["image_size"])
+    train, val = (ImageFolder(data[split], transform=transform) for split in ("train", "val"))
     accuracy = linear_probe(
         backbone_module(ctx),
-        ImageFolder(data["train"], transform=transform),
-        ImageFolder(data["val"], transform=transform),
+        spread(train, c.get("max_images")),
+        spread(val, c.get("max_images")),
         batch_size=c["batch_size"],
-        device=_device(ctx),
+        device=stage_device(ctx),
     )
     (out / "accuracy.json").write_text(json.dumps(accuracy, indent=2))
     return StageOutput(files={"accuracy": "accuracy.json"}, metrics=accuracy)
+
+
+def spread(data: Any, n: int | None) -> Any:
+    """`n` items spread evenly over a class-sorted set (ImageFolder), so every class keeps
+    some; the whole set when `n` is None or not smaller."""
+    if n is None or n >= len(data):
+        return data
+    return Subset(data, sorted({int(i) for i in np.linspace(0, len(data) - 1, n)}))
 
 
 def object_probe(ctx: StageContext, out: Path) -> StageOutput:

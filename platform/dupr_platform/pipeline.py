@@ -42,7 +42,7 @@ from dupr.config import (
     field_prefix,
 )
 from dupr.io import markdown_table
-from dupr_platform import console, convert_stage, eval_stages, report
+from dupr_platform import console, convert_stage, eval_stages, report, smoke
 from dupr_platform.cluster import COMPUTE_PRIORITY, check_nodes, forwarded_env, start_ray
 from dupr_platform.configs import selected_kinds, validate_pipeline
 from dupr_platform.failures import UnrecoverableError
@@ -283,10 +283,13 @@ class PipelineResult:
     parent_run_id: str
     reports: list[StageReport]
     records: dict[str, dict[str, Any]]
+    # What a smoke run found would fail at full size, beyond failed stages.
+    failures: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return all(r.status in ("done", "cached", "not selected") for r in self.reports)
+        done = all(r.status in ("done", "cached", "not selected") for r in self.reports)
+        return done and not self.failures
 
 
 # The body of each stage kind but pre-training (which is a Ray Train job of its own).
@@ -305,7 +308,13 @@ def run_stage(ctx: StageContext) -> StageOutput:
     from mlflow.tracking import MlflowClient
 
     with tempfile.TemporaryDirectory(prefix="dupr-stage-") as tmp:
-        result = BODIES[ctx.kind](ctx, Path(tmp))
+        if ctx.profile and ctx.kind != "detection":  # a fine-tuning measures its own steps
+            device = eval_stages.stage_device(ctx)
+            with smoke.profiled(device) as measured:
+                result = BODIES[ctx.kind](ctx, Path(tmp))
+            result.metrics.update(measured)
+        else:
+            result = BODIES[ctx.kind](ctx, Path(tmp))
         open_storage(ctx.storage_uri).upload(tmp, ctx.folder)
         client = MlflowClient(ctx.tracking_uri)
         # 0 unless Ray's low worker priority applied (see cluster.COMPUTE_PRIORITY).
@@ -386,6 +395,7 @@ class _Runner:
             experiment=self.cfg["experiment"],
             cpus=stage.resources.get("CPU", 1.0),
             gpus=stage.resources.get("GPU", 0.0),
+            profile=bool(self.cfg.get("smoke")),
         )
 
     def finish(self, stage: Stage, inputs: dict[str, Any], out: StageOutput, run_id: str) -> None:
@@ -558,8 +568,15 @@ def run_pipeline(
     the sweep's, `run_key` makes a retried trial continue its run, `params` add the trial's
     grid value and `pretrain_callbacks` reach the pre-training's TorchTrainer (Tune reports).
     """
-    cfg = _absolute(cfg)
+    cfg = study = _absolute(cfg)
+    if study.get("smoke"):
+        cfg = smoke.prepare(study)
     stages = preflight_pipeline(cfg)
+    if study.get("smoke"):  # its batch and data follow the cluster's devices
+        if start_ray("pipeline"):
+            check_nodes(cfg["storage"], cfg["tracking_uri"])
+        cfg = smoke.fit(cfg, ray.cluster_resources())
+        stages = preflight_pipeline(cfg)
     to_run, hits, unselected = plan_stages(cfg, stages, cfg["storage"])
     jobs = [absolute_locations(pretrain_job(cfg, s)) for s in to_run if s.kind == "pretrain"]
     job = jobs[0] if jobs else None
@@ -610,6 +627,10 @@ def run_pipeline(
         table = summary_table(result, cfg)
         parent.log_text(table + "\n", "summary.md")
         print(table, flush=True)
+        if study.get("smoke"):
+            text, result.failures = smoke.report(study, result.reports)
+            parent.log_text(text + "\n", "smoke.md")
+            print("\n" + text, flush=True)
         if results:  # its captions as the pipeline's own lines, its tables as they are
             lines = [
                 f"[pipeline] {x}" if x and not x.startswith("|") else x for x in results.split("\n")

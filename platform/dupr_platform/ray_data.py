@@ -266,6 +266,10 @@ def two_view_dataset(
         raise ConfigError("image_size, map_batch_size, num_cpus, read_num_cpus must be positive")
     storage, index = _open_shards(data_uri, endpoint_url)
     ids = IdIndex(_read_ids(storage, index))
+    # The training's own progress line shows images/s; Ray Data's bars would reach the console
+    # as raw tqdm JSON through the driver's output routing (dupr_platform.console).
+    context = DataContext.get_current()
+    context.enable_progress_bars = context.enable_operator_progress_bars = False
     if isinstance(concurrency, int):
         compute = ActorPoolStrategy(size=concurrency)
     else:

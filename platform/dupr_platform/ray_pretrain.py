@@ -37,6 +37,7 @@ from ray.train.torch import TorchTrainer
 from dupr.config import (
     ConfigError,
     DUPRConfig,
+    check_bool,
     check_int,
     check_name,
     check_number,
@@ -54,6 +55,7 @@ from dupr_platform.failures import CheckpointLedger, StopOnUnrecoverable, Unreco
 from dupr_platform.progress import Progress
 from dupr_platform.ray_data import RayDataLoader, count_images, two_view_dataset
 from dupr_platform.shards import INDEX_NAME, ParquetImageDataset, ShardError, prepare_shards
+from dupr_platform.smoke import PeakMemory, StepTimer, flops_counted, profile_metrics
 from dupr_platform.storage import (
     AWS_CREDENTIALS,
     Storage,
@@ -107,6 +109,9 @@ class PretrainSettings:
     controller_failure_limit: int = field(default=3, metadata=EXECUTION_ONLY)
     keep_checkpoints: int = field(default=2, metadata=EXECUTION_ONLY)
     log_every: int = field(default=10, metadata=EXECUTION_ONLY)
+    # Report the step time, peak memory and (on a CPU) FLOPs per step as `profile/*` metrics
+    # (the smoke run, dupr_platform.smoke); with log_every=1 every step is timed.
+    profile: bool = field(default=False, metadata=EXECUTION_ONLY)
 
     def validate(self) -> PretrainSettings:
         """Every field's value; one ConfigError line naming the first bad one."""
@@ -118,6 +123,7 @@ class PretrainSettings:
             check_int(name, getattr(self, name), low=0)
         check_number("cpus_per_worker", self.cpus_per_worker, above=0)
         check_number("ray_data_cpus_per_actor", self.ray_data_cpus_per_actor, above=0)
+        check_bool("profile", self.profile)
         if self.use_gpu:
             check_number("gpus_per_worker", self.gpus_per_worker, above=0)
         batch = self.method.optim.batch_size
@@ -246,6 +252,8 @@ def train_worker(config: dict[str, Any]) -> None:
             rank=rank,
             pin_memory=device.type == "cuda",
         )
+    # A smoke run's numbers, from before the model is built: weights and banks count.
+    memory = PeakMemory(device).start() if config.get("profile") and rank == 0 else None
     model = DUPR(cfg.model).to(device)
     if cfg.optim.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -287,8 +295,10 @@ def train_worker(config: dict[str, Any]) -> None:
     progress = Progress(f"pretrain {config['name']}", total_steps, unit="step", done=state.step)
 
     last_loss = [float("nan")]
+    timer = StepTimer()
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
+        timer.tick()
         last_loss[0] = float(metrics.get("loss", float("nan")))
         if logger:
             logger.log_metrics(step, metrics)
@@ -319,17 +329,30 @@ def train_worker(config: dict[str, Any]) -> None:
                     checkpoint_dir_name=f"checkpoint_epoch={s.epoch:04d}",
                 )
 
+    steps_before = state.step
     try:
-        train(
-            state,
-            loader,
-            cfg.optim,
-            device,
-            global_batch=cfg.optim.batch_size,
-            log_every=config["log_every"],
-            on_log=on_log,
-            on_epoch_end=on_epoch_end,
-        )
+        with flops_counted(device if memory else None) as flops:
+            train(
+                state,
+                loader,
+                cfg.optim,
+                device,
+                global_batch=cfg.optim.batch_size,
+                log_every=config["log_every"],
+                on_log=on_log,
+                on_epoch_end=on_epoch_end,
+            )
+        if memory is not None and logger is not None:
+            measured = profile_metrics(
+                device,
+                cfg.optim.batch_size // world,
+                memory.stop(),
+                timer.step_s(),
+                flops.get("total"),
+                state.step - steps_before,
+            )
+            logger.log_metrics(state.step, measured)
+            logger.commit()
     except (UndecodableDataError, ShardError) as exc:
         # The data itself is broken (or gone): every restart would fail the same way.
         raise UnrecoverableError(f"data {config['data']}: {_first_line(exc)}") from None
@@ -531,6 +554,7 @@ def run_pretraining(
             "log_every": job.log_every,
             "data_loader": job.data_loader,
             "num_images": num_images,
+            "profile": job.profile,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.num_workers,

@@ -154,6 +154,8 @@ class StageContext:
     experiment: str
     cpus: float = 1.0
     gpus: float = 0.0
+    # A smoke run's stage: report its step time, peak memory and FLOPs (dupr_platform.smoke).
+    profile: bool = False
 
 
 @dataclass
