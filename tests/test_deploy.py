@@ -825,7 +825,8 @@ def test_an_entry_point_with_a_bad_override_fails():
     with pytest.raises(ConfigError, match="metric"):
         entry_point_config(
             "python pipelines/ablate.py --grid beta preset=paper_r50_coco storage=s3://b/r "
-            "tracking_uri=http://m:5000",  # the default metric is not the COCO preset's
+            "tracking_uri=http://m:5000 sweep.metric=detection/faster_rcnn_fpn/bbox/AP",
+            # another detector's metric: the COCO preset fine-tunes Mask R-CNN
             _settings(),
         )
     with pytest.raises(ConfigError):

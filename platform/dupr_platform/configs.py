@@ -259,8 +259,9 @@ class SweepConfig:
     max_concurrent_trials: int = 1
     trial_retries: int = 1  # a crashed trial is retried this often, then marked failed
     trial_cpus: float = 0.1  # the trial's own driver process (stages request their own)
-    # The row the table calls best, and the proxy metric for early stopping.
-    metric: str = "detection/faster_rcnn_fpn/bbox/AP"
+    # The row the table calls best. None: the first detector's box AP,
+    # detection/<eval.detection.detectors[0]>/bbox/AP (sweeps.best_metric).
+    metric: str | None = None
     mode: str = "max"
     early_stopping: bool = False  # ASHA on the pre-training loss reported every epoch
     asha: AshaConfig = field(default_factory=AshaConfig)
@@ -661,6 +662,13 @@ def _all_or_none(given: Any, keys: tuple[str, ...], where: str) -> None:
         raise ConfigError(f"{where}: needs all of {', '.join(keys)}; missing {', '.join(missing)}")
 
 
+def best_metric(values: dict[str, Any]) -> str:
+    """The metric whose best row a sweep's table marks: `sweep.metric`, or by default the
+    first detector's box AP (so a preset with another detector needs no override)."""
+    detector = values["eval"]["detection"]["detectors"][0]
+    return values["sweep"].get("metric") or f"detection/{detector}/bbox/AP"
+
+
 def validate_sweep(values: dict[str, Any], metrics: list[str]) -> Any:
     """The `sweep` section of configs/ablate.yaml; `metrics` are the names a trial produces."""
     sw = to_schema(values, AblateConfig).sweep
@@ -671,6 +679,7 @@ def validate_sweep(values: dict[str, Any], metrics: list[str]) -> Any:
         check_int("trial_retries", sw.trial_retries, low=0)
         check_number("trial_cpus", sw.trial_cpus, above=0)
         check_choice("mode", sw.mode, ("max", "min"))
+        sw.metric = best_metric(values)
         if sw.metric not in metrics:
             shown = ", ".join(metrics[:12]) + (", ..." if len(metrics) > 12 else "")
             raise ConfigError(

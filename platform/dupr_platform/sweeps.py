@@ -39,7 +39,7 @@ from dupr.evaluation.stats import estimate, paired_difference
 from dupr.io import markdown_table
 from dupr_platform import console
 from dupr_platform.cluster import check_nodes, credentials_withheld, start_ray
-from dupr_platform.configs import PipelineConfig, typed, update, validate_sweep
+from dupr_platform.configs import PipelineConfig, best_metric, typed, update, validate_sweep
 from dupr_platform.eval_stages import metric_names
 from dupr_platform.pipeline import (
     EVALUATIONS,
@@ -255,6 +255,7 @@ class SweepResult:
 def run_sweep(cfg: dict[str, Any], grid: Grid) -> SweepResult:
     """Check every trial, then run those without a stored row as Ray Tune trials."""
     cfg = dict(cfg)
+    cfg["sweep"] = {**cfg["sweep"], "metric": best_metric(cfg)}
     name = sweep_name(cfg, grid)
     trials = build_trials(cfg, grid)
     validate_sweep(cfg, sorted({m for t in trials for m in trial_metrics(t.cfg)}))
