@@ -10,7 +10,7 @@ from helpers import CONFIGS, sweep_config
 
 def test_bad_grids_fail_before_any_trial(tmp_path):
     cfg = sweep_config(tmp_path, f"sqlite:///{tmp_path / 'm.db'}")
-    with pytest.raises(ConfigError, match="unknown grid \\(valid: alpha, beta, loss, roi, tau"):
+    with pytest.raises(ConfigError, match="unknown grid \\(valid: alpha, beta, loss, methods, roi"):
         load_grid("gamma", CONFIGS / "grid")
     bad = tmp_path / "short.yaml"
     bad.write_text("key: pretrain.method.model.beta\nvalues: [[0, 1], [0, 0, 0, 1]]\n")
@@ -33,7 +33,7 @@ def test_bad_grids_fail_before_any_trial(tmp_path):
 
 def test_every_paper_grid_builds_valid_trials(tmp_path):
     cfg = sweep_config(tmp_path, f"sqlite:///{tmp_path / 'm.db'}")
-    expected = {"alpha": 4, "beta": 5, "roi": 5, "tau": 4, "loss": 3}
+    expected = {"alpha": 4, "beta": 5, "roi": 5, "tau": 4, "loss": 3, "methods": 2}
     for name, count in expected.items():
         grid = load_grid(name, CONFIGS / "grid")
         trials = build_trials(cfg, grid)
@@ -49,3 +49,19 @@ def test_every_paper_grid_builds_valid_trials(tmp_path):
     ]
     text = format_table(load_grid("tau", CONFIGS / "grid"), rows, ["detection/x/bbox/AP"])
     assert "| b | 55.0 (+5.0) | done |" in text
+
+
+def test_the_methods_grid_trains_mocov2_like_the_model(tmp_path):
+    from dupr.config import DUPRConfig, baseline_method
+
+    cfg = sweep_config(tmp_path, f"sqlite:///{tmp_path / 'm.db'}")
+    dupr, mocov2 = build_trials(cfg, load_grid("methods", CONFIGS / "grid"))
+    assert dupr.cfg["pretrain"]["method"] == cfg["pretrain"]["method"]
+    assert (dupr.cfg["pretrain"]["label"], mocov2.cfg["pretrain"]["label"]) == ("dupr", "mocov2")
+    expected = baseline_method(DUPRConfig.from_dict(cfg["pretrain"]["method"]), "mocov2")
+    assert DUPRConfig.from_dict(mocov2.cfg["pretrain"]["method"]) == expected
+    assert dupr.cfg["seeds"] == mocov2.cfg["seeds"] == [0, 1, 2]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("key: method\nvalues: [dupr, simclr]\n")
+    with pytest.raises(ConfigError, match="grid bad, value simclr: method='simclr'"):
+        build_trials(cfg, load_grid(str(bad), CONFIGS / "grid"))

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from dupr.config import ConfigError
+from dupr.config import BASELINES, ConfigError, DUPRConfig, baseline_method
 from dupr.evaluation.stats import estimate, paired_difference
 from dupr.io import markdown_table
 from dupr_platform import console
@@ -55,6 +55,10 @@ from dupr_platform.text import one_line
 from dupr_platform.tracking import RUN_KEY_TAG, RunLogger
 
 TRIALS_DIR = "sweep/trials"
+# A grid key of its own: the model's method as configured (its `pretrain.label`, e.g. dupr) or
+# a baseline of `dupr.config.BASELINES` trained like it (`baseline_method`), so that a grid
+# compares methods without a second copy of the baseline's settings (configs/grid/methods.yaml).
+METHOD_KEY = "method"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +156,10 @@ def build_trials(cfg: dict[str, Any], grid: Grid) -> list[Trial]:
         trial = copy.deepcopy(base)
         try:
             for dotted, value in values.items():
-                update(trial, dotted, value)
+                if dotted == METHOD_KEY:
+                    _set_method(trial, value)
+                else:
+                    update(trial, dotted, value)
             trial_cfg = OmegaConf.to_container(trial, resolve=True)
             trial_cfg["storage"] = storage
             trial_cfg["name"] = f"{name}/{label}".replace("/", ":")
@@ -162,6 +169,28 @@ def build_trials(cfg: dict[str, Any], grid: Grid) -> list[Trial]:
         digest = hashlib.sha256(json.dumps(trial_cfg, sort_keys=True).encode()).hexdigest()
         trials.append(Trial(label, values, trial_cfg, digest[:12]))
     return trials
+
+
+def _set_method(trial: Any, name: Any) -> None:
+    """Grid key `method`: keep the configured method, or train baseline `name` like it."""
+    from omegaconf import OmegaConf
+
+    configured = trial.pretrain.label
+    if name == configured:
+        return
+    if name not in BASELINES:
+        raise ConfigError(
+            f"method={name!r}: the configured method ({configured}) or a baseline "
+            f"({', '.join(BASELINES)})"
+        )
+    configured_method = OmegaConf.to_container(trial.pretrain.method, resolve=True)
+    method = DUPRConfig.from_dict(configured_method)
+    baseline = json.loads(json.dumps(baseline_method(method, name).to_dict()))  # plain lists
+    for section, values in baseline.items():  # the fields it changes, each set and checked
+        for key, value in values.items() if isinstance(values, dict) else ():
+            if value != configured_method[section][key]:
+                update(trial, f"pretrain.method.{section}.{key}", value)
+    update(trial, "pretrain.label", name)
 
 
 def trial_metrics(trial_cfg: dict[str, Any]) -> list[str]:
