@@ -226,9 +226,11 @@ def first_images(data: CocoDetection, n: int) -> CocoDetection:
 
 SPATIAL_METRICS = ("slope", "sim_iou_above_0.5", "sim_iou_below_0.3", "points")
 CORRESPONDENCE_METRICS = ("accuracy", "valid_cells")  # on the configured `level`, within one
-# Issue 15: conv4 and conv5 always, each as "<level>/exact" and "<level>/within_one".
+# Issue 15: conv4 and conv5 always, each as "<level>/<score>".
 CORRESPONDENCE_LEVELS = (2, 3)
-CORRESPONDENCE_SCORES = ("exact", "within_one")
+# Each beside a content-blind baseline on the same view pairs: every cell matched to the cell
+# at the same grid position (a backbone that scores no more follows position, not content).
+CORRESPONDENCE_SCORES = ("exact", "within_one", "same_position_exact", "same_position_within_one")
 
 
 def correspondence_levels(config: dict[str, Any]) -> list[int]:
@@ -316,7 +318,7 @@ def correspondence(ctx: StageContext, out: Path) -> StageOutput:
     values = (float(result.accuracy), float(result.num_valid))
     metrics = dict(zip(CORRESPONDENCE_METRICS, values, strict=True))
     for level, r in by_level.items():
-        metrics |= {f"{level}/exact": float(r.exact), f"{level}/within_one": float(r.within_one)}
+        metrics |= {f"{level}/{k}": float(getattr(r, k)) for k in CORRESPONDENCE_SCORES}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return StageOutput(
         files={"plot": "correspondence.png", "metrics": "metrics.json"},
