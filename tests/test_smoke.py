@@ -88,6 +88,14 @@ def test_the_smoke_config_keeps_the_model_and_cuts_the_run(tmp_path, no_data):
     assert on_gpu["eval"]["detection"]["iterations"] == smoke.SMOKE_STEPS
 
 
+def test_the_pretraining_slice_of_a_shard_set(tmp_path):
+    from dupr_platform.ray_pretrain import default_data
+
+    sliced = smoke.pretrain_slice(default_data(), 4, str(tmp_path))  # shards in, shards out
+    assert json.loads((Path(sliced) / "_index.json").read_text())["total"] == 4
+    assert smoke.pretrain_slice(default_data(), 4, str(tmp_path)) == sliced  # written once
+
+
 def _profiled(batch: int, peak: float, gflop: float, step_s: float = 1.0) -> dict:
     return {
         "profile/batch": float(batch),

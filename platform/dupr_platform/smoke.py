@@ -242,6 +242,7 @@ def pretrain_slice(data: str | None, n: int, storage: str) -> str:
     """The first `n` images of the pre-training data (None: the bundled photos) as Parquet
     shards under `storage`, written once per source and size."""
     from dupr.data.bundled import bundled_image_folder
+    from dupr.data.folder import is_image_file
     from dupr_platform.ray_pretrain import is_shards
     from dupr_platform.shards import INDEX_NAME, ParquetImageDataset, prepare_shards
     from dupr_platform.storage import open_storage, uri_exists
@@ -258,7 +259,9 @@ def pretrain_slice(data: str | None, n: int, storage: str) -> str:
                 return source  # smaller than the slice: itself (check_data names the problem)
             for i in range(n):
                 record = images.record(i)
-                name = Path(record.id).name or f"{i}.jpg"
+                name = Path(record.id).name
+                if not is_image_file(name):  # the listing below goes by extension
+                    name += ".jpg"
                 (Path(tmp) / f"{i:06d}-{name}").write_bytes(record.image)
         else:
             from dupr.data.folder import list_image_files
@@ -421,8 +424,8 @@ def report(study: dict[str, Any], reports: list[Any]) -> tuple[str, list[str]]:
     )
     total = total_gpu_hours(study, rows)
     lines = [
-        f"smoke run of {study['name']}: every stage for {SMOKE_STEPS} steps on a slice of "
-        "its data (bundled stand-ins where it is absent)",
+        f"smoke run of {study['name']}: every stage for at most {SMOKE_STEPS} steps on a "
+        "slice of its data (bundled stand-ins where it is absent)",
         "",
         table,
         "",
