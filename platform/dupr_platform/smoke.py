@@ -242,7 +242,7 @@ def pretrain_slice(data: str | None, n: int, storage: str) -> str:
     """The first `n` images of the pre-training data (None: the bundled photos) as Parquet
     shards under `storage`, written once per source and size."""
     from dupr.data.bundled import bundled_image_folder
-    from dupr.data.folder import is_image_file
+    from dupr.data.folder import is_image_file, list_image_files
     from dupr_platform.ray_pretrain import is_shards
     from dupr_platform.shards import INDEX_NAME, ParquetImageDataset, prepare_shards
     from dupr_platform.storage import open_storage, uri_exists
@@ -252,25 +252,22 @@ def pretrain_slice(data: str | None, n: int, storage: str) -> str:
     dest = open_storage(storage).uri_for(f"data/pretrain-{n}-{digest}")
     if uri_exists(open_storage(dest).uri_for(INDEX_NAME)):
         return dest
+    if is_shards(source):
+        shards = ParquetImageDataset(source)
+        count = len(shards)
+        files = ((r.id, r.image) for r in map(shards.record, range(min(n, count))))
+    else:
+        paths = list_image_files(Path(source))
+        count = len(paths)
+        files = ((p.name, p.read_bytes()) for p in paths[:n])
+    if count < n:
+        return source  # smaller than the slice: itself (check_data names the problem)
     with tempfile.TemporaryDirectory(prefix="dupr-smoke-") as tmp:
-        if is_shards(source):
-            images = ParquetImageDataset(source)
-            if len(images) < n:
-                return source  # smaller than the slice: itself (check_data names the problem)
-            for i in range(n):
-                record = images.record(i)
-                name = Path(record.id).name
-                if not is_image_file(name):  # the listing below goes by extension
-                    name += ".jpg"
-                (Path(tmp) / f"{i:06d}-{name}").write_bytes(record.image)
-        else:
-            from dupr.data.folder import list_image_files
-
-            files = list_image_files(Path(source))
-            if len(files) < n:
-                return source
-            for i, path in enumerate(files[:n]):
-                (Path(tmp) / f"{i:06d}-{path.name}").write_bytes(path.read_bytes())
+        for i, (name, image) in enumerate(files):
+            name = Path(name).name
+            if not is_image_file(name):  # prepare_shards lists files by extension
+                name += ".jpg"
+            (Path(tmp) / f"{i:06d}-{name}").write_bytes(image)
         prepare_shards(tmp, dest, images_per_shard=max(n, 1))
     return dest
 
