@@ -80,6 +80,7 @@ TOY_PIPELINE = [
     "eval.correspondence.max_images=2",
     "eval.correspondence.image_size=96",
     "eval.probe.image_size=64",
+    "eval.probe.max_images=60",  # of 600/300: the SVM fits take seconds, not half a minute
     "eval.object_probe.max_images=8",
     # One pre-training per pipeline; test_pipeline.py runs the MoCo v2 baseline and seeds.
     "baselines.pretrain=[]",

@@ -162,11 +162,14 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log_path: Pat
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """Stop the process group this fixture created (the server and its workers) and reap it."""
+    """Stop the process group this fixture created (the server and its workers) and reap it.
+
+    SIGTERM first; what still runs after 5 s is killed: `ray start --block` took the whole
+    former 20 s grace on every teardown, and these servers hold nothing a test reads later."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)

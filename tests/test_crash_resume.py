@@ -85,7 +85,8 @@ def test_pipeline_resumes_after_its_driver_is_killed(tmp_path):
     first.wait_for(lambda: _checkpointed(storage), 300, "first checkpoint")
     first.kill()
     first.stop()
-    assert not any(storage.glob("stages/*/_COMPLETE.json"))
+    # The random backbone's probe runs beside the pre-training and may have finished.
+    assert not any(storage.glob("stages/pretrain-*/_COMPLETE.json"))
 
     # 2. Resumes pre-training; killed once the conversion is complete.
     second = Driver(args, tmp_path / "second.txt")

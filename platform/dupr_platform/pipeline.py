@@ -324,6 +324,10 @@ def run_stage(ctx: StageContext) -> StageOutput:
     return result
 
 
+# Which ready evaluations are submitted first (see _Runner.run); the others follow in plan order.
+LAUNCH_ORDER = {"convert": 0, "detection": 1}
+
+
 @ray.remote(max_retries=0)
 def _stage_task(ctx: StageContext) -> StageOutput:
     """One stage body in its own Ray worker process, with as many threads as it has CPUs."""
@@ -469,22 +473,21 @@ class _Runner:
         contexts: dict[str, dict[str, Any]] = {}
         last_beat = time.monotonic()
         while pending or running:
-            for stage in list(pending):
-                upstream = stage.upstream()
-                if any(
-                    self.reports.get(u, StageReport(u, "")).status == "failed" for u in upstream
-                ):
-                    pending.remove(stage)
-                    self.reports[stage.name] = StageReport(
-                        stage.name, "skipped", error="an upstream stage failed"
-                    )
-                    continue
-                if not all(u in self.records for u in upstream):
-                    continue
+            ready = self.ready(pending)
+            pretrain = next((s for s in ready if s.kind == "pretrain"), None)
+            # A smoke run times each pre-training alone: it waits for the running stages.
+            alone = pretrain is not None and bool(self.cfg.get("smoke"))
+            # Otherwise evaluations are submitted before a pre-training, which holds this loop
+            # until it ends (Ray Train's fit() blocks), so that they queue for the cores it
+            # leaves free: on 2 CPU cores the random backbone's evaluations run beside the
+            # pre-trainings instead of after them. Ray starts queued tasks in submission
+            # order, so the conversions others wait on go first, then the long detection
+            # fine-tunings.
+            evaluations = [] if alone else [s for s in ready if s.kind != "pretrain"]
+            for stage in sorted(
+                evaluations, key=lambda s: LAUNCH_ORDER.get(s.kind, len(LAUNCH_ORDER))
+            ):
                 pending.remove(stage)
-                if stage.kind == "pretrain":
-                    self.run_pretrain(stage)
-                    continue
                 try:
                     ref, ctx = self.launch(stage)
                 except Exception as exc:
@@ -492,14 +495,23 @@ class _Runner:
                     continue
                 running[ref] = stage
                 contexts[stage.name] = ctx.inputs
+            if pretrain is not None and not (alone and running):
+                pending.remove(pretrain)
+                self.run_pretrain(pretrain)
+                # What finished meanwhile, then the stages this pre-training made ready.
+                if running:
+                    done, _ = ray.wait(list(running), num_returns=len(running), timeout=0)
+                    for ref in done:
+                        self.collect(ref, running.pop(ref), contexts)
+                continue
             if not running:
                 if pending and not any(
                     all(u in self.records for u in s.upstream()) for s in pending
                 ):
                     break  # nothing can make progress (upstream neither done nor failed)
                 continue
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=30.0)
-            if not ready:
+            finished, _ = ray.wait(list(running), num_returns=1, timeout=30.0)
+            if not finished:
                 if time.monotonic() - last_beat > 60:
                     last_beat = time.monotonic()
                     names = ", ".join(
@@ -508,23 +520,42 @@ class _Runner:
                     )
                     print(f"[pipeline] running: {names}", flush=True)
                 continue
-            ref = ready[0]
-            stage = running.pop(ref)
-            try:
-                out = ray.get(ref)
-            except Exception as exc:
-                self.fail(stage, exc)
-                continue
-            run = self.loggers.pop(stage.name)
-            try:
-                self.finish(stage, contexts[stage.name], out, run.run_id)
-            except Exception as exc:
-                self.loggers[stage.name] = run
-                self.fail(stage, exc)
-                continue
-            run.log_metrics(0, out.metrics)
-            run.set_tag("dupr.outputs", _short_json(self.records[stage.name]["outputs"]))
-            run.end("FINISHED")
+            self.collect(finished[0], running.pop(finished[0]), contexts)
+
+    def ready(self, pending: list[Stage]) -> list[Stage]:
+        """The pending stages whose upstream is complete; those with a failed upstream leave
+        `pending` as skipped."""
+        ready = []
+        for stage in list(pending):
+            upstream = stage.upstream()
+            if any(self.reports.get(u, StageReport(u, "")).status == "failed" for u in upstream):
+                pending.remove(stage)
+                self.reports[stage.name] = StageReport(
+                    stage.name, "skipped", error="an upstream stage failed"
+                )
+            elif all(u in self.records for u in upstream):
+                ready.append(stage)
+        return ready
+
+    def collect(
+        self, ref: ray.ObjectRef, stage: Stage, contexts: dict[str, dict[str, Any]]
+    ) -> None:
+        """A finished evaluation task: its outputs recorded and its MLflow run ended."""
+        try:
+            out = ray.get(ref)
+        except Exception as exc:
+            self.fail(stage, exc)
+            return
+        run = self.loggers.pop(stage.name)
+        try:
+            self.finish(stage, contexts[stage.name], out, run.run_id)
+        except Exception as exc:
+            self.loggers[stage.name] = run
+            self.fail(stage, exc)
+            return
+        run.log_metrics(0, out.metrics)
+        run.set_tag("dupr.outputs", _short_json(self.records[stage.name]["outputs"]))
+        run.end("FINISHED")
 
 
 def plan_stages(
