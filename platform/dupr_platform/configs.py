@@ -258,7 +258,11 @@ class SweepConfig:
     name: str | None = None  # default: ablation-<grid>; the sweep's MLflow run and folder
     max_concurrent_trials: int = 1
     trial_retries: int = 1  # a crashed trial is retried this often, then marked failed
-    trial_cpus: float = 0.1  # the trial's own driver process (stages request their own)
+    # The trial's own driver process (its stages request their own resources). 0: it holds
+    # memory only (trial_memory_gib), so a fraction of a CPU does not keep a whole 1-CPU
+    # stage waiting: with 0.1, a 2-CPU node ran one evaluation at a time.
+    trial_cpus: float = 0.0
+    trial_memory_gib: float = 1.0  # the driver imports torch: about 1 GiB resident
     # The row the table calls best. None: the first detector's box AP,
     # detection/<eval.detection.detectors[0]>/bbox/AP (sweeps.best_metric).
     metric: str | None = None
@@ -677,7 +681,8 @@ def validate_sweep(values: dict[str, Any], metrics: list[str]) -> Any:
             check_name("name", sw.name)
         check_int("max_concurrent_trials", sw.max_concurrent_trials, low=1)
         check_int("trial_retries", sw.trial_retries, low=0)
-        check_number("trial_cpus", sw.trial_cpus, above=0)
+        check_number("trial_cpus", sw.trial_cpus, at_least=0)
+        check_number("trial_memory_gib", sw.trial_memory_gib, above=0)
         check_choice("mode", sw.mode, ("max", "min"))
         sw.metric = best_metric(values)
         if sw.metric not in metrics:

@@ -356,7 +356,13 @@ def _run_trials(
                 reduction_factor=sw["asha"]["reduction_factor"],
             )
         tuner = tune.Tuner(
-            tune.with_resources(trial_fn, {"CPU": float(sw["trial_cpus"])}),
+            tune.with_resources(
+                trial_fn,
+                {
+                    "CPU": float(sw["trial_cpus"]),
+                    "memory": int(float(sw["trial_memory_gib"]) * 2**30),
+                },
+            ),
             param_space=tune.grid_search(
                 [_trial_config(t, name, sweep_run.run_id, sw) for t in todo]
             ),
