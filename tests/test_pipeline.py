@@ -94,6 +94,11 @@ def test_pipeline_runs_every_stage_then_is_all_cache_hits(
     )
     detection_run = runs["detection/faster_rcnn_fpn/dupr"].info.run_id
     assert len(client.get_metric_history(detection_run, "train/loss")) >= 1
+    # The random backbone's fine-tuning ran on the second core while pre-training ran on the
+    # first (README, "Scheduling"), not after it.
+    random_run = runs["detection/faster_rcnn_fpn/random"].info.run_id
+    random_losses = client.get_metric_history(random_run, "train/loss")
+    assert min(m.timestamp for m in random_losses) < runs["pretrain"].info.end_time
     assert set(runs["probe/random"].data.metrics) >= {"conv2", "conv3", "conv4", "conv5"}
     assert "slope" in runs["spatial/dupr"].data.metrics
     spatial_files = {a.path for a in client.list_artifacts(runs["spatial/dupr"].info.run_id)}
