@@ -161,6 +161,8 @@ def test_a_failed_evaluation_resumes_without_pretraining_again(local_ray, tmp_pa
         f"eval.data.detection.train_annotations={data / 'annotations' / 'instances_train.json'}",
         f"eval.data.detection.val_images={data / 'val'}",
         f"eval.data.detection.val_annotations={data / 'annotations' / 'instances_val.json'}",
+        # Both of the cluster's CPUs: nothing fits beside the pre-training.
+        "pretrain.cpus_per_worker=2",
     )
 
     first = run_pipeline(cfg)
@@ -187,8 +189,12 @@ def test_a_failed_evaluation_resumes_without_pretraining_again(local_ray, tmp_pa
     assert image.name in failed.error and "\n" not in failed.error
     client = MlflowClient(tracking)
     assert client.get_run(first.parent_run_id).info.status == "FAILED"
-    failed_run = children(client, first.parent_run_id)["spatial/dupr"]
+    runs = children(client, first.parent_run_id)
+    failed_run = runs["spatial/dupr"]
     assert failed_run.info.status == "FAILED" and image.name in failed_run.data.tags["dupr.error"]
+    # The checkpoint baseline's conversion was ready from the start, but waited for the cores
+    # the pre-training took (README, "Scheduling").
+    assert runs["convert/moco"].info.start_time >= runs["pretrain"].info.end_time
 
     image.write_bytes(good)
     second = run_pipeline(cfg)

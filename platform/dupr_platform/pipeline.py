@@ -54,6 +54,7 @@ from dupr_platform.ray_pretrain import (
     execution_only_fields,
     preflight_cluster,
     preflight_config,
+    pretraining_needs,
     run_pretraining,
 )
 from dupr_platform.recovery import driving
@@ -477,16 +478,22 @@ class _Runner:
             pretrain = next((s for s in ready if s.kind == "pretrain"), None)
             # A smoke run times each pre-training alone: it waits for the running stages.
             alone = pretrain is not None and bool(self.cfg.get("smoke"))
-            # Otherwise evaluations are submitted before a pre-training, which holds this loop
-            # until it ends (Ray Train's fit() blocks), so that they queue for the cores it
-            # leaves free: on 2 CPU cores the random backbone's evaluations run beside the
-            # pre-trainings instead of after them. Ray starts queued tasks in submission
-            # order, so the conversions others wait on go first, then the long detection
-            # fine-tunings.
+            # Otherwise the evaluations that fit beside a pre-training are submitted before it,
+            # since it holds this loop until it ends (Ray Train's fit() blocks): on 2 CPU cores
+            # the random backbone's fine-tuning runs beside the pre-trainings, not after them.
+            # Only what the pre-training leaves free: queued, they could take the cores or GPUs
+            # its workers wait for. Conversions (others wait on them) go first, then the long
+            # detection fine-tunings.
             evaluations = [] if alone else [s for s in ready if s.kind != "pretrain"]
+            spare = self.spare(pretrain) if pretrain is not None else None
             for stage in sorted(
                 evaluations, key=lambda s: LAUNCH_ORDER.get(s.kind, len(LAUNCH_ORDER))
             ):
+                if spare is not None:
+                    asks = {k: stage.resources.get(k, 1.0 if k == "CPU" else 0.0) for k in spare}
+                    if any(asks[k] > spare[k] for k in spare):
+                        continue  # after the pre-training
+                    spare = {k: spare[k] - asks[k] for k in spare}
                 pending.remove(stage)
                 try:
                     ref, ctx = self.launch(stage)
@@ -521,6 +528,12 @@ class _Runner:
                     print(f"[pipeline] running: {names}", flush=True)
                 continue
             self.collect(finished[0], running.pop(finished[0]), contexts)
+
+    def spare(self, pretrain: Stage) -> dict[str, float]:
+        """The CPUs and GPUs free now beyond what `pretrain` will take."""
+        need = pretraining_needs(pretrain_job(self.cfg, pretrain))
+        free = ray.available_resources()
+        return {k: free.get(k, 0.0) - need[k] for k in ("CPU", "GPU")}
 
     def ready(self, pending: list[Stage]) -> list[Stage]:
         """The pending stages whose upstream is complete; those with a failed upstream leave

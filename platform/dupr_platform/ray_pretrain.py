@@ -449,20 +449,26 @@ def preflight(job: PretrainJob) -> None:
     preflight_cluster(job)
 
 
-def preflight_cluster(job: PretrainJob) -> None:
-    """The connected Ray cluster can ever provide what the job asks for (else it would hang)."""
-    total = ray.cluster_resources()
+def pretraining_needs(job: PretrainJob) -> dict[str, float]:
+    """The CPUs and GPUs the job's workers (and Ray Data actors) take from the cluster."""
     need_cpu = job.num_workers * job.cpus_per_worker
     if job.data_loader == "ray":
         # Decoding actors, plus one whole CPU that Ray Data's Parquet listing task takes.
         need_cpu += job.ray_data_actors * job.ray_data_cpus_per_actor + 1
+    return {"CPU": need_cpu, "GPU": job.num_workers * job.gpus_per_worker if job.use_gpu else 0}
+
+
+def preflight_cluster(job: PretrainJob) -> None:
+    """The connected Ray cluster can ever provide what the job asks for (else it would hang)."""
+    total = ray.cluster_resources()
+    need = pretraining_needs(job)
+    need_cpu, need_gpu = need["CPU"], need["GPU"]
     if total.get("CPU", 0) < need_cpu:
         raise ConfigError(
             f"num_workers={job.num_workers} × cpus_per_worker={job.cpus_per_worker}"
             f"{' + Ray Data actors' if job.data_loader == 'ray' else ''}: "
             f"needs {need_cpu:g} CPUs, the Ray cluster has {total.get('CPU', 0):g}"
         )
-    need_gpu = job.num_workers * job.gpus_per_worker if job.use_gpu else 0
     if total.get("GPU", 0) < need_gpu:
         raise ConfigError(
             f"num_workers={job.num_workers} × gpus_per_worker={job.gpus_per_worker}: "
