@@ -24,7 +24,6 @@ from dupr.data.bundled_eval import bundled_detection_set
 from dupr.data.coco import CocoDetection
 from dupr.data.two_views import build_loader
 from dupr.evaluation.correspondence import patch_correspondence_levels
-from dupr.evaluation.detectors import build_detector
 from dupr.evaluation.finetune import evaluate, finetune
 from dupr.model import DUPR
 from dupr.train import build_state, train
@@ -114,16 +113,7 @@ def demo_detection(arch: str, backbone_state: dict[str, torch.Tensor] | None) ->
         for split in ("train", "val")
     )
     torch.manual_seed(cfg.seed)  # as the stage: the detector's initialisation
-    model = build_detector(
-        cfg.detector,
-        arch,
-        train_set.num_classes,
-        backbone_state,
-        norm=cfg.norm,
-        min_size=cfg.min_size,
-        max_size=cfg.max_size,
-        **cfg.overrides,
-    )
+    model = cfg.build(arch, train_set.num_classes, backbone_state)
     finetune(model, train_set, cfg, torch.device("cpu"))
     return evaluate(model, val_set, "cpu")
 

@@ -33,7 +33,6 @@ from dupr.data.folder import is_image_file, load_rgb
 from dupr.data.voc import VOC_SPLITS, VocFormatError, load_voc
 from dupr.evaluation.coco_metrics import COCO_STAT_INDEX
 from dupr.evaluation.correspondence import patch_correspondence_levels, plot_correspondence
-from dupr.evaluation.detectors import build_detector
 from dupr.evaluation.finetune import evaluate, finetune
 from dupr.evaluation.linear_probe import linear_probe, probe_transform
 from dupr.evaluation.object_probe import object_probe as probe_boxes
@@ -154,16 +153,7 @@ def detection(ctx: StageContext, out: Path) -> StageOutput:
         memory = PeakMemory(device).start()
     arch, state = load_backbone(ctx)
     torch.manual_seed(cfg.seed)
-    model = build_detector(
-        cfg.detector,
-        arch,
-        train_set.num_classes,
-        state,
-        norm=cfg.norm,
-        min_size=cfg.min_size,
-        max_size=cfg.max_size,
-        **cfg.overrides,
-    )
+    model = cfg.build(arch, train_set.num_classes, state)
     logger = RunLogger.start(ctx.tracking_uri, ctx.experiment, ctx.name, run_id=ctx.run_id)
     progress = Progress(ctx.name, cfg.iterations, unit="iter")
     timer = StepTimer()
