@@ -4,15 +4,28 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format venv clean system-deps
+.PHONY: demo test test-fast lint format venv constraints clean system-deps
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The exact releases in constraints.txt: the same seeds give the same weights on a fresh install.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
+
+# Re-resolve pyproject.toml's dependencies in a scratch environment (newest releases allowed)
+# and write their exact versions to constraints.txt, keeping its header comment.
+constraints:
+	rm -rf .venv-constraints
+	$(PYTHON) -m venv .venv-constraints
+	.venv-constraints/bin/python -m pip install --quiet --upgrade pip
+	.venv-constraints/bin/python -m pip install --quiet -e '.[test]'
+	{ grep '^#' constraints.txt; .venv-constraints/bin/python -m pip freeze --exclude-editable \
+		| grep -v '^#'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .venv-constraints
 
 # The main job on its defaults and bundled data: the whole study (pre-train -> convert -> evaluate) on a
 # local Ray instance, with the data built offline; results in runs/ and the MLflow store there.

@@ -3,6 +3,7 @@ with stage outputs on a real S3 server (moto) and tracking on a real MLflow serv
 
 import pickle
 import shutil
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from dupr.data import bundled_image_folder
 from dupr.data.bundled_eval import bundled_detection_set
+from dupr_platform import software
 from dupr_platform.configs import compose
 from dupr_platform.pipeline import build_stages, run_pipeline
 from dupr_platform.storage import open_storage
@@ -45,7 +47,7 @@ def children(client: MlflowClient, parent_id: str) -> dict[str, object]:
 
 
 def test_pipeline_runs_every_stage_then_is_all_cache_hits(
-    local_ray, s3_env, s3_server, mlflow_server
+    local_ray, s3_env, s3_server, mlflow_server, tmp_path
 ):
     make_bucket(s3_server.endpoint_url, "study")
     cfg = toy_config("toy-study", "s3://study/runs", mlflow_server.uri)
@@ -78,6 +80,15 @@ def test_pipeline_runs_every_stage_then_is_all_cache_hits(
     assert {"config", "summary.md", "results.md", "results.csv", "iou_similarity.png"} <= (
         parent_files
     )
+    # The releases the results were computed with: one line on every run, the full list on the
+    # parent (and on the pre-training's run, from its worker).
+    versions = software.summary()
+    assert f"torch={torch.__version__.split('+')[0]}" in versions
+    assert parent.data.tags[software.TAG] == versions and software.ARTIFACT in parent_files
+    installed = Path(
+        client.download_artifacts(first.parent_run_id, software.ARTIFACT, str(tmp_path))
+    )
+    assert f"torch=={metadata.version('torch')}" in installed.read_text().splitlines()
     assert "dupr/detection/faster_rcnn_fpn/bbox/AP" in parent.data.metrics
     assert 0.0 <= parent.data.metrics["dupr/correspondence/accuracy"] <= 1.0
 
@@ -89,6 +100,7 @@ def test_pipeline_runs_every_stage_then_is_all_cache_hits(
         assert run.data.tags.get("dupr.cache_hit", "false") == "false", name
         # Stage tasks and training workers ran at normal priority (Ray's default is 15).
         assert run.data.tags["dupr.worker_niceness"] == "0", name
+        assert run.data.tags[software.TAG] == versions, name
     assert {"bbox/AP", "bbox/AP50", "bbox/AP75", "voc/AP", "voc/AP50", "voc/AP75"} <= set(
         runs["detection/faster_rcnn_fpn/dupr"].data.metrics
     )

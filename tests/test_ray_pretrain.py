@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from drivers import PRETRAIN, ROOT, main_of
 from dupr.data import bundled_image_folder
+from dupr_platform import software
 from dupr_platform.configs import compose, pretrain_job
 from dupr_platform.ray_pretrain import (
     load_checkpoint_state,
@@ -54,6 +55,8 @@ def test_two_workers_on_s3_and_mlflow_then_resume(local_ray, s3_env, s3_server, 
         "cpu",
         "0",
     )
+    assert tags[software.TAG] == software.summary()  # rank 0's releases
+    assert software.ARTIFACT in {a.path for a in client.list_artifacts(result.run_id)}
     history = client.get_metric_history(result.run_id, "loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
     for metric in ("loss/patch_conv4", "acc/image_conv5", "lr", "images_per_s", "data_wait_s"):

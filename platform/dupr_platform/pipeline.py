@@ -42,7 +42,7 @@ from dupr.config import (
     field_prefix,
 )
 from dupr.io import markdown_table
-from dupr_platform import console, convert_stage, eval_stages, report, smoke
+from dupr_platform import console, convert_stage, eval_stages, report, smoke, software
 from dupr_platform.cluster import COMPUTE_PRIORITY, check_nodes, forwarded_env, start_ray
 from dupr_platform.configs import selected_kinds, validate_pipeline
 from dupr_platform.failures import UnrecoverableError
@@ -320,6 +320,7 @@ def run_stage(ctx: StageContext) -> StageOutput:
         client = MlflowClient(ctx.tracking_uri)
         # 0 unless Ray's low worker priority applied (see cluster.COMPUTE_PRIORITY).
         client.set_tag(ctx.run_id, "dupr.worker_niceness", str(os.nice(0)))
+        client.set_tag(ctx.run_id, software.TAG, software.summary())  # this worker's
         for name in result.artifacts:
             client.log_artifact(ctx.run_id, os.path.join(tmp, name))
     return result
@@ -647,6 +648,8 @@ def run_pipeline(
     with driving(parent, PIPELINE_TAG, cfg["name"], "pipeline"):
         parent.log_params({**cfg, **(params or {})})
         parent.log_dict(redact_tree(cfg), "config/resolved.json")
+        parent.set_tag(software.TAG, software.summary())
+        parent.log_text(software.installed(), software.ARTIFACT)
         print(
             f"[pipeline] {cfg['name']}: {len(to_run)} stages to run, {len(hits)} cached, "
             f"{len(unselected)} not selected; MLflow parent run {parent.run_id}",

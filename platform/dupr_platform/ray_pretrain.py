@@ -50,6 +50,7 @@ from dupr.data.two_views import UndecodableDataError, build_loader, check_epoch_
 from dupr.model import DUPR
 from dupr.train import TrainState, build_state, rng_state, train
 from dupr.views import TwoViews
+from dupr_platform import software
 from dupr_platform.cluster import COMPUTE_PRIORITY, check_nodes, forwarded_env, start_ray
 from dupr_platform.failures import CheckpointLedger, StopOnUnrecoverable, UnrecoverableError
 from dupr_platform.progress import Progress
@@ -290,6 +291,9 @@ def train_worker(config: dict[str, Any]) -> None:
             torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         )
         logger.set_tag("dupr.worker_niceness", str(os.nice(0)))  # 0: see COMPUTE_PRIORITY
+        # The releases the weights were computed with (rank 0's node; a resumed run, its last).
+        logger.set_tag(software.TAG, software.summary())
+        logger.log_text(software.installed(), software.ARTIFACT)
 
     total_steps = cfg.optim.epochs * len(loader)
     progress = Progress(f"pretrain {config['name']}", total_steps, unit="step", done=state.step)
