@@ -312,9 +312,10 @@ def test_progress_lines_say_where_how_fast_and_how_long(capsys):
 
 
 def test_view_sizes_of_the_analyses_follow_pretraining_unless_set(tmp_path):
-    """Correspondence and probe see views at the pre-training size, the same for every init."""
+    """Correspondence and probe see views at the pre-training size, the same for every init;
+    the object probe the detection set's images as they are, unless a size is set."""
 
-    def sizes(*overrides: str) -> dict[str, int]:
+    def sizes(*overrides: str) -> dict[str, int | None]:
         stages = build_stages(config(tmp_path, *overrides))
         return {
             s.name: s.config["image_size"]
@@ -323,11 +324,18 @@ def test_view_sizes_of_the_analyses_follow_pretraining_unless_set(tmp_path):
         }
 
     demo = preset("cpu_demo").model.image_size
-    assert set(sizes().values()) == {demo} and len(sizes()) == 9  # dupr, mocov2, random; 3 kinds
-    assert set(sizes("pretrain.method.model.image_size=128").values()) == {128}
-    chosen = sizes("eval.correspondence.image_size=160")
+    views = {k: v for k, v in sizes().items() if not k.startswith("object_probe/")}
+    assert set(views.values()) == {demo} and len(views) == 6  # dupr, mocov2, random; 2 kinds
+    assert {k: v for k, v in sizes().items() if k not in views} == dict.fromkeys(
+        ("object_probe/dupr", "object_probe/mocov2", "object_probe/random")
+    )
+    resized = sizes("pretrain.method.model.image_size=128")
+    assert resized["probe/dupr"] == resized["correspondence/random"] == 128
+    assert resized["object_probe/dupr"] is None
+    chosen = sizes("eval.correspondence.image_size=160", "eval.object_probe.image_size=176")
     assert chosen["correspondence/random"] == chosen["correspondence/dupr"] == 160
     assert chosen["probe/random"] == demo
+    assert chosen["object_probe/random"] == chosen["object_probe/dupr"] == 176
 
 
 def test_correspondence_reads_the_images_its_annotation_file_names(tmp_path, monkeypatch):

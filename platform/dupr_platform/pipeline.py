@@ -180,11 +180,12 @@ def _seed_stages(cfg: dict[str, Any], suffix: str) -> list[Stage]:
     }
     det_data, cls_data = ev["data"]["detection"] or {}, ev["data"]["classification"] or {}
     # The analyses that feed the backbone views see them at the size it was pre-trained at,
-    # unless set: the same size for every initialisation, so that their rows compare.
+    # unless set: the same size for every initialisation, so that their rows compare. (The
+    # object probe reads the detection set's images as they are: ObjectProbeConfig.)
     pretrain_size = method["model"]["image_size"]
     sized = {
         kind: {**ev[kind], "image_size": ev[kind].get("image_size") or pretrain_size}
-        for kind in ("correspondence", "probe", "object_probe")
+        for kind in ("correspondence", "probe")
     }
     for init, weights in inits.items():
         # Random initialisation has no weights file: the architecture comes from the config.
