@@ -99,7 +99,8 @@ def _missing_in(cell: str) -> list[str]:
     """What a cell names that does not exist.
 
     A backquoted path (`dupr/views.py`, `configs/`) is relative to the repository; a bare file
-    name after it (`finetune.py`) to that path's folder; a dotted module (`dupr_platform.cluster`,
+    name after it (`finetune.py`) to that path's folder, other bare file names to the
+    repository's top (`constraints.txt`); a dotted module (`dupr_platform.cluster`,
     also in `python -m dupr.local_pretrain`) is a file of that package, and a bare name after
     it (`console`) a sibling module; backquoted names in parentheses after a file (`TwoViews`)
     are defined in it. Overrides (`data_loader=ray`) are not names.
@@ -124,6 +125,8 @@ def _missing_in(cell: str) -> list[str]:
                 folder = path if token.endswith("/") else path.parent
             elif token.endswith(".py") and folder is not None:
                 path = folder / token
+            elif (ROOT / token).is_file():  # a file at the top, constraints.txt say
+                path = ROOT / token
             elif re.fullmatch(rf"{IDENTIFIER}(\.{IDENTIFIER})+", token):
                 path, package = _module_file(token), token.rsplit(".", 1)[0]
             elif re.fullmatch(IDENTIFIER, token) and package is not None:
