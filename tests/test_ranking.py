@@ -34,8 +34,8 @@ from dupr_platform.configs import ObjectProbeConfig, compose, detection_recipe
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
-# Two pre-trainings (80 and 320 steps, 6 minutes on one core) and two fine-tunings (4 minutes on
-# 2 cores).
+# Two pre-trainings (80 steps on one thread, 320 on every core: 6 minutes on 2 cores) and two
+# fine-tunings (4 minutes on 2 cores).
 pytestmark = pytest.mark.slow
 
 SIZE = 96  # cpu_demo's pre-training resolution, at which the stages evaluate

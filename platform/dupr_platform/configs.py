@@ -188,8 +188,8 @@ class ObjectProbeConfig:
     roi_size: int = 2  # cells per box side (RoIAlign, as the patch head pools)
     # None: the images as they are, near the scale the detector fine-tunes at (an int resizes
     # the shorter side). Not the pre-training size: shrunk to 96 px the demo's objects cover
-    # 2-5 conv3 cells, and a 4x-budget DUPR backbone's conv3 lead over random was +0.02-0.09
-    # at 96 px and +0.04-0.11 as they are (README, "Evaluation choices to review").
+    # 2-5 conv3 cells, and a 4x-budget DUPR backbone's conv3 lead over random was +0.02-0.05
+    # at 96 px and +0.035-0.11 as they are, at C 0.01 (README, "Evaluation choices to review").
     image_size: int | None = None
     max_images: int = 1000  # per split, the first in annotation order (COCO train has 118k)
     # The linear SVM's regularisation. 0.01 converges in seconds on thousands of wide RoI
