@@ -94,9 +94,10 @@ def syncbn_worker(rank: int, store_dir: str) -> None:
     )
     try:
         torch.manual_seed(0)
-        model = DUPR(tiny_model_config(bn_mode="sync", queue_size=40))  # train mode
+        model = DUPR(tiny_model_config(bn_mode="sync", queue_size=40)).double()  # train mode
         batch = [
-            t[rank * PER_RANK : (rank + 1) * PER_RANK] for t in random_batch(WORLD * PER_RANK, 64)
+            t[rank * PER_RANK : (rank + 1) * PER_RANK].double()
+            for t in random_batch(WORLD * PER_RANK, 64)
         ]
         ddp = DDP(model, forward_sync_buffers=False)
         loss, _ = ddp(*batch)
@@ -111,17 +112,23 @@ def syncbn_worker(rank: int, store_dir: str) -> None:
 
 
 def test_syncbn_in_train_mode_two_ranks_equal_one_process(tmp_path):
-    """With bn_mode="sync" (CPU path of dupr.sync_batchnorm) BatchNorm sees the global batch."""
+    """With bn_mode="sync" (CPU path of dupr.sync_batchnorm) BatchNorm sees the global batch.
+
+    In float64: the ranks compute the variance as E[x²] - mean² from all-reduced sums, the single
+    process with BatchNorm's own kernel. In float32 training-mode BatchNorm amplifies that
+    rounding difference through the backward pass (conv1's gradients differed by up to 0.4 % on
+    an AVX2 CPU, under 0.1 % on an AVX-512 one); in float64 both agree far below any tolerance
+    that a wrong statistic could pass."""
     mp.start_processes(syncbn_worker, args=(str(tmp_path),), nprocs=WORLD, start_method="spawn")
     ranks = [torch.load(tmp_path / f"sync{r}.pt") for r in range(WORLD)]
     torch.manual_seed(0)
-    single = DUPR(tiny_model_config(bn_mode="sync", queue_size=40))
-    loss, _ = single(*random_batch(WORLD * PER_RANK, 64))
+    single = DUPR(tiny_model_config(bn_mode="sync", queue_size=40)).double()
+    loss, _ = single(*[t.double() for t in random_batch(WORLD * PER_RANK, 64)])
     loss.backward()
-    assert torch.allclose(sum(r["loss"] for r in ranks) / WORLD, loss.detach(), rtol=1e-4)
+    assert torch.allclose(sum(r["loss"] for r in ranks) / WORLD, loss.detach(), rtol=1e-9)
     for name, g in grads(single).items():
-        assert torch.allclose(ranks[0]["grads"][name], g, rtol=1e-3, atol=1e-5), name
+        assert torch.allclose(ranks[0]["grads"][name], g, rtol=1e-7, atol=1e-10), name
     for name, b in single.named_buffers():
         if "running" in name:  # global statistics, the same on both ranks
-            assert torch.allclose(ranks[0]["bn"][name], b, rtol=1e-4, atol=1e-6), name
+            assert torch.allclose(ranks[0]["bn"][name], b, rtol=1e-9, atol=1e-12), name
             assert torch.equal(ranks[0]["bn"][name], ranks[1]["bn"][name]), name

