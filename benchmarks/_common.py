@@ -17,17 +17,7 @@ from pathlib import Path
 
 import torch
 
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (Linux), else whatever `platform` knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+from dupr_platform.software import cpu_model
 
 
 def usable_cores() -> int:

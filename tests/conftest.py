@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from dupr.config import DUPRConfig, OptimConfig, validate
+from dupr_platform import software
 from dupr_platform.environment import environment
 from helpers import tiny_model_config
 
@@ -32,6 +33,16 @@ os.environ.setdefault(
 torch.set_num_threads(min(2, torch.get_num_threads()))
 # Without Ray's dashboard the Train state-actor reconciliation only logs failures.
 os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
+
+
+def pytest_report_header() -> str:
+    """The CPU and its kernels head the log: the suite's time and the trained numbers the
+    ranking tests check both depend on them (README, Tests)."""
+    return (
+        f"cpu: {software.cpu_model()}, {len(os.sched_getaffinity(0))} usable cores; "
+        f"torch kernels {torch.backends.cpu.get_cpu_capability()}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
 
 def _fixtures_defined_in(path: Path) -> frozenset[str]:

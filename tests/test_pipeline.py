@@ -84,11 +84,13 @@ def test_pipeline_runs_every_stage_then_is_all_cache_hits(
     # parent (and on the pre-training's run, from its worker).
     versions = software.summary()
     assert f"torch={torch.__version__.split('+')[0]}" in versions
+    assert f"cpu={torch.backends.cpu.get_cpu_capability()}" in versions.split()  # AVX2, AVX512
     assert parent.data.tags[software.TAG] == versions and software.ARTIFACT in parent_files
     installed = Path(
         client.download_artifacts(first.parent_run_id, software.ARTIFACT, str(tmp_path))
     )
     assert f"torch=={metadata.version('torch')}" in installed.read_text().splitlines()
+    assert f"# cpu {software.cpu_model()}" in installed.read_text().splitlines()
     assert "dupr/detection/faster_rcnn_fpn/bbox/AP" in parent.data.metrics
     assert 0.0 <= parent.data.metrics["dupr/correspondence/accuracy"] <= 1.0
 

@@ -1,8 +1,11 @@
 """The software a run computed with, recorded on its MLflow run.
 
 The same seeds give different pre-trained weights under other releases of the packages that
-decode, augment and compute (PIL's resampling, NumPy's generators, torch's kernels), so a
-number is only reproducible together with the versions it was computed with. Each process that
+decode, augment and compute (PIL's resampling, NumPy's generators, torch's kernels), and on
+another CPU instruction set (torch picks AVX-512 or AVX2 kernels, whose float sums round
+differently: DUPR's lead over random initialisation in the demo's detection AP50 was 4.5
+points on one CPU and 1.4 on another), so a number is only reproducible together with the
+versions and the CPU it was computed with. Each process that
 computes a result records them on its own run: the pipeline driver, rank 0 of a pre-training,
 each evaluation's worker (on a cluster these may be different machines). `constraints.txt`
 pins the versions `make venv` installs.
@@ -10,6 +13,7 @@ pins the versions `make venv` installs.
 
 from __future__ import annotations
 
+import platform
 import sys
 from importlib import metadata
 
@@ -41,14 +45,28 @@ def _version(name: str) -> str:
         return "absent"
 
 
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (Linux), else whatever `platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def result_versions() -> dict[str, str]:
-    """{"python": ..., package: version} for `RESULT_PACKAGES`, plus torch's CUDA build."""
+    """{"python": ..., package: version} for `RESULT_PACKAGES`, plus torch's CUDA build and
+    the CPU kernels torch uses here ("cpu": AVX512, AVX2, ...)."""
     versions = {"python": _python()}
     versions |= {name: _version(name) for name in RESULT_PACKAGES}
     try:
         import torch
 
         versions["cuda"] = torch.version.cuda or "none"
+        versions["cpu"] = torch.backends.cpu.get_cpu_capability()
     except ImportError:
         pass
     return versions
@@ -65,4 +83,5 @@ def installed() -> str:
         (dist.metadata["Name"] or "").lower(): dist.version for dist in metadata.distributions()
     }
     lines = [f"{name}=={version}" for name, version in sorted(names.items()) if name]
-    return f"# python {_python()}\n" + "\n".join(lines) + "\n"
+    header = f"# python {_python()}\n# cpu {cpu_model()}\n"
+    return header + "\n".join(lines) + "\n"
