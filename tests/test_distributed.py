@@ -116,9 +116,9 @@ def test_syncbn_in_train_mode_two_ranks_equal_one_process(tmp_path):
 
     In float64: the ranks compute the variance as E[x²] - mean² from all-reduced sums, the single
     process with BatchNorm's own kernel. In float32 training-mode BatchNorm amplifies that
-    rounding difference through the backward pass (conv1's gradients differed by up to 0.4 % on
-    an AVX2 CPU, under 0.1 % on an AVX-512 one); in float64 both agree far below any tolerance
-    that a wrong statistic could pass."""
+    rounding difference through the backward pass (conv1's gradients differed by 0.4 % in places
+    on an AVX2 CPU, within the old 0.1 % tolerance on an AVX-512 one); in float64 both agree far
+    below any tolerance that a wrong statistic could pass."""
     mp.start_processes(syncbn_worker, args=(str(tmp_path),), nprocs=WORLD, start_method="spawn")
     ranks = [torch.load(tmp_path / f"sync{r}.pt") for r in range(WORLD)]
     torch.manual_seed(0)
