@@ -38,7 +38,7 @@ test: system-deps lint
 	$(PY) -m pytest
 
 # The developer loop: every test that starts no Ray, MLflow or S3 server and takes under ~10 s
-# (`slow` marks the others; see tests/conftest.py). Under 3 minutes on 2 cores.
+# (`slow` marks the others; see tests/conftest.py). Under 3 minutes on 2 Xeon cores, 5 on 2 EPYC cores.
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
