@@ -17,15 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dupr_platform.software import cpu_model
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (the affinity mask, which containers restrict)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+from dupr_platform.software import cpu_model, usable_cores
 
 
 def machine_lines(device: str) -> list[str]:

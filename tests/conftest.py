@@ -38,9 +38,8 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
 def pytest_report_header() -> str:
     """The CPU and its kernels head the log: the suite's time and the trained numbers the
     ranking tests check both depend on them (README, Tests)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (
-        f"cpu: {software.cpu_model()}, {cores} usable cores; "
+        f"cpu: {software.cpu_model()}, {software.usable_cores()} usable cores; "
         f"torch kernels {torch.backends.cpu.get_cpu_capability()}, "
         f"{torch.get_num_threads()} threads"
     )

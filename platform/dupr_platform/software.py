@@ -13,6 +13,7 @@ pins the versions `make venv` installs.
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from importlib import metadata
@@ -55,6 +56,14 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (the affinity mask, which containers restrict)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def result_versions() -> dict[str, str]:
