@@ -1,9 +1,11 @@
 """Issue 15, part 3: the small-scale evaluations rank a pre-trained backbone above a random one.
 
-The demo's DUPR pre-training (method preset cpu_demo, seed 0: 80 steps of 32 views at 96 px on
-the bundled photos), run once per module and shared; its backbone and a randomly initialised
-one are then compared on fixed data, bundled detection sets, with the settings of the demo's
-stages (seed 0). The object probe needs 4× that budget, a second pre-training.
+One DUPR pre-training per module, shared by the three tests: the demo's (method preset
+cpu_demo, seed 0, 32 views at 96 px on the bundled photos) at 4× its budget, 320 steps instead
+of 80, because the object probe ranks only from there (README, "Evaluation choices to
+review"); at 80 steps correspondence and detection rank too, by smaller margins. Its backbone
+and a randomly initialised one are then compared on fixed data, bundled detection sets, with
+the settings of the demo's stages (seed 0).
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ from dupr_platform.configs import ObjectProbeConfig, compose, detection_recipe
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
-# Two pre-trainings (80 steps on one thread, 320 on every core: 6 minutes on 2 Xeon cores, 13
-# on 2 EPYC cores without AVX-512) and two fine-tunings (4 minutes; 11 there).
-pytestmark = pytest.mark.slow
+# One pre-training (320 steps on every core: 5 minutes on 2 cores) and two fine-tunings side by
+# side (4 minutes on 2 AVX-512 Xeon cores, 6.5 on 2 AVX2 EPYC cores; 11 on the slowest seen).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 SIZE = 96  # cpu_demo's pre-training resolution, at which the stages evaluate
 
@@ -45,9 +47,9 @@ def pretrained(epochs: int, threads: int = 1) -> ResNetBackbone:
     """The demo's DUPR pre-training (cpu_demo, seed 0), run in-process for `epochs` epochs of
     the bundled photos (the demo's 5: 80 steps of 32 views), its backbone in eval mode.
 
-    One thread, as the pipeline's pre-training worker runs it (1 CPU, decoding in-process), so
-    the weights are the pipeline's; another thread count can change them (float sums in another
-    order).
+    With one thread, as the pipeline's pre-training worker runs it (1 CPU, decoding
+    in-process), the weights are the pipeline's; another thread count can change them (float
+    sums in another order).
     """
     cfg = validate(preset("cpu_demo"))
     assert cfg.model.image_size == SIZE
@@ -74,12 +76,19 @@ def random_backbone() -> ResNetBackbone:
     return ResNetBackbone(validate(preset("cpu_demo")).model.backbone).eval()
 
 
+# The object probe needs more pre-training than the demo's 80 steps: on the set of its test its
+# conv3 accuracy moves by about 0 at 80 steps, +0.01 at 160 and +0.07 at 320 (README,
+# "Evaluation choices to review"). 320 steps with every core: 5 minutes on 2 cores (8 with one
+# thread).
+LONGER_EPOCHS = 20
+
+
 @pytest.fixture(scope="module")
 def backbones() -> dict[str, ResNetBackbone]:
-    """{"random": seed-0 initialisation, "dupr": the demo's pre-training}."""
+    """{"random": seed-0 initialisation, "dupr": the demo's pre-training at 4× its budget}."""
     return {
         "random": random_backbone(),
-        "dupr": pretrained(validate(preset("cpu_demo")).optim.epochs),
+        "dupr": pretrained(LONGER_EPOCHS, threads=torch.get_num_threads()),
     }
 
 
@@ -95,8 +104,9 @@ def test_correspondence_conv4_ranks_pretrained_above_random_and_the_grid(
     backbones: dict[str, ResNetBackbone], val_images: list[Image.Image]
 ) -> None:
     """conv4 exact-cell matching: pre-trained > random > the content-blind same-position
-    baseline. conv5 is 3×3 at 96 px, where the baseline already scores what both backbones
-    score (measured: README), so it is reported, not ranked."""
+    baseline (measured on an AVX2 EPYC: 0.273, 0.159, 0.124; the demo's 80 steps gave 0.245
+    over seeds 0-2, README). conv5 is 3×3 at 96 px, where the baseline scores about what both
+    backbones score (README), so it is reported, not ranked."""
     results = {
         name: patch_correspondence_levels(
             net, val_images, image_size=SIZE, levels=(2, 3), pairs_per_image=2, seed=0
@@ -111,8 +121,8 @@ def test_correspondence_conv4_ranks_pretrained_above_random_and_the_grid(
         name: (round(r["conv4"].exact, 3), round(r["conv5"].exact, 3))
         for name, r in results.items()
     }
-    assert trained.exact > random.exact + 0.03, (summary, baseline)
-    assert trained.exact > baseline + 0.05, (summary, baseline)
+    assert trained.exact > random.exact + 0.05, (summary, baseline)
+    assert trained.exact > baseline + 0.08, (summary, baseline)
 
 
 def demo_detection(arch: str, backbone_state: dict[str, torch.Tensor] | None) -> dict[str, float]:
@@ -137,12 +147,13 @@ def demo_detection(arch: str, backbone_state: dict[str, torch.Tensor] | None) ->
 def test_detection_ap50_ranks_pretrained_above_random(
     backbones: dict[str, ResNetBackbone],
 ) -> None:
-    """The demo's fine-tuning (150 iterations of Faster R-CNN FPN at 160 px): box AP50 of the
-    pre-trained backbone above random initialisation's by more than a point. AP50, not AP: over
-    seeds 0-2 AP50 put DUPR first on every seed (+2.2 to +5.3 points), AP on every seed only by
-    0.9-2.7 points. The CPU's float rounding moves both like another seed does (this module,
-    seed 0: AP 12.2 vs 11.7, AP50 27.1 vs 22.6 on an AVX-512 Xeon; AP 12.8 vs 10.7, AP50 26.0
-    vs 24.6 on an AVX2 EPYC; README), hence the margin of one point, not two."""
+    """The demo's fine-tuning (150 iterations of Faster R-CNN FPN at 160 px): the pre-trained
+    backbone ahead of random initialisation on box AP and by more than 3 points on AP50.
+    Measured on an AVX2 EPYC: AP 19.0 against 10.7, AP50 34.0 against 24.6. From the demo's
+    own 80 steps the lead is smaller and the CPU's float rounding moves it like another seed
+    does (AP50 27.1 against 22.6 on an AVX-512 Xeon, 26.0 against 24.6 on that EPYC; over
+    seeds 0-2 +2.2 to +5.3 AP50 points, README), too close for a margin that holds on every
+    CPU."""
     arch = validate(preset("cpu_demo")).model.backbone
     states = {"dupr": backbones["dupr"].state_dict(), "random": None}
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -152,27 +163,16 @@ def test_detection_ap50_ranks_pretrained_above_random(
         name: {k: round(100 * r[k], 1) for k in ("bbox/AP", "bbox/AP50")}
         for name, r in results.items()
     }
-    assert results["dupr"]["bbox/AP50"] > results["random"]["bbox/AP50"] + 0.01, summary
+    assert results["dupr"]["bbox/AP"] > results["random"]["bbox/AP"], summary
+    assert results["dupr"]["bbox/AP50"] > results["random"]["bbox/AP50"] + 0.03, summary
 
 
-# The object probe needs more pre-training than the demo's 80 steps: on the set below its conv3
-# accuracy moves by about 0 at 80 steps, +0.01 at 160 and +0.07 at 320 (README, "Evaluation
-# choices to review"). 320 steps with every core, as measured there: 5 minutes on 2 cores (8
-# with one thread).
-LONGER_EPOCHS = 20
-
-
-@pytest.fixture(scope="module")
-def longer_pretrained() -> ResNetBackbone:
-    return pretrained(LONGER_EPOCHS, threads=torch.get_num_threads())
-
-
-def test_object_probe_conv3_ranks_a_longer_pretrained_backbone_above_random(
-    longer_pretrained: ResNetBackbone,
+def test_object_probe_conv3_ranks_pretrained_above_random(
+    backbones: dict[str, ResNetBackbone],
 ) -> None:
     """The object-probe stage's settings (RoI 2×2 on the images as they are, SVM C 0.01) on a
     bundled detection set five times the demo's (480 train and 160 val images, 1,170 and 372
-    boxes, chance 0.2): conv3 accuracy of the 4×-budget DUPR backbone above random's (measured
+    boxes, chance 0.2): conv3 accuracy of the pre-trained backbone above random's (measured
     +0.086 for this seed, +0.094 on an AVX2 CPU; +0.035 to +0.107 over seeds 0-2 and two such
     sets)."""
     settings = ObjectProbeConfig()
@@ -192,7 +192,7 @@ def test_object_probe_conv3_ranks_a_longer_pretrained_backbone_above_random(
             C=settings.C,
             seed=settings.seed,
         )["conv3"]
-        for name, net in (("dupr", longer_pretrained), ("random", random_backbone()))
+        for name, net in backbones.items()
     }
     print(f"object probe conv3: {accuracy}")
     assert accuracy["dupr"] > accuracy["random"] + 0.03, accuracy
