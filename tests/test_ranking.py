@@ -43,27 +43,21 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 SIZE = 96  # cpu_demo's pre-training resolution, at which the stages evaluate
 
 
-def pretrained(epochs: int, threads: int = 1) -> ResNetBackbone:
+def pretrained(epochs: int) -> ResNetBackbone:
     """The demo's DUPR pre-training (cpu_demo, seed 0), run in-process for `epochs` epochs of
     the bundled photos (the demo's 5: 80 steps of 32 views), its backbone in eval mode.
 
-    With one thread, as the pipeline's pre-training worker runs it (1 CPU, decoding
-    in-process), the weights are the pipeline's; another thread count can change them (float
-    sums in another order).
+    On every core: the weights are not the pipeline's 1-CPU worker's bit for bit (float sums
+    in another order), which is another draw of the same method.
     """
     cfg = validate(preset("cpu_demo"))
     assert cfg.model.image_size == SIZE
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=epochs))
     images = ImageFolderDataset(bundled_image_folder())
     loader = build_loader(images, TwoViews(SIZE, cfg.augment), cfg.optim.batch_size, seed=cfg.seed)
-    default_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        torch.manual_seed(cfg.seed)
-        state = build_state(DUPR(cfg.model), cfg.optim, len(loader), torch.device("cpu"))
-        train(state, loader, cfg.optim, torch.device("cpu"))
-    finally:
-        torch.set_num_threads(default_threads)
+    torch.manual_seed(cfg.seed)
+    state = build_state(DUPR(cfg.model), cfg.optim, len(loader), torch.device("cpu"))
+    train(state, loader, cfg.optim, torch.device("cpu"))
     _, trained = backbone_from_checkpoint(state.state_dict())
     net = random_backbone()
     net.load_state_dict(trained)
@@ -78,8 +72,7 @@ def random_backbone() -> ResNetBackbone:
 
 # The object probe needs more pre-training than the demo's 80 steps: on the set of its test its
 # conv3 accuracy moves by about 0 at 80 steps, +0.01 at 160 and +0.07 at 320 (README,
-# "Evaluation choices to review"). 320 steps with every core: 5 minutes on 2 cores (8 with one
-# thread).
+# "Evaluation choices to review").
 LONGER_EPOCHS = 20
 
 
@@ -88,7 +81,7 @@ def backbones() -> dict[str, ResNetBackbone]:
     """{"random": seed-0 initialisation, "dupr": the demo's pre-training at 4× its budget}."""
     return {
         "random": random_backbone(),
-        "dupr": pretrained(LONGER_EPOCHS, threads=torch.get_num_threads()),
+        "dupr": pretrained(LONGER_EPOCHS),
     }
 
 
