@@ -9,12 +9,10 @@ key, the access key id or the MLflow password.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from mlflow.tracking import MlflowClient
 
-from drivers import PIPELINE, files_under, ray_tmpdir, run
+from drivers import PIPELINE, files_holding, files_under, ray_tmpdir, run
 from dupr.data import bundled_image_folder
 from helpers import TOY_PIPELINE
 from services import list_keys, make_bucket, s3_client
@@ -26,14 +24,6 @@ KEY_ID = "AKIA" + "DUPRFAKEKEY77123"  # fake; built so no committed file holds a
 SECRET = "dupr-fake-secret-Zq81-never-logged"
 MLFLOW_PASSWORD = "dupr-fake-mlflow-pw-5521"
 SECRETS = (KEY_ID, SECRET, MLFLOW_PASSWORD)
-
-
-def _holders(files: list[Path]) -> list[str]:
-    found = []
-    for path in files:
-        data = path.read_bytes()
-        found += [f"{path}: {s[:8]}..." for s in SECRETS if s.encode() in data]
-    return found
 
 
 def test_no_secret_in_any_file_a_run_writes(s3_server, mlflow_server, tmp_path, monkeypatch):
@@ -76,7 +66,7 @@ def test_no_secret_in_any_file_a_run_writes(s3_server, mlflow_server, tmp_path, 
         *files_under(tmp_path / "logs"),
         *files_under(mlflow_server.log_path.parent),  # the server's store and log
     ]
-    assert not _holders(local)
+    assert not files_holding(local, *SECRETS)
     s3 = s3_client(s3_server.endpoint_url)
     objects = 0
     for name in (bucket, mlflow_server.artifact_bucket):

@@ -33,7 +33,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from drivers import files_under
+from drivers import files_holding, files_under
 from dupr.data import bundled_image_folder
 from helpers import TOY_PIPELINE
 from services import FAKE_KEY, FAKE_SECRET, list_keys
@@ -284,10 +284,9 @@ def test_the_study_runs_on_the_worker_nodes_and_survives_losing_one(stack: Stack
 
     # The secret reached the services as their environment only: no file of the stack (state,
     # logs, every node's Ray session, the database) and no job log holds it.
-    secret = stack.env["AWS_SECRET_ACCESS_KEY"].encode()
-    leaks = [str(p) for p in files_under(stack.root) if secret in p.read_bytes()]
-    assert not leaks and secret.decode() not in study["logs"]
-    assert secret.decode() not in stack.printed
+    secret = stack.env["AWS_SECRET_ACCESS_KEY"]
+    assert not files_holding(files_under(stack.root), secret)
+    assert secret not in study["logs"] and secret not in stack.printed
 
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's (`make system-deps`); never a downloaded browser
@@ -407,9 +406,9 @@ def test_a_sweep_with_two_trials_at_once(stack: Stack, tmp_path: Path):
     # Tune copied no key into its trials (Ray logs their runtime environments).
     keys = list_keys(stack.s3, stack.bucket, "sweeps/stack-sweep/")
     assert sum("/sweep/trials/" in k for k in keys) == 2 and any("/tune/" in k for k in keys)
-    secret = stack.env["AWS_SECRET_ACCESS_KEY"].encode()
-    assert not [str(p) for p in files_under(stack.root) if secret in p.read_bytes()]
-    assert secret.decode() not in logs
+    secret = stack.env["AWS_SECRET_ACCESS_KEY"]
+    assert not files_holding(files_under(stack.root), secret)
+    assert secret not in logs
 
 
 def test_down_stops_exactly_what_up_started(stack: Stack, tmp_path: Path):
