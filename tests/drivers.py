@@ -133,8 +133,8 @@ def files_under(root: str | Path) -> list[Path]:
 
 def files_holding(files: list[Path], *secrets: str) -> list[str]:
     """`path: secret…` for each file that holds one of `secrets`. A file that a live service
-    (PostgreSQL, Ray, MLflow) replaced or removed between the listing and the read is no longer
-    on disk to hold anything, so it is skipped rather than failing the scan."""
+    removed between the listing and the read (PostgreSQL rewrites `pg_internal.init` that way)
+    is no longer on disk to hold anything, so it is skipped rather than failing the scan."""
     found = []
     for path in files:
         try:
