@@ -38,7 +38,8 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 # One pre-training (320 steps on every core: 5 minutes on 2 cores) and two fine-tunings side by
 # side (4 minutes on 2 AVX-512 Xeon cores, 6.5 on 2 AVX2 EPYC cores; 11 on the slowest seen).
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+# `results`: `make test-results` runs this module, `make test` (and so CI) does not.
+pytestmark = [pytest.mark.slow, pytest.mark.results, pytest.mark.timeout(1200)]
 
 SIZE = 96  # cpu_demo's pre-training resolution, at which the stages evaluate
 
