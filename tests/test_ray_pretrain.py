@@ -1,11 +1,13 @@
 """Pre-training on a real local Ray instance, storage on a real S3 server, a real MLflow server."""
 
+import os
 import shutil
 import threading
 import time
 
 import boto3
 import pytest
+import ray.train
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -14,6 +16,8 @@ from dupr.data import bundled_image_folder
 from dupr_platform import software
 from dupr_platform.configs import compose, pretrain_job
 from dupr_platform.ray_pretrain import (
+    TRAIN_POLL_INTERVAL,
+    TRAIN_POLL_INTERVAL_S,
     load_checkpoint_state,
     preflight,
     run_pretraining,
@@ -29,14 +33,27 @@ def bucket_keys(endpoint: str, bucket: str, prefix: str) -> list[str]:
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
-def test_two_workers_on_s3_and_mlflow_then_resume(local_ray, s3_env, s3_server, mlflow_server):
+def test_two_workers_on_s3_and_mlflow_then_resume(
+    local_ray, s3_env, s3_server, mlflow_server, tmp_path, monkeypatch
+):
     make_bucket(s3_server.endpoint_url, "pretrain")
     # Data in the object-storage format: Parquet shards on S3, read by every worker.
     prepare_shards(str(bundled_image_folder(24)), "s3://pretrain/shards", images_per_shard=10)
     job = tiny_job("ddp-s3", "s3://pretrain/runs", mlflow_server.uri, epochs=2)
     job.data = "s3://pretrain/shards"
-    result = run_pretraining(job)
+    monkeypatch.delenv(TRAIN_POLL_INTERVAL, raising=False)
+    seen = tmp_path / "poll_interval"
+
+    class PollIntervalSeen(ray.train.UserCallback):  # local: pickled by value for Ray
+        """Runs in Ray Train's controller: writes the poll interval that process was given."""
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            seen.write_text(os.environ.get(TRAIN_POLL_INTERVAL, "unset"))
+
+    result = run_pretraining(job, callbacks=[PollIntervalSeen()])
     assert (result.epochs, result.steps) == (2, 6)  # 24 images / global batch 8 = 3 steps/epoch
+    # The controller polled at the platform's interval, not Ray's 2 s (ray_pretrain).
+    assert seen.read_text() == TRAIN_POLL_INTERVAL_S
     assert result.checkpoint_uri == "s3://pretrain/runs/ddp-s3/checkpoint_epoch=0002"
 
     keys = bucket_keys(s3_server.endpoint_url, "pretrain", "runs/ddp-s3/")

@@ -52,6 +52,7 @@ from dupr.train import TrainState, build_state, rng_state, train
 from dupr.views import TwoViews
 from dupr_platform import software
 from dupr_platform.cluster import COMPUTE_PRIORITY, check_nodes, forwarded_env, start_ray
+from dupr_platform.environment import environment
 from dupr_platform.failures import CheckpointLedger, StopOnUnrecoverable, UnrecoverableError
 from dupr_platform.progress import Progress
 from dupr_platform.ray_data import RayDataLoader, count_images, two_view_dataset
@@ -72,6 +73,15 @@ from dupr_platform.tracking import ERROR_TAG, TRACKING_CREDENTIALS, RunLogger, c
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+
+# How often Ray Train's controller polls its workers (Ray's default: every 2 s). Starting a
+# run and noticing its end each wait for polls: at 0.5 s a 3-step pre-training took about 4 s
+# less (22 s against 27 s on 2 CPU cores), which every pre-training and test pays. A poll that
+# a busy worker misses costs nothing: Ray marks a worker dead only after 10 minutes of missed
+# polls (RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S). Ray hands the driver's value to the
+# controller; a value already in the environment wins.
+TRAIN_POLL_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+TRAIN_POLL_INTERVAL_S = "0.5"
 
 
 # Field metadata: the field changes how a run executes (retries, logging, CPUs), not the
@@ -589,7 +599,10 @@ def run_pretraining(
         ),
     )
     try:
-        result = trainer.fit()
+        with environment(
+            {TRAIN_POLL_INTERVAL: os.environ.get(TRAIN_POLL_INTERVAL, TRAIN_POLL_INTERVAL_S)}
+        ):
+            result = trainer.fit()
         if result.error:
             raise result.error
     except BaseException as exc:
