@@ -16,10 +16,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torchvision.transforms as T
-from sklearn.model_selection import train_test_split
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-from sklearn.svm import LinearSVC
 from torch.utils.data import DataLoader, Dataset
 
 from dupr.config import LEVELS
@@ -77,6 +73,12 @@ def _fit_score(
     # Standardising first makes one C fit every level, whose feature scales differ a lot.
     # A linear SVM (max-margin, convex, deterministic) as in the paper's VOC07 protocol [61]:
     # no learning-rate schedule to tune per level, unlike an SGD-trained linear layer.
+    # scikit-learn is imported here, not at the top: it takes about a second to import, and
+    # every process that builds a pipeline's stages imports this module without fitting.
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
     model = make_pipeline(StandardScaler(), LinearSVC(C=c, max_iter=10000))
     model.fit(train_x, train_y)
     return float(model.score(val_x, val_y))
@@ -107,6 +109,8 @@ def probe_accuracy(
         raise ValueError(f"train_y: needs at least two classes, got {np.unique(train_y).tolist()}")
     grid = [float(C)] if isinstance(C, int | float | np.number) else [float(c) for c in C]
     if len(grid) > 1:
+        from sklearn.model_selection import train_test_split  # see _fit_score
+
         _, counts = np.unique(train_y, return_counts=True)
         fit_x, held_x, fit_y, held_y = train_test_split(
             train_x,
