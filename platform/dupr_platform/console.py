@@ -68,7 +68,7 @@ def session(name: str) -> Iterator[Path | None]:
     """Route the process's output for one command (see the module docstring); yields the log
     file's path (created on first use; None with DUPR_RAY_LOGS=console). Python's logging is
     restored afterwards, so a caller in a longer-lived process (a test) gets its own back."""
-    global _log_path, _file_handler, _announced
+    global _log_path, _file_handler, _announced, _console
     touched = ["", *PROJECT_LOGGERS, *QUIETED_LOGGERS, WORKERS_LOGGER]
     loggers = [logging.getLogger(n) for n in touched]
     saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
@@ -79,7 +79,7 @@ def session(name: str) -> Iterator[Path | None]:
             logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
         if _file_handler is not None:
             _file_handler.close()
-        _log_path, _file_handler, _announced = None, None, False
+        _log_path, _file_handler, _announced, _console = None, None, False, None
 
 
 def _setup(name: str) -> Path | None:
@@ -162,6 +162,14 @@ def library_output() -> Iterator[None]:
         yield
 
 
+def show(text: str) -> None:
+    """Print `text` on the session's console, also while `library_output` is in effect (what a
+    worker reported, secret values scrubbed as in its forwarded lines)."""
+    out = _console if _console is not None else sys.stdout
+    out.write(scrub_secrets(text) + "\n")
+    out.flush()
+
+
 def announce(where: str) -> None:
     """Print the log file's path, once."""
     global _announced
@@ -192,13 +200,14 @@ def route_worker_output() -> None:
         lines = data.get("lines", [])
         if pid == "autoscaler":  # its events, not the status table it prints every few seconds
             lines = list(filter_autoscaler_events(lines))
+        out = _console if _console is not None else sys.stdout  # after the session: stdout
         for line in lines:
             if shown:
-                _console.write(scrub_secrets(line) + "\n")
+                out.write(scrub_secrets(line) + "\n")
             else:
                 forwarded.info("(%s pid=%s, ip=%s) %s", source, pid, data.get("ip"), line)
         if shown:
-            _console.flush()
+            out.flush()
 
     for name in ("ray_print_logs", "dupr_console"):
         global_worker_stdstream_dispatcher.remove_handler(name)

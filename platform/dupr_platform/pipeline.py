@@ -287,6 +287,8 @@ class PipelineResult:
     records: dict[str, dict[str, Any]]
     # What a smoke run found would fail at full size, beyond failed stages.
     failures: list[str] = field(default_factory=list)
+    # What the pipeline printed at its end: the summary table, a smoke run's report, results.
+    summary: str = ""
 
     @property
     def ok(self) -> bool:
@@ -607,12 +609,16 @@ def run_pipeline(
     run_name: str | None = None,
     params: dict[str, Any] | None = None,
     pretrain_callbacks: list[Any] | None = None,
+    print_summary: bool = True,
 ) -> PipelineResult:
     """Check, then run the study on the connected (or a local) Ray cluster.
 
     A sweep runs one pipeline per trial: `parent_run_id` nests this pipeline's MLflow run under
     the sweep's, `run_key` makes a retried trial continue its run, `params` add the trial's
     grid value and `pretrain_callbacks` reach the pre-training's TorchTrainer (Tune reports).
+    A trial leaves its `PipelineResult.summary` to the sweep's driver to print
+    (`print_summary=False`): Ray forwards a worker's stdout asynchronously, and the last lines
+    of a trial that ends just before its driver can be lost.
     """
     cfg = study = _absolute(cfg)
     if study.get("smoke"):
@@ -674,16 +680,19 @@ def run_pipeline(
         results = report.report(cfg, stages, runner.records, parent, key_columns(cfg))
         table = summary_table(result, cfg)
         parent.log_text(table + "\n", "summary.md")
-        print(table, flush=True)
+        shown = [table]
         if study.get("smoke"):
             text, result.failures = smoke.report(study, result.reports)
             parent.log_text(text + "\n", "smoke.md")
-            print("\n" + text, flush=True)
+            shown += ["", text]
         if results:  # its captions as the pipeline's own lines, its tables as they are
-            lines = [
+            shown += [""]
+            shown += [
                 f"[pipeline] {x}" if x and not x.startswith("|") else x for x in results.split("\n")
             ]
-            print("\n" + "\n".join(lines), flush=True)
+        result.summary = "\n".join(shown)
+        if print_summary:
+            print(result.summary, flush=True)
         _log_console(parent)
     parent.end("FINISHED" if result.ok else "FAILED")
     return result

@@ -221,15 +221,19 @@ def trial_fn(config: dict[str, Any]) -> None:
         run_name=config["label"],
         params={"grid": {"label": config["label"], **config["overrides"]}},
         pretrain_callbacks=callbacks,
+        print_summary=False,  # the driver prints it from the result (`_TrialSummaries`)
     )
     if not result.ok:
         failed = [r for r in result.reports if r.error]
-        message = "; ".join(f"{r.name}: {r.error}" for r in failed)[:1000] or "a stage failed"
-        if failed and not any(r.retryable for r in failed):
-            # A retry cannot fix it (storage down, broken data): the trial ends as failed now,
-            # without Tune's retries, its message in the result.
-            tune.report({FAILED_METRIC: message, "pipeline_done": 0.0})
+        message = "; ".join([*(f"{r.name}: {r.error}" for r in failed), *result.failures])
+        message = message[:1000] or "a stage failed"
+        if not any(r.retryable for r in failed):
+            # A retry cannot fix it (storage down, broken data, a smoke run's finding at full
+            # size): the trial ends as failed now, without Tune's retries, its message in the
+            # result.
+            tune.report({FAILED_METRIC: message, "pipeline_done": 0.0, SUMMARY: result.summary})
             return
+        print(result.summary, flush=True)  # the next attempt's summary reaches the driver
         raise RuntimeError(message)  # Tune retries the trial; the stage cache keeps what finished
     row, per_seed = trial_row(config["cfg"], result)
     # Stored as soon as the trial is done: a sweep whose driver dies later keeps this row.
@@ -239,10 +243,24 @@ def trial_fn(config: dict[str, Any]) -> None:
         f"{TRIALS_DIR}/{config['key']}.json",
         {"label": config["label"], "metrics": metrics, "per_seed": per_seed},
     )
-    tune.report({**row, "pipeline_done": 1.0})
+    tune.report({**row, "pipeline_done": 1.0, SUMMARY: result.summary})
 
 
 FAILED_METRIC = "trial_error"  # in a trial's result: it failed and must not be retried
+SUMMARY = "pipeline_summary"  # in a trial's last result: what its pipeline would have printed
+
+
+def _trial_summaries() -> Any:
+    """A Tune callback, on the driver: each trial's pipeline summary as the trial ends."""
+    from ray import tune
+
+    class _TrialSummaries(tune.Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any):
+            summary = (trial.last_result or {}).get(SUMMARY)
+            if summary:
+                console.show(f"[sweep] trial {trial.config['label']}:\n{summary}")
+
+    return _TrialSummaries()
 
 
 def trial_row(
@@ -373,6 +391,7 @@ def _run_trials(
                 name=f"{name}-{time.strftime('%Y%m%dT%H%M%S')}",
                 **ray_storage_args(open_storage(store.uri_for("tune"))),
                 failure_config=tune.FailureConfig(max_failures=int(sw["trial_retries"])),
+                callbacks=[_trial_summaries()],
                 verbose=0,
             ),
         )
