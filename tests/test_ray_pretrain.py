@@ -225,24 +225,3 @@ def test_command_line_rejects_bad_input_in_one_line_before_starting_ray(capsys, 
     assert main(["storage=gs://bucket/x", f"tracking_uri=sqlite:///{tmp_path}/m.db"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "gs://bucket/x" in err and "\n" not in err
-
-
-def test_ray_data_pipeline_streams_decoded_views_into_the_workers(
-    local_ray, mlflow_server, tmp_path
-):
-    shards = tmp_path / "shards"
-    prepare_shards(str(bundled_image_folder(24)), str(shards), images_per_shard=10)
-    job = tiny_job("ray-data", str(tmp_path / "store"), mlflow_server.uri, epochs=2)
-    job.data, job.data_loader = str(shards), "ray"
-    # 2 CPUs: 2 × 0.25 for training, one 0.5-CPU decoding actor, 1 for Ray Data's listing task.
-    job.cpus_per_worker, job.ray_data_actors, job.ray_data_cpus_per_actor = 0.25, 1, 0.5
-    result = run_pretraining(job)
-    assert (result.epochs, result.steps) == (2, 6)
-    steps = [
-        m.step for m in MlflowClient(mlflow_server.uri).get_metric_history(result.run_id, "loss")
-    ]
-    assert sorted(steps) == list(range(1, 7))
-
-    job.data = str(bundled_image_folder(24))  # a plain folder cannot be streamed this way
-    with pytest.raises(ValueError, match="data_loader=ray needs Parquet shards"):
-        job.validate()
