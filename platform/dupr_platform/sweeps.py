@@ -233,7 +233,9 @@ def trial_fn(config: dict[str, Any]) -> None:
             # result.
             tune.report({FAILED_METRIC: message, "pipeline_done": 0.0, SUMMARY: result.summary})
             return
-        print(result.summary, flush=True)  # the next attempt's summary reaches the driver
+        # This attempt's summary is forwarded by Ray, best effort; the last attempt's result
+        # carries its own to the driver.
+        print(result.summary, flush=True)
         raise RuntimeError(message)  # Tune retries the trial; the stage cache keeps what finished
     row, per_seed = trial_row(config["cfg"], result)
     # Stored as soon as the trial is done: a sweep whose driver dies later keeps this row.
