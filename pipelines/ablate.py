@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from dupr.config import ConfigError
-from dupr_platform.cli import run_cli
+from dupr_platform.cli import exit_process, run_cli
 from dupr_platform.configs import compose
 from dupr_platform.sweeps import load_grid, run_sweep, sweep_name
 
@@ -40,4 +40,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_process(main(sys.argv[1:]))

@@ -13,7 +13,7 @@ checkpoint.
 import sys
 from pathlib import Path
 
-from dupr_platform.cli import run_cli
+from dupr_platform.cli import exit_process, run_cli
 from dupr_platform.configs import compose, pretrain_job
 from dupr_platform.ray_pretrain import PretrainJob, PretrainResult, run_pretraining
 
@@ -33,4 +33,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_process(main(sys.argv[1:]))

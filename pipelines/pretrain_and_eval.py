@@ -14,7 +14,7 @@ Exit status: 0 when every stage finished or was cached, 1 when a stage failed, 2
 import sys
 from pathlib import Path
 
-from dupr_platform.cli import run_cli
+from dupr_platform.cli import exit_process, run_cli
 from dupr_platform.configs import compose
 from dupr_platform.pipeline import run_pipeline
 
@@ -28,4 +28,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_process(main(sys.argv[1:]))

@@ -12,12 +12,13 @@ traceback in the log file (`dupr_platform.console`).
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from dupr.config import ConfigError
 from dupr.convert import ConversionError
@@ -55,6 +56,19 @@ class Terminated(BaseException):
 
 def _terminate(signum: int, frame: Any) -> None:
     raise Terminated()
+
+
+def exit_process(status: int) -> NoReturn:
+    """End the command with `status`, without the garbage collector's passes at shutdown.
+
+    Every object of the command (torch's, Ray's, MLflow's modules among them) lives until the
+    interpreter tears down, and the collector's passes over them took about 1.5 s of each
+    command's exit on 2 CPU cores. `gc.freeze` puts them out of its reach; atexit handlers,
+    logging's shutdown and reference counting still run, so runs and files still close.
+    Only for a process that ends here: a test calling `main` keeps its collector.
+    """
+    gc.freeze()
+    sys.exit(status)
 
 
 def error(message: str) -> None:
