@@ -62,7 +62,7 @@ def exit_process(status: int) -> NoReturn:
     """End the command with `status`, without the garbage collector's passes at shutdown.
 
     Every object of the command (torch's, Ray's, MLflow's modules among them) lives until the
-    interpreter tears down, and the collector's passes over them took about 1.5 s of each
+    interpreter tears down, and the collector's passes over them took 1-2 s of each
     command's exit on 2 CPU cores. `gc.freeze` puts them out of its reach; atexit handlers,
     logging's shutdown and reference counting still run, so runs and files still close.
     Only for a process that ends here: a test calling `main` keeps its collector.
