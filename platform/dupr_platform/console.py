@@ -162,10 +162,15 @@ def library_output() -> Iterator[None]:
         yield
 
 
+def _console_out() -> Any:
+    """The session's console; after the session (a late worker line), stdout."""
+    return _console if _console is not None else sys.stdout
+
+
 def show(text: str) -> None:
     """Print `text` on the session's console, also while `library_output` is in effect (what a
     worker reported, secret values scrubbed as in its forwarded lines)."""
-    out = _console if _console is not None else sys.stdout
+    out = _console_out()
     out.write(scrub_secrets(text) + "\n")
     out.flush()
 
@@ -200,7 +205,7 @@ def route_worker_output() -> None:
         lines = data.get("lines", [])
         if pid == "autoscaler":  # its events, not the status table it prints every few seconds
             lines = list(filter_autoscaler_events(lines))
-        out = _console if _console is not None else sys.stdout  # after the session: stdout
+        out = _console_out()
         for line in lines:
             if shown:
                 out.write(scrub_secrets(line) + "\n")
