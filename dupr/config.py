@@ -18,12 +18,15 @@ LEVELS = ("conv2", "conv3", "conv4", "conv5")
 STRIDES = (4, 8, 16, 32)
 # The revision of what the method's code trains from a configuration. A pipeline's cache key
 # for a pre-training includes it, so a change of the method (not only of its configuration)
-# trains anew. 2: a patch pair counts at a level only where B spans one of its cells.
-METHOD_REVISION = 2
+# trains anew. 2: a patch pair counts at a level only where B spans one of its cells. 3: the
+# losses run in float32 under autocast too (before, autocast ran the logits in bfloat16 on GPUs).
+METHOD_REVISION = 3
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 AUGMENTATIONS = ("mocov2", "mocov2_randaugment")
 BN_MODES = ("shuffle", "sync", "none")
 AMP_DTYPES = ("bfloat16", "float16")
+PATCH_LOGITS = ("float32", "bfloat16")
+PATCH_LOSS_KERNELS = ("matmul", "attention")
 
 
 class ConfigError(ValueError):
@@ -58,6 +61,12 @@ class ModelConfig:
     roi_sampling_ratio: int = 2
     # The patch logits (queries × K) are computed in chunks when they would exceed this budget.
     loss_memory_mb: float = 256.0
+    # How the patch losses' (queries × K) logits are computed (dupr.losses). bfloat16: the
+    # matmuls on bf16 tensor cores, log-sum-exp and gradient accumulated in float32 (within
+    # 1e-4 of float32 on the loss, 1e-3 on gradients: tests/test_losses.py). attention: a fused
+    # attention kernel that never stores the logits (same values; accuracy from a sample).
+    patch_logits: str = "float32"
+    patch_loss_kernel: str = "matmul"
 
     def image_levels(self) -> list[int]:
         return [m for m, a in enumerate(self.alpha) if a > 0]
@@ -232,6 +241,8 @@ def validate(cfg: DUPRConfig) -> DUPRConfig:
     check_bool("model.roi_aligned", m.roi_aligned)
     check_int("model.roi_sampling_ratio", m.roi_sampling_ratio, low=1)
     check_number("model.loss_memory_mb", m.loss_memory_mb, above=0)
+    check_choice("model.patch_logits", m.patch_logits, PATCH_LOGITS)
+    check_choice("model.patch_loss_kernel", m.patch_loss_kernel, PATCH_LOSS_KERNELS)
     check_int("model.image_size", m.image_size, low=1)
     # The deepest level used needs a feature map of at least 2×2 cells.
     deepest = m.deepest_level()

@@ -11,8 +11,17 @@ above a memory budget it is computed in chunks of the bank with a streaming log-
 hand-written backward that recomputes each chunk (`ChunkedLogSumExp`); value and gradients
 equal the direct form.
 
-Losses are computed in float32 even under autocast: logits divided by τ = 0.15 are too coarse
-in bfloat16.
+Losses are computed in float32 even under autocast (autocast is switched off inside `info_nce`:
+it would otherwise run the logit matmuls in bfloat16 and return a bfloat16 log-sum-exp, whose
+step near log K ≈ 11 is 0.06). Two options trade exactness for speed on a GPU's tensor cores:
+
+- ``logits_dtype=torch.bfloat16``: the q·r matmuls take bfloat16 inputs; the logits, the
+  log-sum-exp and the gradient are accumulated in float32 (tests/test_losses.py bounds the
+  difference to float32);
+- ``kernel="attention"``: the negatives' log-sum-exp and its gradient come from PyTorch's fused
+  attention kernel, which never writes the logit matrix to memory. With the bank as both keys
+  and values, attention returns o = softmax(q·Rᵀ/τ)·R and log Σ_t exp(q·r_t/τ), and
+  ∂ lse / ∂q = o / τ, so the backward pass is one multiplication.
 """
 
 from __future__ import annotations
@@ -22,22 +31,31 @@ import math
 import torch
 from torch import Tensor
 
+from dupr.config import PATCH_LOSS_KERNELS
+
+# With kernel="attention" the kernel gives no maximum logit; top-1 accuracy is measured on an
+# evenly spaced sample of at most this many queries (a metric only, the loss uses all).
+ACCURACY_SAMPLE = 1024
+
 
 class ChunkedLogSumExp(torch.autograd.Function):
     """logsumexp(q @ bank.T / τ, dim=1) without materialising the whole logit matrix.
 
     Forward keeps a running maximum and a rescaled running sum over chunks of the bank; backward
     recomputes each chunk's softmax. The bank is a constant (memory banks get no gradient).
-    Also returns the row-wise maximum logit (no gradient) for top-1 accuracy.
+    q and bank may be bfloat16: the matmuls then run in bfloat16, and everything after them
+    (logits, running sums, gradient) in float32. Also returns the row-wise maximum logit (no
+    gradient) for top-1 accuracy.
     """
 
     @staticmethod
     def forward(ctx, q: Tensor, bank: Tensor, tau: float, chunk: int) -> tuple[Tensor, Tensor]:
-        run_max = q.new_full((len(q),), -math.inf)
-        run_sum = q.new_zeros(len(q))
+        acc = torch.promote_types(q.dtype, torch.float32)  # what the logits are summed in
+        run_max = q.new_full((len(q),), -math.inf, dtype=acc)
+        run_sum = q.new_zeros(len(q), dtype=acc)
         for start in range(0, len(bank), chunk):
-            # In place: one (n × chunk) buffer at a time.
-            logits = torch.mm(q, bank[start : start + chunk].T).div_(tau)
+            # In place: one (n × chunk) buffer at a time (.to is a no-op where q is float32).
+            logits = torch.mm(q, bank[start : start + chunk].T).to(acc).div_(tau)
             new_max = torch.maximum(run_max, logits.max(dim=1).values)
             run_sum = run_sum * torch.exp(run_max - new_max) + logits.sub_(
                 new_max[:, None]
@@ -53,45 +71,122 @@ class ChunkedLogSumExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_lse: Tensor, _grad_max: Tensor):
         q, bank, lse = ctx.saved_tensors
-        grad_q = torch.zeros_like(q)
+        acc = lse.dtype
+        grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
         weight = (grad_lse / ctx.tau)[:, None]
         for start in range(0, len(bank), ctx.chunk):
             keys = bank[start : start + ctx.chunk]
-            probs = torch.mm(q, keys.T).div_(ctx.tau).sub_(lse[:, None]).exp_().mul_(weight)
-            grad_q.addmm_(probs, keys)
+            probs = torch.mm(q, keys.T).to(acc).div_(ctx.tau).sub_(lse[:, None]).exp_().mul_(weight)
+            if keys.dtype == acc:
+                grad_q.addmm_(probs, keys)
+            else:  # the matmul in the bank's (bfloat16) precision, its sum over chunks in float32
+                grad_q += torch.mm(probs.to(keys.dtype), keys).to(acc)
             del probs
-        return grad_q, None, None, None
+        return grad_q.to(q.dtype), None, None, None
+
+
+class AttentionLogSumExp(torch.autograd.Function):
+    """log Σ_t exp(q·r_t/τ) by a fused attention kernel, with the bank as keys and values.
+
+    The kernel streams the bank through on-chip memory and returns the log-sum-exp with
+    o = softmax(q·Rᵀ/τ)·R, which is τ times the gradient: backward is `grad · o / τ`.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, bank: Tensor, tau: float) -> Tensor:
+        out, lse = _attention(q, bank, 1.0 / tau)
+        ctx.save_for_backward(out)
+        ctx.tau = tau
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse: Tensor):
+        (out,) = ctx.saved_tensors
+        return (grad_lse / ctx.tau)[:, None] * out.to(grad_lse.dtype), None, None
+
+
+def _attention(q: Tensor, bank: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """(softmax(q·bankᵀ·scale)·bank, float32 log-sum-exp) from PyTorch's attention kernels.
+
+    The public `scaled_dot_product_attention` returns only the output, so this calls the
+    kernels it dispatches to, which also return the log-sum-exp: flash attention for
+    bfloat16/float16 on a GPU, the memory-efficient kernel for float32 on a GPU, and the CPU
+    flash kernel (any of these dtypes) on a CPU. Shapes are (batch 1, heads 1, length, d).
+    """
+    q4, k4 = q[None, None], bank[None, None]
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q4, k4, k4, scale=scale
+        )
+    elif q.dtype in (torch.bfloat16, torch.float16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q4, k4, k4, scale=scale)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q4, k4, k4, None, True, scale=scale
+        )[:2]
+    # The memory-efficient kernel pads the log-sum-exp's length to a multiple of 32.
+    return out[0, 0], lse[0, 0, : len(q)].to(torch.promote_types(q.dtype, torch.float32))
 
 
 def negatives_logsumexp(
-    q: Tensor, bank: Tensor, tau: float, memory_mb: float = math.inf
+    q: Tensor,
+    bank: Tensor,
+    tau: float,
+    memory_mb: float = math.inf,
+    logits_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """log Σ_t exp(q·r_t/τ) per query and the largest negative logit (for accuracy).
+
+    `logits_dtype` (bfloat16) casts q and the bank for the matmuls; None keeps their precision.
 
     Direct when the direct form fits in `memory_mb`, chunked otherwise. The direct form holds
     about four (n × K) buffers between forward and backward (logits, their exp inside
     logsumexp, the softmax and its product in backward); the chunked one a single (n × chunk)
-    buffer at a time, sized to half the budget to leave room for the matmul's workspace.
+    float32 buffer at a time, sized to half the budget to leave room for the matmul's workspace
+    (and, with bfloat16 logits, the matmul's bfloat16 output).
     """
     n, k = len(q), len(bank)
-    bytes_per_logit = q.element_size()
+    accumulate = torch.promote_types(q.dtype, torch.float32)
+    if logits_dtype is not None:
+        q, bank = q.to(logits_dtype), bank.to(logits_dtype)
+    bytes_per_logit = torch.finfo(accumulate).bits // 8
     if 4 * n * k * bytes_per_logit <= memory_mb * 2**20:
-        logits = q @ bank.T / tau
+        logits = (q @ bank.T).to(accumulate) / tau
         return torch.logsumexp(logits, dim=1), logits.detach().max(dim=1).values
     chunk = max(1, int(memory_mb * 2**20 / (2 * n * bytes_per_logit)))
     return ChunkedLogSumExp.apply(q, bank, tau, chunk)
 
 
 def info_nce(
-    q: Tensor, k_pos: Tensor, bank: Tensor, tau: float, memory_mb: float = math.inf
+    q: Tensor,
+    k_pos: Tensor,
+    bank: Tensor,
+    tau: float,
+    memory_mb: float = math.inf,
+    logits_dtype: torch.dtype | None = None,
+    kernel: str = "matmul",
 ) -> tuple[Tensor, Tensor]:
-    """Per-query InfoNCE loss (n,) and whether the positive ranks first among K+1 (n,) bool.
+    """Per-query InfoNCE loss (n,) and whether the positive ranks first among K+1 (bool).
 
-    q, k_pos: (n, d) L2-normalised; bank: (K, d) L2-normalised, no gradient.
+    q, k_pos: (n, d) L2-normalised; bank: (K, d) L2-normalised, no gradient. `logits_dtype`
+    and `kernel` choose how the negatives' log-sum-exp is computed (see the module docstring);
+    with kernel="attention" the accuracy flags are those of a sample of the queries.
     """
+    if kernel not in PATCH_LOSS_KERNELS:
+        raise ValueError(f"kernel={kernel!r}: unknown (valid: {', '.join(PATCH_LOSS_KERNELS)})")
     dtype = torch.promote_types(q.dtype, torch.float32)  # float32 at least, float64 kept
-    q, k_pos, bank = q.to(dtype), k_pos.to(dtype), bank.to(dtype)
-    pos = (q * k_pos).sum(dim=1) / tau
-    neg_lse, neg_max = negatives_logsumexp(q, bank, tau, memory_mb)
-    loss = torch.logaddexp(pos, neg_lse) - pos
-    return loss, pos.detach() > neg_max
+    with torch.autocast(q.device.type, enabled=False):
+        q, k_pos, bank = q.to(dtype), k_pos.to(dtype), bank.to(dtype)
+        pos = (q * k_pos).sum(dim=1) / tau
+        if kernel == "matmul":
+            neg_lse, neg_max = negatives_logsumexp(q, bank, tau, memory_mb, logits_dtype)
+            correct = pos.detach() > neg_max
+        else:
+            low = logits_dtype or dtype
+            neg_lse = AttentionLogSumExp.apply(q.to(low), bank.to(low), tau)
+            sample = slice(None, None, math.ceil(len(q) / ACCURACY_SAMPLE))
+            with torch.no_grad():
+                _, neg_max = negatives_logsumexp(q[sample], bank, tau, memory_mb, logits_dtype)
+            correct = pos.detach()[sample] > neg_max
+        loss = torch.logaddexp(pos, neg_lse.to(dtype)) - pos
+    return loss, correct

@@ -159,7 +159,13 @@ class DUPR(nn.Module):
             # parameter still receives a (zero) gradient and DDP's reducer is satisfied.
             return r_q.float().sum() * 0.0, r_q.new_tensor(math.nan)
         losses, correct = info_nce(
-            q, k, self.bank_snapshot(f"patch_{name}"), self.cfg.tau, self.cfg.loss_memory_mb
+            q,
+            k,
+            self.bank_snapshot(f"patch_{name}"),
+            self.cfg.tau,
+            self.cfg.loss_memory_mb,
+            logits_dtype=torch.bfloat16 if self.cfg.patch_logits == "bfloat16" else None,
+            kernel=self.cfg.patch_loss_kernel,
         )
         return losses.sum() / denom, correct.float().mean()
 

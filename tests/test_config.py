@@ -52,6 +52,8 @@ BAD = [
     (with_model(image_size=48), "model.image_size=48: too small for conv5"),
     (with_model(bn_mode="group"), "model.bn_mode='group'"),
     (with_model(momentum=1.0), "model.momentum=1.0"),
+    (with_model(patch_logits="float16"), "model.patch_logits='float16'"),
+    (with_model(patch_loss_kernel="flash"), "model.patch_loss_kernel='flash'"),
     (DUPRConfig(optim=dataclasses.replace(DUPRConfig().optim, epochs=0)), "optim.epochs=0"),
 ]
 

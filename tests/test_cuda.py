@@ -4,8 +4,9 @@ CI has no GPU, so these run when a GPU machine is at hand, together with the GPU
 `bash benchmarks/gpu_checks.sh` (needs only torch, torchvision and pytest there). The CPU tests
 cover the same code on gloo and float32 (test_distributed.py, test_train.py); what only a GPU
 shows is what is checked here: that autocast and channels_last change the numbers no more than
-bf16 rounding does, that the memory banks stay float32, and that Shuffle BN and the gathered bank
-keys run on an NCCL process group. (NCCL gives each rank its own GPU, so a one-GPU machine checks
+bf16 rounding does, that the memory banks stay float32, that the GPU's attention kernels (flash,
+memory-efficient) give the patch loss of the matmul form, and that Shuffle BN and the gathered
+bank keys run on an NCCL process group. (NCCL gives each rank its own GPU, so a one-GPU machine checks
 a world of one; the two-rank equalities are checked on gloo.)
 """
 
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dupr.config import OptimConfig
+from dupr.losses import info_nce
 from dupr.model import DUPR
 from dupr.train import TrainState, build_state, train_step
 from helpers import random_batch, tiny_model_config
@@ -66,6 +68,40 @@ def test_float16_autocast_uses_the_loss_scaler():
     assert state.scaler.is_enabled() and state.scaler.get_scale() > 0
     assert torch.isfinite(torch.tensor(metrics["loss"]))
     assert all(torch.isfinite(p).all() for p in state.model.parameters())
+
+
+def test_patch_loss_options_on_the_gpu_agree_with_float32(monkeypatch):
+    """Paper scale (6272 queries, K = 65536): the chunked matmul form in float32 (TF32 off) is
+    the reference for bfloat16 logits and for the attention kernels (flash for bf16,
+    memory-efficient for fp32, which may use TF32); bounds as on the CPU (tests/test_losses.py)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    q0 = torch.nn.functional.normalize(torch.randn(6272, 128, device=CUDA, generator=g), dim=1)
+    k_pos = torch.nn.functional.normalize(q0 + 0.5 * torch.randn_like(q0), dim=1)
+    bank = torch.nn.functional.normalize(torch.randn(65536, 128, device=CUDA, generator=g), dim=1)
+    weights = torch.rand(len(q0), device=CUDA, generator=g)
+
+    def run(**options):
+        q = q0.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # as in training; the loss opts out
+            loss, correct = info_nce(q, k_pos, bank, 0.15, memory_mb=256, **options)
+        (loss * weights).sum().backward()
+        return loss.detach(), correct, q.grad
+
+    loss32, correct32, grad32 = run()
+    for kernel, logits_dtype in [
+        ("matmul", torch.bfloat16),
+        ("attention", None),
+        ("attention", torch.bfloat16),
+    ]:
+        loss, correct, grad = run(kernel=kernel, logits_dtype=logits_dtype)
+        label = (kernel, logits_dtype)
+        assert loss.dtype == torch.float32, label
+        loss_diff = float(((loss - loss32).abs() / loss32).max())
+        grad_diff = float((grad - grad32).abs().max() / grad32.abs().max())
+        assert loss_diff <= 1e-4 and grad_diff <= 1e-3, (label, loss_diff, grad_diff)
+        step = len(correct32) // len(correct)  # 1, or the attention kernel's accuracy sample
+        assert (correct != correct32[::step][: len(correct)]).float().mean() <= 0.01, label
 
 
 @pytest.mark.parametrize("bn_mode", ["shuffle", "sync"])

@@ -227,3 +227,29 @@ def test_mixed_precision_forward_keeps_losses_and_banks_in_float32():
     assert all(
         torch.allclose(b.keys.norm(dim=1), torch.ones(len(b.keys))) for b in model.banks.values()
     )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(patch_logits="bfloat16"), dict(patch_loss_kernel="attention")],
+    ids=["bfloat16 logits", "attention kernel"],
+)
+def test_patch_loss_options_train_like_the_default(options):
+    """The config's speed options reach the patch losses and change them only by rounding."""
+    results = []
+    for overrides in ({}, options):
+        torch.manual_seed(0)
+        model = DUPR(tiny_model_config(queue_size=512, **overrides))
+        for bank in model.banks.values():  # a full bank, so every key is a real negative
+            bank.enqueue(F.normalize(torch.randn(512, bank.keys.shape[1]), dim=1))
+        torch.manual_seed(1)
+        loss, metrics = model(*random_batch(4, 64))
+        loss.backward()
+        grad = model.encoder_q.patch_heads["conv4"].mlp[0].weight.grad
+        results.append((loss.detach(), metrics, grad))
+    (loss, metrics, grad), (loss_o, metrics_o, grad_o) = results
+    assert not torch.equal(grad_o, grad)  # the option was used ...
+    assert abs(float(loss_o / loss) - 1) <= 1e-4  # ... and changed only the rounding
+    assert float((grad_o - grad).abs().max() / grad.abs().max()) <= 1e-3
+    for name in ("conv4", "conv5"):
+        assert torch.isfinite(metrics_o[f"acc/patch_{name}"])
