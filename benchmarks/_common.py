@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmark scripts: machine description, recording.
+"""Shared helpers for the benchmark scripts: machine description, recording, test images.
 
 Every benchmark prints the machine it ran on and can append its table to a results file, so a
 number in `RESULTS.md` is never separated from the hardware and software that produced it.
@@ -6,8 +6,10 @@ number in `RESULTS.md` is never separated from the hardware and software that pr
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import platform
+import random
 import shlex
 import statistics
 import sys
@@ -15,9 +17,15 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image, ImageEnhance
 
+from dupr.data.bundled import bundled_photos
 from dupr_platform.software import cpu_model, usable_cores
+
+# ImageNet's typical image sizes (width, height).
+IMAGENET_SIZES = ((500, 375), (375, 500), (500, 333), (333, 500), (400, 400))
 
 
 def machine_lines(device: str) -> list[str]:
@@ -81,3 +89,45 @@ def record(path: str | os.PathLike[str], title: str, machine: list[str], body: s
             f.write(f"- {line}\n")
         f.write(f"\n{body.rstrip()}\n")
     print(f"\nrecorded to {target}")
+
+
+def _write_images(root: Path, first: int, stop: int, seed: int) -> int:
+    photos = [image for _, image in bundled_photos()]
+    total = 0
+    for i in range(first, stop):
+        rng = random.Random(f"{seed}-{i}")  # per image, so any split over processes agrees
+        photo = photos[i % len(photos)]
+        width, height = rng.choice(IMAGENET_SIZES)
+        scale = rng.uniform(0.35, 1.0)
+        crop_w = max(32, int(photo.width * scale))
+        crop_h = max(32, min(photo.height, int(crop_w * height / width)))
+        left = rng.randint(0, photo.width - crop_w)
+        top = rng.randint(0, photo.height - crop_h)
+        image = photo.crop((left, top, left + crop_w, top + crop_h)).resize(
+            (width, height), Image.Resampling.BICUBIC
+        )
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.7, 1.3))
+        # Sensor-like noise: upscaled crops are smoother than photos and would compress (and
+        # decode) unrealistically well; with it files are about ImageNet's ~110 KB average.
+        noise = np.random.default_rng(seed + i).normal(0, 16, (height, width, 3))
+        pixels = np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255)
+        image = Image.fromarray(pixels.astype(np.uint8))
+        path = root / f"n{i % 100:08d}" / f"img_{i:07d}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, quality=92)
+        total += path.stat().st_size
+    return total
+
+
+def build_folder(root: Path, count: int, seed: int, processes: int = 1) -> int:
+    """`count` ImageNet-like JPEGs in 100 class folders, built offline from the bundled photos
+    (random crops, flips, brightness and noise, at ImageNet's sizes; quality 92, ~95 KB each
+    where ImageNet's average is ~110 KB); returns their total size in bytes."""
+    if processes <= 1:
+        return _write_images(root, 0, count, seed)
+    bounds = [round(count * p / processes) for p in range(processes + 1)]
+    spans = [(root, a, b, seed) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        return sum(pool.starmap(_write_images, spans))

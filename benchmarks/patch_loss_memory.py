@@ -5,6 +5,10 @@ K = 65536 bank keys make a 1.6 GB float32 logit matrix, and the direct form hold
 matrices at once during forward + backward. `dupr.losses.ChunkedLogSumExp` exists to bound that
 by a memory budget without changing the result. This script checks both claims in one run:
 chunked peak <= 25% of the direct peak, and loss / gradient equal to the direct form within 1e-5.
+The speed options of the patch loss run as rows too, judged by the same peak target and the
+bounds their tests use (loss 1e-4, gradient 1e-3): the fused attention kernel
+(`patch_loss_kernel=attention`), bfloat16 logits on the default budget (`patch_logits=bfloat16`),
+and both together.
 
 Each variant runs in a fresh subprocess, so that one variant's freed memory or allocator cache
 cannot hide or inflate another's peak. On CUDA the peak is `max_memory_allocated` above the
@@ -42,6 +46,15 @@ from dupr.losses import info_nce
 
 TARGET_RATIO = 0.25  # chunked peak must be at most this fraction of the direct peak
 TOLERANCE = 1e-5  # relative loss difference and normalised max gradient difference
+# The speed options' bounds (tests/test_losses.py): per-query loss, normalised gradient.
+OPTION_TOLERANCE = (1e-4, 1e-3)
+# name -> (memory_mb, kernel, logits dtype name or None), with the model's default budget (the
+# attention kernel uses it only for its accuracy sample); the chunked budgets come from --budgets.
+OPTIONS = {
+    "attention kernel": (256.0, "attention", None),
+    "chunked 256 MB, bf16 logits": (256.0, "matmul", "bfloat16"),
+    "attention + bf16": (256.0, "attention", "bfloat16"),
+}
 FLOAT32_BYTES = 4
 DEFAULTS = {"queries": 6272, "keys": 65536, "repeats": 3}
 QUICK = {"queries": 3136, "keys": 32768, "repeats": 1}
@@ -82,11 +95,20 @@ def make_inputs(
 
 
 def _step(
-    q: torch.Tensor, k_pos: torch.Tensor, bank: torch.Tensor, tau: float, memory_mb: float
+    q: torch.Tensor,
+    k_pos: torch.Tensor,
+    bank: torch.Tensor,
+    tau: float,
+    memory_mb: float,
+    kernel: str = "matmul",
+    logits: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward + backward, as the training step does it; returns (mean loss, per-query)."""
     q.grad = None
-    loss, _ = info_nce(q, k_pos, bank, tau=tau, memory_mb=memory_mb)
+    logits_dtype = getattr(torch, logits) if logits else None
+    loss, _ = info_nce(
+        q, k_pos, bank, tau=tau, memory_mb=memory_mb, logits_dtype=logits_dtype, kernel=kernel
+    )
     total = loss.mean()
     total.backward()
     return total.detach(), loss.detach()
@@ -129,13 +151,14 @@ def worker(spec: dict) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     tau, memory_mb = spec["tau"], spec["memory_mb"]
+    options = {"kernel": spec["kernel"], "logits": spec["logits"]}
     q, k_pos, bank = make_inputs(spec["n"], spec["k"], spec["d"], spec["seed"], device)
 
     # Warm-up on tiny inputs through both code paths: loads BLAS kernels, thread pools and the
     # cuBLAS workspace now, so they are not charged to the variant's peak.
     wq, wk, wb = make_inputs(64, 1024, spec["d"], spec["seed"] + 1, device)
-    _step(wq, wk, wb, tau, math.inf)
-    _step(wq, wk, wb, tau, 0.05)
+    _step(wq, wk, wb, tau, math.inf, **options)
+    _step(wq, wk, wb, tau, 0.05, **options)
     del wq, wk, wb
     gc.collect()
     _sync(device)
@@ -152,7 +175,7 @@ def worker(spec: dict) -> None:
     for _ in range(spec["repeats"]):
         _sync(device)
         start = time.perf_counter()
-        total, per_query = _step(q, k_pos, bank, tau, memory_mb)
+        total, per_query = _step(q, k_pos, bank, tau, memory_mb, **options)
         _sync(device)
         times.append(time.perf_counter() - start)
 
@@ -161,7 +184,7 @@ def worker(spec: dict) -> None:
         alloc_peak = peak
     else:
         peak = _proc_status_kib("VmHWM") * 1024 - base
-        alloc_peak = _profiled_alloc_peak(lambda: _step(q, k_pos, bank, tau, memory_mb))
+        alloc_peak = _profiled_alloc_peak(lambda: _step(q, k_pos, bank, tau, memory_mb, **options))
     torch.save(
         {
             "peak_bytes": peak,
@@ -193,7 +216,7 @@ def run_variant(spec: dict) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"worker for {spec['memory_mb']} MB failed (exit {proc.returncode})")
+        raise SystemExit(f"worker for {spec['name']} failed (exit {proc.returncode})")
     return torch.load(spec["out"], weights_only=True)
 
 
@@ -205,6 +228,12 @@ def chunk_keys(n: int, memory_mb: float) -> int | None:
     if math.isinf(memory_mb):
         return None
     return max(1, int(memory_mb * 2**20 / (2 * n * FLOAT32_BYTES)))
+
+
+def alloc_s_or_peak(result: dict) -> float:
+    """MiB of the allocator peak where measured, else of the peak."""
+    alloc = result["alloc_peak_bytes"]
+    return (alloc if alloc >= 0 else result["peak_bytes"]) / 2**20
 
 
 def mem_available_bytes() -> int | None:
@@ -230,6 +259,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default="256,64",
         help="comma-separated memory_mb budgets for the chunked variants (256 = project default)",
+    )
+    p.add_argument(
+        "--no-options", action="store_true", help="without the rows of the speed options"
     )
     p.add_argument("--repeats", type=int, help="timed forward+backward per variant (3)")
     p.add_argument("--seed", type=int, default=0)
@@ -269,18 +301,25 @@ def main(argv: list[str] | None = None) -> None:
             f"{available / 2**30:.1f} GiB is available; use smaller --queries/--keys"
         )
 
-    variants = [("direct", math.inf)] + [(f"chunked {b:g} MB", b) for b in budgets]
+    variants = {"direct": (math.inf, "matmul", None)} | {
+        f"chunked {b:g} MB": (b, "matmul", None) for b in budgets
+    }
+    if not args.no_options:
+        variants |= OPTIONS
     results = {}
     with tempfile.TemporaryDirectory(prefix="dupr-bench-") as tmp:
-        for i, (name, memory_mb) in enumerate(variants):
+        for i, (name, (memory_mb, kernel, logits)) in enumerate(variants.items()):
             print(f"running {name} ...", flush=True)
             spec = {
+                "name": name,
                 "n": n,
                 "k": k,
                 "d": d,
                 "tau": args.tau,
                 "seed": args.seed,
                 "memory_mb": memory_mb,
+                "kernel": kernel,
+                "logits": logits,
                 "device": str(device),
                 "repeats": args.repeats,
                 "out": str(Path(tmp) / f"variant{i}.pt"),
@@ -294,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     grad_scale = ref_grad.abs().max().item()
     rows = []
     verdicts = []
-    for name, memory_mb in variants:
+    for name, (memory_mb, kernel, _) in variants.items():
         r = results[name]
         peak_mib = r["peak_bytes"] / 2**20
         ratio = r["peak_bytes"] / ref["peak_bytes"]
@@ -307,10 +346,20 @@ def main(argv: list[str] | None = None) -> None:
         alloc_s = "-" if alloc < 0 else f"{alloc / 2**20:.0f}"
         if name == "direct":
             budget, chunk_s, per_budget, target, verdict = "inf", "-", "-", "baseline", "baseline"
+        elif name in OPTIONS:
+            budget = f"{memory_mb:g}"
+            chunk_s = (
+                "fused kernel" if kernel == "attention" else f"{chunk} x {math.ceil(k / chunk)}"
+            )
+            per_budget = "-" if math.isinf(memory_mb) else f"{alloc_s_or_peak(r) / memory_mb:.2f}"
+            loss_tol, grad_tol = OPTION_TOLERANCE
+            target = f"<= {TARGET_RATIO:.0%}, per-query <= {loss_tol:g}, grad <= {grad_tol:g}"
+            ok = ratio <= TARGET_RATIO and pq_rel.item() <= loss_tol and grad_rel <= grad_tol
+            verdict = "PASS" if ok else "FAIL"
+            verdicts.append(verdict)
         else:
             budget = f"{memory_mb:g}"
-            best = alloc if alloc >= 0 else r["peak_bytes"]
-            per_budget = f"{best / 2**20 / memory_mb:.2f}"
+            per_budget = f"{alloc_s_or_peak(r) / memory_mb:.2f}"
             target = f"<= {TARGET_RATIO:.0%}, diffs <= {TOLERANCE:g}"
             if logit_bytes <= memory_mb * 2**20:
                 chunk_s, verdict = "direct path", "n/a (budget >= logits)"
@@ -370,6 +419,9 @@ def main(argv: list[str] | None = None) -> None:
         "of one extra step; CUDA: same as peak); RSS also keeps what malloc caches after a free",
         f"wall = median of {args.repeats} forward+backward of info_nce(...).mean()",
         "diffs are against the direct variant; grad diff = max |g - g_direct| / max |g_direct|",
+        "speed options (rows after the chunked budgets): attention = the fused attention kernel "
+        "(patch_loss_kernel=attention), bf16 = bfloat16 matmul inputs with float32 accumulation "
+        "(patch_logits=bfloat16)",
     ]
     body = table + "\n\n" + "\n".join(f"- {line}" for line in notes) + "\n"
     print()

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import shutil
 import statistics
 import tempfile
@@ -42,11 +41,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-from _common import fill_sizes, machine_lines, quartiles, record
-from PIL import Image, ImageEnhance
+from _common import IMAGENET_SIZES, build_folder, fill_sizes, machine_lines, quartiles, record
 
-from dupr.data.bundled import bundled_photos
 from dupr.io import markdown_table
 from dupr_platform.progress import format_duration
 from dupr_platform.shards import ShardIndex, plan_shards, prepare_shards, write_shards
@@ -54,39 +50,7 @@ from dupr_platform.shards import ShardIndex, plan_shards, prepare_shards, write_
 DEFAULTS = {"images": 2500, "rounds": 3}
 QUICK = {"images": 200, "rounds": 1}
 IMAGENET_IMAGES = 1_281_167  # ILSVRC-2012 train
-SIZES = ((500, 375), (375, 500), (500, 333), (333, 500), (400, 400))
 CLUSTER_CORES = (1, 2, 16, 64, 256)
-
-
-def build_folder(root: Path, count: int, seed: int) -> int:
-    """`count` ImageNet-like JPEGs in 100 class folders; returns their total size in bytes."""
-    rng = random.Random(seed)
-    photos = [image for _, image in bundled_photos()]
-    total = 0
-    for i in range(count):
-        photo = photos[i % len(photos)]
-        width, height = rng.choice(SIZES)
-        scale = rng.uniform(0.35, 1.0)
-        crop_w = max(32, int(photo.width * scale))
-        crop_h = max(32, min(photo.height, int(crop_w * height / width)))
-        left = rng.randint(0, photo.width - crop_w)
-        top = rng.randint(0, photo.height - crop_h)
-        image = photo.crop((left, top, left + crop_w, top + crop_h)).resize(
-            (width, height), Image.Resampling.BICUBIC
-        )
-        if rng.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.7, 1.3))
-        # Sensor-like noise: upscaled crops are smoother than photos and would compress (and
-        # decode) unrealistically well; with it files are about ImageNet's ~110 KB average.
-        noise = np.random.default_rng(seed + i).normal(0, 16, (height, width, 3))
-        pixels = np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255)
-        image = Image.fromarray(pixels.astype(np.uint8))
-        path = root / f"n{i % 100:08d}" / f"img_{i:07d}.JPEG"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path, quality=92)
-        total += path.stat().st_size
-    return total
 
 
 def timed(run: Callable[[Path], ShardIndex], dest: Path) -> tuple[float, ShardIndex]:
@@ -211,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     notes = [
         f"{args.images} JPEGs built offline from the bundled photographs, ImageNet-like sizes "
-        f"({', '.join(f'{w}x{h}' for w, h in SIZES)}), {size / args.images / 1024:.0f} KB on "
+        f"({', '.join(f'{w}x{h}' for w, h in IMAGENET_SIZES)}), {size / args.images / 1024:.0f} KB on "
         f"average; {args.images_per_shard} images per shard, row groups of "
         f"{args.row_group_size}; local folder to local folder",
         "an image = read + full decode (to skip undecodable files) + written into a shard; "
