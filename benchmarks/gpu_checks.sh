@@ -1,19 +1,51 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one command: the CUDA tests, then the GPU step benchmark,
-# recorded into benchmarks/RESULTS.md (and copied to $OUT when that is set, so a remote run
-# brings it back). Needs torch, torchvision and pytest on the GPU machine; not Ray, MLflow or the
-# project's virtualenv. Expected to take a few minutes on one H100 (not yet measured).
+# Everything that needs a GPU, in one command (issue 14): the CUDA tests, then the benchmarks,
+# each recorded into the results file and copied to $OUT after each step when $OUT is set (so a
+# remote run brings back whatever finished). Needs torch, torchvision, pytest and Pillow there;
+# not Ray, MLflow or the project's virtualenv. Each step has its own time limit, so one that
+# hangs cannot take the others' time; the limits add up to 8 min (--quick: four times that).
 #
-#     bash benchmarks/gpu_checks.sh [extra gpu_step.py options]
-set -euo pipefail
+#     bash benchmarks/gpu_checks.sh            # on the GPU machine
+#     bash benchmarks/gpu_checks.sh --quick    # rehearsal on any machine: small sizes, CPU
+#
+# RESULTS=file chooses the results file (default benchmarks/RESULTS.md).
+set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# The project's packages without installing them: dupr/ from the root, dupr_platform's
+# stdlib-only helpers from platform/, the tests' helpers from tests/.
+export PYTHONPATH="$PWD:$PWD/platform:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1  # the CUDA tests need no plugin; the machine's may not load
+RESULTS=${RESULTS:-benchmarks/RESULTS.md}
+QUICK=()
+SCALE=1  # the rehearsal's small sizes still take a CPU longer than the GPU its full sizes
+if [ "${1:-}" = "--quick" ]; then QUICK=(--quick --device cpu) SCALE=4; fi
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
+"$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 status=0
+failed=()
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, note a failure, keep going
+  local name=$1 limit=$(($2 * SCALE)) start=$SECONDS
+  shift 2
+  echo "=== $name (limit ${limit} s)"
+  timeout --kill-after=10 "$limit" "$@"
+  local rc=$?
+  echo "=== $name: exit $rc after $((SECONDS - start)) s"
+  if [ "$rc" -ne 0 ]; then status=1; failed+=("$name (exit $rc)"); fi
+  if [ -n "${OUT:-}" ]; then cp "$RESULTS" "$OUT/" 2>/dev/null || true; fi
+}
 # --noconftest: the suite's conftest starts S3/MLflow services this machine need not have.
-"$PY" -m pytest --noconftest -p no:cacheprovider -q -m gpu tests/test_cuda.py || status=$?
-"$PY" benchmarks/gpu_step.py --record benchmarks/RESULTS.md "$@" || status=$?
-if [ -n "${OUT:-}" ]; then cp benchmarks/RESULTS.md "$OUT/"; fi
+LEVERS="mocov2,dupr,dupr + bf16 logits,dupr + attention kernel,dupr + attention + bf16"
+COMPILED="mocov2,dupr,dupr + compile,dupr + CUDA graphs"
+step "CUDA tests" 45 "$PY" -m pytest --noconftest -p no:cacheprovider -q -m gpu tests/test_cuda.py
+step "gpu_step" 110 "$PY" benchmarks/gpu_step.py --variants "$LEVERS" --budget-s $((80 * SCALE)) \
+  --record "$RESULTS" "${QUICK[@]}"
+step "gpu_memory" 75 "$PY" benchmarks/gpu_memory.py --budget-s 20 --record "$RESULTS" "${QUICK[@]}"
+step "patch_loss_memory" 60 "$PY" benchmarks/patch_loss_memory.py --record "$RESULTS" "${QUICK[@]}"
+step "gpu_input" 60 "$PY" benchmarks/gpu_input.py --record "$RESULTS" "${QUICK[@]}"
+# Last, as the least certain: compilation time on the machine is unknown.
+step "gpu_step, compiled" 130 "$PY" benchmarks/gpu_step.py --variants "$COMPILED" \
+  --budget-s $((100 * SCALE)) --record "$RESULTS" "${QUICK[@]}"
+if [ "$status" -ne 0 ]; then printf 'failed: %s\n' "${failed[@]}"; else echo "all steps passed"; fi
 exit "$status"

@@ -1,0 +1,66 @@
+"""The GPU checks rehearse on a CPU, as the GPU machine will run them.
+
+A GPU machine is lent to this project now and then, for about 15 minutes: a script that fails
+there on an import or a typo wastes the loan. `benchmarks/gpu_checks.sh --quick` runs every
+step at small sizes on the CPU; here it runs with the packages the GPU machine lacks (Ray,
+MLflow, Hydra, boto3, ...) made unimportable, so a dependency creeping into the benchmark path
+fails here first. The CUDA tests themselves skip on a CPU.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # about two minutes on 2 cores
+
+ROOT = Path(__file__).resolve().parents[1]
+# Installed here, absent on the GPU machine (its image holds torch, torchvision, Pillow, NumPy,
+# pyarrow, PyYAML and pytest, not the platform's stack).
+ABSENT = ("ray", "mlflow", "omegaconf", "hydra", "boto3", "botocore", "moto", "faster_coco_eval")
+SECTIONS = (
+    "gpu_step (quick, cpu; levers: bf16 logits, attention kernel, attention + bf16)",
+    "gpu_step (quick, cpu; levers: compile, CUDA graphs)",
+    "gpu_memory (quick, cpu)",
+    "patch_loss_memory (quick, cpu)",
+    "gpu_input (quick, cpu)",
+)
+
+
+def test_gpu_checks_rehearse_on_a_cpu_without_the_platforms_packages(tmp_path):
+    shadow = tmp_path / "absent"
+    for name in ABSENT:
+        (shadow / name).mkdir(parents=True)
+        (shadow / name / "__init__.py").write_text(f"raise ImportError('{name}: absent')\n")
+    results = tmp_path / "RESULTS.md"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(shadow),
+        "PYTHON": sys.executable,
+        "RESULTS": str(results),
+    }
+    env.pop("OUT", None)
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_checks.sh", "--quick"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "all steps passed" in out
+    recorded = results.read_text()
+    for section in SECTIONS:
+        assert f"## {section}" in recorded, section
+    # Every lever of gpu_step got a row with a time, none an error.
+    for row in ("dupr + bf16 logits", "dupr + attention kernel", "dupr + compile"):
+        cells = next(
+            [c.strip() for c in x.split("|")]
+            for x in recorded.splitlines()
+            if x.startswith(f"| {row} ")
+        )
+        assert cells[2] != "-" and "Error" not in cells[-2], cells
