@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command (issue 14): the CUDA tests, then the benchmarks,
 # each recorded into the results file and copied to $OUT after each step when $OUT is set (so a
-# remote run brings back whatever finished). Needs torch, torchvision, pytest and Pillow there;
-# not Ray, MLflow or the project's virtualenv. Each step has its own time limit, so one that
+# remote run brings back whatever finished). Needs torch, torchvision, pytest, Pillow and pyarrow
+# there; not MLflow or the project's virtualenv, and Ray only for gpu_input's data_loader=ray rows
+# (benchmarks/pack_ray.sh packs it to take along). Each step has its own time limit, so one that
 # hangs cannot take the others' time; the limits add up to 8 min (--quick: four times that).
 #
 #     bash benchmarks/gpu_checks.sh            # on the GPU machine
@@ -21,6 +22,14 @@ QUICK=()
 SCALE=1  # the rehearsal's small sizes still take a CPU longer than the GPU its full sizes
 if [ "${1:-}" = "--quick" ]; then QUICK=(--quick --device cpu) SCALE=4; fi
 
+# Ray, where the machine lacks it and benchmarks/pack_ray.sh packed it into build/gpu-site.
+if ! "$PY" -c "import ray" 2>/dev/null && [ -f build/gpu-site/ray.tar.xz ]; then
+  site=$(mktemp -d)
+  trap 'rm -rf "$site"' EXIT
+  tar -xJf build/gpu-site/ray.tar.xz -C "$site" &&
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" build/gpu-site/wheels/*.whl &&
+    export PYTHONPATH="$PYTHONPATH:$site" && echo "Ray from build/gpu-site"
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
 "$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 status=0
@@ -38,14 +47,14 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, note a failure,
 # --noconftest: the suite's conftest starts S3/MLflow services this machine need not have.
 LEVERS="mocov2,dupr,dupr + bf16 logits,dupr + attention kernel,dupr + attention + bf16"
 COMPILED="mocov2,dupr,dupr + compile,dupr + CUDA graphs"
-step "CUDA tests" 45 "$PY" -m pytest --noconftest -p no:cacheprovider -q -m gpu tests/test_cuda.py
-step "gpu_step" 110 "$PY" benchmarks/gpu_step.py --variants "$LEVERS" --budget-s $((80 * SCALE)) \
+step "CUDA tests" 40 "$PY" -m pytest --noconftest -p no:cacheprovider -q -m gpu tests/test_cuda.py
+step "gpu_step" 100 "$PY" benchmarks/gpu_step.py --variants "$LEVERS" --budget-s $((75 * SCALE)) \
   --record "$RESULTS" "${QUICK[@]}"
-step "gpu_memory" 75 "$PY" benchmarks/gpu_memory.py --budget-s 20 --record "$RESULTS" "${QUICK[@]}"
+step "gpu_memory" 70 "$PY" benchmarks/gpu_memory.py --budget-s 20 --record "$RESULTS" "${QUICK[@]}"
 step "patch_loss_memory" 60 "$PY" benchmarks/patch_loss_memory.py --record "$RESULTS" "${QUICK[@]}"
-step "gpu_input" 60 "$PY" benchmarks/gpu_input.py --record "$RESULTS" "${QUICK[@]}"
+step "gpu_input" 100 "$PY" benchmarks/gpu_input.py --record "$RESULTS" "${QUICK[@]}"
 # Last, as the least certain: compilation time on the machine is unknown.
-step "gpu_step, compiled" 130 "$PY" benchmarks/gpu_step.py --variants "$COMPILED" \
-  --budget-s $((100 * SCALE)) --record "$RESULTS" "${QUICK[@]}"
+step "gpu_step, compiled" 110 "$PY" benchmarks/gpu_step.py --variants "$COMPILED" \
+  --budget-s $((85 * SCALE)) --record "$RESULTS" "${QUICK[@]}"
 if [ "$status" -ne 0 ]; then printf 'failed: %s\n' "${failed[@]}"; else echo "all steps passed"; fi
 exit "$status"

@@ -4,7 +4,8 @@ A GPU machine is lent to this project now and then, for about 15 minutes: a scri
 there on an import or a typo wastes the loan. `benchmarks/gpu_checks.sh --quick` runs every
 step at small sizes on the CPU; here it runs with the packages the GPU machine lacks (Ray,
 MLflow, Hydra, boto3, ...) made unimportable, so a dependency creeping into the benchmark path
-fails here first. The CUDA tests themselves skip on a CPU.
+fails here first (the GPU machine gets Ray only as benchmarks/pack_ray.sh packs it, for
+gpu_input's data_loader=ray rows, tested on their own below). The CUDA tests skip on a CPU.
 """
 
 import os
@@ -64,3 +65,23 @@ def test_gpu_checks_rehearse_on_a_cpu_without_the_platforms_packages(tmp_path):
             if x.startswith(f"| {row} ")
         )
         assert cells[2] != "-" and "Error" not in cells[-2], cells
+
+
+def test_gpu_input_measures_the_ray_data_loader_where_ray_is_installed():
+    """The data_loader=ray rows, which the rehearsal above cannot reach without Ray."""
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_input.py", "--quick", "--device", "cpu"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = {
+        tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")]
+        for line in proc.stdout.splitlines()
+        if line.startswith("| torch ") or line.startswith("| ray ")
+    }
+    for loader in ("torch", "ray"):
+        assert float(rows[(loader, "loader alone")][3]) > 0, rows
+        assert rows[(loader, "training loop")][5].endswith("%"), rows
