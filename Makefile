@@ -59,12 +59,13 @@ format: $(STAMP)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-# System packages that pip cannot install and tests/test_stack.py needs: PostgreSQL (the
-# MLflow server's backend store in the local stack) and Chromium (the MLflow UI check, driven
-# by Playwright with Debian's browser, never a downloaded one). CI runs `make test` on a fresh
+# System packages that pip cannot install and the tests need: PostgreSQL (the MLflow server's
+# backend store in tests/test_stack.py's local stack), Chromium (its MLflow UI check, driven by
+# Playwright with Debian's browser, never a downloaded one) and a C++ compiler (torch.compile
+# on a CPU, in tests/test_gpu_checks.py's rehearsal). CI runs `make test` on a fresh
 # machine, so this installs them there; only what is missing, only as root with apt-get, and
 # quietly. Elsewhere it names what is missing, and the stack tests fail with that name.
-SYSTEM_PACKAGES := postgresql chromium
+SYSTEM_PACKAGES := postgresql chromium g++
 system-deps:
 	@missing=""; \
 	for pkg in $(SYSTEM_PACKAGES); do \
