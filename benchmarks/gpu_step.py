@@ -351,6 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     measured_peak = matmul_tflops(device)
     on_target_card = device.type == "cuda" and ("H100" in card or "H200" in card)
     median = {n: statistics.median(t) for n, t in step_times.items() if t and n not in errors}
+    if BASELINE not in median:
+        raise SystemExit(f"the baseline failed while timed: {errors.get(BASELINE)}")
     rows, passing = [], []
     for name in args.variants:
         method = VARIANTS[name][0]
