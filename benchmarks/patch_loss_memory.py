@@ -42,12 +42,10 @@ import torch.nn.functional as F
 from _common import fill_sizes, machine_lines, record, resolve_device
 
 from dupr.io import markdown_table
-from dupr.losses import info_nce
+from dupr.losses import BF16_LOGITS_BOUNDS, info_nce
 
 TARGET_RATIO = 0.25  # chunked peak must be at most this fraction of the direct peak
 TOLERANCE = 1e-5  # relative loss difference and normalised max gradient difference
-# The speed options' bounds (tests/test_losses.py): per-query loss, normalised gradient.
-OPTION_TOLERANCE = (1e-4, 1e-3)
 # name -> (memory_mb, kernel, logits dtype name or None), with the model's default budget (the
 # attention kernel uses it only for its accuracy sample); the chunked budgets come from --budgets.
 OPTIONS = {
@@ -352,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
                 "fused kernel" if kernel == "attention" else f"{chunk} x {math.ceil(k / chunk)}"
             )
             per_budget = "-" if math.isinf(memory_mb) else f"{alloc_s_or_peak(r) / memory_mb:.2f}"
-            loss_tol, grad_tol = OPTION_TOLERANCE
+            loss_tol, grad_tol = BF16_LOGITS_BOUNDS
             target = f"<= {TARGET_RATIO:.0%}, per-query <= {loss_tol:g}, grad <= {grad_tol:g}"
             ok = ratio <= TARGET_RATIO and pq_rel.item() <= loss_tol and grad_rel <= grad_tol
             verdict = "PASS" if ok else "FAIL"
