@@ -9,7 +9,8 @@ exactly as MoCo v2's `aug_plus` and called twice, with two blurs:
       the same blur implementation as ours),
   (a) torchvision's T.GaussianBlur(kernel_size=23, sigma=(0.1, 2.0)) on the PIL image.
 
-The `mocov2_randaugment` preset is timed too, for information only. Images are decoded into
+The `mocov2_randaugment` preset is timed too, for information only, and so is the loader's share
+of both presets when their colour steps run on the training device (`augment.photometric_on`). Images are decoded into
 memory first, so only the transforms are timed: the bundled image folder (crops of 128-256 px)
 and the full-size bundled photographs (300-1411 px). Single process, one torch thread. Each round
 is one pass over each image set in which the variants alternate every few images (order shuffled
@@ -41,7 +42,8 @@ from PIL import Image, ImageFilter
 from dupr.config import AugmentConfig
 from dupr.data import ImageFolderDataset, build_bundled_image_folder, bundled_photos
 from dupr.io import markdown_table
-from dupr.views import IMAGENET_MEAN, IMAGENET_STD, TwoViews
+from dupr.photometric import IMAGENET_MEAN, IMAGENET_STD
+from dupr.views import TwoViews
 
 TARGET_RATIO = 1.0  # ours / baseline pairs per second
 DEFAULTS = {"images": 128, "full_images": 32, "rounds": 9}
@@ -95,7 +97,16 @@ BASE_B = "MoCo v2 two-crop, PIL blur (b)"
 BASE_A = "MoCo v2 two-crop, torchvision blur (a)"
 OURS = "ours: TwoViews mocov2 (+boxes)"
 OURS_RA = "ours: TwoViews mocov2_randaugment"
-SHORT = {BASE_B: "b", BASE_A: "a", OURS: "ours", OURS_RA: "ours-RA"}
+OURS_DEV = "ours, mocov2, colour steps on the device (loader's part)"
+OURS_RA_DEV = "ours, mocov2_randaugment, colour steps on the device (loader's part)"
+SHORT = {
+    BASE_B: "b",
+    BASE_A: "a",
+    OURS: "ours",
+    OURS_RA: "ours-RA",
+    OURS_DEV: "ours-dev",
+    OURS_RA_DEV: "ours-RA-dev",
+}
 
 
 def make_variants(size: int) -> dict[str, Transform]:
@@ -104,6 +115,8 @@ def make_variants(size: int) -> dict[str, Transform]:
         BASE_A: TwoCrops(mocov2_aug_plus("torchvision", size)),
         OURS: TwoViews(size, AugmentConfig()),
         OURS_RA: TwoViews(size, AugmentConfig("mocov2_randaugment")),
+        OURS_DEV: TwoViews(size, AugmentConfig(photometric_on="device")),
+        OURS_RA_DEV: TwoViews(size, AugmentConfig("mocov2_randaugment", photometric_on="device")),
     }
 
 
@@ -249,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
         (OURS, BASE_B, f">= {TARGET_RATIO:.1f}x (b)"),
         (OURS, BASE_A, f">= {TARGET_RATIO:.1f}x (a)"),
         (OURS_RA, BASE_B, "info"),
+        (OURS_DEV, OURS, "info"),
+        (OURS_RA_DEV, OURS_RA, "info"),
     ]
     rows = []
     verdicts = []
@@ -265,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
             result = "info" if target == "info" else verdict(ratios)
             if target != "info":
                 verdicts.append((base, result))
-            vs = "(b)" if base == BASE_B else "(a)"
+            vs = f"({SHORT[base]})"
             rows.append(
                 [set_name, name, median, spread, vs, f"{r_med} ({r_spread})", target, result]
             )
@@ -291,6 +306,9 @@ def main(argv: list[str] | None = None) -> None:
         "i.e. not measurably slower; FAIL: even the upper quartile < 1.0",
         f"a pair = two augmented {args.size}x{args.size} views of one image "
         "(ours also returns both crop boxes)",
+        "colour steps on the device (augment.photometric_on=device): the loader's share only, "
+        "the uint8 crops and the drawn colour choices; the colour steps then run batched on the "
+        "training device (benchmarks/gpu_input.py times them there)",
     ]
     body = table + "\n\n" + "\n".join(f"- {line}" for line in notes) + "\n"
     print()

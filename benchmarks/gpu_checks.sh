@@ -50,11 +50,11 @@ COMPILED="mocov2,dupr,dupr + compile,dupr + CUDA graphs"
 step "CUDA tests" 40 "$PY" -m pytest --noconftest -p no:cacheprovider -q -m gpu tests/test_cuda.py
 step "gpu_step" 100 "$PY" benchmarks/gpu_step.py --variants "$LEVERS" --budget-s $((75 * SCALE)) \
   --record "$RESULTS" "${QUICK[@]}"
-step "gpu_memory" 70 "$PY" benchmarks/gpu_memory.py --budget-s 20 --record "$RESULTS" "${QUICK[@]}"
-step "patch_loss_memory" 60 "$PY" benchmarks/patch_loss_memory.py --record "$RESULTS" "${QUICK[@]}"
-step "gpu_input" 100 "$PY" benchmarks/gpu_input.py --record "$RESULTS" "${QUICK[@]}"
+step "gpu_memory" 60 "$PY" benchmarks/gpu_memory.py --budget-s 20 --record "$RESULTS" "${QUICK[@]}"
+step "patch_loss_memory" 50 "$PY" benchmarks/patch_loss_memory.py --record "$RESULTS" "${QUICK[@]}"
+step "gpu_input" 130 "$PY" benchmarks/gpu_input.py --record "$RESULTS" "${QUICK[@]}"
 # Last, as the least certain: compilation time on the machine is unknown.
-step "gpu_step, compiled" 110 "$PY" benchmarks/gpu_step.py --variants "$COMPILED" \
-  --budget-s $((85 * SCALE)) --record "$RESULTS" "${QUICK[@]}"
+step "gpu_step, compiled" 100 "$PY" benchmarks/gpu_step.py --variants "$COMPILED" \
+  --budget-s $((75 * SCALE)) --record "$RESULTS" "${QUICK[@]}"
 if [ "$status" -ne 0 ]; then printf 'failed: %s\n' "${failed[@]}"; else echo "all steps passed"; fi
 exit "$status"

@@ -10,7 +10,8 @@ node's CPU cores. What runs, in one process on the GPU node:
    bundled photos by all cores;
 2. the GPU alone: `dupr.train.train_step` of the benchmark's model (DUPR's main preset with
    RandAugment, ResNet-50, 224 px, K = 65536, bf16, channels_last) on one batch already on the
-   GPU, as `gpu_step.py` times it;
+   GPU, as `gpu_step.py` times it; and again on uint8 crops with their colour choices, the step
+   then running the colour steps too (`augment.photometric_on=device`, `dupr.photometric`);
 3. the loader alone, one epoch without training, for each of `--loaders`:
    torch: `dupr.data.two_views.build_loader` over the folder (`--workers` processes, default
    every usable core but one; pinned memory), the default `data_loader=torch`;
@@ -18,6 +19,7 @@ node's CPU cores. What runs, in one process on the GPU node:
    platform's Ray Data pipeline (`two_view_dataset` on a local Ray instance with every core,
    `--workers` - 1 decoding actors and a CPU for the reads; `RayDataLoader`), the
    `data_loader=ray` path;
+   each with the colour steps in the loader and on the device (`--photometric`);
 4. each loader with the GPU: `dupr.train.train` for two epochs, the first a warm-up (worker
    start-up, page cache, cuDNN autotuning); from the second its logged `data_wait_s` (time the
    loop waits for the next batch) and images/s give the fraction of the step spent waiting.
@@ -25,6 +27,7 @@ node's CPU cores. What runs, in one process on the GPU node:
 The GPU waits when a loader's rate (3) is below the GPU's (2): then (4) runs at about the
 loader's rate, and images/s per loader process says how many cores the GPU's rate needs. The
 Ray path needs Ray on the node; where `import ray` fails its rows say so and the rest stands.
+A run stopped by SIGTERM (the time limit of `gpu_checks.sh`) still records the rows it has.
 """
 
 from __future__ import annotations
@@ -32,11 +35,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import signal
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,11 +54,43 @@ from dupr.config import preset  # noqa: E402
 from dupr.data import ImageFolderDataset  # noqa: E402
 from dupr.data.two_views import build_loader  # noqa: E402
 from dupr.io import markdown_table  # noqa: E402
+from dupr.photometric import PhotometricDraw  # noqa: E402
 from dupr.train import train  # noqa: E402
 from dupr.views import TwoViews  # noqa: E402
 
 METHOD = "dupr"  # the main preset: RandAugment views, the costliest augmentation
 LOADERS = ("torch", "ray")
+PLACEMENTS = ("loader", "device")  # where the colour steps run: augment.photometric_on
+
+
+class TimeLimit(Exception):
+    """SIGTERM from the caller's time limit: record what was measured, then stop."""
+
+
+STOPPING: list[bool] = []  # set on SIGTERM: an error after it (a loader worker the same
+# signal ended) is the time limit, not a failure of that loader
+
+
+def _stop(signum, frame):
+    STOPPING.append(True)
+    raise TimeLimit
+
+
+def augment_config(photometric_on: str) -> dict:
+    augment = preset(METHOD).to_dict()["augment"]
+    return {**augment, "photometric_on": photometric_on}
+
+
+def colour_batch(batch: dict, device) -> dict:
+    """`batch` as the loader ships it with ``photometric_on=device``: uint8 crops on the device,
+    their colour choices (drawn as in training) on the host."""
+    draw = PhotometricDraw(preset(METHOD).augment)
+    n, _, size, _ = batch["view1"].shape
+    out = dict(batch)
+    for v in ("1", "2"):
+        out[f"view{v}"] = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8).to(device)
+        out[f"photometric{v}"] = torch.stack([draw() for _ in range(n)])
+    return out
 
 
 def loader_rate(loader, epoch: int) -> float:
@@ -88,8 +126,9 @@ def loop_with_gpu(state, optim, loader, args, device) -> tuple[float, float]:
     return steps * args.batch / loop_s, wait_s / loop_s
 
 
-def torch_loader(folder: Path, args, device):
+def torch_loader(folder: Path, args, device, photometric_on: str):
     cfg = preset(METHOD)
+    cfg.augment.photometric_on = photometric_on
     return build_loader(
         ImageFolderDataset(folder),
         TwoViews(args.size, cfg.augment),
@@ -99,23 +138,91 @@ def torch_loader(folder: Path, args, device):
     )
 
 
-def ray_loader(folder: Path, shards: Path, args, device):
+def ray_loader(folder: Path, shards: Path, args, device, photometric_on: str):
     """The `data_loader=ray` path on a local Ray instance (started here, stopped by main)."""
     import ray
 
     from dupr_platform.ray_data import RayDataLoader, two_view_dataset
     from dupr_platform.shards import prepare_shards
 
-    prepare_shards(str(folder), str(shards), images_per_shard=256, workers=usable_cores())
+    if not shards.exists():
+        prepare_shards(str(folder), str(shards), images_per_shard=256, workers=usable_cores())
     ray.init(address="local", num_cpus=usable_cores(), include_dashboard=False)
     dataset = two_view_dataset(
         str(shards),
         args.size,
-        preset(METHOD).to_dict()["augment"],
+        augment_config(photometric_on),
         seed=0,
         concurrency=max(1, args.workers - 1),
     )
     return RayDataLoader(dataset.iterator(), args.batch, args.images, 1, device=str(device))
+
+
+def measure(folder: Path, shards: Path, args, device, rows: list, verdicts: list) -> None:
+    """Parts 2-4 of the module docstring, appending to `rows` and `verdicts` as they finish."""
+    cores = usable_cores()
+    # 2. The GPU alone, without and with the colour steps.
+    state, optim = build(METHOD, args, device)
+    batch = synthetic_batch(args.batch, args.size, device)
+    gpu_rate: dict[str, float] = {}
+    for placement, steps_batch in (("loader", batch), ("device", colour_batch(batch, device))):
+        time_steps(state, optim, steps_batch, device, 10)
+        gpu_rate[placement] = args.batch / statistics.median(
+            time_steps(state, optim, steps_batch, device, 10) for _ in range(3)
+        )
+        print(
+            f"GPU alone, colour steps {placement}: {gpu_rate[placement]:.0f} images/s", flush=True
+        )
+        what = "GPU alone (batch on the device)"
+        rows.append(["-", placement, what, f"{gpu_rate[placement]:.0f}", "-", "-"])
+    del batch
+
+    # 3 and 4, per loader and placement of the colour steps.
+    for name in args.loaders:
+        for placement in args.photometric:
+            processes = args.workers if name == "torch" else max(1, args.workers - 1) + 1
+            label = f"{name}, colour steps {placement}"
+            try:
+                if name == "torch":
+                    loader = torch_loader(folder, args, device, placement)
+                else:
+                    loader = ray_loader(folder, shards, args, device, placement)
+                loader_rate(loader, 0)  # starts the workers or actors
+                data_rate = loader_rate(loader, 1)
+                print(f"{label}: loader alone {data_rate:.0f} images/s", flush=True)
+                loop_rate, waiting = loop_with_gpu(state, optim, loader, args, device)
+                print(f"{label}: loader + GPU {loop_rate:.0f} images/s, waiting {waiting:.1%}")
+            except TimeLimit:
+                raise
+            except Exception as err:  # e.g. Ray is not installed on this node
+                if STOPPING:
+                    raise TimeLimit from err
+                why = f"not measured: {type(err).__name__}: {str(err).splitlines()[0][:100]}"
+                print(f"{label}: {why}", flush=True)
+                rows.append([name, placement, "loader", "-", "-", why])
+                continue
+            finally:
+                loader = None
+                gc.collect()  # ends the torch loader's persistent workers
+                if name == "ray" and "ray" in sys.modules:
+                    sys.modules["ray"].shutdown()
+            per_process = data_rate / processes
+            rows.append(
+                [name, placement, "loader alone", f"{data_rate:.0f}", f"{per_process:.0f}", "-"]
+            )
+            rows.append(
+                [name, placement, "training loop", f"{loop_rate:.0f}", "-", f"{waiting:.1%}"]
+            )
+            gpu = gpu_rate[placement]
+            if data_rate < gpu:
+                verdicts.append(
+                    f"{label}: the GPU waits for data: the loader delivers "
+                    f"{data_rate / gpu:.0%} of the GPU's rate; at {per_process:.0f} "
+                    f"images/s per process the GPU's rate needs about "
+                    f"{gpu / per_process:.0f} processes ({cores} cores here)"
+                )
+            else:
+                verdicts.append(f"{label}: keeps up, {data_rate / gpu:.2f}x the GPU's rate")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -128,6 +235,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=4096, help="JPEGs in the folder")
     parser.add_argument("--workers", type=int, help="loader processes (default: cores - 1)")
     parser.add_argument("--loaders", default=",".join(LOADERS), help="torch, ray or both")
+    parser.add_argument(
+        "--photometric",
+        default=",".join(PLACEMENTS),
+        help="where the colour steps run: loader, device or both",
+    )
     parser.add_argument("--log-every", type=int, default=8, help="steps per logged window")
     parser.add_argument("--quick", action="store_true", help="ResNet-18, 64 px, 64 images")
     parser.add_argument("--record", help="append the table to this Markdown file")
@@ -135,6 +247,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.loaders = [name.strip() for name in args.loaders.split(",") if name.strip()]
     if any(name not in LOADERS for name in args.loaders):
         parser.error(f"--loaders: valid are {', '.join(LOADERS)}")
+    args.photometric = [name.strip() for name in args.photometric.split(",") if name.strip()]
+    if not args.photometric or any(name not in PLACEMENTS for name in args.photometric):
+        parser.error(f"--photometric: valid are {', '.join(PLACEMENTS)}")
     if args.quick:
         args.backbone, args.size, args.batch, args.queue = "resnet18", 64, 8, 1024
         args.images, args.log_every = 64, 2
@@ -162,54 +277,21 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
 
-        # 2. The GPU alone.
-        state, optim = build(METHOD, args, device)
-        batch = synthetic_batch(args.batch, args.size, device)
-        time_steps(state, optim, batch, device, 10)
-        gpu_rate = args.batch / statistics.median(
-            time_steps(state, optim, batch, device, 10) for _ in range(3)
-        )
-        del batch
-        print(f"GPU alone: {gpu_rate:.0f} images/s", flush=True)
-        rows.append(["-", "GPU alone (batch on the device)", f"{gpu_rate:.0f}", "-", "-"])
+        signal.signal(signal.SIGTERM, _stop)
+        try:
+            measure(folder, Path(tmp) / "shards", args, device, rows, verdicts)
+        except TimeLimit:
+            verdicts.append("stopped by the time limit (SIGTERM): the rows above are all")
+            print("stopped by SIGTERM: recording what was measured", flush=True)
 
-        # 3 and 4, per loader.
-        for name in args.loaders:
-            processes = args.workers if name == "torch" else max(1, args.workers - 1) + 1
-            try:
-                if name == "torch":
-                    loader = torch_loader(folder, args, device)
-                else:
-                    loader = ray_loader(folder, Path(tmp) / "shards", args, device)
-                loader_rate(loader, 0)  # starts the workers or actors
-                data_rate = loader_rate(loader, 1)
-                print(f"{name} loader alone: {data_rate:.0f} images/s", flush=True)
-                loop_rate, waiting = loop_with_gpu(state, optim, loader, args, device)
-                print(f"{name} loader + GPU: {loop_rate:.0f} images/s, waiting {waiting:.1%}")
-            except Exception as err:  # e.g. Ray is not installed on this node
-                why = f"not measured: {type(err).__name__}: {str(err).splitlines()[0][:100]}"
-                print(f"{name}: {why}", flush=True)
-                rows.append([name, "loader", "-", "-", why])
-                continue
-            finally:
-                loader = None
-                gc.collect()  # ends the torch loader's persistent workers
-                if name == "ray" and "ray" in sys.modules:
-                    sys.modules["ray"].shutdown()
-            per_process = data_rate / processes
-            rows.append([name, "loader alone", f"{data_rate:.0f}", f"{per_process:.0f}", "-"])
-            rows.append([name, "training loop", f"{loop_rate:.0f}", "-", f"{waiting:.1%}"])
-            if data_rate < gpu_rate:
-                verdicts.append(
-                    f"{name}: the GPU waits for data: the loader delivers "
-                    f"{data_rate / gpu_rate:.0%} of the GPU's rate; at {per_process:.0f} "
-                    f"images/s per process the GPU's rate needs about "
-                    f"{gpu_rate / per_process:.0f} processes ({cores} cores here)"
-                )
-            else:
-                verdicts.append(f"{name}: keeps up, {data_rate / gpu_rate:.2f}x the GPU's rate")
-
-    header = ["loader", "what runs", "images/s", "images/s per process", "data_wait fraction"]
+    header = [
+        "loader",
+        "colour steps",
+        "what runs",
+        "images/s",
+        "images/s per process",
+        "data_wait fraction",
+    ]
     table = markdown_table(rows, header, pad=True)
     cfg = preset(METHOD)
     notes = [
@@ -217,6 +299,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.batch}, K={args.queue}, bf16 autocast (on a GPU), channels_last",
         f"{args.images} ImageNet-like JPEGs ({size / args.images / 1024:.0f} KB average), page "
         f"cache warm after the first epoch; {cores} usable cores",
+        "colour steps in the loader: PIL per image in the loader processes; on the device: "
+        "the loader ships uint8 crops and the drawn choices, the step applies them batched "
+        "(augment.photometric_on)",
         f"torch: {args.workers} loader processes over the folder, pinned memory; ray: Parquet "
         f"shards of 256 images, a local Ray instance with {cores} CPUs, "
         f"{max(1, args.workers - 1)} decoding actors (+1 CPU for reads)",

@@ -27,6 +27,7 @@ BN_MODES = ("shuffle", "sync", "none")
 AMP_DTYPES = ("bfloat16", "float16")
 PATCH_LOGITS = ("float32", "bfloat16")
 PATCH_LOSS_KERNELS = ("matmul", "attention")
+PHOTOMETRIC_ON = ("loader", "device")
 
 
 class ConfigError(ValueError):
@@ -86,6 +87,9 @@ class AugmentConfig:
     crop_scale: tuple[float, float] = (0.2, 1.0)
     randaugment_ops: int = 2
     randaugment_magnitude: int = 9
+    # Where the colour steps run (dupr.photometric): per image with PIL in the loader, or
+    # batched on the training device, which frees the loader's CPU cores on a GPU node.
+    photometric_on: str = "loader"
 
 
 @dataclass
@@ -261,6 +265,7 @@ def validate(cfg: DUPRConfig) -> DUPRConfig:
         _fail("augment.crop_scale", a.crop_scale, "needs 0 < min <= max <= 1")
     check_int("augment.randaugment_ops", a.randaugment_ops, low=0)
     check_int("augment.randaugment_magnitude", a.randaugment_magnitude, low=0, high=30)
+    check_choice("augment.photometric_on", a.photometric_on, PHOTOMETRIC_ON)
     check_number("optim.lr", o.lr, above=0)
     check_number("optim.momentum", o.momentum, at_least=0, below=1)
     check_number("optim.weight_decay", o.weight_decay, at_least=0)

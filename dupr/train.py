@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from dupr.config import OptimConfig
+from dupr.photometric import apply_photometric
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -121,10 +122,15 @@ def build_state(
 
 
 def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> tuple:
+    """The batch's views and crop records on `device`; views that left the loader as uint8
+    crops with their colour choices (``augment.photometric_on=device``) get their colour steps
+    here."""
     views = []
-    for key in ("view1", "view2"):
-        v = batch[key].to(device, non_blocking=True)
-        views.append(v.contiguous(memory_format=torch.channels_last) if channels_last else v)
+    for v in ("1", "2"):
+        x = batch[f"view{v}"].to(device, non_blocking=True)
+        if f"photometric{v}" in batch:
+            x = apply_photometric(x, batch[f"photometric{v}"])
+        views.append(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
     crops = [batch[key].to(device, non_blocking=True) for key in ("crop1", "crop2")]
     return views[0], views[1], crops[0], crops[1]
 

@@ -55,6 +55,10 @@ BAD = [
     (with_model(patch_logits="float16"), "model.patch_logits='float16'"),
     (with_model(patch_loss_kernel="flash"), "model.patch_loss_kernel='flash'"),
     (DUPRConfig(optim=dataclasses.replace(DUPRConfig().optim, epochs=0)), "optim.epochs=0"),
+    (
+        DUPRConfig(augment=dataclasses.replace(DUPRConfig().augment, photometric_on="gpu")),
+        "augment.photometric_on='gpu': unknown (valid: loader, device)",
+    ),
 ]
 
 

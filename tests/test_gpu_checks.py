@@ -65,23 +65,41 @@ def test_gpu_checks_rehearse_on_a_cpu_without_the_platforms_packages(tmp_path):
             if x.startswith(f"| {row} ")
         )
         assert cells[2] != "-" and "Error" not in cells[-2], cells
+    # The torch loader with the colour steps in the loader and on the device (Ray is absent).
+    rows = gpu_input_rows(recorded)
+    for placement in ("loader", "device"):
+        assert float(rows[("torch", placement, "loader alone")][4]) > 0, rows
+        assert rows[("torch", placement, "training loop")][6].endswith("%"), rows
+
+
+def gpu_input_rows(text: str) -> dict[tuple[str, str, str], list[str]]:
+    """gpu_input's table rows keyed by (loader, colour steps, what runs)."""
+    return {
+        tuple(c.strip() for c in line.split("|")[1:4]): [c.strip() for c in line.split("|")]
+        for line in text.splitlines()
+        if line.startswith("| torch ") or line.startswith("| ray ")
+    }
 
 
 def test_gpu_input_measures_the_ray_data_loader_where_ray_is_installed():
     """The data_loader=ray rows, which the rehearsal above cannot reach without Ray."""
     proc = subprocess.run(
-        [sys.executable, "benchmarks/gpu_input.py", "--quick", "--device", "cpu"],
+        [
+            sys.executable,
+            "benchmarks/gpu_input.py",
+            "--quick",
+            "--device",
+            "cpu",
+            "--loaders",
+            "ray",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    rows = {
-        tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")]
-        for line in proc.stdout.splitlines()
-        if line.startswith("| torch ") or line.startswith("| ray ")
-    }
-    for loader in ("torch", "ray"):
-        assert float(rows[(loader, "loader alone")][3]) > 0, rows
-        assert rows[(loader, "training loop")][5].endswith("%"), rows
+    rows = gpu_input_rows(proc.stdout)
+    for placement in ("loader", "device"):
+        assert float(rows[("ray", placement, "loader alone")][4]) > 0, rows
+        assert rows[("ray", placement, "training loop")][6].endswith("%"), rows

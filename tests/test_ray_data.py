@@ -17,7 +17,7 @@ from ray.train.torch import TorchTrainer
 from dupr.config import AugmentConfig, ConfigError, OptimConfig
 from dupr.data import build_bundled_image_folder
 from dupr.data.two_views import TwoViewDataset, sample_seed
-from dupr.train import build_state, train
+from dupr.train import build_state, to_device, train
 from dupr.views import TwoViews
 from dupr_platform.ray_data import (
     DecodeTwoViews,
@@ -87,9 +87,28 @@ def test_map_gives_the_dataloader_views_and_replaces_undecodable_images(shards):
     # The undecodable row keeps its index and seed but takes its neighbour's pixels (rows[2]).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(sample_seed(7, 0, rows[1]))
-        v1, _, c1, _ = TwoViews(SIZE, AugmentConfig())(reference.images.load(rows[2]))
-    np.testing.assert_array_equal(out["view1"][1], v1.numpy())
-    np.testing.assert_array_equal(out["crop1"][1], c1.numpy())
+        pair = TwoViews(SIZE, AugmentConfig())(reference.images.load(rows[2]))
+    np.testing.assert_array_equal(out["view1"][1], pair["view1"].numpy())
+    np.testing.assert_array_equal(out["crop1"][1], pair["crop1"].numpy())
+
+
+def test_map_leaves_the_colour_steps_to_the_device_when_asked(shards):
+    ids, images = _rows(shards)
+    rows = [3, 8]
+    batch = {
+        "id": np.array([ids[r] for r in rows], dtype=object),
+        "image": np.array([images[r] for r in rows], dtype=object),
+    }
+    augment = {"preset": "mocov2_randaugment", "photometric_on": "device"}
+    out = DecodeTwoViews(SIZE, augment, 7, IdIndex(ids))(batch)
+    assert out["view1"].dtype == np.uint8 and out["view1"].shape == (2, 3, SIZE, SIZE)
+    assert out["photometric2"].dtype == np.float32 and out["photometric2"].shape[0] == 2
+    cfg = AugmentConfig(**augment)
+    reference = TwoViewDataset(ParquetImageDataset(shards), TwoViews(SIZE, cfg), 7)
+    for k, r in enumerate(rows):
+        for key, value in reference[(0, r)].items():
+            if key not in ("index", "skipped"):
+                np.testing.assert_array_equal(out[key][k], value.numpy())
 
 
 def test_map_without_any_decodable_image(shards):
@@ -262,6 +281,16 @@ def test_two_workers_see_every_image_once_per_epoch(local_ray, shards, tmp_path)
             expected = reference[(epoch, i)]["view1"].sum().item()
             assert views[epoch][i] == pytest.approx(expected, abs=1e-4)
     assert time.perf_counter() - start < 120
+
+
+def test_uint8_views_and_colour_choices_reach_the_training_step(local_ray, shards):
+    ds = two_view_dataset(
+        str(shards), SIZE, {"photometric_on": "device"}, seed=0, concurrency=1, num_cpus=0.5
+    )
+    batch = next(iter(ds.iter_torch_batches(batch_size=4)))
+    assert batch["view1"].dtype == torch.uint8 and batch["photometric1"].dtype == torch.float32
+    v1, v2, _, _ = to_device(batch, torch.device("cpu"), channels_last=False)
+    assert v1.shape == v2.shape == (4, 3, SIZE, SIZE) and v1.dtype == torch.float32
 
 
 def test_shards_on_s3_with_a_custom_endpoint(local_ray, shards, s3_env, tmp_path):

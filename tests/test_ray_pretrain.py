@@ -1,5 +1,6 @@
 """Pre-training on a real local Ray instance, storage on a real S3 server, a real MLflow server."""
 
+import math
 import os
 import shutil
 import threading
@@ -215,6 +216,20 @@ def test_ddp_two_workers_equal_one_worker_with_the_global_batch(local_ray, mlflo
         assert torch.allclose(two[key].float(), value.float(), atol=1e-4, rtol=1e-3), key
         compared += 1
     assert compared > 100
+
+
+def test_colour_steps_on_the_device_in_a_ray_train_worker(local_ray, mlflow_server, tmp_path):
+    """augment.photometric_on=device through the launcher: the worker's loader ships uint8 crops
+    and colour choices, its training step applies them."""
+    job = tiny_job("colour-on-device", str(tmp_path / "store"), mlflow_server.uri, 1, workers=1)
+    job.data = str(bundled_image_folder(8))
+    job.method.augment.photometric_on = "device"
+    result = run_pretraining(job)
+    assert result.steps == 1
+    client = MlflowClient(mlflow_server.uri)
+    assert client.get_run(result.run_id).data.params["augment.photometric_on"] == "device"
+    loss = client.get_metric_history(result.run_id, "loss")[0].value
+    assert math.isfinite(loss) and 0 < loss < 100  # the views reached the model normalised
 
 
 def test_command_line_rejects_bad_input_in_one_line_before_starting_ray(capsys, tmp_path):

@@ -7,7 +7,8 @@ from PIL import Image
 from dupr.config import AugmentConfig
 from dupr.data import ImageFolderDataset
 from dupr.data.two_views import EpochSampler, TwoViewDataset, build_loader
-from dupr.views import PhotometricRandAugment, TwoViews
+from dupr.photometric import PhotometricRandAugment
+from dupr.views import TwoViews
 
 
 def photo(w=200, h=150, seed=0) -> Image.Image:
@@ -21,7 +22,8 @@ def test_two_views_shapes_and_crop_records():
     t = TwoViews(64)
     flips = []
     for _ in range(50):
-        v1, v2, c1, c2 = t(photo())
+        pair = t(photo())
+        v1, v2, c1, c2 = (pair[k] for k in ("view1", "view2", "crop1", "crop2"))
         assert v1.shape == v2.shape == (3, 64, 64) and v1.dtype == torch.float32
         for c in (c1, c2):
             x1, y1, x2, y2, f = c.tolist()
@@ -37,8 +39,8 @@ def test_randaugment_preset_keeps_only_photometric_ops():
     ops = set(ra._augmentation_space(10, (64, 64)))
     assert ops and not ops & {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"}
     assert {"Brightness", "Color", "Contrast", "Posterize", "Solarize"} <= ops
-    v1, _, c1, _ = TwoViews(64, AugmentConfig(preset="mocov2_randaugment"))(photo())
-    assert v1.shape == (3, 64, 64) and c1.shape == (5,)
+    pair = TwoViews(64, AugmentConfig(preset="mocov2_randaugment"))(photo())
+    assert pair["view1"].shape == (3, 64, 64) and pair["crop1"].shape == (5,)
 
 
 class Photos:

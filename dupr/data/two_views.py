@@ -39,8 +39,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class TwoViewDataset(Dataset):
     """Wraps an image dataset (with a `load(i) -> PIL image`) into two-view training samples.
 
-    Items are dicts: ``view1, view2`` (3, P, P) float tensors, ``crop1, crop2`` (5,) crop
-    records, ``index``, and ``skipped``: how many undecodable files were passed over to produce
+    Items are dicts: the transform's (`dupr.views.TwoViews`: ``view1, view2``, ``crop1, crop2``
+    (5,) crop records, and ``photometric1, photometric2`` when the colour steps run on the
+    device), ``index``, and ``skipped``: how many undecodable files were passed over to produce
     this sample. A file that fails to decode is logged and replaced by the next one, never fatal.
     """
 
@@ -75,15 +76,8 @@ class TwoViewDataset(Dataset):
         # Seeded locally: the global torch generator of the calling process is left untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, index))
-            view1, view2, crop1, crop2 = self.transform(img)
-        return {
-            "view1": view1,
-            "view2": view2,
-            "crop1": crop1,
-            "crop2": crop2,
-            "index": index,
-            "skipped": skipped,
-        }
+            sample = self.transform(img)
+        return {**sample, "index": index, "skipped": skipped}
 
 
 class EpochSampler(Sampler):

@@ -16,6 +16,7 @@ o corresponds to G − o (and view-1 cell 0 to the last cell, the nearest one in
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,8 @@ from torch import Tensor
 
 from dupr.config import LEVELS, STRIDES, AugmentConfig
 from dupr.geometry import to_original, to_view
-from dupr.views import IMAGENET_MEAN, IMAGENET_STD, TwoViews
+from dupr.photometric import IMAGENET_MEAN, IMAGENET_STD
+from dupr.views import TwoViews
 
 
 def grid_size(size: int, stride: int) -> int:
@@ -224,7 +226,10 @@ def patch_correspondence_levels(
     if not images:
         raise ValueError("images: empty list")
     device = _device(backbone)
-    views = TwoViews(image_size, augment)
+    # Normalised views from the loader-side colour steps, whichever side pre-training used.
+    views = TwoViews(
+        image_size, dataclasses.replace(augment or AugmentConfig(), photometric_on="loader")
+    )
     backbone.eval()
     first: dict[int, tuple] = {}
     # Per level: matches on the true cell, within one cell, within the tolerance; valid cells;
@@ -235,7 +240,8 @@ def patch_correspondence_levels(
         torch.manual_seed(seed)
         for image in images:
             for _ in range(pairs_per_image):
-                v1, v2, c1, c2 = views(image.convert("RGB"))
+                pair = views(image.convert("RGB"))
+                v1, v2, c1, c2 = (pair[k] for k in ("view1", "view2", "crop1", "crop2"))
                 maps = backbone(torch.stack([v1, v2]).to(device), up_to=max(levels))
                 for m in levels:
                     feat = maps[m].float()

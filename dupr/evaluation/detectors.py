@@ -34,8 +34,8 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from dupr.config import BACKBONES
+from dupr.photometric import IMAGENET_MEAN, IMAGENET_STD
 from dupr.sync_batchnorm import SyncBatchNorm
-from dupr.views import IMAGENET_MEAN, IMAGENET_STD
 
 DETECTORS = ("faster_rcnn_fpn", "retinanet_fpn", "faster_rcnn_c4", "mask_rcnn_fpn")
 NORMS = ("sync_bn", "frozen_bn")
@@ -202,7 +202,7 @@ def build_detector(
     common: dict[str, Any] = dict(
         min_size=min_size,
         max_size=max_size,
-        image_mean=list(IMAGENET_MEAN),  # the normalisation of pre-training (dupr.views)
+        image_mean=list(IMAGENET_MEAN),  # the normalisation of pre-training (dupr.photometric)
         image_std=list(IMAGENET_STD),
     )
     if name == "faster_rcnn_c4":

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dupr.config import LEVELS
 from dupr.evaluation.stats import Estimate
-from dupr.views import IMAGENET_MEAN, IMAGENET_STD
+from dupr.photometric import IMAGENET_MEAN, IMAGENET_STD
 
 # Share of the training set held out to pick C when a grid of values is given.
 HOLDOUT_FRACTION = 0.2

@@ -22,7 +22,7 @@ from torchvision.ops import roi_align
 from dupr.config import LEVELS, STRIDES
 from dupr.data.coco import CocoDetection
 from dupr.evaluation.linear_probe import _check_levels, probe_accuracy
-from dupr.views import normalise
+from dupr.photometric import normalise
 
 # RoIAlign sampling as in the patch head (dupr.config.ModelConfig.roi_sampling_ratio).
 _SAMPLING_RATIO = 2

@@ -24,7 +24,7 @@ from torchvision.ops import box_iou, roi_align
 
 from dupr.config import LEVELS, STRIDES
 from dupr.evaluation.stats import estimate
-from dupr.views import IMAGENET_MEAN, IMAGENET_STD
+from dupr.photometric import IMAGENET_MEAN, IMAGENET_STD
 
 # rois_at_ious stops drawing once every target is hit within this IoU distance; the curve uses
 # the IoUs actually reached, so the tolerance only affects how evenly [0, 1] is covered.

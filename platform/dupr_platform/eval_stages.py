@@ -38,7 +38,7 @@ from dupr.evaluation.linear_probe import linear_probe, probe_transform
 from dupr.evaluation.object_probe import object_probe as probe_boxes
 from dupr.evaluation.spatial import iou_similarity, plot_iou_similarity
 from dupr.evaluation.voc_metrics import VOC_METRICS
-from dupr.views import normalise
+from dupr.photometric import normalise
 from dupr_platform.configs import CLASSIFICATION_DATA, DETECTION_DATA, detection_recipe
 from dupr_platform.convert_stage import CONVERT_METRICS
 from dupr_platform.progress import Progress

@@ -206,24 +206,17 @@ class DecodeTwoViews:
         index = self.ids.lookup(ids)
         images, skipped = self._decode_batch(ids, list(batch["image"]))
         pass_index = self.first_pass + _current_pass()
-        views1, views2, crops1, crops2 = [], [], [], []
+        samples = []
         for img, i in zip(images, index, strict=True):
             # Seeded locally, as in TwoViewDataset: (seed, pass, index) fixes the views.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(sample_seed(self.seed, pass_index, int(i)))
-                v1, v2, c1, c2 = self.transform(img)
-            views1.append(v1.numpy())
-            views2.append(v2.numpy())
-            crops1.append(c1.numpy())
-            crops2.append(c2.numpy())
-        out = {
-            "view1": np.stack(views1).astype(np.float32, copy=False),
-            "view2": np.stack(views2).astype(np.float32, copy=False),
-            "crop1": np.stack(crops1).astype(np.float32, copy=False),
-            "crop2": np.stack(crops2).astype(np.float32, copy=False),
-            "index": index.astype(np.int64),
-            "skipped": np.asarray(skipped, dtype=np.int64),
-        }
+                samples.append(self.transform(img))
+        # One column per field of `TwoViews`' sample: float32 views (uint8 crops and float32
+        # colour choices when the colour steps run on the device), float32 crop records.
+        out = {key: np.stack([s[key].numpy() for s in samples]) for key in samples[0]}
+        out["index"] = index.astype(np.int64)
+        out["skipped"] = np.asarray(skipped, dtype=np.int64)
         if self.record_pid:
             out["pid"] = np.full(len(ids), os.getpid(), dtype=np.int64)
         return out
@@ -346,7 +339,8 @@ class RayDataLoader:
     """What `dupr.train.train()` needs from a DataLoader, fed by ``get_dataset_shard``.
 
     Iterating yields dict batches of torch tensors (``view1, view2, crop1, crop2, index,
-    skipped``; on the training device with ``device="auto"``), locally shuffled over
+    skipped``, and ``photometric1, photometric2`` when the colour steps run on the device; on
+    the training device with ``device="auto"``), locally shuffled over
     ``shuffle_batches`` batches' worth of rows, exactly ``samples_per_replica // batch_size`` per epoch minus the batches
     before ``sampler.start`` (a mid-epoch resume consumes and discards them). A shard that
     delivers a different number of batches is an error, not a silently shifted schedule.

@@ -1,0 +1,338 @@
+"""The colour steps of a view: per image with PIL in the loader, or batched on the device.
+
+MoCo v2's colour augmentation — colour jitter (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale with
+p=0.2, Gaussian blur σ∈[0.1, 2] with p=0.5 — optionally preceded by RandAugment's photometric
+operations (the paper's main setting, §3.2.3), then the ImageNet normalisation. None of these
+steps moves a pixel, so a view's crop record (`dupr.views`) is exact whichever side runs them.
+
+``augment.photometric_on``:
+
+- ``loader`` (default): `photometric_transform`, PIL per image in the loader processes, as
+  MoCo v2 does.
+- ``device``: the loader only draws the random choices (`PhotometricDraw`: the same torch calls
+  in the same order as `photometric_transform`, so a seed gives the same choices, and the crop
+  records do not change) and ships them as one row of numbers per view beside the uint8 crop;
+  `apply_photometric` runs them batched on the training device, each image with its own
+  parameters. Why: these steps are most of the loader's CPU time per view (measured in
+  `benchmarks/augmentation_throughput.py`), which on a GPU node decides whether the GPU waits
+  for data; on the GPU they take a few passes over the batch. The pixels differ from the PIL
+  path only by rounding and PIL's approximations (its box-filter blur, 8-bit HSV):
+  `tests/test_photometric.py` bounds the difference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as nnf
+import torchvision.transforms as T
+from PIL import Image, ImageFilter
+from torch import Tensor
+
+from dupr.config import AugmentConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# MoCo v2's colour augmentation (its `aug_plus`), the one definition both sides use.
+JITTER = T.ColorJitter(0.4, 0.4, 0.4, 0.1)
+JITTER_P = 0.8
+GRAYSCALE_P = 0.2
+BLUR_P = 0.5
+BLUR_SIGMA = (0.1, 2.0)
+
+
+def normalise(image: Tensor) -> Tensor:
+    """(…, 3, H, W) images in [0, 1] normalised with the ImageNet statistics the views use."""
+    mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=image.device).view(3, 1, 1)
+    return (image - mean) / std
+
+
+class PhotometricRandAugment(T.RandAugment):
+    """torchvision's RandAugment without its geometric operations.
+
+    Shear, translation and rotation would move pixels after the crop was recorded and break the
+    patch correspondence of Eq. 7, so only the colour/intensity operations are kept. This is our
+    deviation from InfoMin's RandAugment, which the paper follows.
+    """
+
+    GEOMETRIC = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"})
+
+    def _augmentation_space(self, num_bins: int, image_size: tuple[int, int]):
+        space = super()._augmentation_space(num_bins, image_size)
+        return {k: v for k, v in space.items() if k not in self.GEOMETRIC}
+
+
+class RandomGaussianBlur:
+    """Gaussian blur with σ ~ U[0.1, 2.0] on PIL images, as in MoCo v2.
+
+    PIL's filter is used instead of torchvision's GaussianBlur, which converts a PIL image to a
+    tensor and back and is several times slower on the CPU data path.
+    """
+
+    def __init__(self, sigma: tuple[float, float] = BLUR_SIGMA) -> None:
+        self.sigma = sigma
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        lo, hi = self.sigma
+        sigma = lo + (hi - lo) * torch.rand(()).item()
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+
+def photometric_transform(cfg: AugmentConfig) -> T.Compose:
+    """The colour part of one view in the loader (PIL), ending in a normalised float tensor."""
+    steps: list = []
+    if cfg.preset == "mocov2_randaugment":
+        steps.append(PhotometricRandAugment(cfg.randaugment_ops, cfg.randaugment_magnitude))
+    steps += [
+        T.RandomApply([JITTER], p=JITTER_P),
+        T.RandomGrayscale(p=GRAYSCALE_P),
+        T.RandomApply([RandomGaussianBlur(BLUR_SIGMA)], p=BLUR_P),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ]
+    return T.Compose(steps)
+
+
+# --------------------------------------------------------------------------------------------
+# On the device: the choices as a row of numbers per view, applied to a batch.
+
+# RandAugment's photometric operations, in the order its draw indexes them.
+RANDAUGMENT_OPS = tuple(PhotometricRandAugment()._augmentation_space(31, (1, 1)))
+
+# The columns of a parameter row.
+JITTER_ON = 0  # 1: colour jitter applies
+JITTER_ORDER = slice(1, 5)  # torchvision's permutation: 0 brightness, 1 contrast, 2 sat., 3 hue
+JITTER_FACTORS = slice(5, 9)  # brightness, contrast, saturation, hue
+GRAYSCALE_ON = 9
+BLUR = 10  # σ of the blur; 0: no blur
+RANDAUGMENT = 11  # then (operation index, signed magnitude) per RandAugment operation
+
+
+class PhotometricDraw:
+    """Draws one view's colour choices, in the loader, as a float32 row (columns above).
+
+    The torch calls are those of `photometric_transform`'s steps, in the same order: the same
+    generator state gives the same choices on both paths.
+    """
+
+    def __init__(self, cfg: AugmentConfig) -> None:
+        self.randaugment = (
+            PhotometricRandAugment(cfg.randaugment_ops, cfg.randaugment_magnitude)
+            if cfg.preset == "mocov2_randaugment"
+            else None
+        )
+        self.width = RANDAUGMENT + 2 * (cfg.randaugment_ops if self.randaugment else 0)
+
+    def __call__(self) -> Tensor:
+        row = torch.zeros(self.width)
+        if self.randaugment is not None:  # as T.RandAugment.forward
+            ra = self.randaugment
+            space = ra._augmentation_space(ra.num_magnitude_bins, (1, 1))
+            for i in range(ra.num_ops):
+                op = int(torch.randint(len(space), (1,)).item())
+                magnitudes, signed = space[RANDAUGMENT_OPS[op]]
+                magnitude = float(magnitudes[ra.magnitude].item()) if magnitudes.ndim > 0 else 0.0
+                if signed and torch.randint(2, (1,)):
+                    magnitude *= -1.0
+                row[RANDAUGMENT + 2 * i] = op
+                row[RANDAUGMENT + 2 * i + 1] = magnitude
+        if torch.rand(1) <= JITTER_P:  # as T.RandomApply (skips when p < rand)
+            order, *factors = JITTER.get_params(
+                JITTER.brightness, JITTER.contrast, JITTER.saturation, JITTER.hue
+            )
+            row[JITTER_ON] = 1.0
+            row[JITTER_ORDER] = order.float()
+            row[JITTER_FACTORS] = torch.tensor(factors)
+        if torch.rand(1) < GRAYSCALE_P:  # as T.RandomGrayscale
+            row[GRAYSCALE_ON] = 1.0
+        if torch.rand(1) <= BLUR_P:  # as T.RandomApply, then RandomGaussianBlur
+            lo, hi = BLUR_SIGMA
+            row[BLUR] = lo + (hi - lo) * torch.rand(()).item()
+        return row
+
+
+def apply_photometric(views: Tensor, rows: Tensor) -> Tensor:
+    """(B, 3, H, W) uint8 crops and their (B, width) `PhotometricDraw` rows → normalised float32.
+
+    Every image gets its own parameters: each operation runs once on the images that drew it.
+    Which images those are is read from the rows on the host (they come from the loader there;
+    rows already on a GPU cost one synchronisation).
+    """
+    rows = rows.detach().to("cpu", torch.float32)
+    columns = rows.shape[1]
+    if columns < RANDAUGMENT or (columns - RANDAUGMENT) % 2:
+        raise ValueError(f"photometric rows have {columns} columns, not {RANDAUGMENT} + 2·ops")
+    if views.dtype != torch.uint8:
+        raise ValueError(f"views of dtype {views.dtype}: the colour steps take uint8 crops")
+    # The blurs' convolutions see a new number of images almost every step: with cuDNN's
+    # benchmark mode on (as training sets it) each new shape would be autotuned again.
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        return normalise(_apply_rows(views.float().div_(255), rows))
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def _apply_rows(x: Tensor, rows: Tensor) -> Tensor:
+    columns = rows.shape[1]
+    for i in range(RANDAUGMENT, columns, 2):
+        for op, name in enumerate(RANDAUGMENT_OPS):
+            if name != "Identity":
+                _apply_where(x, rows[:, i] == op, _RANDAUGMENT_FNS[name], rows[:, i + 1])
+    jitter = rows[:, JITTER_ON] > 0
+    order, factors = rows[:, JITTER_ORDER], rows[:, JITTER_FACTORS]
+    for position in range(4):
+        for fn in range(4):
+            chosen = jitter & (order[:, position] == fn)
+            _apply_where(x, chosen, _JITTER_FNS[fn], factors[:, fn])
+    _apply_where(x, rows[:, GRAYSCALE_ON] > 0, lambda v, _: grayscale(v).expand_as(v), rows[:, 0])
+    _apply_where(x, rows[:, BLUR] > 0, gaussian_blur, rows[:, BLUR])
+    return x
+
+
+def _apply_where(x: Tensor, chosen: Tensor, fn, arg: Tensor) -> None:
+    """x[chosen] = fn(x[chosen], arg[chosen]) in place; `chosen` and `arg` on the host."""
+    index = chosen.nonzero().squeeze(1)
+    if index.numel() == 0:
+        return
+    if index.numel() == x.shape[0]:
+        x.copy_(fn(x, arg.to(x.device, non_blocking=True)))
+        return
+    device_index = index.to(x.device, non_blocking=True)
+    x.index_copy_(0, device_index, fn(x.index_select(0, device_index), arg[index].to(x.device)))
+
+
+# The operations, batched with one parameter per image (shape (N,)), on float images in [0, 1].
+# torchvision's functional ops take one parameter per call, hence these; each follows the
+# torchvision tensor op of the same name (tests/test_photometric.py compares them image by image).
+
+
+def _per_image(p: Tensor) -> Tensor:
+    return p.to(torch.float32).view(-1, 1, 1, 1)
+
+
+def _blend(a: Tensor, b: Tensor, ratio: Tensor) -> Tensor:
+    r = _per_image(ratio)
+    return (r * a + (1 - r) * b).clamp_(0, 1)
+
+
+def grayscale(x: Tensor) -> Tensor:
+    """ITU-R 601-2 luma, as torchvision's and PIL's "L" conversion: (N, 1, H, W)."""
+    r, g, b = x.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
+    return (x * _per_image(factor)).clamp_(0, 1)
+
+
+def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
+    return _blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
+    return _blend(x, grayscale(x), factor)
+
+
+def adjust_hue(x: Tensor, factor: Tensor) -> Tensor:
+    """Rotate the hue by `factor` turns, through HSV (torchvision's conversion; the inverse in
+    the closed form f(n) = V − V·S·clamp(min(k, 4 − k), 0, 1), k = (n + 6H) mod 6, which needs
+    no 18-plane stack)."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    divisor = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / divisor, (maxc - g) / divisor, (maxc - b) / divisor
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    h = torch.remainder(h + factor.to(h.dtype).view(-1, 1, 1), 1.0)
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    k = torch.remainder(n + 6.0 * h.unsqueeze(1), 6.0)
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0, 1)
+    v = maxc.unsqueeze(1)
+    return (v - v * s.unsqueeze(1) * ramp).clamp_(0, 1)
+
+
+def adjust_sharpness(x: Tensor, factor: Tensor) -> Tensor:
+    """Blend with PIL's SMOOTH filter (1 1 1 / 1 5 1 / 1 1 1)/13; border pixels unchanged."""
+    kernel = torch.ones(3, 3, device=x.device, dtype=x.dtype)
+    kernel[1, 1] = 5.0
+    kernel = (kernel / kernel.sum()).expand(3, 1, 3, 3)
+    smooth = x.clone()
+    smooth[..., 1:-1, 1:-1] = nnf.conv2d(x, kernel, groups=3)
+    return _blend(x, smooth, factor)
+
+
+def _to_uint8_levels(x: Tensor) -> Tensor:
+    return x.mul(255).round_().to(torch.int64)
+
+
+def posterize(x: Tensor, bits: Tensor) -> Tensor:
+    """Keep the top `bits` bits of the 8-bit value."""
+    mask = 256 - torch.pow(2, 8 - bits.to(torch.int64)).view(-1, 1, 1, 1).to(x.device)
+    return torch.bitwise_and(_to_uint8_levels(x), mask).to(x.dtype) / 255
+
+
+def solarize(x: Tensor, threshold: Tensor) -> Tensor:
+    """Invert the values at or above `threshold` (on the 0–255 scale, as RandAugment's)."""
+    return torch.where(x >= _per_image(threshold) / 255, 1 - x, x)
+
+
+def autocontrast(x: Tensor, _: Tensor | None = None) -> Tensor:
+    """Stretch each channel to [0, 1]; a constant channel is left alone."""
+    low = x.amin(dim=(2, 3), keepdim=True)
+    high = x.amax(dim=(2, 3), keepdim=True)
+    flat = high <= low
+    scale = 1.0 / torch.where(flat, torch.ones_like(high), high - low)
+    return ((x - torch.where(flat, torch.zeros_like(low), low)) * scale).clamp_(0, 1)
+
+
+def equalize(x: Tensor, _: Tensor | None = None) -> Tensor:
+    """PIL's histogram equalisation per channel, on the 8-bit values, all channels at once."""
+    n, c, h, w = x.shape
+    levels = _to_uint8_levels(x).view(n * c, h * w)
+    hist = torch.zeros(n * c, 256, device=x.device, dtype=torch.int64)
+    hist.scatter_add_(1, levels, torch.ones_like(levels))
+    top = hist.gather(1, levels.amax(1, keepdim=True)).squeeze(1)  # count of the largest value
+    step = torch.div(hist.sum(1) - top, 255, rounding_mode="floor")
+    below = hist.cumsum(1) - hist
+    lut = torch.div(below + (step // 2)[:, None], step.clamp(min=1)[:, None], rounding_mode="floor")
+    equalised = lut.clamp_(max=255).gather(1, levels)
+    out = torch.where((step > 0)[:, None], equalised, levels)
+    return out.view(n, c, h, w).to(x.dtype) / 255
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
+    """Separable Gaussian blur, σ per image, edges replicated (as PIL's); taps to 4·σ_max."""
+    radius = math.ceil(4 * BLUR_SIGMA[1])
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    s = sigma.to(x.device, x.dtype).view(-1, 1)
+    taps = torch.exp(-0.5 * (offsets / s) ** 2)
+    taps = (taps / taps.sum(1, keepdim=True)).repeat_interleave(x.shape[1], dim=0)
+    n, c, h, w = x.shape
+    planes = nnf.pad(x.reshape(1, n * c, h, w), (radius,) * 4, mode="replicate")
+    planes = nnf.conv2d(planes, taps.view(n * c, 1, 1, -1), groups=n * c)
+    planes = nnf.conv2d(planes, taps.view(n * c, 1, -1, 1), groups=n * c)
+    return planes.view(n, c, h, w)
+
+
+_JITTER_FNS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+_RANDAUGMENT_FNS = {
+    "Brightness": lambda x, m: adjust_brightness(x, 1.0 + m),
+    "Color": lambda x, m: adjust_saturation(x, 1.0 + m),
+    "Contrast": lambda x, m: adjust_contrast(x, 1.0 + m),
+    "Sharpness": lambda x, m: adjust_sharpness(x, 1.0 + m),
+    "Posterize": posterize,
+    "Solarize": solarize,
+    "AutoContrast": autocontrast,
+    "Equalize": equalize,
+}
