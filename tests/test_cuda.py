@@ -101,9 +101,8 @@ def test_patch_loss_options_on_the_gpu_agree_with_float32(monkeypatch):
         assert loss.dtype == torch.float32, label
         loss_diff = float(((loss - loss32).abs() / loss32).max())
         grad_diff = float((grad - grad32).abs().max() / grad32.abs().max())
-        loss_bound, grad_bound = (
-            BF16_LOGITS_BOUNDS  # the attention kernel's TF32-off error is smaller
-        )
+        # The bf16-logits option's bounds; the attention kernel's TF32-off error is smaller.
+        loss_bound, grad_bound = BF16_LOGITS_BOUNDS
         assert loss_diff <= loss_bound and grad_diff <= grad_bound, (label, loss_diff, grad_diff)
         step = len(correct32) // len(correct)  # 1, or the attention kernel's accuracy sample
         assert (correct != correct32[::step][: len(correct)]).float().mean() <= 0.01, label

@@ -69,9 +69,8 @@ def test_blur_is_a_gaussian_and_close_to_pils(crops):
     x = crops.float() / 255
     sigmas = torch.linspace(0.1, 2.0, N)
     ours = P.gaussian_blur(x, sigmas)
-    r = (
-        17 - 1
-    ) // 2  # torchvision pads by reflection, we replicate the edge as PIL: compare inside
+    # torchvision pads by reflection, we replicate the edge as PIL does: compare inside.
+    r = (17 - 1) // 2
     want = per_image(lambda img, s: F.gaussian_blur(img, [17, 17], [float(s)] * 2), x, sigmas)
     torch.testing.assert_close(ours[..., r:-r, r:-r], want[..., r:-r, r:-r], atol=1e-5, rtol=0)
     pil = per_image(
