@@ -155,7 +155,9 @@ def ray_loader(folder: Path, shards: Path, args, device, photometric_on: str):
         seed=0,
         concurrency=max(1, args.workers - 1),
     )
-    return RayDataLoader(dataset.iterator(), args.batch, args.images, 1, device=str(device))
+    return RayDataLoader(
+        dataset.iterator(), args.batch, args.images, 1, pin_memory=device.type == "cuda"
+    )
 
 
 def measure(folder: Path, shards: Path, args, device, rows: list, verdicts: list) -> None:

@@ -147,6 +147,8 @@ class FakeShard:
 
     def iter_torch_batches(self, **kwargs):
         assert kwargs["drop_last"] is True and kwargs["local_shuffle_buffer_size"] == 8
+        # Host batches: the loop's reads of `skipped` must not wait for the GPU.
+        assert kwargs["device"] == "cpu" and kwargs["pin_memory"] is False
         return ({"index": torch.tensor([i])} for i in range(self.batches))
 
 

@@ -338,12 +338,19 @@ class RayShardSampler:
 class RayDataLoader:
     """What `dupr.train.train()` needs from a DataLoader, fed by ``get_dataset_shard``.
 
-    Iterating yields dict batches of torch tensors (``view1, view2, crop1, crop2, index,
-    skipped``, and ``photometric1, photometric2`` when the colour steps run on the device; on
-    the training device with ``device="auto"``), locally shuffled over
-    ``shuffle_batches`` batches' worth of rows, exactly ``samples_per_replica // batch_size`` per epoch minus the batches
-    before ``sampler.start`` (a mid-epoch resume consumes and discards them). A shard that
-    delivers a different number of batches is an error, not a silently shifted schedule.
+    Iterating yields dict batches of host tensors (``view1, view2, crop1, crop2, index,
+    skipped``, and ``photometric1, photometric2`` when the colour steps run on the device),
+    locally shuffled over ``shuffle_batches`` batches' worth of rows, exactly
+    ``samples_per_replica // batch_size`` per epoch minus the batches before ``sampler.start``
+    (a mid-epoch resume consumes and discards them). A shard that delivers a different number
+    of batches is an error, not a silently shifted schedule.
+
+    The batches stay on the host, as a torch DataLoader's do, and `dupr.train.to_device` moves
+    what the model needs. Ray's ``device="auto"`` would move every column to the GPU, and then
+    the training loop's reads of ``skipped`` and of the colour choices would each wait for the
+    GPU to finish the previous step, leaving it idle while the next one is launched. With
+    ``pin_memory`` (on a CUDA worker) Ray's collate thread pins the batch, so the copy to the
+    GPU does not block the host.
     """
 
     drop_last = True  # the only mode: every rank must run the same number of steps
@@ -357,7 +364,7 @@ class RayDataLoader:
         *,
         prefetch_batches: int = 2,
         shuffle_batches: int = 2,
-        device: Any = "auto",
+        pin_memory: bool = False,
     ) -> None:
         self.shard, self.batch_size = shard, batch_size
         self.sampler = RayShardSampler(num_images, world_size)
@@ -372,7 +379,7 @@ class RayDataLoader:
         # Rows arrive in runs of consecutive images of one file (often one class): a local
         # shuffle over a few batches' worth of rows mixes them. 0 turns it off.
         self.shuffle_buffer = shuffle_batches * batch_size or None
-        self.device = device
+        self.pin_memory = pin_memory
 
     @classmethod
     def for_worker(
@@ -399,7 +406,8 @@ class RayDataLoader:
             drop_last=True,
             prefetch_batches=self.prefetch_batches,
             local_shuffle_buffer_size=self.shuffle_buffer,
-            device=self.device,
+            device="cpu",
+            pin_memory=self.pin_memory,
         )
         for batch in batches:
             seen += 1

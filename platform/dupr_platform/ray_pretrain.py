@@ -250,7 +250,10 @@ def train_worker(config: dict[str, Any]) -> None:
 
     if config["data_loader"] == "ray":
         loader = RayDataLoader.for_worker(
-            "train", cfg.optim.batch_size // world, config["num_images"], device=device
+            "train",
+            cfg.optim.batch_size // world,
+            config["num_images"],
+            pin_memory=device.type == "cuda",
         )
     else:
         loader = build_loader(
