@@ -64,7 +64,7 @@ class ModelConfig:
     loss_memory_mb: float = 256.0
     # How the patch losses' (queries × K) logits are computed (dupr.losses). bfloat16: the
     # matmuls on bf16 tensor cores, log-sum-exp and gradient accumulated in float32 (within
-    # 1e-4 of float32 on the loss, 1e-3 on gradients: tests/test_losses.py). attention: a fused
+    # dupr.losses.BF16_LOGITS_BOUNDS of float32: tests/test_losses.py). attention: a fused
     # attention kernel that never stores the logits (same values; accuracy from a sample).
     patch_logits: str = "float32"
     patch_loss_kernel: str = "matmul"

@@ -153,12 +153,22 @@ def negatives_logsumexp(
     accumulate = torch.promote_types(q.dtype, torch.float32)
     if logits_dtype is not None:
         q, bank = q.to(logits_dtype), bank.to(logits_dtype)
-    bytes_per_logit = torch.finfo(accumulate).bits // 8
-    if 4 * n * k * bytes_per_logit <= memory_mb * 2**20:
+    chunk = logsumexp_chunk(n, k, memory_mb, torch.finfo(accumulate).bits // 8)
+    if chunk is None:
         logits = (q @ bank.T).to(accumulate) / tau
         return torch.logsumexp(logits, dim=1), logits.detach().max(dim=1).values
-    chunk = max(1, int(memory_mb * 2**20 / (2 * n * bytes_per_logit)))
     return ChunkedLogSumExp.apply(q, bank, tau, chunk)
+
+
+def logsumexp_chunk(n: int, k: int, memory_mb: float, bytes_per_logit: int = 4) -> int | None:
+    """Bank keys per chunk for n queries against k keys within `memory_mb`; None: direct form.
+
+    The direct form holds about four (n × k) buffers; a chunk's (n × chunk) buffer gets half
+    the budget (see `negatives_logsumexp`).
+    """
+    if 4 * n * k * bytes_per_logit <= memory_mb * 2**20:
+        return None
+    return max(1, int(memory_mb * 2**20 / (2 * n * bytes_per_logit)))
 
 
 def info_nce(
