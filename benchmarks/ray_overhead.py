@@ -83,10 +83,8 @@ def ray_run(
     import ray
     from mlflow.tracking import MlflowClient
 
-    from dupr_platform import pretrain
+    from dupr_platform.cluster import COMPUTE_PRIORITY
     from dupr_platform.ray_pretrain import PretrainJob, run_pretraining
-
-    pretrain.COMPUTE_PRIORITY = {"RAY_worker_niceness": niceness}
 
     with tempfile.TemporaryDirectory() as tmp:
         tracking = f"sqlite:///{tmp}/mlflow.db"
@@ -103,9 +101,12 @@ def ray_run(
         ).validate()
         start_ms = time.time() * 1000
         ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
+        configured = dict(COMPUTE_PRIORITY)
+        COMPUTE_PRIORITY["RAY_worker_niceness"] = niceness  # the dict every launcher reads
         try:
             result = run_pretraining(job)
         finally:
+            COMPUTE_PRIORITY.update(configured)
             ray.shutdown()
         history = MlflowClient(tracking).get_metric_history(result.run_id, "images_per_s")
         history.sort(key=lambda m: m.step)
