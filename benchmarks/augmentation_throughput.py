@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     for images in image_sets.values():  # warm-up: first calls build kernels and caches
         run_round(variants, images[:4], args.seed, args.block)
 
-    rates = {s: {n: [] for n in names} for s in image_sets}
+    rates: dict[str, dict[str, list[float]]] = {s: {n: [] for n in names} for s in image_sets}
     for r in range(args.rounds):
         for set_name, images in image_sets.items():
             for name, rate in run_round(variants, images, args.seed + r, args.block).items():

@@ -59,6 +59,7 @@ def peak_gib(state, optim, batch_size: int, args, device) -> float | None:
 
 def fits(state, optim, batch_size: int, args, device) -> bool:
     """Whether two training steps at this batch size run without running out of memory."""
+    batch: dict | None = None
     try:
         batch = synthetic_batch(batch_size, args.size, device)
         time_steps(state, optim, batch, device, 2)

@@ -44,6 +44,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -278,14 +279,14 @@ def main(argv: list[str] | None = None) -> None:
             for m in (BASELINE, DEFAULT)
         ]
         table = markdown_table(rows, ["method", "GFLOP per image", "FLOPs / MoCo v2"], pad=True)
-        notes = (
+        counted = (
             f"\n- {args.backbone}, {args.size} px, K={args.queue}, one training step of "
             f"{args.batch} images counted by torch.utils.flop_counter (forward + backward, "
             "convolutions and matmuls)\n"
         )
-        print("\n" + table + notes)
+        print("\n" + table + counted)
         if args.record:
-            record(args.record, "gpu_step (FLOP count)", machine, table + notes)
+            record(args.record, "gpu_step (FLOP count)", machine, table + counted)
         return
 
     started = time.monotonic()
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
             before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             state, optim = build(method, args, device, **overrides)
             if mode:
-                compile_heads(state.model, mode)
+                compile_heads(cast(DUPR, state.model), mode)
             if mode == "default":
                 contexts[name] = lambda: losses_compiled(compiled_info_nce)
             if device.type == "cuda":

@@ -37,13 +37,13 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from _common import fill_sizes, machine_lines, quartiles, record, resolve_device
 
 from dupr.data import ImageFolderDataset, build_bundled_image_folder
-from dupr.data.two_views import build_loader
+from dupr.data.two_views import EpochSampler, build_loader
 from dupr.io import markdown_table
 from dupr.views import TwoViews
 from dupr_platform.shards import ParquetImageDataset, prepare_shards
@@ -57,7 +57,7 @@ FOLDER, PARQUET, PARQUET_1 = "folder", "parquet", "parquet, cache1"
 
 def epoch_rate(loader: torch.utils.data.DataLoader, epoch: int, device: torch.device) -> float:
     """Images per second of one full epoch, from creating the iterator to the last batch."""
-    loader.sampler.set_epoch(epoch)
+    cast(EpochSampler, loader.sampler).set_epoch(epoch)
     images = 0
     start = time.perf_counter()
     for batch in loader:

@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,7 @@ TARGET_RATIO = 0.25  # chunked peak must be at most this fraction of the direct 
 TOLERANCE = 1e-5  # relative loss difference and normalised max gradient difference
 # name -> (memory_mb, kernel, logits dtype name or None), with the model's default budget (the
 # attention kernel uses it only for its accuracy sample); the chunked budgets come from --budgets.
-OPTIONS = {
+OPTIONS: dict[str, tuple[float, str, str | None]] = {
     "attention kernel": (256.0, "attention", None),
     "chunked 256 MB, bf16 logits": (256.0, "matmul", "bfloat16"),
     "attention + bf16": (256.0, "attention", "bfloat16"),
@@ -179,7 +180,7 @@ def worker(spec: dict) -> None:
 
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base
-        alloc_peak = peak
+        alloc_peak: int | None = peak
     else:
         peak = _proc_status_kib("VmHWM") * 1024 - base
         alloc_peak = _profiled_alloc_peak(lambda: _step(q, k_pos, bank, tau, memory_mb, **options))
@@ -192,7 +193,7 @@ def worker(spec: dict) -> None:
             "times": times,
             "loss": total.cpu(),
             "per_query": per_query.cpu(),
-            "grad": q.grad.detach().cpu(),
+            "grad": cast(torch.Tensor, q.grad).detach().cpu(),
         },
         spec["out"],
     )
@@ -289,9 +290,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{available / 2**30:.1f} GiB is available; use smaller --queries/--keys"
         )
 
-    variants = {"direct": (math.inf, "matmul", None)} | {
-        f"chunked {b:g} MB": (b, "matmul", None) for b in budgets
-    }
+    variants: dict[str, tuple[float, str, str | None]] = {"direct": (math.inf, "matmul", None)}
+    variants |= {f"chunked {b:g} MB": (b, "matmul", None) for b in budgets}
     if not args.no_options:
         variants |= OPTIONS
     results = {}

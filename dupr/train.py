@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader
 
 from dupr.config import OptimConfig
 from dupr.photometric import apply_photometric
@@ -157,6 +156,24 @@ StepCallback = Callable[[int, dict[str, float]], None]
 EpochCallback = Callable[[TrainState], None]
 
 
+class BatchLoader(Protocol):
+    """What `train` needs of a loader: a DataLoader over an `EpochSampler`, or an adapter with
+    the same attributes (the platform's Ray Data loader)."""
+
+    @property
+    def drop_last(self) -> bool: ...
+
+    @property
+    def batch_size(self) -> int | None: ...
+
+    @property
+    def sampler(self) -> object: ...  # a ResumableSampler
+
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+
+    def __len__(self) -> int: ...  # batches per epoch
+
+
 class ResumableSampler(Protocol):
     """What `train` needs of the loader's sampler: `EpochSampler` (or the Ray Data adapter's)."""
 
@@ -183,7 +200,7 @@ def _mean_metrics(window: list[dict[str, torch.Tensor]]) -> dict[str, float]:
 
 def train(
     state: TrainState,
-    loader: DataLoader,
+    loader: BatchLoader,
     cfg: OptimConfig,
     device: torch.device,
     *,

@@ -15,6 +15,7 @@ bad input found before any trial started (dupr_platform.cli).
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from dupr.config import ConfigError
 from dupr_platform.cli import exit_process, run_cli
@@ -25,7 +26,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 class _Arguments(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit status 2, as for any bad input
+    def error(self, message: str) -> NoReturn:  # one line and exit status 2, as for any bad input
         raise ConfigError(f"{message} (usage: ablate.py --grid NAME|FILE.yaml [overrides])")
 
 

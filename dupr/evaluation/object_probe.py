@@ -11,6 +11,7 @@ The classifier is the per-level linear probe's (`dupr.evaluation.linear_probe.pr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -20,7 +21,6 @@ from torch import Tensor
 from torchvision.ops import roi_align
 
 from dupr.config import LEVELS, STRIDES
-from dupr.data.coco import CocoDetection
 from dupr.evaluation.linear_probe import _check_levels, probe_accuracy
 from dupr.photometric import normalise
 
@@ -43,9 +43,17 @@ def _resize(image: Tensor, boxes: Tensor, size: int | None) -> tuple[Tensor, Ten
     return image, boxes * scale
 
 
+class DetectionItems(Protocol):
+    """Indexed (image, target) pairs: a `dupr.data.coco.CocoDetection`, or a Subset of one."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]: ...
+
+
 def box_features(
     backbone: nn.Module,
-    dataset: CocoDetection,
+    dataset: DetectionItems,
     levels: Sequence[int] = (0, 1, 2, 3),
     roi_size: int = 2,
     image_size: int | None = None,
@@ -87,8 +95,8 @@ def box_features(
 
 def object_probe(
     backbone: nn.Module,
-    train_set: CocoDetection,
-    val_set: CocoDetection,
+    train_set: DetectionItems,
+    val_set: DetectionItems,
     levels: Sequence[int] = (0, 1, 2, 3),
     roi_size: int = 2,
     image_size: int | None = None,

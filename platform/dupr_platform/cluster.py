@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -107,7 +108,7 @@ def start_ray(where: str) -> bool:
     _started = True
     connected = bool(os.environ.get("RAY_ADDRESS"))
     if connected:
-        ray.init(logging_level="INFO")
+        ray.init(logging_level=logging.INFO)
     else:
         port = _free_port()
         own = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"}
@@ -115,7 +116,7 @@ def start_ray(where: str) -> bool:
         with environment(own):
             ray.init(
                 address="local",
-                logging_level="INFO",
+                logging_level=logging.INFO,
                 dashboard_port=_free_port(),
             )
     console.route_worker_output()

@@ -316,7 +316,6 @@ def compose(config_dir: str | Path, config_name: str, overrides: list[str]) -> d
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     register()
@@ -340,7 +339,7 @@ def compose(config_dir: str | Path, config_name: str, overrides: list[str]) -> d
             cfg = hydra_compose(config_name=config_name, overrides=overrides)
         if cfg.get("smoke"):
             _stand_in_for_unset_env(cfg)
-        values = OmegaConf.to_container(cfg, resolve=True)
+        values = plain(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
         raise config_error(exc) from None
     return values
@@ -368,10 +367,11 @@ def _stand_in_for_unset_env(node: Any) -> None:
 
 def _groups(config_dir: Path, config_name: str) -> set[str]:
     """The config groups config `config_name`'s defaults list selects (and those it includes)."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
     groups: set[str] = set()
-    for entry in OmegaConf.load(config_dir / f"{config_name}.yaml").get("defaults", []):
+    config = OmegaConf.load(config_dir / f"{config_name}.yaml")
+    for entry in config.get("defaults", []) if isinstance(config, DictConfig) else []:
         if isinstance(entry, str) and entry != "_self_":
             groups |= _groups(config_dir, entry)
         elif not isinstance(entry, str):
@@ -400,6 +400,13 @@ def typed(values: dict[str, Any], schema: type) -> Any:
         return OmegaConf.merge(OmegaConf.structured(schema), values)
     except OmegaConfBaseException as exc:
         raise config_error(exc) from None
+
+
+def plain(cfg: Any) -> dict[str, Any]:
+    """A DictConfig as plain dicts and lists, with its interpolations resolved."""
+    from omegaconf import OmegaConf
+
+    return typing.cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
 
 
 _MISSING = object()
@@ -432,11 +439,12 @@ def config_error(exc: BaseException) -> ConfigError:
     Hydra wraps the OmegaConf error that names the field (`full_key`) in its own exception;
     the innermost one with a key is the one that helps.
     """
-    chain, seen = [], exc
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
     while seen is not None:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
-    inner = next((e for e in chain if getattr(e, "full_key", None)), None)
+    inner: Any = next((e for e in chain if getattr(e, "full_key", None)), None)
     if inner is not None:
         key = inner.full_key
         text = " ".join(str(inner.msg if hasattr(inner, "msg") else inner).split())

@@ -44,6 +44,8 @@ def load_checkpoint_file(uri: str) -> dict[str, Any]:
 def convert(ctx: StageContext, out: Path) -> StageOutput:
     """Checkpoint → torchvision state_dict, detectron2 .pkl and the detectron2 config lines."""
     uri = ctx.inputs["checkpoint"]
+    if uri is None:  # a Ref to a pre-training's checkpoint, or a URI the config names
+        raise ValueError(f"{ctx.name}: no checkpoint to convert")
     arch, state = backbone_from_checkpoint(load_checkpoint_file(uri), source=uri)
     torch.save(state, out / "backbone_torchvision.pth")
     d2_path = save_detectron2(to_detectron2(state), out / "backbone_detectron2.pkl")

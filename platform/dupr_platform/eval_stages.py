@@ -104,9 +104,9 @@ def detection_data(inputs: dict[str, str | None], split: str) -> DetectionSplit:
         sets = " + ".join(f"{y} {s}" for y, s in VOC_SPLITS[voc_split])
         return DetectionSplit(root, load_voc(root, voc_split), f"{root} ({sets})")
     if not inputs.get("train_annotations"):
-        root = bundled_detection_set()
-        annotations = str(root / "annotations" / f"instances_{split}.json")
-        return DetectionSplit(str(root / split), annotations, annotations)
+        bundled = bundled_detection_set()
+        bundled_json = str(bundled / "annotations" / f"instances_{split}.json")
+        return DetectionSplit(str(bundled / split), bundled_json, bundled_json)
     images, annotations = inputs.get(f"{split}_images"), inputs.get(f"{split}_annotations")
     if not images or not annotations:  # validate_pipeline refuses this before any stage runs
         raise ConfigError(f"eval.data.detection: needs all of {', '.join(DETECTION_DATA)}")
@@ -125,7 +125,11 @@ def classification_data(inputs: dict[str, str | None]) -> dict[str, str]:
     if not inputs.get("train"):
         root = bundled_classification_set()
         return {"train": str(root / "train"), "val": str(root / "val")}
-    return {k: local_input(inputs[k]) for k in CLASSIFICATION_DATA}
+    given = {k: inputs.get(k) for k in CLASSIFICATION_DATA}
+    missing = [k for k, uri in given.items() if not uri]
+    if missing:  # validate_pipeline refuses this before any stage runs
+        raise ConfigError(f"eval.data.classification: needs {', '.join(missing)} too")
+    return {k: local_input(str(uri)) for k, uri in given.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,6 +392,8 @@ def check_eval_data(data: dict[str, Any]) -> None:
             raise ConfigError(f"{where}: {annotations!r} does not exist")
         storage, name = split_uri(annotations)
         coco = load_coco(parse_json(storage.read_bytes(name), annotations), source=annotations)
+        if not images:  # validate_pipeline refuses this first
+            raise ConfigError(f"eval.data.detection.{split}_images: not set, {where} is")
         _check_image_files(coco, images, annotations, f"eval.data.detection.{split}_images")
     cls = data.get("classification") or {}
     for split in ("train", "val"):

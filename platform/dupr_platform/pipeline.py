@@ -159,7 +159,8 @@ def _seed_stages(cfg: dict[str, Any], suffix: str) -> list[Stage]:
         baseline = baseline_method(DUPRConfig.from_dict(method), name).to_dict()
         baseline = json.loads(json.dumps(baseline))  # plain values, as composed configs are
         methods[name] = (f"pretrain/{name}{suffix}", baseline)
-    stages, inits = [], {}
+    stages: list[Stage] = []
+    inits: dict[str, Ref | None] = {}
     for init, (name, values) in methods.items():
         pretrain = Stage(name, "pretrain", _pretrain_slice(cfg, values), data)
         convert = Stage(
@@ -753,7 +754,8 @@ def summary_table(result: PipelineResult, cfg: dict[str, Any]) -> str:
     uri = cfg["tracking_uri"]
     experiment_id = None  # every stage run is in the pipeline's experiment: one lookup
     if uri.startswith(("http://", "https://")):
-        experiment_id = MlflowClient(uri).get_experiment_by_name(cfg["experiment"]).experiment_id
+        experiment = MlflowClient(uri).get_experiment_by_name(cfg["experiment"])
+        experiment_id = experiment.experiment_id if experiment else None
     rows = []
     for r in result.reports:
         kind = r.name.split("/")[0]

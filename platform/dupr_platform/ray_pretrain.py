@@ -48,7 +48,7 @@ from dupr.data import ImageFolderDataset, bundled_image_folder, default_data_hom
 from dupr.data.folder import ImageDecodeError
 from dupr.data.two_views import UndecodableDataError, build_loader, check_epoch_size
 from dupr.model import DUPR
-from dupr.train import TrainState, build_state, rng_state, train
+from dupr.train import BatchLoader, TrainState, build_state, rng_state, train
 from dupr.views import TwoViews
 from dupr_platform import software
 from dupr_platform.cluster import COMPUTE_PRIORITY, check_nodes, forwarded_env, start_ray
@@ -248,6 +248,7 @@ def train_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
 
+    loader: BatchLoader
     if config["data_loader"] == "ray":
         loader = RayDataLoader.for_worker(
             "train",
@@ -319,14 +320,16 @@ def train_worker(config: dict[str, Any]) -> None:
         last_loss[0] = float(metrics.get("loss", float("nan")))
         if logger:
             logger.log_metrics(step, metrics)
-            shown = {k: metrics[k] for k in ("loss", "images_per_s") if k in metrics}
+            shown: dict[str, float] = {
+                k: metrics[k] for k in ("loss", "images_per_s") if k in metrics
+            }
             progress.update(step, {"epoch": (step - 1) // len(loader) + 1, **shown})
 
     def on_epoch_end(s: TrainState) -> None:
         rngs = _gather_rng_states()
         # The epoch's last logged loss rides along: Tune's schedulers read it (sweeps).
         summary = {"epoch": s.epoch, "step": s.step, "loss": last_loss[0]}
-        if rank != 0:
+        if logger is None:  # not rank 0
             ray.train.report(summary, checkpoint=None)
             return
         logger.commit()  # sent in the background while the state is serialised
@@ -412,8 +415,7 @@ def unrecoverable_if_storage_is_down(uri: str) -> Iterator[None]:
 def preflight_config(job: PretrainJob) -> None:
     """The checks that need no cluster: configuration, data, storage, tracking."""
     job.validate()
-    if job.data is not None:
-        check_data(job)
+    check_data(job)
     check_storage(open_storage(job.storage))
     check_tracking(job.tracking_uri)
 
@@ -428,6 +430,8 @@ def check_data(job: PretrainSettings) -> None:
     The sample is spread over a folder's files, or the first images of a shard set (one row
     group, not a download of the set). Single bad files are fine: training skips them.
     """
+    if job.data is None:  # the bundled set, which absolute_locations prepares
+        return
     images = open_images(job.data)  # exists and holds images (or a complete shard index)
     n, batch = len(images), job.method.optim.batch_size
     try:
@@ -524,6 +528,7 @@ def run_pretraining(
     `tags` are set on the MLflow run (a pipeline's stage tags).
     """
     job = absolute_locations(job)
+    assert job.data is not None  # absolute_locations set it
     preflight_config(job)
     if start_ray(f"pretrain {job.name}"):
         check_nodes(job.storage, job.tracking_uri)
@@ -560,7 +565,7 @@ def run_pretraining(
         num_images = count_images(job.data)
 
     resumes_from = latest_checkpoint(storage, job.name)
-    ledger = CheckpointLedger.remote(resumes_from)
+    ledger = CheckpointLedger.remote(resumes_from)  # type: ignore[attr-defined]  # @ray.remote
     trainer = TorchTrainer(
         train_worker,
         datasets=datasets,

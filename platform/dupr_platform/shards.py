@@ -179,11 +179,11 @@ class ShardIndex:
             if total != sum(s.rows for s in shards):
                 raise ValueError(f"total {total} != sum of shard rows")
             labels = bool(data["labels"])
-            classes = data.get("classes")
-            if labels and not (
-                isinstance(classes, list) and all(isinstance(c, str) for c in classes)
-            ):
-                raise ValueError("labels=true but no class list")
+            classes: list[str] | None = None
+            if labels:
+                classes = data.get("classes")
+                if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+                    raise ValueError("labels=true but no class list")
             skipped = [{"id": str(s["id"]), "reason": str(s["reason"])} for s in data["skipped"]]
             return cls(
                 source=str(data["source"]),
@@ -194,7 +194,7 @@ class ShardIndex:
                 total=total,
                 shards=shards,
                 skipped=skipped,
-                classes=list(classes) if labels else None,
+                classes=classes,
                 schema_version=version,
                 uri=uri,
             )

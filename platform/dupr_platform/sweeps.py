@@ -39,7 +39,14 @@ from dupr.evaluation.stats import estimate, paired_difference
 from dupr.io import markdown_table
 from dupr_platform import console
 from dupr_platform.cluster import check_nodes, credentials_withheld, start_ray
-from dupr_platform.configs import PipelineConfig, best_metric, typed, update, validate_sweep
+from dupr_platform.configs import (
+    PipelineConfig,
+    best_metric,
+    plain,
+    typed,
+    update,
+    validate_sweep,
+)
 from dupr_platform.eval_stages import metric_names
 from dupr_platform.pipeline import (
     EVALUATIONS,
@@ -144,8 +151,6 @@ def build_trials(cfg: dict[str, Any], grid: Grid) -> list[Trial]:
     A grid value is set on the typed pipeline config (`dupr_platform.configs`), so a value of
     the wrong type or an unknown key fails like the same override on the command line.
     """
-    from omegaconf import OmegaConf
-
     name = sweep_name(cfg, grid)
     storage = open_storage(cfg["storage"]).uri_for(name)
     base = typed({k: v for k, v in cfg.items() if k != "sweep"}, PipelineConfig)
@@ -160,7 +165,7 @@ def build_trials(cfg: dict[str, Any], grid: Grid) -> list[Trial]:
                     _set_method(trial, value)
                 else:
                     update(trial, dotted, value)
-            trial_cfg = OmegaConf.to_container(trial, resolve=True)
+            trial_cfg = plain(trial)
             trial_cfg["storage"] = storage
             trial_cfg["name"] = f"{name}/{label}".replace("/", ":")
             preflight_pipeline(trial_cfg)
@@ -173,8 +178,6 @@ def build_trials(cfg: dict[str, Any], grid: Grid) -> list[Trial]:
 
 def _set_method(trial: Any, name: Any) -> None:
     """Grid key `method`: keep the configured method, or train baseline `name` like it."""
-    from omegaconf import OmegaConf
-
     configured = trial.pretrain.label
     if name == configured:
         return
@@ -183,7 +186,7 @@ def _set_method(trial: Any, name: Any) -> None:
             f"method={name!r}: the configured method ({configured}) or a baseline "
             f"({', '.join(BASELINES)})"
         )
-    configured_method = OmegaConf.to_container(trial.pretrain.method, resolve=True)
+    configured_method = plain(trial.pretrain.method)
     method = DUPRConfig.from_dict(configured_method)
     baseline = json.loads(json.dumps(baseline_method(method, name).to_dict()))  # plain lists
     for section, values in baseline.items():  # the fields it changes, each set and checked

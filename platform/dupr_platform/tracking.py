@@ -510,6 +510,8 @@ def _experiment_id(client: MlflowClient, name: str, shown: str) -> str:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             exp = client.get_experiment_by_name(name)
+            if exp is None:  # created, then deleted for good, by someone else meanwhile
+                raise
     if exp.lifecycle_stage == "deleted":
         raise TrackingError(
             f"tracking {shown!r}: experiment {name!r} is deleted (restore it with "
