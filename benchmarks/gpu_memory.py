@@ -11,8 +11,9 @@ attention kernel (it never stores the patch logits) and MoCo v2 for reference.
 
 - peak at batch 32 (the paper's 256 images over 8 GPUs) and 64: `max_memory_allocated` over
   three steps, all of the process's tensors included (weights, optimizer state, memory banks);
-- largest batch: batch sizes double from 64 until a step runs out of memory, then a bisection
-  narrows the limit to 1/16 of it; each probe is two steps. cuDNN's autotuner stays on as in
+- largest batch: on a GPU the first probe is 90 % of the batch at which the peaks' straight
+  line reaches the card's memory; then batch sizes double until a step runs out of memory, and
+  a bisection narrows the limit to 1/16 of it; each probe is two steps. cuDNN's autotuner stays on as in
   training (a probe's autotuning skips algorithms whose workspace does not fit). `--max-batch`
   caps the search, `--budget-s` its time (the limit found so far is then reported as a bound).
 
@@ -78,14 +79,40 @@ def fits(state, optim, batch_size: int, args, device) -> bool:
             torch.cuda.empty_cache()
 
 
-def largest_batch(state, optim, args, device, start: int) -> tuple[int, int | None, int, str]:
-    """(largest batch that fit, smallest that did not or None, probes, how the search ended)."""
+def linear_estimate(
+    batches: list[int], peaks: list[float | None], total: float | None
+) -> int | None:
+    """The batch at which the peak, extrapolated linearly from the measured ones, fills the card.
+
+    Activations grow with the batch and everything else (weights, optimizer state, banks)
+    does not, so two peaks give the line. Probing from there, not by doubling from 64, keeps
+    the search to a few probes on a large card (each probe at thousands of images costs seconds
+    of steps and cuDNN autotuning for the new shapes).
+    """
+    measured = sorted((b, p) for b, p in zip(batches, peaks, strict=True) if p is not None)
+    if total is None or len(measured) < 2:
+        return None
+    (b0, p0), (b1, p1) = measured[-2:]
+    slope = (p1 - p0) / (b1 - b0)
+    return int((total - p1) / slope) + b1 if slope > 0 else None
+
+
+def largest_batch(
+    state, optim, args, device, start: int, estimate: int | None = None
+) -> tuple[int, int | None, int, str]:
+    """(largest batch that fit, smallest that did not or None, probes, how the search ended).
+
+    With an `estimate`, the first probe is 90 % of it; then doubling (while everything fits)
+    and bisection to 1/16 of the limit, as without one."""
     deadline = time.monotonic() + args.budget_s
     good, bad, probes = start, None, 0
     while bad is None or bad - good > max(1, good // 16):
         if time.monotonic() > deadline:
             return good, bad, probes, f"time budget of {args.budget_s} s"
-        size = good * 2 if bad is None else (good + bad) // 2
+        if probes == 0 and estimate and estimate * 9 // 10 > start:
+            size = estimate * 9 // 10
+        else:
+            size = good * 2 if bad is None else (good + bad) // 2
         if size > args.max_batch:
             if bad is None and good < args.max_batch:
                 size = args.max_batch
@@ -150,7 +177,12 @@ def main(argv: list[str] | None = None) -> None:
         searched = ["-", "-", "not searched"]
         if name in args.search:
             start = time.perf_counter()
-            good, bad, probes, ended = largest_batch(state, optim, args, device, max(args.batches))
+            estimate = linear_estimate(args.batches, peaks, total)
+            good, bad, probes, ended = largest_batch(
+                state, optim, args, device, max(args.batches), estimate
+            )
+            if estimate:
+                ended += f"; linear estimate from the peaks {estimate}"
             searched = [
                 f"{good}" if bad is not None else f">= {good}",
                 str(bad) if bad is not None else "-",
@@ -173,8 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.backbone}, {args.size} px, K={args.queue}, S = 14 (conv4) / 7 (conv5), bf16 "
         "autocast (on a GPU), channels_last; synthetic batches on the device; peaks are "
         "torch.cuda.max_memory_allocated over 3 steps (weights, optimizer state, banks included)",
-        f"card memory: {f'{total:.0f} GiB' if total else '-'}; a probe = 2 steps; bisection "
-        "to 1/16 of the limit",
+        f"card memory: {f'{total:.0f} GiB' if total else '-'}; a probe = 2 steps; first probe "
+        "at 90 % of the peaks' linear estimate, bisection to 1/16 of the limit",
     ]
     body = table + "\n" + "".join(f"- {line}\n" for line in notes)
     print("\n" + body)

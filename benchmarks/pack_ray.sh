@@ -4,7 +4,7 @@
 # for that machine's Python, without what a local Ray Data pipeline does not use (the Java
 # jars, RLlib, Serve, the LLM library, the dashboard's web client, tests), 29 MB as ray.tar.xz
 # where the wheel is 79 MB; and the wheels Ray needs beyond PyTorch's usual company (jsonschema
-# and its dependencies). gpu_checks.sh unpacks it when `import ray` fails there; take the folder
+# and its dependencies, pydantic and its). gpu_checks.sh unpacks it when `import ray` fails there; take the folder
 # along with the working tree.
 #
 #     bash benchmarks/pack_ray.sh [PYTHON_VERSION]     # default 3.12
@@ -25,8 +25,10 @@ mkdir -p "$DEST/wheels"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 download "$work" "$(pin ray)"
+# Ray Train v2 (ray_data imports ray.train) needs pydantic, which the GPU machine lacked.
 download "$DEST/wheels" "$(pin jsonschema)" "$(pin jsonschema-specifications)" \
-  "$(pin referencing)" "$(pin rpds-py)"
+  "$(pin referencing)" "$(pin rpds-py)" "$(pin pydantic)" "$(pin pydantic_core)" \
+  "$(pin annotated-types)" "$(pin typing-inspection)" "$(pin typing_extensions)"
 mkdir "$work/site"
 python3 -m zipfile -e "$work"/ray-*.whl "$work/site"
 # zipfile drops the executable bits that Ray's binaries need; restore them from the wheel.

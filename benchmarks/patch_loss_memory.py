@@ -147,8 +147,8 @@ def _profiled_alloc_peak(step: Callable[[], object]) -> int | None:
 def worker(spec: dict) -> None:
     """Run one variant and save its peak memory, times, loss and gradient to `spec['out']`."""
     device = torch.device(spec["device"])
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # a bare "cuda" (no index) is the current device already
     tau, memory_mb = spec["tau"], spec["memory_mb"]
     options = {"kernel": spec["kernel"], "logits": spec["logits"]}
     q, k_pos, bank = make_inputs(spec["n"], spec["k"], spec["d"], spec["seed"], device)

@@ -11,6 +11,8 @@ bank keys run on an NCCL process group. (NCCL gives each rank its own GPU, so a 
 a world of one; the two-rank equalities are checked on gloo.)
 """
 
+import inspect
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -22,6 +24,14 @@ from dupr.model import DUPR
 from dupr.photometric import PhotometricDraw, apply_photometric
 from dupr.train import TrainState, build_state, train_step
 from helpers import random_batch, tiny_model_config
+
+# The GPU machine's PyTorch may predate 2.13, which renamed DDP's broadcast_buffers
+# (the platform pins a later release and passes forward_sync_buffers).
+NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -141,7 +151,7 @@ def test_ddp_step_on_an_nccl_process_group(bn_mode, tmp_path):
     try:
         torch.manual_seed(0)
         model = DUPR(tiny_model_config(bn_mode=bn_mode)).to(CUDA)
-        ddp = DDP(model, device_ids=[0], forward_sync_buffers=False)
+        ddp = DDP(model, device_ids=[0], **NO_BUFFER_SYNC)
         state = build_state(ddp, optim, steps_per_epoch=10, device=CUDA)
         torch.manual_seed(1)
         metrics = train_step(state, gpu_batch(), optim, CUDA)

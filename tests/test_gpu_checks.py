@@ -24,6 +24,7 @@ ABSENT = ("ray", "mlflow", "omegaconf", "hydra", "boto3", "botocore", "moto", "f
 SECTIONS = (
     "gpu_step (quick, cpu; levers: bf16 logits, attention kernel, attention + bf16)",
     "gpu_step (quick, cpu; levers: compile, CUDA graphs)",
+    "gpu_profile (quick, cpu)",
     "gpu_memory (quick, cpu)",
     "patch_loss_memory (quick, cpu)",
     "gpu_input (quick, cpu)",
