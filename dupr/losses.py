@@ -171,6 +171,32 @@ def logsumexp_chunk(n: int, k: int, memory_mb: float, bytes_per_logit: int = 4) 
     return max(1, int(memory_mb * 2**20 / (2 * n * bytes_per_logit)))
 
 
+def negatives_max(
+    q: Tensor,
+    bank: Tensor,
+    tau: float,
+    memory_mb: float = math.inf,
+    logits_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """The largest negative logit max_t q·r_t/τ per query (no gradient; for accuracy only).
+
+    In chunks of the bank sized like `negatives_logsumexp`'s, with the same matmul precision.
+    """
+    accumulate = torch.promote_types(q.dtype, torch.float32)
+    if logits_dtype is not None:
+        q, bank = q.to(logits_dtype), bank.to(logits_dtype)
+    chunk = logsumexp_chunk(len(q), len(bank), memory_mb, torch.finfo(accumulate).bits // 8)
+    chunk = chunk or len(bank)
+    maxima = [(q @ bank[s : s + chunk].T).amax(dim=1) for s in range(0, len(bank), chunk)]
+    return torch.stack(maxima).amax(dim=0).to(accumulate) / tau
+
+
+def accuracy_rows(n: int, kernel: str) -> slice:
+    """The queries (of n) whose accuracy flags `info_nce` returns: all with the matmul kernel,
+    an evenly spaced sample of at most `ACCURACY_SAMPLE` with the attention kernel."""
+    return slice(None, None, 1 if kernel == "matmul" else max(1, math.ceil(n / ACCURACY_SAMPLE)))
+
+
 def info_nce(
     q: Tensor,
     k_pos: Tensor,
@@ -184,7 +210,7 @@ def info_nce(
 
     q, k_pos: (n, d) L2-normalised; bank: (K, d) L2-normalised, no gradient. `logits_dtype`
     and `kernel` choose how the negatives' log-sum-exp is computed (see the module docstring);
-    with kernel="attention" the accuracy flags are those of a sample of the queries.
+    the accuracy flags are those of the queries `accuracy_rows(len(q), kernel)`.
     """
     if kernel not in PATCH_LOSS_KERNELS:
         raise ValueError(f"kernel={kernel!r}: unknown (valid: {', '.join(PATCH_LOSS_KERNELS)})")
@@ -198,9 +224,9 @@ def info_nce(
         else:
             low = logits_dtype or dtype
             neg_lse = AttentionLogSumExp.apply(q.to(low), bank.to(low), tau)
-            sample = slice(None, None, math.ceil(len(q) / ACCURACY_SAMPLE))
+            sample = accuracy_rows(len(q), kernel)
             with torch.no_grad():
-                _, neg_max = negatives_logsumexp(q[sample], bank, tau, memory_mb, logits_dtype)
+                neg_max = negatives_max(q[sample], bank, tau, memory_mb, logits_dtype)
             correct = pos.detach()[sample] > neg_max
         loss = torch.logaddexp(pos, neg_lse.to(dtype)) - pos
     return loss, correct

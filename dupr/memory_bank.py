@@ -26,15 +26,27 @@ class MemoryBank(nn.Module):
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def enqueue(self, new_keys: Tensor) -> None:
-        """Replace the oldest keys with `new_keys` (n, dim), wrapping around the end of the bank."""
+    def enqueue(self, new_keys: Tensor, flags: Tensor | None = None) -> None:
+        """Replace the oldest keys with `new_keys` (n, dim), wrapping around the end of the bank.
+
+        `flags` (n,) bool, valid keys first, marks the keys to add; the rest are padding. The
+        count stays on the device: writes of padding rows keep the bank's keys, and the pointer
+        moves by the count, so the host never waits for the GPU here.
+        """
         n = len(new_keys)
         if n == 0:
             return
-        if n > self.size:  # only the newest K keys can stay
+        if n > self.size:  # only the newest K keys can stay (rare: K below the keys per step)
+            if flags is not None:
+                new_keys, flags, n = new_keys[flags], None, int(flags.sum())
             new_keys = new_keys[-self.size :]
-            self.ptr.add_(n - self.size).remainder_(self.size)
-            n = self.size
+            self.ptr.add_(max(n - self.size, 0)).remainder_(self.size)
+            n = len(new_keys)
         idx = (self.ptr + torch.arange(n, device=self.keys.device)) % self.size
-        self.keys[idx] = F.normalize(new_keys.to(self.keys.dtype), dim=1)
-        self.ptr.add_(n).remainder_(self.size)
+        new_keys = F.normalize(new_keys.to(self.keys.dtype), dim=1)
+        if flags is None:
+            self.keys[idx] = new_keys
+            self.ptr.add_(n).remainder_(self.size)
+        else:
+            self.keys[idx] = torch.where(flags[:, None], new_keys, self.keys[idx])
+            self.ptr.add_(flags.sum()).remainder_(self.size)

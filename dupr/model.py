@@ -22,7 +22,7 @@ from dupr.backbone import ResNetBackbone
 from dupr.config import LEVELS, STRIDES, ModelConfig
 from dupr.geometry import spans_a_cell, view_boxes
 from dupr.heads import ImageHead, PatchHead
-from dupr.losses import info_nce
+from dupr.losses import accuracy_rows, info_nce
 from dupr.memory_bank import MemoryBank
 from dupr.sync_batchnorm import SyncBatchNorm
 
@@ -146,18 +146,20 @@ class DUPR(nn.Module):
         The paper writes Eq. 7 as a sum over the S×S positions p; we divide by the number of
         positions and images so that β_m = 1 weighs a level like α_m = 1 does for the mean of
         Eq. 8. Pairs that are not `valid` at this level (crops that do not overlap, or overlap
-        by less than one cell: `dupr.geometry.spans_a_cell`) contribute nothing. Under DDP each
+        by less than one cell: `dupr.geometry.spans_a_cell`) contribute nothing (and where none
+        is valid, the loss is a zero still connected to the patch head, so every parameter gets
+        a gradient and DDP's reducer is satisfied). Under DDP each
         rank divides by the global count / world size, so that DDP's gradient average equals
         the mean over the global batch whatever the per-rank counts are.
         """
         cells = r_q.shape[-1] * r_q.shape[-2]
-        q = r_q.flatten(2).transpose(1, 2)[valid].flatten(0, 1)  # (valid·S², d)
-        k = r_k.flatten(2).transpose(1, 2)[valid].flatten(0, 1)
+        # Every cell of every pair goes through the loss and the invalid ones are weighted out:
+        # selecting the valid rows would make the host wait for the GPU to count them, and
+        # nearly all pairs are valid (99 % of RandomResizedCrop pairs at 224 px).
+        q = r_q.flatten(2).transpose(1, 2).flatten(0, 1)  # (N·S², d), cell-major per image
+        k = r_k.flatten(2).transpose(1, 2).flatten(0, 1)
+        counts = valid.repeat_interleave(cells)
         denom = (n_valid_global * cells).clamp(min=1).float() / D.world_size()
-        if len(q) == 0:
-            # Nothing overlaps here: a zero that stays connected to the patch head, so every
-            # parameter still receives a (zero) gradient and DDP's reducer is satisfied.
-            return r_q.float().sum() * 0.0, r_q.new_tensor(math.nan)
         losses, correct = info_nce(
             q,
             k,
@@ -167,7 +169,11 @@ class DUPR(nn.Module):
             logits_dtype=torch.bfloat16 if self.cfg.patch_logits == "bfloat16" else None,
             kernel=self.cfg.patch_loss_kernel,
         )
-        return losses.sum() / denom, correct.float().mean()
+        # torch.where, not a product: a zero weight would still pass on a non-finite loss.
+        loss = torch.where(counts, losses, 0.0).sum() / denom
+        counted = counts[accuracy_rows(len(q), self.cfg.patch_loss_kernel)]
+        acc = (correct & counted).sum() / counted.sum()  # NaN where nothing overlaps
+        return loss, acc
 
     def bank_snapshot(self, name: str) -> Tensor:
         """The bank's keys as they are now; backward needs them after `enqueue` changed the bank."""
@@ -211,25 +217,31 @@ class DUPR(nn.Module):
         for name, k in image_k.items():
             self.bank(f"image_{name}").enqueue(D.all_gather(k.float()))
         for name, r in patch_k.items():
-            self.bank(f"patch_{name}").enqueue(self.sample_patch_keys(r, valid[name]))
+            self.bank(f"patch_{name}").enqueue(*self.sample_patch_keys(r, valid[name]))
 
     @torch.no_grad()
-    def sample_patch_keys(self, r_k: Tensor, valid: Tensor) -> Tensor:
+    def sample_patch_keys(self, r_k: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """`patch_keys_per_enqueue` random valid patch keys of the GLOBAL batch (paper: 32).
 
         The paper samples 32 patch keys per batch of 256 images, and its batch is the global
         batch over 8 GPUs; taking 32 for the global batch keeps the bank's age (K / 32 steps)
         independent of the number of workers. Each rank draws ceil(32 / world) of its valid
-        keys (padded, with a validity flag, so all_gather sees equal shapes), and the first 32
-        valid gathered keys are kept; every rank therefore enqueues the same keys.
+        keys, the gathered draws are ordered valid first, and the first 32 are kept; every
+        rank therefore enqueues the same keys. Returns the keys with a flag per key (False:
+        padding, where fewer cells are valid), so that no shape depends on how many are valid
+        and the host never waits for the GPU to count them.
         """
         want = self.cfg.patch_keys_per_enqueue
         n_local = math.ceil(want / D.world_size())
-        keys = r_k.flatten(2).transpose(1, 2)[valid].flatten(0, 1).float()
-        take = min(n_local, len(keys))
-        picked = keys[torch.randperm(len(keys), device=keys.device)[:take]]
+        cells = r_k.shape[-1] * r_k.shape[-2]
+        keys = r_k.flatten(2).transpose(1, 2).flatten(0, 1).float()
+        # A uniformly random subset of the valid cells: the top random scores, invalid ones last.
+        scores = torch.rand(len(keys), device=keys.device)
+        scores = scores.masked_fill(~valid.repeat_interleave(cells), -1.0)
+        top = scores.topk(min(n_local, len(keys))).indices
         sample = keys.new_zeros(n_local, keys.shape[1])
-        valid = torch.zeros(n_local, dtype=torch.uint8, device=keys.device)  # gloo has no bool
-        sample[:take], valid[:take] = picked, 1
-        sample, valid = D.all_gather(sample), D.all_gather(valid)
-        return sample[valid.bool()][:want]
+        flags = torch.zeros(n_local, dtype=torch.uint8, device=keys.device)  # gloo has no bool
+        sample[: len(top)], flags[: len(top)] = keys[top], (scores[top] >= 0).to(torch.uint8)
+        sample, flags = D.all_gather(sample), D.all_gather(flags)
+        first = torch.sort(flags, descending=True, stable=True).indices[:want]
+        return sample[first], flags[first].bool()

@@ -46,3 +46,12 @@ def test_keys_and_pointer_travel_with_the_state_dict():
     other = MemoryBank(16, 4)
     other.load_state_dict(torch.load(buf))
     assert torch.equal(other.keys, bank.keys) and other.ptr.item() == 7
+
+
+def test_flagged_enqueue_adds_only_the_flagged_keys_even_beyond_k():
+    bank = MemoryBank(5, 3)
+    new = torch.randn(8, 3)
+    flags = torch.tensor([True] * 6 + [False] * 2)  # valid keys first, then padding
+    bank.enqueue(new, flags)
+    assert bank.ptr.item() == 6 % 5
+    assert torch.allclose(bank.keys[torch.tensor([1, 2, 3, 4, 0])], F.normalize(new[1:6], dim=1))

@@ -9,7 +9,7 @@ import torchvision
 
 from dupr.config import LEVELS, preset
 from dupr.geometry import spans_a_cell, view_boxes
-from dupr.losses import BF16_LOGITS_BOUNDS
+from dupr.losses import BF16_LOGITS_BOUNDS, info_nce
 from dupr.model import DUPR
 from dupr.sync_batchnorm import SyncBatchNorm
 from helpers import random_batch, tiny_model_config
@@ -84,14 +84,36 @@ def test_banks_enqueue_batch_keys_and_sampled_patch_keys_after_the_loss():
         assert torch.allclose(b.keys.norm(dim=1), torch.ones(20), atol=1e-5)
 
 
+def test_patch_loss_over_every_cell_weighted_by_validity_equals_the_valid_cells_mean():
+    """The loss runs on all N·S² cells (no host sync) and must equal Eq. 7 on the valid ones."""
+    model = DUPR(tiny_model_config())
+    g = torch.Generator().manual_seed(3)
+    r_q = F.normalize(torch.randn(5, 16, 3, 3, generator=g), dim=1).requires_grad_()
+    r_k = F.normalize(torch.randn(5, 16, 3, 3, generator=g), dim=1)
+    valid = torch.tensor([True, False, True, True, False])
+    loss, acc = model.patch_loss("conv4", r_q, r_k, valid, valid.sum())
+    loss.backward()
+    q = r_q.flatten(2).transpose(1, 2)[valid].flatten(0, 1)
+    k = r_k.flatten(2).transpose(1, 2)[valid].flatten(0, 1)
+    losses, correct = info_nce(q, k, model.banks["patch_conv4"].keys, model.cfg.tau)
+    assert torch.allclose(loss, losses.mean(), rtol=1e-6)
+    assert acc == correct.float().mean()
+    assert r_q.grad is not None and torch.all(r_q.grad[~valid] == 0)
+
+
 def test_sampled_patch_keys_come_only_from_overlapping_pairs():
-    model = DUPR(tiny_model_config(patch_keys_per_enqueue=100))
+    model = DUPR(tiny_model_config(patch_keys_per_enqueue=30))
     r = torch.zeros(3, 16, 3, 3)
     r[1] = 1.0  # only pair 1 overlaps
     overlap = torch.tensor([False, True, False])
-    keys = model.sample_patch_keys(r, overlap)
-    assert keys.shape == (9, 16)  # all 9 valid cells, no padding, no duplicates
-    assert torch.all(keys == 1.0)
+    keys, flags = model.sample_patch_keys(r, overlap)
+    assert keys.shape == (30, 16) and flags.tolist() == [True] * 9 + [False] * 21  # valid first
+    assert torch.all(keys[:9] == 1.0)  # all 9 valid cells, no duplicates
+    bank = model.banks["patch_conv4"]
+    before = bank.keys.clone()
+    bank.enqueue(keys, flags)
+    assert bank.ptr.item() == 9  # the padding is not enqueued
+    assert torch.equal(bank.keys[9:], before[9:])
 
 
 def test_batch_without_any_overlap_gives_finite_connected_loss():
