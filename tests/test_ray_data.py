@@ -295,6 +295,15 @@ def test_uint8_views_and_colour_choices_reach_the_training_step(local_ray, shard
     assert v1.shape == v2.shape == (4, 3, SIZE, SIZE) and v1.dtype == torch.float32
 
 
+def test_every_decoding_actor_gets_blocks_of_at_most_block_rows_images(local_ray, shards):
+    """A read yields few large blocks (here one per read task); the actors take whole blocks."""
+    ds = two_view_dataset(
+        shards, SIZE, {}, seed=0, concurrency=2, num_cpus=0.25, map_batch_size=4, block_rows=4
+    ).materialize()
+    assert ds.num_blocks() >= NUM_IMAGES // 4  # one block each without the split
+    assert ds.count() == NUM_IMAGES
+
+
 def test_shards_on_s3_with_a_custom_endpoint(local_ray, shards, s3_env, tmp_path):
     # The Ray workers started before this test set AWS_ENDPOINT_URL: the endpoint and the
     # credentials reach the read tasks only inside the filesystem given to read_parquet.

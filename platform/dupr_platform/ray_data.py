@@ -15,6 +15,9 @@ Resources
     and for one whole CPU: in Ray 2.60 every pass starts with a ``ListFiles`` task that asks
     for 1 CPU regardless of ``read_num_cpus`` (datasource V2); without it the pipeline waits
     forever ("Cluster resources are not enough to run any task from ...ReadFilesParquetV2").
+    The read's blocks are split into blocks of ``block_rows`` images by a streaming
+    repartition, whose tasks also take 1 CPU; with a single free CPU they take turns with the
+    read tasks, which is enough (reading is cheap next to decoding).
 
 How it splits the data
     ``TorchTrainer(datasets={"train": ds})`` with the default ``ray.train.DataConfig`` calls
@@ -241,6 +244,7 @@ def two_view_dataset(
     num_cpus: float = 1.0,
     read_num_cpus: float = 1.0,
     map_batch_size: int = 16,
+    block_rows: int = 64,
     shuffle_files: bool = True,
     first_pass: int = 0,
     record_pid: bool = False,
@@ -251,12 +255,15 @@ def two_view_dataset(
     The shard list comes from ``_index.json`` (a prefix without it is refused, as everywhere)
     and the files are read with the storage module's filesystem, so a custom S3 endpoint works.
     Decoding and augmentation run in a CPU-only actor pool: ``concurrency`` actors (a size or
-    a ``(min, max)`` autoscaling range) of ``num_cpus`` each; ``read_num_cpus`` per read task.
+    a ``(min, max)`` autoscaling range) of ``num_cpus`` each; ``read_num_cpus`` per read task;
+    an actor takes blocks of at most ``block_rows`` images.
     Pass the result to ``TorchTrainer(datasets={"train": ds})`` and iterate it in the workers
     with `RayDataLoader`.
     """
-    if image_size < 1 or map_batch_size < 1 or num_cpus <= 0 or read_num_cpus <= 0:
-        raise ConfigError("image_size, map_batch_size, num_cpus, read_num_cpus must be positive")
+    if min(image_size, map_batch_size, block_rows) < 1 or min(num_cpus, read_num_cpus) <= 0:
+        raise ConfigError(
+            "image_size, map_batch_size, block_rows, num_cpus, read_num_cpus must be positive"
+        )
     storage, index = _open_shards(data_uri, endpoint_url)
     ids = IdIndex(_read_ids(storage, index))
     # The training's own progress line shows images/s; Ray Data's bars would reach the console
@@ -276,6 +283,10 @@ def two_view_dataset(
         file_extensions=["parquet"],
         partitioning=None,
     ).select_columns(["id", "image"])
+    # Blocks are what the actor pool hands out, and a read yields a few large ones (a small
+    # shard set read as one block of 1,024 images here): split them, streaming, so that every
+    # decoding actor has work.
+    ds = ds.repartition(target_num_rows_per_block=block_rows)
     return ds.map_batches(
         DecodeTwoViews,
         fn_constructor_args=(image_size, _augment_config(augment), seed, ids),
