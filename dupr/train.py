@@ -124,12 +124,14 @@ def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) 
     """The batch's views and crop records on `device`; views that left the loader as uint8
     crops with their colour choices (``augment.photometric_on=device``) get their colour steps
     here."""
-    views = []
-    for v in ("1", "2"):
-        x = batch[f"view{v}"].to(device, non_blocking=True)
-        if f"photometric{v}" in batch:
-            x = apply_photometric(x, batch[f"photometric{v}"])
-        views.append(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+    views = [batch[f"view{v}"].to(device, non_blocking=True) for v in ("1", "2")]
+    if "photometric1" in batch:
+        # Both views in one call: the colour steps are many small operations per call, whose
+        # launches, not their arithmetic, are most of their cost on a GPU.
+        rows = torch.cat([batch["photometric1"], batch["photometric2"]])
+        views = list(apply_photometric(torch.cat(views), rows).chunk(2))
+    if channels_last:
+        views = [x.contiguous(memory_format=torch.channels_last) for x in views]
     crops = [batch[key].to(device, non_blocking=True) for key in ("crop1", "crop2")]
     return views[0], views[1], crops[0], crops[1]
 

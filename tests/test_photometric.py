@@ -179,6 +179,8 @@ def test_training_with_colour_steps_on_the_device():
     single = TwoViewDataset(images, transform, seed=1)[(0, int(batch["index"][0]))]
     alone = P.apply_photometric(single["view1"][None], single["photometric1"][None])
     torch.testing.assert_close(v1[:1], alone, atol=1e-5, rtol=0)
+    alone = P.apply_photometric(single["view2"][None], single["photometric2"][None])
+    torch.testing.assert_close(v2[:1], alone, atol=1e-5, rtol=0)  # both views in one call
     state = build_state(DUPR(cfg.model), cfg.optim, len(loader), torch.device("cpu"))
     logged = []
     log = lambda step, metrics: logged.append(metrics)  # noqa: E731
