@@ -48,18 +48,18 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, note a failure,
 }
 # --noconftest: the suite's conftest starts S3/MLflow services this machine need not have.
 LEVERS="mocov2,dupr,dupr + bf16 logits,dupr + attention kernel,dupr + attention + bf16"
-COMPILED="mocov2,dupr,dupr + compile,dupr + CUDA graphs"
-# Limits from two runs on an H200 (2026-12-04): CUDA tests 24 s (cold: more than 30 s),
-# gpu_step 52 s, gpu_profile more than 40 s, gpu_memory 61 s, patch_loss_memory 31 s, gpu_input
-# 89 s without its Ray rows. The compiled variants' warm-up took more than 90 s: they run only
-# when STEPS names them, on a loan of their own.
-step "CUDA tests" 60 "$PY" -m pytest --noconftest -p no:cacheprovider -q -m gpu tests/test_cuda.py
+COMPILED="mocov2,dupr,dupr + compile,dupr + attention + bf16 + compile,dupr + CUDA graphs"
+# Limits from three runs on an H200 (2026-12-04): CUDA tests 33 s (cold), gpu_step 52 s,
+# gpu_profile 42 s, gpu_memory 61 s, patch_loss_memory 31 s, gpu_input 89 s without its Ray
+# rows. The compiled variants' warm-up took 135 s: they run only when STEPS names them, on a
+# loan of their own.
+step "CUDA tests" 50 "$PY" -m pytest --noconftest -p no:cacheprovider -q -m gpu tests/test_cuda.py
 step "gpu_step" 70 "$PY" benchmarks/gpu_step.py --variants "$LEVERS" --budget-s $((60 * SCALE)) \
   --record "$RESULTS" "${QUICK[@]}"
-step "gpu_profile" 70 "$PY" benchmarks/gpu_profile.py --record "$RESULTS" "${QUICK[@]}"
+step "gpu_profile" 60 "$PY" benchmarks/gpu_profile.py --record "$RESULTS" "${QUICK[@]}"
 step "gpu_memory" 70 "$PY" benchmarks/gpu_memory.py --budget-s 15 --record "$RESULTS" "${QUICK[@]}"
-step "patch_loss_memory" 50 "$PY" benchmarks/patch_loss_memory.py --record "$RESULTS" "${QUICK[@]}"
-step "gpu_input" 160 "$PY" benchmarks/gpu_input.py --record "$RESULTS" "${QUICK[@]}"
+step "patch_loss_memory" 45 "$PY" benchmarks/patch_loss_memory.py --record "$RESULTS" "${QUICK[@]}"
+step "gpu_input" 185 "$PY" benchmarks/gpu_input.py --record "$RESULTS" "${QUICK[@]}"
 if [ -n "${STEPS:-}" ] || [ "$SCALE" -gt 1 ]; then  # named, or the rehearsal
   step "gpu_step, compiled" 120 "$PY" benchmarks/gpu_step.py --variants "$COMPILED" \
     --budget-s $((100 * SCALE)) --record "$RESULTS" "${QUICK[@]}"

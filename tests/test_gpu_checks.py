@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ABSENT = ("ray", "mlflow", "omegaconf", "hydra", "boto3", "botocore", "moto", "faster_coco_eval")
 SECTIONS = (
     "gpu_step (quick, cpu; levers: bf16 logits, attention kernel, attention + bf16)",
-    "gpu_step (quick, cpu; levers: compile, CUDA graphs)",
+    "gpu_step (quick, cpu; levers: compile, attention + bf16 + compile, CUDA graphs)",
     "gpu_profile (quick, cpu)",
     "gpu_memory (quick, cpu)",
     "patch_loss_memory (quick, cpu)",
@@ -59,7 +59,11 @@ def test_gpu_checks_rehearse_on_a_cpu_without_the_platforms_packages(tmp_path):
     for section in SECTIONS:
         assert f"## {section}" in recorded, section
     # Every lever of gpu_step got a row with a time, none an error.
-    for row in ("dupr + bf16 logits", "dupr + attention kernel", "dupr + compile"):
+    for row in (
+        "dupr + bf16 logits",
+        "dupr + attention kernel",
+        "dupr + attention + bf16 + compile",
+    ):
         cells = next(
             [c.strip() for c in x.split("|")]
             for x in recorded.splitlines()
