@@ -59,7 +59,8 @@ step "gpu_step" 70 "$PY" benchmarks/gpu_step.py --variants "$LEVERS" --budget-s 
 step "gpu_profile" 60 "$PY" benchmarks/gpu_profile.py --record "$RESULTS" "${QUICK[@]}"
 step "gpu_memory" 70 "$PY" benchmarks/gpu_memory.py --budget-s 15 --record "$RESULTS" "${QUICK[@]}"
 step "patch_loss_memory" 45 "$PY" benchmarks/patch_loss_memory.py --record "$RESULTS" "${QUICK[@]}"
-step "gpu_input" 185 "$PY" benchmarks/gpu_input.py --record "$RESULTS" "${QUICK[@]}"
+step "gpu_input" 185 "$PY" benchmarks/gpu_input.py --budget-s $((170 * SCALE)) --record "$RESULTS" \
+  "${QUICK[@]}"
 if [ -n "${STEPS:-}" ] || [ "$SCALE" -gt 1 ]; then  # named, or the rehearsal
   step "gpu_step, compiled" 120 "$PY" benchmarks/gpu_step.py --variants "$COMPILED" \
     --budget-s $((100 * SCALE)) --record "$RESULTS" "${QUICK[@]}"

@@ -19,7 +19,9 @@ node's CPU cores. What runs, in one process on the GPU node:
    platform's Ray Data pipeline (`two_view_dataset` on a local Ray instance with every core,
    `--workers` - 1 decoding actors and a CPU for the reads; `RayDataLoader`), the
    `data_loader=ray` path;
-   each with the colour steps in the loader and on the device (`--photometric`);
+   each with the colour steps in the loader and on the device (`--photometric`; the Ray rows
+   by default on the device only, `--ray-photometric`), with the time to the first batch:
+   Ray Data starts its actor pool anew every epoch;
 4. each loader with the GPU: `dupr.train.train` for two epochs, the first a warm-up (worker
    start-up, page cache, cuDNN autotuning); from the second its logged `data_wait_s` (time the
    loop waits for the next batch) and images/s give the fraction of the step spent waiting.
@@ -27,7 +29,9 @@ node's CPU cores. What runs, in one process on the GPU node:
 The GPU waits when a loader's rate (3) is below the GPU's (2): then (4) runs at about the
 loader's rate, and images/s per loader process says how many cores the GPU's rate needs. The
 Ray path needs Ray on the node; where `import ray` fails its rows say so and the rest stands.
-A run stopped by SIGTERM (the time limit of `gpu_checks.sh`) still records the rows it has.
+A run that reaches `--budget-s` (SIGALRM) or is stopped by SIGTERM still records the rows it
+has. Give it a budget below an outer time limit: that limit's SIGTERM reaches the whole process
+group, Ray's own processes too, whose end takes the driver down before it can record.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ PLACEMENTS = ("loader", "device")  # where the colour steps run: augment.photome
 
 
 class TimeLimit(Exception):
-    """SIGTERM from the caller's time limit: record what was measured, then stop."""
+    """The budget's SIGALRM or the caller's SIGTERM: record what was measured, then stop."""
 
 
 STOPPING: list[bool] = []  # set on SIGTERM: an error after it (a loader worker the same
@@ -93,12 +97,22 @@ def colour_batch(batch: dict, device) -> dict:
     return out
 
 
-def loader_rate(loader, epoch: int) -> float:
-    """Images per second of one epoch of the loader alone (iterator start included)."""
+def loader_rate(loader, epoch: int) -> tuple[float, float]:
+    """(images/s, seconds to the first batch) of one epoch of the loader alone, start included.
+
+    The first batch's wait is the epoch's start-up: Ray Data starts a new decoding actor pool
+    for every pass (each epoch re-executes the dataset; ray-project/ray#46479), the torch
+    loader's persistent workers start once. It is not subtracted from the rate: the actors
+    decode ahead while the first batch is awaited, so the rest of the epoch would look faster
+    than decoding is.
+    """
     loader.sampler.set_epoch(epoch)
     start = time.perf_counter()
-    count = sum(len(batch["index"]) for batch in loader)
-    return count / (time.perf_counter() - start)
+    batches = iter(loader)
+    count = len(next(batches)["index"])
+    first_s = time.perf_counter() - start
+    count += sum(len(batch["index"]) for batch in batches)
+    return count / (time.perf_counter() - start), first_s
 
 
 def loop_with_gpu(state, optim, loader, args, device) -> tuple[float, float]:
@@ -148,6 +162,7 @@ def ray_loader(folder: Path, shards: Path, args, device, photometric_on: str):
     if not shards.exists():
         prepare_shards(str(folder), str(shards), images_per_shard=256, workers=usable_cores())
     ray.init(address="local", num_cpus=usable_cores(), include_dashboard=False)
+    signal.signal(signal.SIGTERM, _stop)  # Ray's core worker installed its own
     dataset = two_view_dataset(
         str(shards),
         args.size,
@@ -176,12 +191,12 @@ def measure(folder: Path, shards: Path, args, device, rows: list, verdicts: list
             f"GPU alone, colour steps {placement}: {gpu_rate[placement]:.0f} images/s", flush=True
         )
         what = "GPU alone (batch on the device)"
-        rows.append(["-", placement, what, f"{gpu_rate[placement]:.0f}", "-", "-"])
+        rows.append(["-", placement, what, f"{gpu_rate[placement]:.0f}", "-", "-", "-"])
     del batch
 
     # 3 and 4, per loader and placement of the colour steps.
     for name in args.loaders:
-        for placement in args.photometric:
+        for placement in args.photometric if name == "torch" else args.ray_photometric:
             processes = args.workers if name == "torch" else max(1, args.workers - 1) + 1
             label = f"{name}, colour steps {placement}"
             try:
@@ -189,9 +204,14 @@ def measure(folder: Path, shards: Path, args, device, rows: list, verdicts: list
                     loader = torch_loader(folder, args, device, placement)
                 else:
                     loader = ray_loader(folder, shards, args, device, placement)
-                loader_rate(loader, 0)  # starts the workers or actors
-                data_rate = loader_rate(loader, 1)
-                print(f"{label}: loader alone {data_rate:.0f} images/s", flush=True)
+                if name == "torch":
+                    loader_rate(loader, 0)  # starts the workers (Ray starts actors every pass)
+                data_rate, first_s = loader_rate(loader, 1)
+                print(
+                    f"{label}: loader alone {data_rate:.0f} images/s, first batch after "
+                    f"{first_s:.1f} s",
+                    flush=True,
+                )
                 loop_rate, waiting = loop_with_gpu(state, optim, loader, args, device)
                 print(f"{label}: loader + GPU {loop_rate:.0f} images/s, waiting {waiting:.1%}")
             except TimeLimit:
@@ -201,7 +221,7 @@ def measure(folder: Path, shards: Path, args, device, rows: list, verdicts: list
                     raise TimeLimit from err
                 why = f"not measured: {type(err).__name__}: {str(err).splitlines()[0][:100]}"
                 print(f"{label}: {why}", flush=True)
-                rows.append([name, placement, "loader", "-", "-", why])
+                rows.append([name, placement, "loader", "-", "-", "-", why])
                 continue
             finally:
                 loader = None
@@ -210,12 +230,27 @@ def measure(folder: Path, shards: Path, args, device, rows: list, verdicts: list
                     sys.modules["ray"].shutdown()
             per_process = data_rate / processes
             rows.append(
-                [name, placement, "loader alone", f"{data_rate:.0f}", f"{per_process:.0f}", "-"]
+                [
+                    name,
+                    placement,
+                    "loader alone",
+                    f"{data_rate:.0f}",
+                    f"{per_process:.0f}",
+                    f"{first_s:.1f}",
+                    "-",
+                ]
             )
             rows.append(
-                [name, placement, "training loop", f"{loop_rate:.0f}", "-", f"{waiting:.1%}"]
+                [name, placement, "training loop", f"{loop_rate:.0f}", "-", "-", f"{waiting:.1%}"]
             )
             gpu = gpu_rate[placement]
+            epoch_s = args.images / data_rate
+            if first_s > 0.2 * epoch_s:
+                verdicts.append(
+                    f"{label}: {first_s:.1f} s of the epoch's {epoch_s:.1f} s pass before the "
+                    "first batch, a start-up every epoch pays: the rate is a lower bound for "
+                    "longer epochs"
+                )
             if data_rate < gpu:
                 verdicts.append(
                     f"{label}: the GPU waits for data: the loader delivers "
@@ -242,16 +277,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join(PLACEMENTS),
         help="where the colour steps run: loader, device or both",
     )
+    parser.add_argument(
+        "--ray-photometric",
+        default="device",
+        help="the same for the Ray rows (default device: the Ray path is for GPU nodes short "
+        "of CPU, and each of its rows takes more than a minute)",
+    )
     parser.add_argument("--log-every", type=int, default=8, help="steps per logged window")
+    parser.add_argument(
+        "--budget-s", type=float, help="stop measuring after this long (folder build included)"
+    )
     parser.add_argument("--quick", action="store_true", help="ResNet-18, 64 px, 64 images")
     parser.add_argument("--record", help="append the table to this Markdown file")
     args = parser.parse_args(argv)
     args.loaders = [name.strip() for name in args.loaders.split(",") if name.strip()]
     if any(name not in LOADERS for name in args.loaders):
         parser.error(f"--loaders: valid are {', '.join(LOADERS)}")
-    args.photometric = [name.strip() for name in args.photometric.split(",") if name.strip()]
-    if not args.photometric or any(name not in PLACEMENTS for name in args.photometric):
-        parser.error(f"--photometric: valid are {', '.join(PLACEMENTS)}")
+    for option in ("photometric", "ray_photometric"):
+        names = [name.strip() for name in getattr(args, option).split(",") if name.strip()]
+        if not names or any(name not in PLACEMENTS for name in names):
+            parser.error(f"--{option.replace('_', '-')}: valid are {', '.join(PLACEMENTS)}")
+        setattr(args, option, names)
     if args.quick:
         args.backbone, args.size, args.batch, args.queue = "resnet18", 64, 8, 1024
         args.images, args.log_every = 64, 2
@@ -280,11 +326,14 @@ def main(argv: list[str] | None = None) -> None:
         )
 
         signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGALRM, _stop)
+        if args.budget_s:
+            signal.alarm(max(1, int(args.budget_s - (time.perf_counter() - start))))
         try:
             measure(folder, Path(tmp) / "shards", args, device, rows, verdicts)
         except TimeLimit:
-            verdicts.append("stopped by the time limit (SIGTERM): the rows above are all")
-            print("stopped by SIGTERM: recording what was measured", flush=True)
+            verdicts.append("stopped by the time limit: the rows above are all")
+            print("stopped by the time limit: recording what was measured", flush=True)
 
     header = [
         "loader",
@@ -292,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         "what runs",
         "images/s",
         "images/s per process",
+        "first batch s",
         "data_wait fraction",
     ]
     table = markdown_table(rows, header, pad=True)
@@ -307,6 +357,8 @@ def main(argv: list[str] | None = None) -> None:
         f"torch: {args.workers} loader processes over the folder, pinned memory; ray: Parquet "
         f"shards of 256 images, a local Ray instance with {cores} CPUs, "
         f"{max(1, args.workers - 1)} decoding actors (+1 CPU for reads)",
+        "loader alone: images/s of an epoch, its start included; first batch s: that start "
+        "(Ray Data starts its decoding actors anew every epoch, so short epochs pay it often)",
         f"training loop: epoch 2 of `dupr.train.train` ({args.images // args.batch} steps), "
         f"windows of {args.log_every} steps; data_wait fraction = waiting time / loop time",
         *(f"result, {v}" for v in verdicts),
