@@ -37,8 +37,9 @@ class MemoryBank(nn.Module):
         if n == 0:
             return
         if n > self.size:  # only the newest K keys can stay (rare: K below the keys per step)
-            if flags is not None:
-                new_keys, flags, n = new_keys[flags], None, int(flags.sum())
+            if flags is not None:  # the flagged keys only (a host sync, in this rare case)
+                new_keys, n = new_keys[flags], int(flags.sum())
+                flags = None
             new_keys = new_keys[-self.size :]
             self.ptr.add_(max(n - self.size, 0)).remainder_(self.size)
             n = len(new_keys)
