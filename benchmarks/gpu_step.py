@@ -19,7 +19,7 @@ chunked matmuls); and one row per lever on the patch loss's cost:
   bf16 logits        model.patch_logits=bfloat16 (bf16 matmuls, float32 log-sum-exp)
   attention kernel   model.patch_loss_kernel=attention (fused kernel, logits never stored)
   attention + bf16   both (the flash-attention kernel)
-  compile            torch.compile of the heads and of the losses (`info_nce`); benchmark only
+  compile            optim.compile: torch.compile of the heads and losses (dupr.train.compile_model)
   attention + bf16 + compile   the best eager lever, compiled the same way
   CUDA graphs        the heads compiled with mode="reduce-overhead", which replays them as
                      CUDA graphs (the losses stay eager)
@@ -38,11 +38,10 @@ MoCo v2 step time <= 1.25, met by the best variant.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
@@ -52,12 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import machine_lines, record, resolve_device  # noqa: E402
 
-import dupr.model  # noqa: E402
 from dupr.config import OptimConfig, preset, validate  # noqa: E402
 from dupr.io import markdown_table  # noqa: E402
-from dupr.losses import info_nce  # noqa: E402
 from dupr.model import DUPR  # noqa: E402
-from dupr.train import TrainState, build_state, train_step  # noqa: E402
+from dupr.train import TrainState, build_state, compile_model, train_step  # noqa: E402
 from dupr.views import CropAndFlip  # noqa: E402
 
 TARGET_IMAGES_PER_S = 2000
@@ -125,32 +122,6 @@ def build(
     validate(cfg)
     model = DUPR(cfg.model).to(device).to(memory_format=torch.channels_last)
     return build_state(model, cfg.optim, 10_000, device), cfg.optim
-
-
-def compile_heads(model: DUPR, mode: str) -> None:
-    """torch.compile the image and patch heads of both encoders (nothing in `dupr/` changes)."""
-    # Eight heads share two forward functions, called with and without grad: one compiled
-    # graph per (head, grad mode) is expected, more than dynamo's default limit of 8.
-    torch._dynamo.config.recompile_limit = 64
-    for encoder in (model.encoder_q, model.encoder_k):
-        for head in [*encoder.image_heads.values(), *encoder.patch_heads.values()]:
-            head.compile(mode=mode)
-
-
-@contextlib.contextmanager
-def losses_compiled(compiled: Callable) -> Iterator[None]:
-    """The model's `info_nce` replaced by its compiled form while a variant's steps run.
-
-    `info_nce` is compiled rather than `DUPR.patch_loss`: inside a compiled `patch_loss`, the
-    partitioner saves the memory bank itself for backward instead of its snapshot, and the
-    enqueue that follows modifies it in place.
-    """
-    original = dupr.model.info_nce
-    dupr.model.info_nce = compiled
-    try:
-        yield
-    finally:
-        dupr.model.info_nce = original
 
 
 def count_flops(state, optim, batch, device) -> tuple[float, dict[str, float]]:
@@ -297,12 +268,6 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     errors: dict[str, str] = {}
     states: dict[str, tuple[TrainState, OptimConfig]] = {}
-    # What is in force while a variant's steps run (the compiled losses for "compile").
-    contexts: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
-        name: contextlib.nullcontext for name in args.variants
-    }
-    # Static shapes: every cell of every pair goes through the patch loss, whatever overlaps.
-    compiled_info_nce = torch.compile(info_nce, dynamic=False)
     peaks: dict[str, float] = {}
     warmup_s: dict[str, float] = {}
     for name in args.variants:  # build, warm up (cuDNN autotuning, compilation, bank filling)
@@ -312,15 +277,12 @@ def main(argv: list[str] | None = None) -> None:
             # The variant's own peak: the states built before it stay allocated.
             before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             state, optim = build(method, args, device, **overrides)
-            if mode:
-                compile_heads(cast(DUPR, state.model), mode)
-            if mode == "default":
-                contexts[name] = lambda: losses_compiled(compiled_info_nce)
+            if mode:  # optim.compile's function; CUDA graphs for the heads only
+                compile_model(cast(DUPR, state.model), mode, losses=mode == "default")
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
-            with contexts[name]():
-                time_steps(state, optim, batch, device, args.warmup)
+            time_steps(state, optim, batch, device, args.warmup)
             warmup_s[name] = time.perf_counter() - start
             if device.type == "cuda":
                 peaks[name] = (torch.cuda.max_memory_allocated(device) - before) / 2**30
@@ -346,9 +308,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             state, optim = states[name]
 
-            def timed(state=state, optim=optim, context=contexts[name]):
-                with context():
-                    return time_steps(state, optim, batch, device, args.steps)
+            def timed(state=state, optim=optim):
+                return time_steps(state, optim, batch, device, args.steps)
 
             seconds = guarded(name, errors, timed)
             if seconds is not None:

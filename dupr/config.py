@@ -107,6 +107,9 @@ class OptimConfig:
     channels_last: bool = False
     # TF32 tensor cores for float32 matmuls/convolutions on GPU (the losses run in float32).
     tf32: bool = True
+    # torch.compile of the heads and losses (`dupr.train.compile_model`): faster steps on a GPU
+    # after a first minute or two of compiling; the results are those of the eager model.
+    compile: bool = False
 
 
 @dataclass
@@ -274,7 +277,7 @@ def validate(cfg: DUPRConfig) -> DUPRConfig:
     check_number("optim.warmup_epochs", o.warmup_epochs, at_least=0)
     if not o.warmup_epochs < o.epochs:
         _fail("optim.warmup_epochs", o.warmup_epochs, "must be in [0, epochs)")
-    for name in ("amp", "channels_last", "tf32"):
+    for name in ("amp", "channels_last", "tf32", "compile"):
         check_bool(f"optim.{name}", getattr(o, name))
     check_choice("optim.amp_dtype", o.amp_dtype, AMP_DTYPES)
     check_int("seed", cfg.seed, low=0)

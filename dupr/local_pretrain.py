@@ -25,7 +25,7 @@ from dupr.data import ImageFolderDataset, bundled_image_folder
 from dupr.data.two_views import build_loader
 from dupr.io import write_atomically
 from dupr.model import DUPR
-from dupr.train import TrainState, build_state, train
+from dupr.train import TrainState, build_state, compile_model, train
 from dupr.views import TwoViews
 
 log = logging.getLogger("dupr.local_pretrain")
@@ -61,6 +61,8 @@ def run(
     model = DUPR(cfg.model).to(dev)
     if cfg.optim.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.optim.compile:
+        compile_model(model)
     state = build_state(model, cfg.optim, len(loader), dev)
     checkpoint = output_dir / "checkpoint.pt"
     if checkpoint.exists():

@@ -74,6 +74,10 @@ class Encoder(nn.Module):
 
 
 class DUPR(nn.Module):
+    # Eq. 7–8's InfoNCE; an attribute so that `dupr.train.compile_model` can put its compiled
+    # form in its place.
+    info_nce = staticmethod(info_nce)
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -111,7 +115,9 @@ class DUPR(nn.Module):
         metrics: dict[str, Tensor] = {"overlap": overlap.float().mean()}
         for name, q in image_q.items():
             weight = cfg.alpha[LEVELS.index(name)]
-            loss, correct = info_nce(q, image_k[name], self.bank_snapshot(f"image_{name}"), cfg.tau)
+            loss, correct = self.info_nce(
+                q, image_k[name], self.bank_snapshot(f"image_{name}"), cfg.tau
+            )
             loss = loss.mean()  # Eq. 8, averaged over the images of the batch
             total = total + weight * loss
             metrics[f"loss/image_{name}"] = loss.detach()
@@ -160,7 +166,7 @@ class DUPR(nn.Module):
         k = r_k.flatten(2).transpose(1, 2).flatten(0, 1)
         counts = valid.repeat_interleave(cells)
         denom = (n_valid_global * cells).clamp(min=1).float() / D.world_size()
-        losses, correct = info_nce(
+        losses, correct = self.info_nce(
             q,
             k,
             self.bank_snapshot(f"patch_{name}"),

@@ -11,7 +11,7 @@ from dupr.data import ImageFolderDataset, bundled_image_folder
 from dupr.data.two_views import build_loader
 from dupr.local_pretrain import main as pretrain_main
 from dupr.model import DUPR
-from dupr.train import TrainState, build_state, lr_factor, train
+from dupr.train import TrainState, build_state, compile_model, lr_factor, train
 from dupr.views import TwoViews
 
 CPU = torch.device("cpu")
@@ -93,6 +93,28 @@ def test_resume_in_the_middle_of_an_epoch(tiny_config, images):
     assert resumed.step == straight.step == 3
     for k, v in straight.model.state_dict().items():
         assert torch.allclose(v.float(), resumed.model.state_dict()[k].float(), atol=1e-6), k
+
+
+@pytest.mark.slow  # compiling takes ~45 s on 2 cores with a cold cache
+def test_compiled_model_trains_like_the_eager_one_with_the_same_checkpoint_keys(
+    tiny_config, images
+):
+    """optim.compile: the heads and losses compiled in place (on the CPU here: inductor's C++).
+
+    Three steps: the compiled kernels sum in another order, and 1e-3 bounds what that does to
+    the weights and BN statistics after three SGD steps."""
+    cfg = tiny_config
+    cfg.optim.epochs = 1
+    eager, loader = setup(cfg, images)
+    train(eager, loader, cfg.optim, CPU)
+    compiled, loader = setup(cfg, images)
+    compile_model(compiled.model)
+    assert compiled.model.info_nce is not DUPR.info_nce
+    train(compiled, loader, cfg.optim, CPU)
+    a, b = eager.model.state_dict(), compiled.model.state_dict()
+    assert a.keys() == b.keys()  # checkpoints and converted weights do not change
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-3, rtol=1e-3), k
 
 
 def test_checkpoint_lacking_keys_is_a_clear_error(tiny_config, images):

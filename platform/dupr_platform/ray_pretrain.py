@@ -48,7 +48,7 @@ from dupr.data import ImageFolderDataset, bundled_image_folder, default_data_hom
 from dupr.data.folder import ImageDecodeError
 from dupr.data.two_views import UndecodableDataError, build_loader, check_epoch_size
 from dupr.model import DUPR
-from dupr.train import BatchLoader, TrainState, build_state, rng_state, train
+from dupr.train import BatchLoader, TrainState, build_state, compile_model, rng_state, train
 from dupr.views import TwoViews
 from dupr_platform import software
 from dupr_platform.cluster import COMPUTE_PRIORITY, check_nodes, forwarded_env, start_ray
@@ -272,6 +272,8 @@ def train_worker(config: dict[str, Any]) -> None:
     model = DUPR(cfg.model).to(device)
     if cfg.optim.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.optim.compile:
+        compile_model(model)  # before DDP wraps it
     if world > 1:
         # Memory banks are identical on every rank by construction (all-gathered keys), and
         # BN running statistics are not used in training: no per-step buffer broadcast.
