@@ -6,6 +6,7 @@ number in `RESULTS.md` is never separated from the hardware and software that pr
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing
 import os
 import platform
@@ -89,6 +90,34 @@ def record(path: str | os.PathLike[str], title: str, machine: list[str], body: s
             f.write(f"- {line}\n")
         f.write(f"\n{body.rstrip()}\n")
     print(f"\nrecorded to {target}")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, batch: bool = True) -> None:
+    """The paper's setting, which the GPU benchmarks share (their --quick shrinks it)."""
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--size", type=int, default=224)
+    if batch:
+        parser.add_argument("--batch", type=int, default=64, help="per-GPU batch")
+    parser.add_argument("--queue", type=int, default=65536, help="K, keys per memory bank")
+
+
+def report(
+    args: argparse.Namespace,
+    name: str,
+    device: torch.device,
+    machine: list[str],
+    table: str,
+    notes: list[str],
+    detail: str = "",
+) -> None:
+    """Print a benchmark's table and notes; with --record, append them to the results file
+    under "name (quick or default, device[; detail])"."""
+    body = table + "\n" + "".join(f"- {line}\n" for line in notes)
+    print("\n" + body)
+    if args.record:
+        title = f"{name} ({'quick' if args.quick else 'default'}, {device}{detail})"
+        record(args.record, title, machine, body)
 
 
 def _write_images(root: Path, first: int, stop: int, seed: int) -> int:

@@ -51,7 +51,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import build_folder, machine_lines, record, resolve_device, usable_cores  # noqa: E402
+from _common import (  # noqa: E402
+    add_model_arguments,
+    build_folder,
+    machine_lines,
+    report,
+    resolve_device,
+    usable_cores,
+)
 from gpu_step import build, synthetic_batch, time_steps  # noqa: E402
 
 from dupr.config import preset  # noqa: E402
@@ -264,11 +271,7 @@ def measure(folder: Path, shards: Path, args, device, rows: list, verdicts: list
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--backbone", default="resnet50")
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=64, help="per-GPU batch")
-    parser.add_argument("--queue", type=int, default=65536, help="K, keys per memory bank")
+    add_model_arguments(parser)
     parser.add_argument("--images", type=int, default=4096, help="JPEGs in the folder")
     parser.add_argument("--workers", type=int, help="loader processes (default: cores - 1)")
     parser.add_argument("--loaders", default=",".join(LOADERS), help="torch, ray or both")
@@ -363,11 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         f"windows of {args.log_every} steps; data_wait fraction = waiting time / loop time",
         *(f"result, {v}" for v in verdicts),
     ]
-    body = table + "\n" + "".join(f"- {line}\n" for line in notes)
-    print("\n" + body)
-    if args.record:
-        title = f"gpu_input ({'quick' if args.quick else 'default'}, {device})"
-        record(args.record, title, machine, body)
+    report(args, "gpu_input", device, machine, table, notes)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import machine_lines, record, resolve_device  # noqa: E402
+from _common import add_model_arguments, machine_lines, report, resolve_device  # noqa: E402
 from gpu_step import build, synthetic_batch, time_steps  # noqa: E402
 
 from dupr.io import markdown_table  # noqa: E402
@@ -130,10 +130,7 @@ def largest_batch(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--backbone", default="resnet50")
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--queue", type=int, default=65536, help="K, keys per memory bank")
+    add_model_arguments(parser, batch=False)
     parser.add_argument("--batches", default="32,64", help="batch sizes whose peak is reported")
     parser.add_argument("--max-batch", type=int, default=4096)
     parser.add_argument("--budget-s", type=float, default=60.0, help="per method's search")
@@ -208,11 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         f"card memory: {f'{total:.0f} GiB' if total else '-'}; a probe = 2 steps; first probe "
         "at 90 % of the peaks' linear estimate, bisection to 1/16 of the limit",
     ]
-    body = table + "\n" + "".join(f"- {line}\n" for line in notes)
-    print("\n" + body)
-    if args.record:
-        title = f"gpu_memory ({'quick' if args.quick else 'default'}, {device})"
-        record(args.record, title, machine, body)
+    report(args, "gpu_memory", device, machine, table, notes)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import machine_lines, record, resolve_device  # noqa: E402
+from _common import add_model_arguments, machine_lines, report, resolve_device  # noqa: E402
 from gpu_step import VARIANTS, build, sync, synthetic_batch, time_steps  # noqa: E402
 
 from dupr.io import markdown_table  # noqa: E402
@@ -99,11 +99,7 @@ def profile_variant(name: str, args, device: torch.device, batch: dict) -> tuple
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--backbone", default="resnet50")
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=64, help="per-GPU batch")
-    parser.add_argument("--queue", type=int, default=65536, help="K, keys per memory bank")
+    add_model_arguments(parser)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=5, help="profiled steps per variant")
     parser.add_argument("--top", type=int, default=15, help="operators listed per variant")
@@ -148,11 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         f"channels_last; {args.steps} profiled steps after {args.warmup} warm-up steps",
         *summaries,
     ]
-    body = table + "\n" + "".join(f"- {line}\n" for line in notes)
-    print("\n" + body)
-    if args.record:
-        title = f"gpu_profile ({'quick' if args.quick else 'default'}, {device})"
-        record(args.record, title, machine, body)
+    report(args, "gpu_profile", device, machine, table, notes)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import machine_lines, record, resolve_device  # noqa: E402
+from _common import add_model_arguments, machine_lines, record, report, resolve_device  # noqa: E402
 
 from dupr.config import OptimConfig, preset, validate  # noqa: E402
 from dupr.io import markdown_table  # noqa: E402
@@ -190,11 +190,7 @@ def guarded(label: str, errors: dict[str, str], fn: Callable[[], object]) -> obj
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--backbone", default="resnet50")
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=64, help="per-GPU batch")
-    parser.add_argument("--queue", type=int, default=65536, help="K, keys per memory bank")
+    add_model_arguments(parser)
     parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
@@ -378,12 +374,8 @@ def main(argv: list[str] | None = None) -> None:
         f"targets: images/s >= {TARGET_IMAGES_PER_S} on one H100 (H200 stated as such) and "
         f"step time / MoCo v2 <= {TARGET_RATIO}{scope}; met by: {', '.join(passing) or 'none'}",
     ]
-    body = table + "\n" + "".join(f"- {line}\n" for line in notes)
-    print("\n" + body)
-    if args.record:
-        levers = ", ".join(v.removeprefix("dupr + ") for v in args.variants[2:]) or "none"
-        title = f"gpu_step ({'quick' if args.quick else 'default'}, {device}; levers: {levers})"
-        record(args.record, title, machine, body)
+    levers = ", ".join(v.removeprefix("dupr + ") for v in args.variants[2:]) or "none"
+    report(args, "gpu_step", device, machine, table, notes, f"; levers: {levers}")
 
 
 if __name__ == "__main__":
