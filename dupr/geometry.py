@@ -64,7 +64,10 @@ def view_boxes(crop1: Tensor, crop2: Tensor, size: int) -> tuple[Tensor, Tensor,
     their patch loss is masked out by the flag.
     """
     box, overlaps = intersection(crop1, crop2)
-    whole = box.new_tensor([0.0, 0.0, float(size), float(size)]).expand_as(box)
+    # Filled on the device: a tensor made from host values (`new_tensor([0, 0, size, size])`)
+    # is a blocking host-to-device copy, which made the host wait for the GPU every step.
+    whole = torch.zeros_like(box)
+    whole[:, 2:].fill_(float(size))
     b1 = torch.where(overlaps[:, None], to_view(box, crop1, size), whole)
     b2 = torch.where(overlaps[:, None], to_view(box, crop2, size), whole)
     return b1, b2, overlaps

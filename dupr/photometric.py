@@ -22,6 +22,7 @@ steps moves a pixel, so a view's crop record (`dupr.views`) is exact whichever s
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -45,9 +46,16 @@ BLUR_SIGMA = (0.1, 2.0)
 
 def normalise(image: Tensor) -> Tensor:
     """(…, 3, H, W) images in [0, 1] normalised with the ImageNet statistics the views use."""
-    mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=image.device).view(3, 1, 1)
+    mean, std = _imagenet_statistics(image.device)
     return (image - mean) / std
+
+
+@functools.cache
+def _imagenet_statistics(device: torch.device) -> tuple[Tensor, Tensor]:
+    """The mean and std as (3, 1, 1) tensors on `device`, made once per device: a tensor made
+    from host values is a blocking copy to a GPU, which would make the host wait every step."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
+    return mean, torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
 
 
 class PhotometricRandAugment(T.RandAugment):
@@ -195,7 +203,10 @@ def _apply_rows(x: Tensor, rows: Tensor) -> Tensor:
 
 
 def _apply_where(x: Tensor, chosen: Tensor, fn, arg: Tensor) -> None:
-    """x[chosen] = fn(x[chosen], arg[chosen]) in place; `chosen` and `arg` on the host."""
+    """x[chosen] = fn(x[chosen], arg[chosen]) in place; `chosen` and `arg` on the host.
+
+    The copies to the device are non-blocking: from pageable memory CUDA stages them right
+    away, and without non_blocking PyTorch would also wait for the GPU to finish its queue."""
     index = chosen.nonzero().squeeze(1)
     if index.numel() == 0:
         return
@@ -203,7 +214,8 @@ def _apply_where(x: Tensor, chosen: Tensor, fn, arg: Tensor) -> None:
         x.copy_(fn(x, arg.to(x.device, non_blocking=True)))
         return
     device_index = index.to(x.device, non_blocking=True)
-    x.index_copy_(0, device_index, fn(x.index_select(0, device_index), arg[index].to(x.device)))
+    chosen_arg = arg[index].to(x.device, non_blocking=True)
+    x.index_copy_(0, device_index, fn(x.index_select(0, device_index), chosen_arg))
 
 
 # The operations, batched with one parameter per image (shape (N,)), on float images in [0, 1].
@@ -255,7 +267,7 @@ def adjust_hue(x: Tensor, factor: Tensor) -> Tensor:
     hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
     h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
     h = torch.remainder(h + factor.to(h.dtype).view(-1, 1, 1), 1.0)
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)  # 5, 3, 1; no host copy
     k = torch.remainder(n + 6.0 * h.unsqueeze(1), 6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp_(0, 1)
     v = maxc.unsqueeze(1)

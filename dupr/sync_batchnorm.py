@@ -24,7 +24,8 @@ class SyncBatchNorm(nn.BatchNorm2d):
         if not syncing or dist.get_world_size() == 1:
             return super().forward(x)
         dims = [d for d in range(x.dim()) if d != 1]
-        count = x.new_tensor([x.numel() / x.shape[1]])
+        # new_full, not new_tensor: a tensor made from a host value is a blocking copy to a GPU.
+        count = x.new_full((1,), x.numel() / x.shape[1])
         stats = torch.cat([x.sum(dims), (x * x).sum(dims), count])
         stats = dist_fn.all_reduce(stats)  # sums over ranks; backward sums the gradients
         c = x.shape[1]

@@ -175,7 +175,8 @@ def train_step(
     state.scaler.scale(loss).backward()
     state.scaler.step(state.optimizer)
     state.scaler.update()
-    metrics["lr"] = torch.tensor(state.optimizer.param_groups[0]["lr"])
+    # Filled on the device like the other metrics (no host-to-device copy at logging time).
+    metrics["lr"] = torch.full((), state.optimizer.param_groups[0]["lr"], device=loss.device)
     state.scheduler.step()
     state.step += 1
     return metrics

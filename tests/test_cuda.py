@@ -135,6 +135,36 @@ def test_colour_steps_on_the_gpu_give_the_cpus_pixels(monkeypatch):
     assert diff.mean() < 1e-4 and (diff > 1e-3).float().mean() < 1e-3, diff.max()
 
 
+def test_a_training_step_never_waits_for_the_gpu():
+    """The host runs ahead of the GPU through whole steps: CUDA's sync debug mode raises at any
+    synchronisation (a blocking copy, a value read) in bf16 + channels_last steps with the
+    attention kernel, bf16 logits and the colour steps on the device, from uint8 crops and
+    colour rows in host memory as the loader delivers them. (On an H200 one wait per step made
+    a step cost its launches plus the GPU's queue; the CPU test in test_train.py checks the
+    operators, this the CUDA calls.)"""
+    optim = OptimConfig(
+        lr=0.03, batch_size=PAIRS, epochs=1, amp=True, amp_dtype="bfloat16", channels_last=True
+    )
+    torch.manual_seed(0)
+    cfg = tiny_model_config(patch_loss_kernel="attention", patch_logits="bfloat16")
+    model = DUPR(cfg).to(CUDA).to(memory_format=torch.channels_last)
+    state = build_state(model, optim, steps_per_epoch=10, device=CUDA)
+    draw = PhotometricDraw(AugmentConfig(preset="mocov2_randaugment"))
+    batch = gpu_batch()
+    for v in ("1", "2"):
+        batch[f"view{v}"] = torch.randint(0, 256, (PAIRS, 3, SIZE, SIZE), dtype=torch.uint8)
+        batch[f"photometric{v}"] = torch.stack([draw() for _ in range(PAIRS)])
+    train_step(state, batch, optim, CUDA)  # first step: cuDNN's autotuning, optimizer state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            metrics = train_step(state, batch, optim, CUDA)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(metrics["loss"]).item()
+
+
 @pytest.mark.parametrize("bn_mode", ["shuffle", "sync"])
 def test_ddp_step_on_an_nccl_process_group(bn_mode, tmp_path):
     """Shuffle BN's gather/broadcast and the bank's all-gather run on NCCL, and agree with the

@@ -5,14 +5,16 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from dupr.config import DUPRConfig
+from dupr.config import DUPRConfig, OptimConfig
 from dupr.data import ImageFolderDataset, bundled_image_folder
 from dupr.data.two_views import build_loader
 from dupr.local_pretrain import main as pretrain_main
 from dupr.model import DUPR
-from dupr.train import TrainState, build_state, compile_model, lr_factor, train
+from dupr.train import TrainState, build_state, compile_model, lr_factor, train, train_step
 from dupr.views import TwoViews
+from helpers import random_batch, tiny_model_config
 
 CPU = torch.device("cpu")
 
@@ -115,6 +117,51 @@ def test_compiled_model_trains_like_the_eager_one_with_the_same_checkpoint_keys(
     assert a.keys() == b.keys()  # checkpoints and converted weights do not change
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-3, rtol=1e-3), k
+
+
+class HostWaits(TorchDispatchMode):
+    """Records the operators that, on a GPU, make the host wait for the device: a tensor made
+    from host values (a blocking host-to-device copy), reading a value, or an output whose size
+    depends on the values (nonzero, boolean-mask indexing)."""
+
+    WAITING = ("aten.lift_fresh", "aten._local_scalar_dense", "aten.nonzero", "aten.masked_select")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        bool_index = name in ("aten.index", "aten.index_put", "aten.index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for i in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else [])
+        )
+        if name in self.WAITING or bool_index:
+            self.seen.append(f"{func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kernel", ["matmul", "attention"])
+def test_a_training_step_never_makes_the_host_wait_for_the_device(kernel):
+    """On a GPU the host runs ahead of the kernels it launches unless something reads a device
+    value or copies host values to the device; one such wait per step made the step as slow as
+    launching it plus finishing the queue. Checked here on the CPU by the operators a step
+    dispatches (benchmarks/gpu_profile.py counts the waits on a GPU), for both patch-loss
+    kernels, the chunked log-sum-exp, pairs without overlap and a wrapping memory bank."""
+    cfg = DUPRConfig(
+        model=tiny_model_config(patch_loss_kernel=kernel, loss_memory_mb=0.01),
+        optim=OptimConfig(lr=0.03, batch_size=4, epochs=1, amp=False),
+    )
+    im_q, im_k, crop_q, crop_k = random_batch(4, cfg.model.image_size)
+    crop_k[0] += 500.0  # one pair without overlap
+    batch = {"view1": im_q, "view2": im_k, "crop1": crop_q, "crop2": crop_k}
+    state = build_state(DUPR(cfg.model), cfg.optim, 10, CPU)
+    train_step(state, batch, cfg.optim, CPU)  # first-step allocations (momentum buffers)
+    with HostWaits() as waits:
+        for _ in range(3):
+            metrics = train_step(state, batch, cfg.optim, CPU)
+    assert waits.seen == []
+    assert math.isfinite(float(metrics["loss"]))
 
 
 def test_checkpoint_lacking_keys_is_a_clear_error(tiny_config, images):
