@@ -1,4 +1,4 @@
-"""Projection heads: image-level (GAP + MLP, Eq. 8's h) and patch-level (RoIAlign + 1×1 MLP, Eq. 5–6's g)."""
+"""Projection heads: image-level (GAP + MLP, Eq. 8's h) and patch-level (RoIAlign + pixel-wise MLP, Eq. 5–6's g)."""
 
 from __future__ import annotations
 
@@ -27,9 +27,13 @@ class ImageHead(nn.Module):
 class PatchHead(nn.Module):
     """r = g(RoIAlign(f, B_v)) (Eq. 5–6): S×S patch embeddings of the intersection box.
 
-    The MLP is pixel-wise (1×1 convolutions) and has no BatchNorm, so the key side can apply it
-    on a shuffled batch without changing the result. Grids of flipped views are mirrored back
-    so that cell p covers the same original-image region in both views.
+    g is the paper's pixel-wise MLP ("implemented by a 1×1 convolution"), run here as Linear
+    layers on each cell's feature vector: the pooled cells are laid out as rows (N, S, S, C), so
+    its matmuls need no layout conversion and the embeddings come out in the cell-major order
+    the patch loss reads. g has no BatchNorm, so the key side can apply it on a shuffled batch
+    without changing the result. Grids of flipped views are mirrored back so that cell p covers
+    the same original-image region in both views; g acts on each cell alone, so this is done on
+    its d-dimensional output rather than on the C channels of the pooled features.
     """
 
     def __init__(
@@ -46,27 +50,42 @@ class PatchHead(nn.Module):
         self.roi_size, self.stride = roi_size, stride
         self.aligned, self.sampling_ratio = aligned, sampling_ratio
         self.mlp = nn.Sequential(
-            nn.Conv2d(in_dim, hidden_dim, 1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden_dim, out_dim, 1),
+            nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
         )
 
-    def pool(self, feat: Tensor, boxes: Tensor, crops: Tensor) -> Tensor:
-        """RoIAlign of one box per image (boxes (N, 4) in view pixels) → (N, C, S, S), un-mirrored."""
+    def pool(self, feat: Tensor, boxes: Tensor) -> Tensor:
+        """RoIAlign of one box per image (boxes (N, 4) in view pixels) → cells (N, S, S, C) in
+        the map's dtype, on the view's grid (mirrored where the view is)."""
         rois = torch.cat(
             [torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)[:, None], boxes], 1
         )
-        # RoIAlign in float32: under autocast the map may be bf16 and the boxes must match it.
+        # In float32 (the boxes need its precision; under autocast the map may be bf16), from
+        # the NCHW layout the kernel reads: one copy of a channels_last map.
         pooled = roi_align(
-            feat.float(),
+            feat.to(torch.float32, memory_format=torch.contiguous_format),
             rois.float(),
             output_size=self.roi_size,
             spatial_scale=1.0 / self.stride,
             sampling_ratio=self.sampling_ratio,
             aligned=self.aligned,
         )
-        return unflip_grid(pooled, crops)
+        # (N, C, S, S) → rows of C channels, cast back to the map's dtype, in one copy.
+        return pooled.to(feat.dtype, memory_format=torch.channels_last).permute(0, 2, 3, 1)
 
     def forward(self, feat: Tensor, boxes: Tensor, crops: Tensor) -> Tensor:
-        pooled = self.pool(feat, boxes, crops).to(feat.dtype)
-        return F.normalize(self.mlp(pooled), dim=1)
+        """Patch embeddings r (N, d, S, S), L2-normalised over d, un-mirrored; stored cell-major
+        (channels_last), so that the patch loss's (N·S², d) rows are a view."""
+        cells = self.pool(feat, boxes)  # (N, S, S, C)
+        # On the (N·S², C) rows: the in-place ReLU then acts on a matmul's own output, not on
+        # a view of it, which autograd would have to copy around.
+        rows = F.normalize(self.mlp(cells.flatten(0, 2)), dim=1)
+        return unflip_grid(rows.view(*cells.shape[:3], -1).permute(0, 3, 1, 2), crops)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Checkpoints written before g ran as Linear layers hold its weights as 1×1
+        # convolutions, (out, in, 1, 1): the same numbers.
+        for i in (0, 2):
+            key = f"{prefix}mlp.{i}.weight"
+            if key in state_dict and state_dict[key].dim() == 4:
+                state_dict[key] = state_dict[key].flatten(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -155,7 +155,7 @@ def test_roi_align_flag_matches_resnet_cell_centres(level, stride):
 
 
 def test_patch_head_pool_on_feature_maps_agrees_across_views():
-    """The model's own pooling path, on maps whose cell o holds its centre s·o + 0.5."""
+    """The model's own pooling, on maps whose cell o holds its centre s·o + 0.5."""
     torch.manual_seed(1)
     stride, size, s = 16, 224, 7
     head = PatchHead(2, 4, 4, roi_size=s, stride=stride)
@@ -174,7 +174,9 @@ def test_patch_head_pool_on_feature_maps_agrees_across_views():
     fmap = fmap[None].expand(n, -1, -1, -1).contiguous()
     orig = []
     for box, crop in ((b1, c1), (b2, c2)):
-        grid = head.pool(fmap, box, crop).flatten(2).transpose(1, 2)  # (n, S*S, 2) view coords
+        # RoIAlign as the head runs it, un-mirrored as its forward does after g: (n, S*S, 2).
+        grid = unflip_grid(head.pool(fmap, box).permute(0, 3, 1, 2), crop)
+        grid = grid.flatten(2).transpose(1, 2)
         orig.append(to_original(grid.double(), crop.double(), size))
     # One view pixel, in original pixels, for the coarser of the two views.
     view_px = torch.maximum((c1[:, 2] - c1[:, 0]), (c2[:, 2] - c2[:, 0])).double() / size

@@ -277,3 +277,39 @@ def test_patch_loss_options_train_like_the_default(options):
     assert float((grad_o - grad).abs().max() / grad.abs().max()) <= grad_bound
     for name in ("conv4", "conv5"):
         assert torch.isfinite(metrics_o[f"acc/patch_{name}"])
+
+
+def test_patch_head_is_the_papers_1x1_convolutions_on_the_unmirrored_roi_grid():
+    """Eq. 5–6 as written: RoIAlign, mirror flipped views' grids back, then g as 1×1
+    convolutions. The head runs g on the cells as rows and mirrors its output instead; the
+    result must be the same numbers, in a layout whose flattened cells are a view."""
+    from torchvision.ops import roi_align
+
+    from dupr.geometry import unflip_grid
+    from dupr.heads import PatchHead
+
+    torch.manual_seed(0)
+    head = PatchHead(24, 32, 16, roi_size=5, stride=8)
+    feat = torch.randn(6, 24, 12, 12).contiguous(memory_format=torch.channels_last)
+    boxes = torch.tensor([[8.0, 8.0, 90.0, 70.0], [0.0, 0.0, 96.0, 96.0]]).repeat(3, 1)
+    crops = torch.zeros(6, 5)
+    crops[::2, 4] = 1.0  # every other view mirrored
+    rois = torch.cat([torch.arange(6.0)[:, None], boxes], 1)
+    pooled = unflip_grid(roi_align(feat, rois, 5, spatial_scale=1 / 8, sampling_ratio=2), crops)
+    conv1, conv2 = head.mlp[0], head.mlp[2]
+    hidden = F.relu(F.conv2d(pooled, conv1.weight[..., None, None], conv1.bias))
+    want = F.normalize(F.conv2d(hidden, conv2.weight[..., None, None], conv2.bias), dim=1)
+
+    got = head(feat, boxes, crops)
+    assert got.shape == (6, 16, 5, 5)
+    assert torch.allclose(got, want, atol=1e-6)
+    rows = got.flatten(2).transpose(1, 2).flatten(0, 1)  # as DUPR.patch_loss reads them
+    assert rows.data_ptr() == got.data_ptr() and rows.is_contiguous()
+
+    # A checkpoint of the heads as 1×1 convolutions loads into the Linear layers.
+    conv_state = {
+        k: v[..., None, None] if v.dim() == 2 else v for k, v in head.state_dict().items()
+    }
+    fresh = PatchHead(24, 32, 16, roi_size=5, stride=8)
+    fresh.load_state_dict(conv_state)
+    assert torch.equal(fresh(feat, boxes, crops), got)
