@@ -27,6 +27,7 @@ BN_MODES = ("shuffle", "sync", "none")
 AMP_DTYPES = ("bfloat16", "float16")
 PATCH_LOGITS = ("float32", "bfloat16")
 PATCH_LOSS_KERNELS = ("matmul", "attention")
+ROI_ALIGN_KERNELS = ("torchvision", "matmul")
 PHOTOMETRIC_ON = ("loader", "device")
 
 
@@ -60,6 +61,9 @@ class ModelConfig:
     # tests/test_geometry.py checks it.
     roi_aligned: bool = False
     roi_sampling_ratio: int = 2
+    # How RoIAlign runs: torchvision's kernel, or as two matmuls in the map's own dtype and
+    # memory layout (dupr.roi_align; the same values in float32, bf16 rounding under autocast).
+    roi_align_kernel: str = "torchvision"
     # The patch logits (queries × K) are computed in chunks when they would exceed this budget.
     loss_memory_mb: float = 256.0
     # How the patch losses' (queries × K) logits are computed (dupr.losses). bfloat16: the
@@ -247,6 +251,7 @@ def validate(cfg: DUPRConfig) -> DUPRConfig:
     check_choice("model.bn_mode", m.bn_mode, BN_MODES)
     check_bool("model.roi_aligned", m.roi_aligned)
     check_int("model.roi_sampling_ratio", m.roi_sampling_ratio, low=1)
+    check_choice("model.roi_align_kernel", m.roi_align_kernel, ROI_ALIGN_KERNELS)
     check_number("model.loss_memory_mb", m.loss_memory_mb, above=0)
     check_choice("model.patch_logits", m.patch_logits, PATCH_LOGITS)
     check_choice("model.patch_loss_kernel", m.patch_loss_kernel, PATCH_LOSS_KERNELS)

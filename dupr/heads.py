@@ -9,6 +9,7 @@ from torch import Tensor
 from torchvision.ops import roi_align
 
 from dupr.geometry import unflip_grid
+from dupr.roi_align import roi_align_rows
 
 
 class ImageHead(nn.Module):
@@ -45,10 +46,12 @@ class PatchHead(nn.Module):
         stride: int,
         aligned: bool = False,
         sampling_ratio: int = 2,
+        kernel: str = "torchvision",
     ) -> None:
         super().__init__()
         self.roi_size, self.stride = roi_size, stride
         self.aligned, self.sampling_ratio = aligned, sampling_ratio
+        self.kernel = kernel  # RoIAlign's: model.roi_align_kernel
         self.mlp = nn.Sequential(
             nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
         )
@@ -56,6 +59,10 @@ class PatchHead(nn.Module):
     def pool(self, feat: Tensor, boxes: Tensor) -> Tensor:
         """RoIAlign of one box per image (boxes (N, 4) in view pixels) → cells (N, S, S, C) in
         the map's dtype, on the view's grid (mirrored where the view is)."""
+        if self.kernel == "matmul":
+            return roi_align_rows(
+                feat, boxes, self.roi_size, 1.0 / self.stride, self.sampling_ratio, self.aligned
+            )
         rois = torch.cat(
             [torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)[:, None], boxes], 1
         )

@@ -55,6 +55,7 @@ class Encoder(nn.Module):
                     stride=STRIDES[m],
                     aligned=cfg.roi_aligned,
                     sampling_ratio=cfg.roi_sampling_ratio,
+                    kernel=cfg.roi_align_kernel,
                 )
                 for m in cfg.patch_levels()
             }

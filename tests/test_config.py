@@ -54,6 +54,7 @@ BAD = [
     (with_model(momentum=1.0), "model.momentum=1.0"),
     (with_model(patch_logits="float16"), "model.patch_logits='float16'"),
     (with_model(patch_loss_kernel="flash"), "model.patch_loss_kernel='flash'"),
+    (with_model(roi_align_kernel="cuda"), "model.roi_align_kernel='cuda'"),
     (DUPRConfig(optim=dataclasses.replace(DUPRConfig().optim, epochs=0)), "optim.epochs=0"),
     (
         DUPRConfig(augment=dataclasses.replace(DUPRConfig().augment, photometric_on="gpu")),

@@ -254,11 +254,15 @@ def test_mixed_precision_forward_keeps_losses_and_banks_in_float32():
 
 @pytest.mark.parametrize(
     "options",
-    [dict(patch_logits="bfloat16"), dict(patch_loss_kernel="attention")],
-    ids=["bfloat16 logits", "attention kernel"],
+    [
+        dict(patch_logits="bfloat16"),
+        dict(patch_loss_kernel="attention"),
+        dict(roi_align_kernel="matmul"),
+    ],
+    ids=["bfloat16 logits", "attention kernel", "matmul RoIAlign"],
 )
 def test_patch_loss_options_train_like_the_default(options):
-    """The config's speed options reach the patch losses and change them only by rounding."""
+    """The config's speed options reach the patch path and change it only by rounding."""
     results = []
     for overrides in ({}, options):
         torch.manual_seed(0)

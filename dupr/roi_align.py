@@ -1,0 +1,79 @@
+"""RoIAlign of one box per image as two matmuls (``model.roi_align_kernel=matmul``).
+
+With a fixed sampling ratio g, RoIAlign's value in bin (p, q) is the mean of g×g bilinear
+samples of the map, and the bilinear weights, the sample grid and the out-of-map test are all a
+product of a y factor and an x factor. For one box per image the pooled grid of each channel is
+therefore Wy · F · Wxᵀ, with Wy (S×H) and Wx (S×W) the weights of each map row and column in
+each bin (`axis_weights`, which follows torchvision's `roi_align` kernel step by step).
+
+Why not torchvision's kernel, which the default uses: on a GPU its backward scatters with
+atomic additions into a float32 NCHW copy of the map (1.2 ms of a DUPR step of 64 on an H200,
+benchmarks/RESULTS.md), and a channels_last bf16 map must be converted for it and its gradient
+converted back. The two matmuls run in the map's dtype and layout, their backward is two more
+matmuls, and the cells come out as the (N, S, S, C) rows the patch head's MLP takes. In float32
+the values equal torchvision's to rounding (tests/test_roi_align.py); under bf16 autocast the
+weights are rounded to bf16 like the map.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def axis_weights(
+    start: Tensor, end: Tensor, size: int, bins: int, sampling_ratio: int, aligned: bool
+) -> Tensor:
+    """(N, bins, size): the weight of each map row (or column) in each bin along one axis.
+
+    start, end: (N,) box edges in map units (already scaled, and shifted by half a cell when
+    `aligned`). As torchvision: a box thinner than one cell is widened to one (aligned=False);
+    sample i of bin p sits at start + p·b + (i + ½)·b/g; a sample beyond a cell outside the map
+    counts as zero, one within it is clamped to the edge; bilinear weights between floor(y)
+    and floor(y) + 1; the mean over the g samples.
+    """
+    length = end - start
+    if not aligned:
+        length = length.clamp(min=1.0)
+    bin_size = (length / bins)[:, None, None]
+    p = torch.arange(bins, device=start.device, dtype=start.dtype)[None, :, None]
+    i = torch.arange(sampling_ratio, device=start.device, dtype=start.dtype)[None, None, :]
+    pos = start[:, None, None] + p * bin_size + (i + 0.5) * bin_size / sampling_ratio
+    inside = ((pos >= -1.0) & (pos <= size)).to(pos.dtype)
+    pos = pos.clamp(min=0.0)
+    low = pos.floor()
+    last = low >= size - 1  # at or past the last row: all weight on it
+    low = torch.where(last, float(size - 1), low)
+    frac = torch.where(last, 0.0, pos - low)
+    low_index = low.long()
+    high_index = (low_index + 1).clamp(max=size - 1)
+    weights = pos.new_zeros(len(pos), bins, size)
+    weights.scatter_add_(2, low_index, (1.0 - frac) * inside)
+    weights.scatter_add_(2, high_index, frac * inside)
+    return weights / sampling_ratio
+
+
+def roi_align_rows(
+    feat: Tensor,
+    boxes: Tensor,
+    output_size: int,
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool = False,
+) -> Tensor:
+    """torchvision's ``roi_align(feat, rois, ...)`` for box n on image n, as cells (N, S, S, C).
+
+    feat: (N, C, H, W), best in channels_last memory (then no copy is made); boxes: (N, 4)
+    x1, y1, x2, y2 in input pixels. The result is in the map's dtype, or autocast's.
+    """
+    if sampling_ratio < 1:
+        raise ValueError(f"sampling_ratio={sampling_ratio}: the matmul form needs a fixed grid")
+    n, c, h, w = feat.shape
+    # Positions in float32 at least (float64 kept): a bf16 box would be off by pixels.
+    box = boxes.to(torch.promote_types(boxes.dtype, torch.float32))
+    box = box * spatial_scale - (0.5 if aligned else 0.0)
+    wy = axis_weights(box[:, 1], box[:, 3], h, output_size, sampling_ratio, aligned)
+    wx = axis_weights(box[:, 0], box[:, 2], w, output_size, sampling_ratio, aligned)
+    rows = feat.permute(0, 2, 3, 1).reshape(n, h, w * c)  # (N, H, W·C)
+    cols = torch.matmul(wy.to(feat.dtype), rows).view(n, output_size, w, c)  # over H
+    return torch.matmul(wx.to(feat.dtype)[:, None], cols)  # over W: (N, S, S, C)
