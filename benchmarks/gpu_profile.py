@@ -49,8 +49,8 @@ def device_time_us(event) -> float:
 
 def profile_variant(name: str, args, device: torch.device, batch: dict) -> tuple[list, list[str]]:
     """(the top operators' rows, summary lines) of `args.steps` profiled steps of `name`."""
-    method, overrides, mode = VARIANTS[name]
-    if mode:
+    method, overrides, compiled = VARIANTS[name]
+    if compiled is not None:
         raise SystemExit(f"{name}: compiled variants are not profiled here")
     state, optim = build(method, args, device, **overrides)
     time_steps(state, optim, batch, device, args.warmup)
@@ -105,14 +105,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top", type=int, default=15, help="operators listed per variant")
     parser.add_argument(
         "--variants",
-        default="mocov2,dupr,dupr + attention + bf16",
-        help=f"comma-separated (of {', '.join(n for n, v in VARIANTS.items() if not v[2])})",
+        default="mocov2,dupr,dupr + attention + bf16,dupr + attention + bf16 + matmul RoIAlign",
+        help=f"comma-separated (of {', '.join(n for n, v in VARIANTS.items() if v[2] is None)})",
     )
     parser.add_argument("--quick", action="store_true", help="ResNet-18, 64 px, batch 8, K=1024")
     parser.add_argument("--record", help="append the tables to this Markdown file")
     args = parser.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in args.variants if v not in VARIANTS or VARIANTS[v][2]]
+    unknown = [v for v in args.variants if v not in VARIANTS or VARIANTS[v][2] is not None]
     if unknown:
         parser.error(f"--variants: unknown or compiled: {', '.join(unknown)}")
     if args.quick:

@@ -19,10 +19,14 @@ chunked matmuls); and one row per lever on the patch loss's cost:
   bf16 logits        model.patch_logits=bfloat16 (bf16 matmuls, float32 log-sum-exp)
   attention kernel   model.patch_loss_kernel=attention (fused kernel, logits never stored)
   attention + bf16   both (the flash-attention kernel)
+  matmul RoIAlign    model.roi_align_kernel=matmul (RoIAlign as two matmuls in the map's dtype
+                     and layout, dupr.roi_align), alone and with attention + bf16
   compile            optim.compile: torch.compile of the heads and losses (dupr.train.compile_model)
-  attention + bf16 + compile   the best eager lever, compiled the same way
+  attention + bf16 (+ matmul RoIAlign) + compile   the best eager levers, compiled the same way
   CUDA graphs        the heads compiled with mode="reduce-overhead", which replays them as
                      CUDA graphs (the losses stay eager)
+  compile all        the backbones compiled too (BatchNorm, ReLU and the residual additions
+                     fused), for MoCo v2 and for the best DUPR levers
 
 A variant that fails (an unsupported kernel, a compiler error) gets its error in its row; the
 others still run. Each method's FLOPs per image are counted once (torch.utils.flop_counter on
@@ -63,26 +67,33 @@ TARGET_RATIO = 1.25
 BF16_PEAK = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 BASELINE, DEFAULT = "mocov2", "dupr"
-# name -> (preset, model overrides, compile mode or None)
+# name -> (preset, model overrides, dupr.train.compile_model's arguments or None: eager)
+ATTENTION_BF16 = {"patch_loss_kernel": "attention", "patch_logits": "bfloat16"}
+MATMUL_ROI = {"roi_align_kernel": "matmul"}
 VARIANTS: dict[str, tuple[str, dict, str | None]] = {
     BASELINE: ("mocov2", {}, None),
     DEFAULT: ("dupr", {}, None),
     "dupr + bf16 logits": ("dupr", {"patch_logits": "bfloat16"}, None),
     "dupr + attention kernel": ("dupr", {"patch_loss_kernel": "attention"}, None),
-    "dupr + attention + bf16": (
+    "dupr + attention + bf16": ("dupr", ATTENTION_BF16, None),
+    "dupr + matmul RoIAlign": ("dupr", MATMUL_ROI, None),
+    "dupr + attention + bf16 + matmul RoIAlign": ("dupr", ATTENTION_BF16 | MATMUL_ROI, None),
+    "dupr + compile": ("dupr", {}, {}),
+    "dupr + attention + bf16 + compile": ("dupr", ATTENTION_BF16, {}),
+    "dupr + attention + bf16 + matmul RoIAlign + compile": (
         "dupr",
-        {"patch_loss_kernel": "attention", "patch_logits": "bfloat16"},
-        None,
+        ATTENTION_BF16 | MATMUL_ROI,
+        {},
     ),
-    "dupr + compile": ("dupr", {}, "default"),
-    "dupr + attention + bf16 + compile": (
+    "dupr + CUDA graphs": ("dupr", {}, {"mode": "reduce-overhead", "losses": False}),
+    "mocov2 + compile all": ("mocov2", {}, {"backbones": True}),
+    "dupr + attention + bf16 + matmul RoIAlign + compile all": (
         "dupr",
-        {"patch_loss_kernel": "attention", "patch_logits": "bfloat16"},
-        "default",
+        ATTENTION_BF16 | MATMUL_ROI,
+        {"backbones": True},
     ),
-    "dupr + CUDA graphs": ("dupr", {}, "reduce-overhead"),
 }
-COMPILED = [name for name, (_, _, mode) in VARIANTS.items() if mode]
+COMPILED = [name for name, (_, _, compiled) in VARIANTS.items() if compiled is not None]
 
 
 def synthetic_batch(n: int, size: int, device: torch.device, seed: int = 0) -> dict:
@@ -267,14 +278,14 @@ def main(argv: list[str] | None = None) -> None:
     peaks: dict[str, float] = {}
     warmup_s: dict[str, float] = {}
     for name in args.variants:  # build, warm up (cuDNN autotuning, compilation, bank filling)
-        method, overrides, mode = VARIANTS[name]
+        method, overrides, compiled = VARIANTS[name]
 
-        def prepare(name=name, method=method, overrides=overrides, mode=mode):
+        def prepare(name=name, method=method, overrides=overrides, compiled=compiled):
             # The variant's own peak: the states built before it stay allocated.
             before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             state, optim = build(method, args, device, **overrides)
-            if mode:  # optim.compile's function; CUDA graphs for the heads only
-                compile_model(cast(DUPR, state.model), mode, losses=mode == "default")
+            if compiled is not None:  # optim.compile's function
+                compile_model(cast(DUPR, state.model), **compiled)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()

@@ -109,25 +109,32 @@ class TrainState:
         set_rng_state(state["rng"])
 
 
-def compile_model(model: DUPR, mode: str = "default", losses: bool = True) -> None:
+def compile_model(
+    model: DUPR, mode: str = "default", losses: bool = True, backbones: bool = False
+) -> None:
     """torch.compile the heads of both encoders and, with `losses`, the InfoNCE losses, in
-    place (``optim.compile``; `mode` is torch.compile's).
+    place (``optim.compile``; `mode` is torch.compile's). `backbones` compiles the ResNets too,
+    fusing their BatchNorms, ReLUs and residual additions (memory-bound work, most of a ResNet
+    step's GPU time); a benchmark lever (benchmarks/gpu_step.py), not a training option: on the
+    CPU, inductor (torch 2.14.1) gives a compiled ResNet's convolution weights gradients 7-18 %
+    off, and tests/test_cuda.py checks them on a GPU first.
 
     On an H200 this took DUPR's step from 85.1 to 67.7 ms as configured by default and from
     52.7 to 48.0 ms with the attention kernel and bf16 logits (benchmarks/RESULTS.md), after
-    38-135 s of compiling. The backbones stay eager (cuDNN runs them already); the heads are
-    compiled in place, so parameter names and checkpoints do not change; the losses have
-    static shapes (every cell goes through the patch loss). `info_nce` is compiled rather than
-    `DUPR.patch_loss`: inside a compiled `patch_loss`, the partitioner saves the memory bank
-    itself for backward instead of its snapshot, and the enqueue that follows modifies it in
-    place. Call it before wrapping the model in DDP.
+    38-135 s of compiling. By default the backbones stay eager (cuDNN runs their convolutions
+    already). Modules are compiled in place, so parameter names and checkpoints do not change;
+    the losses have static shapes (every cell goes through the patch loss). `info_nce` is
+    compiled rather than `DUPR.patch_loss`: inside a compiled `patch_loss`, the partitioner
+    saves the memory bank itself for backward instead of its snapshot, and the enqueue that
+    follows modifies it in place. Call it before wrapping the model in DDP.
     """
     # Eight heads share two forward functions, called with and without grad: one compiled
     # graph per (head, grad mode) is expected, more than dynamo's default limit of 8.
     torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
     for encoder in (model.encoder_q, model.encoder_k):
-        for head in [*encoder.image_heads.values(), *encoder.patch_heads.values()]:
-            head.compile(mode=mode)
+        modules = [*encoder.image_heads.values(), *encoder.patch_heads.values()]
+        for module in modules + ([encoder.backbone] if backbones else []):
+            module.compile(mode=mode)
     if losses:
         model.info_nce = torch.compile(info_nce, dynamic=False)
 

@@ -11,6 +11,7 @@ bank keys run on an NCCL process group. (NCCL gives each rank its own GPU, so a 
 a world of one; the two-rank equalities are checked on gloo.)
 """
 
+import copy
 import inspect
 
 import pytest
@@ -118,6 +119,63 @@ def test_patch_loss_options_on_the_gpu_agree_with_float32(monkeypatch):
         assert (correct != correct32[::step][: len(correct)]).float().mean() <= 0.01, label
 
 
+def test_matmul_roi_align_on_the_gpu_equals_torchvisions(monkeypatch):
+    """model.roi_align_kernel=matmul at conv4's paper size (64 maps of 1024 × 14 × 14,
+    channels_last, S = 14): torchvision's values and gradients in float32 (TF32 off), and its
+    values within bf16 rounding under autocast."""
+    from torchvision.ops import roi_align
+
+    from dupr.geometry import view_boxes
+    from dupr.roi_align import roi_align_rows
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    feat = torch.randn(64, 1024, 14, 14, device=CUDA, generator=g)
+    feat = feat.contiguous(memory_format=torch.channels_last)
+    _, _, crop_q, crop_k = random_batch(64, 224)
+    boxes = view_boxes(crop_q, crop_k, 224)[0].to(CUDA)
+    rois = torch.cat([torch.arange(64.0, device=CUDA)[:, None], boxes], 1)
+    feat_tv, feat_mm = feat.clone().requires_grad_(), feat.clone().requires_grad_()
+    want = roi_align(feat_tv, rois, 14, 1 / 16, 2, False)
+    got = roi_align_rows(feat_mm, boxes, 14, 1 / 16, 2).permute(0, 3, 1, 2)
+    assert torch.allclose(got, want, atol=1e-5)
+    upstream = torch.randn(want.shape, device=CUDA, generator=g)
+    (want * upstream).sum().backward()
+    (got * upstream).sum().backward()
+    assert torch.allclose(feat_mm.grad, feat_tv.grad, atol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        low = roi_align_rows(feat.bfloat16(), boxes, 14, 1 / 16, 2).permute(0, 3, 1, 2)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - want).abs().max() <= 0.03 * want.abs().max()
+
+
+@pytest.mark.slow  # compiles a ResNet-18's forward and backward: a minute or two
+def test_compiled_backbones_give_eager_gradients(monkeypatch):
+    """`compile_model(backbones=True)`, a gpu_step lever. On the CPU, inductor (torch 2.14.1)
+    gave a compiled ResNet-18's convolution weights gradients 7-18 % away from float64, where
+    eager float32 is within 6e-6 (aot_eager: exact), so no CPU test can vouch for it; here the
+    same comparison on the GPU, float32 with TF32 off."""
+    from dupr.backbone import ResNetBackbone
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.manual_seed(0)
+    eager = ResNetBackbone("resnet18").to(CUDA)
+    compiled, reference = copy.deepcopy(eager), copy.deepcopy(eager).double()
+    compiled.compile()
+    x = torch.randn(8, 3, 64, 64, device=CUDA)
+    for model in (eager, compiled, reference):
+        feats = model(x.to(next(model.parameters()).dtype), 3)
+        g = torch.Generator(device=CUDA).manual_seed(5)
+        upstream = [torch.randn(f.shape, device=CUDA, generator=g) for f in feats]
+        sum((f * u.to(f.dtype)).sum() for f, u in zip(feats, upstream, strict=True)).backward()
+    want = dict(reference.named_parameters())
+    for model in (eager, compiled):
+        for name, p in model.named_parameters():
+            error = (p.grad.double() - want[name].grad).abs().max() / want[name].grad.abs().max()
+            assert error <= 1e-3, (name, float(error), model is compiled)
+
+
 def test_colour_steps_on_the_gpu_give_the_cpus_pixels(monkeypatch):
     """augment.photometric_on=device: the batched operations on CUDA (index copies, grouped
     convolutions, histograms) agree with the CPU on the main preset's choices."""
@@ -135,7 +193,8 @@ def test_colour_steps_on_the_gpu_give_the_cpus_pixels(monkeypatch):
     assert diff.mean() < 1e-4 and (diff > 1e-3).float().mean() < 1e-3, diff.max()
 
 
-def test_a_training_step_never_waits_for_the_gpu():
+@pytest.mark.parametrize("roi_kernel", ["torchvision", "matmul"])
+def test_a_training_step_never_waits_for_the_gpu(roi_kernel):
     """The host runs ahead of the GPU through whole steps: CUDA's sync debug mode raises at any
     synchronisation (a blocking copy, a value read) in bf16 + channels_last steps with the
     attention kernel, bf16 logits and the colour steps on the device, from uint8 crops and
@@ -146,7 +205,9 @@ def test_a_training_step_never_waits_for_the_gpu():
         lr=0.03, batch_size=PAIRS, epochs=1, amp=True, amp_dtype="bfloat16", channels_last=True
     )
     torch.manual_seed(0)
-    cfg = tiny_model_config(patch_loss_kernel="attention", patch_logits="bfloat16")
+    cfg = tiny_model_config(
+        patch_loss_kernel="attention", patch_logits="bfloat16", roi_align_kernel=roi_kernel
+    )
     model = DUPR(cfg).to(CUDA).to(memory_format=torch.channels_last)
     state = build_state(model, optim, steps_per_epoch=10, device=CUDA)
     draw = PhotometricDraw(AugmentConfig(preset="mocov2_randaugment"))

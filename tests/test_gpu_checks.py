@@ -22,8 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # pyarrow, PyYAML and pytest, not the platform's stack).
 ABSENT = ("ray", "mlflow", "omegaconf", "hydra", "boto3", "botocore", "moto", "faster_coco_eval")
 SECTIONS = (
-    "gpu_step (quick, cpu; levers: bf16 logits, attention kernel, attention + bf16)",
-    "gpu_step (quick, cpu; levers: compile, attention + bf16 + compile, CUDA graphs)",
+    "gpu_step (quick, cpu; levers: attention kernel, attention + bf16, "
+    "attention + bf16 + matmul RoIAlign)",
+    "gpu_step (quick, cpu; levers: attention + bf16 + matmul RoIAlign + compile)",
+    "gpu_step (quick, cpu; levers: attention + bf16 + matmul RoIAlign)",  # batch 128
     "gpu_profile (quick, cpu)",
     "gpu_memory (quick, cpu)",
     "patch_loss_memory (quick, cpu)",
@@ -60,9 +62,9 @@ def test_gpu_checks_rehearse_on_a_cpu_without_the_platforms_packages(tmp_path):
         assert f"## {section}" in recorded, section
     # Every lever of gpu_step got a row with a time, none an error.
     for row in (
-        "dupr + bf16 logits",
         "dupr + attention kernel",
-        "dupr + attention + bf16 + compile",
+        "dupr + attention + bf16 + matmul RoIAlign",
+        "dupr + attention + bf16 + matmul RoIAlign + compile",
     ):
         cells = next(
             [c.strip() for c in x.split("|")]

@@ -141,15 +141,18 @@ class HostWaits(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("kernel", ["matmul", "attention"])
-def test_a_training_step_never_makes_the_host_wait_for_the_device(kernel):
+@pytest.mark.parametrize("kernel, roi_kernel", [("matmul", "torchvision"), ("attention", "matmul")])
+def test_a_training_step_never_makes_the_host_wait_for_the_device(kernel, roi_kernel):
     """On a GPU the host runs ahead of the kernels it launches unless something reads a device
     value or copies host values to the device; one such wait per step made the step as slow as
     launching it plus finishing the queue. Checked here on the CPU by the operators a step
     dispatches (benchmarks/gpu_profile.py counts the waits on a GPU), for both patch-loss
-    kernels, the chunked log-sum-exp, pairs without overlap and a wrapping memory bank."""
+    kernels and both RoIAlign kernels, the chunked log-sum-exp, pairs without overlap and a
+    wrapping memory bank."""
     cfg = DUPRConfig(
-        model=tiny_model_config(patch_loss_kernel=kernel, loss_memory_mb=0.01),
+        model=tiny_model_config(
+            patch_loss_kernel=kernel, roi_align_kernel=roi_kernel, loss_memory_mb=0.01
+        ),
         optim=OptimConfig(lr=0.03, batch_size=4, epochs=1, amp=False),
     )
     im_q, im_k, crop_q, crop_k = random_batch(4, cfg.model.image_size)
