@@ -54,8 +54,8 @@ LEVERS="mocov2,dupr,dupr + attention kernel,dupr + attention + bf16,$BEST"
 COMPILED="mocov2,dupr,mocov2 + compile all,$BEST + compile,$BEST + compile all"
 # Limits from four runs on an H200 (2026-12-04): CUDA tests 33 s (cold, 6 of today's 10),
 # gpu_step 52 s (5 variants at batch 64), gpu_profile 42 s (3 variants; 4 now), gpu_memory
-# 61 s, patch_loss_memory 31 s, gpu_input 89 s for its torch rows (its Ray rows need about
-# 100 s more than this pass has). In the order of what the open targets need most: a step that
+# 61 s, patch_loss_memory 31 s, gpu_input 89 s for its torch rows (its Ray rows, about 100 s
+# more, are a named step). In the order of what the open targets need most: a step that
 # runs out of time costs only itself. The compiled variants' warm-up took 38-135 s (more with
 # the backbones): they run only when STEPS names them, on a loan of their own.
 CUDA_TESTS=("$PY" -m pytest --noconftest -p no:cacheprovider -q tests/test_cuda.py)
@@ -66,17 +66,19 @@ step "gpu_step" 70 "$PY" benchmarks/gpu_step.py --variants "$LEVERS" --budget-s 
 step "gpu_step, batch 128" 65 "$PY" benchmarks/gpu_step.py --variants "mocov2,dupr,$BEST" \
   --batch 128 --budget-s $((55 * SCALE)) --record "$RESULTS" "${QUICK[@]}"
 step "gpu_profile" 65 "$PY" benchmarks/gpu_profile.py --record "$RESULTS" "${QUICK[@]}"
-step "gpu_input" 120 "$PY" benchmarks/gpu_input.py --budget-s $((105 * SCALE)) --record "$RESULTS" \
-  "${QUICK[@]}"
+step "gpu_input" 120 "$PY" benchmarks/gpu_input.py --loaders torch --budget-s $((105 * SCALE)) \
+  --record "$RESULTS" "${QUICK[@]}"
 step "patch_loss_memory" 40 "$PY" benchmarks/patch_loss_memory.py --record "$RESULTS" "${QUICK[@]}"
 step "gpu_memory" 70 "$PY" benchmarks/gpu_memory.py --budget-s 15 --record "$RESULTS" "${QUICK[@]}"
 if [ -n "${STEPS:-}" ] || [ "$SCALE" -gt 1 ]; then  # named, or the rehearsal
-  # The rehearsal leaves out the compiled backbones: minutes of compiling on a small CPU
-  # (tests/test_train.py compiles them, in its slow tests).
+  # The rehearsal leaves out the compiled backbones: minutes of compiling on a small CPU, for
+  # gradients that inductor gets wrong there (tests/test_cuda.py checks them on the GPU).
   if [ "$SCALE" -gt 1 ]; then COMPILED="mocov2,dupr,$BEST + compile"; fi
   step "CUDA tests, compiled" 150 "${CUDA_TESTS[@]}" -m "gpu and slow"
   step "gpu_step, compiled" 240 "$PY" benchmarks/gpu_step.py --variants "$COMPILED" \
     --budget-s $((220 * SCALE)) --record "$RESULTS" "${QUICK[@]}"
+  step "gpu_input, Ray" 165 "$PY" benchmarks/gpu_input.py --loaders ray --budget-s $((150 * SCALE)) \
+    --record "$RESULTS" "${QUICK[@]}"
 fi
 if [ "$status" -ne 0 ]; then printf 'failed: %s\n' "${failed[@]}"; else echo "all steps passed"; fi
 exit "$status"

@@ -94,6 +94,7 @@ VARIANTS: dict[str, tuple[str, dict, str | None]] = {
     ),
 }
 COMPILED = [name for name, (_, _, compiled) in VARIANTS.items() if compiled is not None]
+COMPILED_TWIN = f"{BASELINE} + compile all"
 
 
 def synthetic_batch(n: int, size: int, device: torch.device, seed: int = 0) -> dict:
@@ -329,6 +330,15 @@ def main(argv: list[str] | None = None) -> None:
     if BASELINE not in median:
         raise SystemExit(f"the baseline failed while timed: {errors.get(BASELINE)}")
     rows, passing = [], []
+
+    def compiled_pair(name: str) -> bool:
+        """A DUPR variant with compiled backbones, and MoCo v2's were measured too."""
+        return (
+            VARIANTS[name][0] == DEFAULT
+            and name.endswith(" + compile all")
+            and COMPILED_TWIN in median
+        )
+
     for name in args.variants:
         method = VARIANTS[name][0]
         if name not in median:
@@ -340,8 +350,12 @@ def main(argv: list[str] | None = None) -> None:
         tflops = flops[method] / median[name] / 1e12
         if name == BASELINE:
             verdict = "baseline"
+        elif method == BASELINE:  # MoCo v2 with a lever: a baseline of its own, not a target
+            verdict = "baseline lever"
         else:
-            ok = ratio <= TARGET_RATIO and (ips >= TARGET_IMAGES_PER_S or not on_target_card)
+            # Compiled backbones are a lever MoCo v2 takes too: judged against it compiled.
+            fair = median[name] / median[COMPILED_TWIN] if compiled_pair(name) else ratio
+            ok = fair <= TARGET_RATIO and (ips >= TARGET_IMAGES_PER_S or not on_target_card)
             verdict = "PASS" if ok else "FAIL"
             if ok:
                 passing.append(name)
@@ -384,6 +398,12 @@ def main(argv: list[str] | None = None) -> None:
         f"matmul here: {f'{measured_peak:.0f}' if measured_peak else '-'} TFLOP/s",
         f"targets: images/s >= {TARGET_IMAGES_PER_S} on one H100 (H200 stated as such) and "
         f"step time / MoCo v2 <= {TARGET_RATIO}{scope}; met by: {', '.join(passing) or 'none'}",
+    ]
+    notes += [
+        f"{name} / {COMPILED_TWIN} (both backbones compiled; the ratio its result is judged by): "
+        f"{median[name] / median[COMPILED_TWIN]:.3f}"
+        for name in median
+        if compiled_pair(name)
     ]
     levers = ", ".join(v.removeprefix("dupr + ") for v in args.variants[2:]) or "none"
     report(args, "gpu_step", device, machine, table, notes, f"; levers: {levers}")
