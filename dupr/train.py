@@ -116,7 +116,7 @@ def compile_model(
     place (``optim.compile``; `mode` is torch.compile's). `backbones` compiles the ResNets too,
     fusing their BatchNorms, ReLUs and residual additions (memory-bound work, most of a ResNet
     step's GPU time); a benchmark lever (benchmarks/gpu_step.py), not a training option: on the
-    CPU, inductor (torch 2.14.1) gives a compiled ResNet's convolution weights gradients 7-18 %
+    CPU, inductor (torch 2.14.1) gives a compiled ResNet's convolution weights gradients 6-18 %
     off, and tests/test_cuda.py checks them on a GPU first.
 
     On an H200 this took DUPR's step from 85.1 to 67.7 ms as configured by default and from

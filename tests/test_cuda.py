@@ -152,7 +152,7 @@ def test_matmul_roi_align_on_the_gpu_equals_torchvisions(monkeypatch):
 @pytest.mark.slow  # compiles a ResNet-18's forward and backward: a minute or two
 def test_compiled_backbones_give_eager_gradients(monkeypatch):
     """`compile_model(backbones=True)`, a gpu_step lever. On the CPU, inductor (torch 2.14.1)
-    gave a compiled ResNet-18's convolution weights gradients 7-18 % away from float64, where
+    gave a compiled ResNet-18's convolution weights gradients 6-18 % away from float64, where
     eager float32 is within 6e-6 (aot_eager: exact), so no CPU test can vouch for it; here the
     same comparison on the GPU, float32 with TF32 off."""
     from dupr.backbone import ResNetBackbone
@@ -198,9 +198,9 @@ def test_a_training_step_never_waits_for_the_gpu(roi_kernel):
     """The host runs ahead of the GPU through whole steps: CUDA's sync debug mode raises at any
     synchronisation (a blocking copy, a value read) in bf16 + channels_last steps with the
     attention kernel, bf16 logits and the colour steps on the device, from uint8 crops and
-    colour rows in host memory as the loader delivers them. (On an H200 one wait per step made
-    a step cost its launches plus the GPU's queue; the CPU test in test_train.py checks the
-    operators, this the CUDA calls.)"""
+    colour rows in host memory as the loader delivers them. (One blocking copy per step made
+    the host wait at every step for the GPU to finish the previous one; the CPU test in
+    test_train.py checks the operators, this the CUDA calls.)"""
     optim = OptimConfig(
         lr=0.03, batch_size=PAIRS, epochs=1, amp=True, amp_dtype="bfloat16", channels_last=True
     )

@@ -144,14 +144,17 @@ class HostWaits(TorchDispatchMode):
 @pytest.mark.parametrize("kernel, roi_kernel", [("matmul", "torchvision"), ("attention", "matmul")])
 def test_a_training_step_never_makes_the_host_wait_for_the_device(kernel, roi_kernel):
     """On a GPU the host runs ahead of the kernels it launches unless something reads a device
-    value or copies host values to the device; one such wait per step made the step as slow as
-    launching it plus finishing the queue. Checked here on the CPU by the operators a step
+    value or copies host values to the device; one such copy per step made the host wait at
+    every step for the GPU to finish the previous one. Checked here on the CPU by the operators a step
     dispatches (benchmarks/gpu_profile.py counts the waits on a GPU), for both patch-loss
     kernels and both RoIAlign kernels, the chunked log-sum-exp, pairs without overlap and a
     wrapping memory bank."""
     cfg = DUPRConfig(
         model=tiny_model_config(
-            patch_loss_kernel=kernel, roi_align_kernel=roi_kernel, loss_memory_mb=0.01
+            patch_loss_kernel=kernel,
+            roi_align_kernel=roi_kernel,
+            loss_memory_mb=0.01,
+            queue_size=12,  # wraps within the steps checked
         ),
         optim=OptimConfig(lr=0.03, batch_size=4, epochs=1, amp=False),
     )
