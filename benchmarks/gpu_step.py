@@ -70,7 +70,7 @@ BASELINE, DEFAULT = "mocov2", "dupr"
 # name -> (preset, model overrides, dupr.train.compile_model's arguments or None: eager)
 ATTENTION_BF16 = {"patch_loss_kernel": "attention", "patch_logits": "bfloat16"}
 MATMUL_ROI = {"roi_align_kernel": "matmul"}
-VARIANTS: dict[str, tuple[str, dict, str | None]] = {
+VARIANTS: dict[str, tuple[str, dict, dict | None]] = {
     BASELINE: ("mocov2", {}, None),
     DEFAULT: ("dupr", {}, None),
     "dupr + bf16 logits": ("dupr", {"patch_logits": "bfloat16"}, None),
