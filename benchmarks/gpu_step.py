@@ -67,9 +67,9 @@ TARGET_RATIO = 1.25
 BF16_PEAK = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 BASELINE, DEFAULT = "mocov2", "dupr"
-# name -> (preset, model overrides, dupr.train.compile_model's arguments or None: eager)
 ATTENTION_BF16 = {"patch_loss_kernel": "attention", "patch_logits": "bfloat16"}
 MATMUL_ROI = {"roi_align_kernel": "matmul"}
+# name -> (preset, model overrides, dupr.train.compile_model's arguments or None: eager)
 VARIANTS: dict[str, tuple[str, dict, dict | None]] = {
     BASELINE: ("mocov2", {}, None),
     DEFAULT: ("dupr", {}, None),
