@@ -72,8 +72,12 @@ def roi_align_rows(
     # Positions in float32 at least (float64 kept): a bf16 box would be off by pixels.
     box = boxes.to(torch.promote_types(boxes.dtype, torch.float32))
     box = box * spatial_scale - (0.5 if aligned else 0.0)
-    wy = axis_weights(box[:, 1], box[:, 3], h, output_size, sampling_ratio, aligned)
-    wx = axis_weights(box[:, 0], box[:, 2], w, output_size, sampling_ratio, aligned)
+    if h == w:  # both axes in one call: half the small kernels to launch
+        starts, ends = box[:, [1, 0]].T.reshape(-1), box[:, [3, 2]].T.reshape(-1)
+        wy, wx = axis_weights(starts, ends, h, output_size, sampling_ratio, aligned).split(n)
+    else:
+        wy = axis_weights(box[:, 1], box[:, 3], h, output_size, sampling_ratio, aligned)
+        wx = axis_weights(box[:, 0], box[:, 2], w, output_size, sampling_ratio, aligned)
     rows = feat.permute(0, 2, 3, 1).reshape(n, h, w * c)  # (N, H, W·C)
     cols = torch.matmul(wy.to(feat.dtype), rows).view(n, output_size, w, c)  # over H
     return torch.matmul(wx.to(feat.dtype)[:, None], cols)  # over W: (N, S, S, C)

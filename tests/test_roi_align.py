@@ -22,9 +22,10 @@ def boxes_of_every_kind(n: int, size: float, g: torch.Generator) -> torch.Tensor
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [1, 2, 3])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_matmul_roi_align_equals_torchvisions(aligned, sampling_ratio, channels_last):
+@pytest.mark.parametrize("h, w", [(9, 13), (11, 11)])  # square maps: both axes in one call
+def test_matmul_roi_align_equals_torchvisions(aligned, sampling_ratio, channels_last, h, w):
     g = torch.Generator().manual_seed(sampling_ratio)
-    n, c, h, w, stride, s = 24, 5, 9, 13, 16, 7
+    n, c, stride, s = 24, 5, 16, 7
     feat = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
     if channels_last:
         feat = feat.contiguous(memory_format=torch.channels_last)
