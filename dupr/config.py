@@ -114,6 +114,10 @@ class OptimConfig:
     # torch.compile of the heads and losses (`dupr.train.compile_model`): faster steps on a GPU
     # after a first minute or two of compiling; the results are those of the eager model.
     compile: bool = False
+    # Replay the whole step (forward, backward, SGD) as one CUDA graph (`dupr.train.StepGraph`):
+    # the host launches one graph instead of every kernel, for when it cannot keep up with the
+    # GPU. Same results as the eager step; one process only; bfloat16 or no autocast.
+    cuda_graph: bool = False
 
 
 @dataclass
@@ -282,9 +286,12 @@ def validate(cfg: DUPRConfig) -> DUPRConfig:
     check_number("optim.warmup_epochs", o.warmup_epochs, at_least=0)
     if not o.warmup_epochs < o.epochs:
         _fail("optim.warmup_epochs", o.warmup_epochs, "must be in [0, epochs)")
-    for name in ("amp", "channels_last", "tf32", "compile"):
+    for name in ("amp", "channels_last", "tf32", "compile", "cuda_graph"):
         check_bool(f"optim.{name}", getattr(o, name))
     check_choice("optim.amp_dtype", o.amp_dtype, AMP_DTYPES)
+    if o.cuda_graph and o.amp and o.amp_dtype == "float16":
+        # The loss scaler decides on the host, from the gradients, whether to skip a step.
+        _fail("optim.cuda_graph", o.cuda_graph, "needs amp_dtype=bfloat16 (or amp=false)")
     check_int("seed", cfg.seed, low=0)
     return cfg
 

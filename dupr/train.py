@@ -35,9 +35,16 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
-    """SGD over the trainable (query-side) parameters, as MoCo: weight decay on all of them."""
+    """SGD over the trainable (query-side) parameters, as MoCo: weight decay on all of them.
+
+    On a GPU the fused implementation: one kernel for the whole update, and the one that can
+    read its learning rate from a device tensor, which a CUDA graph needs (`StepGraph`).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    fused = bool(params) and params[0].is_cuda
+    return torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused
+    )
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -85,6 +92,7 @@ class TrainState:
     scaler: torch.amp.GradScaler
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps completed
+    graph: StepGraph | None = None  # the captured step, with optim.cuda_graph (not saved)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -102,7 +110,12 @@ class TrainState:
         if missing:
             raise KeyError(f"checkpoint lacks {', '.join(sorted(missing))}")
         unwrap(self.model).load_state_dict(state["model"])
+        # How the update is computed belongs to this process's device, not to the checkpoint's
+        # (a run saved on a CPU, foreach, resumes fused on a GPU); the numbers are the same.
+        implementation = {key: self.optimizer.defaults[key] for key in ("foreach", "fused")}
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:
+            group.update(implementation)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
@@ -170,20 +183,115 @@ def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) 
     return views[0], views[1], crops[0], crops[1]
 
 
-def train_step(
-    state: TrainState, batch: dict[str, Any], cfg: OptimConfig, device: torch.device
+def optimizer_step(
+    state: TrainState,
+    inputs: tuple[torch.Tensor, ...],
+    cfg: OptimConfig,
+    device: torch.device,
+    autocast_cache: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """One optimizer step on a batch of view pairs; returns detached metrics (no host sync)."""
-    im_q, im_k, crop_q, crop_k = to_device(batch, device, cfg.channels_last)
+    """Forward, backward and the SGD update on a batch already on the device: the work a
+    CUDA graph captures. Returns the model's detached metrics."""
     amp = cfg.amp and device.type == "cuda"
-    with torch.autocast(device.type, dtype=getattr(torch, cfg.amp_dtype), enabled=amp):
-        loss, metrics = state.model(im_q, im_k, crop_q, crop_k)
+    dtype = getattr(torch, cfg.amp_dtype)
+    with torch.autocast(device.type, dtype=dtype, enabled=amp, cache_enabled=autocast_cache):
+        loss, metrics = state.model(*inputs)
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     state.scaler.step(state.optimizer)
     state.scaler.update()
+    return metrics
+
+
+class StepGraph:
+    """`optimizer_step` captured once as a CUDA graph and replayed for every later batch
+    (``optim.cuda_graph``).
+
+    Why: at a per-GPU batch of 64 the host launches a step's kernels more slowly than the GPU
+    runs them (an H200 took 27-34 ms for MoCo v2's 23.4 ms of GPU work, benchmarks/RESULTS.md),
+    and one graph launch replaces them all. The step can be captured because it never makes the
+    host wait for the device (tests/test_train.py) and none of its shapes depends on the data.
+    Each call copies the batch into the graph's static inputs and the learning rate, which the
+    schedule changes every step, into the device tensor the captured SGD update reads; the
+    optimizer's param groups keep their float, so checkpoints do not change. The first
+    `warmup_steps` steps run eagerly on a side stream (cuDNN's autotuning, torch.compile, SGD's
+    momentum buffers), as PyTorch's recipe for capturing a whole network asks.
+
+    On a CPU, which has no graphs, the same static-input step runs eagerly each call, so the
+    option behaves the same everywhere. One process only: the collectives of DDP and Shuffle
+    BN are not captured (`dupr_platform.ray_pretrain.PretrainSettings.validate`).
+    """
+
+    def __init__(self, state: TrainState, cfg: OptimConfig, device: torch.device) -> None:
+        self.state, self.cfg, self.device = state, cfg, device
+        self.warmup_steps = 3 if device.type == "cuda" else 0
+        self.eager_steps = 0
+        self.inputs: tuple[torch.Tensor, ...] = ()
+        self.lr = torch.zeros((), dtype=torch.float32, device=device)  # fused SGD reads float32
+        self.names: list[str] = []
+        self.packed = torch.zeros(0, device=device)  # the metrics, stacked (a static output)
+        self.replay: Callable[[], object] | None = None
+
+    def __call__(self, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        if self.replay is None and self.eager_steps < self.warmup_steps:
+            self.eager_steps += 1
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                metrics = optimizer_step(self.state, inputs, self.cfg, self.device)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return metrics
+        if self.replay is None:
+            self.inputs = tuple(x.clone() for x in inputs)  # same shapes, strides and dtypes
+            self.replay = self._capture() if self.device.type == "cuda" else self._step
+        else:
+            for static, x in zip(self.inputs, inputs, strict=True):
+                static.copy_(x, non_blocking=True)
+        self.lr.fill_(self.state.optimizer.param_groups[0]["lr"])
+        self.replay()
+        # A copy: the next replay overwrites the static output while the loop still holds it.
+        return dict(zip(self.names, self.packed.clone().unbind(), strict=True))
+
+    def _step(self) -> None:
+        """One optimizer step on the static inputs, reading the learning rate from `self.lr`."""
+        groups = self.state.optimizer.param_groups
+        floats = [group["lr"] for group in groups]
+        for group in groups:
+            group["lr"] = self.lr
+        try:
+            # Autocast's cache of cast weights would keep graph memory alive across replays.
+            metrics = optimizer_step(
+                self.state, self.inputs, self.cfg, self.device, autocast_cache=False
+            )
+        finally:
+            for group, lr in zip(groups, floats, strict=True):
+                group["lr"] = lr
+        self.names = sorted(metrics)
+        self.packed = torch.stack([metrics[name].float() for name in self.names])
+
+    def _capture(self) -> Callable[[], object]:
+        """Record `_step` as a CUDA graph; returns its replay. Recording runs nothing."""
+        graph = torch.cuda.CUDAGraph()
+        self.state.optimizer.zero_grad(set_to_none=True)  # gradients then live in the graph
+        # "thread_local": a loader's pin-memory thread may allocate while this one records.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self._step()
+        return graph.replay
+
+
+def train_step(
+    state: TrainState, batch: dict[str, Any], cfg: OptimConfig, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """One optimizer step on a batch of view pairs; returns detached metrics (no host sync)."""
+    inputs = to_device(batch, device, cfg.channels_last)
+    if cfg.cuda_graph:
+        if state.graph is None:
+            state.graph = StepGraph(state, cfg, device)
+        metrics = state.graph(inputs)
+    else:
+        metrics = optimizer_step(state, inputs, cfg, device)
     # Filled on the device like the other metrics (no host-to-device copy at logging time).
-    metrics["lr"] = torch.full((), state.optimizer.param_groups[0]["lr"], device=loss.device)
+    metrics["lr"] = torch.full((), state.optimizer.param_groups[0]["lr"], device=device)
     state.scheduler.step()
     state.step += 1
     return metrics

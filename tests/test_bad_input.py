@@ -169,6 +169,10 @@ PRETRAIN_CASES = [
     (["method.optim.batch_size=32.5"], "method.optim.batch_size='32.5'"),
     (["num_workers=abc"], "num_workers='abc'"),
     (["num_workers=3"], "not divisible by num_workers=3"),
+    (
+        ["num_workers=2", "method.optim.cuda_graph=true"],
+        "method.optim.cuda_graph=True: one worker only (num_workers=2)",
+    ),
     (["method=nope"], "method='nope'"),
     (["preset=mocov2"], "preset=mocov2: pretrain has no preset option"),
     (["nope=1"], "nope: unknown configuration key"),

@@ -57,6 +57,12 @@ BAD = [
     (with_model(roi_align_kernel="cuda"), "model.roi_align_kernel='cuda'"),
     (DUPRConfig(optim=dataclasses.replace(DUPRConfig().optim, epochs=0)), "optim.epochs=0"),
     (
+        DUPRConfig(
+            optim=dataclasses.replace(DUPRConfig().optim, cuda_graph=True, amp_dtype="float16")
+        ),
+        "optim.cuda_graph=True: needs amp_dtype=bfloat16",
+    ),
+    (
         DUPRConfig(augment=dataclasses.replace(DUPRConfig().augment, photometric_on="gpu")),
         "augment.photometric_on='gpu': unknown (valid: loader, device)",
     ),

@@ -119,6 +119,52 @@ def test_compiled_model_trains_like_the_eager_one_with_the_same_checkpoint_keys(
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-3, rtol=1e-3), k
 
 
+def test_the_cuda_graph_option_trains_like_the_eager_step_and_saves_the_same_checkpoint(
+    tiny_config, images
+):
+    """optim.cuda_graph: the step runs on static inputs with its learning rate read from a
+    tensor (`dupr.train.StepGraph`; on a GPU that step is captured once and replayed, checked
+    in tests/test_cuda.py). With a warm-up and cosine schedule the learning rate changes from
+    step to step; the weights, banks, logged metrics and checkpoint equal the eager run's (the lr
+    tensor is float32, as fused SGD reads it: 1e-6)."""
+    cfg = tiny_config
+    cfg.optim.warmup_epochs = 0.5
+    logs: dict[str, list] = {"eager": [], "graph": []}
+    states = {}
+    for mode in logs:
+        cfg.optim.cuda_graph = mode == "graph"
+        states[mode], loader = setup(cfg, images)
+        train(
+            states[mode],
+            loader,
+            cfg.optim,
+            CPU,
+            log_every=1,
+            on_log=lambda step, m, mode=mode: logs[mode].append(m),
+        )
+    eager, graph = states["eager"], states["graph"]
+    assert graph.graph is not None and eager.graph is None
+    assert len(logs["graph"]) == len(logs["eager"]) == 6
+    lrs = [m["lr"] for m in logs["eager"]]
+    assert len(set(lrs)) == 4, lrs  # warm-up, then cosine: a stuck learning rate would show
+    for a, b in zip(logs["eager"], logs["graph"], strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key not in ("images_per_s", "data_wait_s"):
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6, nan_ok=True), key
+    saved_eager, saved_graph = eager.state_dict(), graph.state_dict()
+    for group in saved_graph["optimizer"]["param_groups"]:
+        assert isinstance(group["lr"], float)  # checkpoints keep the schedule's float
+    assert saved_graph["optimizer"]["param_groups"] == saved_eager["optimizer"]["param_groups"]
+    for k, v in saved_eager["model"].items():
+        assert torch.allclose(v.float(), saved_graph["model"][k].float(), atol=1e-6), k
+    # A checkpoint of the graphed run resumes in an eager process, and the other way round.
+    cfg.optim.cuda_graph = False
+    resumed, _ = setup(cfg, images)
+    resumed.load_state_dict(roundtrip(saved_graph))
+    assert resumed.step == graph.step
+
+
 class HostWaits(TorchDispatchMode):
     """Records the operators that, on a GPU, make the host wait for the device: a tensor made
     from host values (a blocking host-to-device copy), reading a value, or an output whose size

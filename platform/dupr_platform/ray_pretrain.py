@@ -148,6 +148,11 @@ class PretrainSettings:
                 f"method.optim.batch_size={batch}: {batch // self.num_workers} per worker with "
                 f"num_workers={self.num_workers}; BatchNorm needs at least 2"
             )
+        if self.method.optim.cuda_graph and self.num_workers > 1:
+            raise ConfigError(
+                f"method.optim.cuda_graph=True: one worker only (num_workers={self.num_workers}); "
+                "the collectives of DDP and Shuffle BN are not captured"
+            )
         if self.data_loader not in ("torch", "ray"):
             raise ConfigError(f"data_loader={self.data_loader!r}: valid: torch, ray")
         if self.data is not None and (not isinstance(self.data, str) or not self.data.strip()):
