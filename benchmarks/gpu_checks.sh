@@ -47,24 +47,28 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, note a failure,
   if [ -n "${OUT:-}" ]; then cp "$RESULTS" "$OUT/" 2>/dev/null || true; fi
 }
 # --noconftest: the suite's conftest starts S3/MLflow services this machine need not have.
-# bf16 logits alone, compile of the default form and CUDA graphs of the heads were measured in
-# runs 1-4 (benchmarks/RESULTS.md) and are left out; `gpu_step.py --variants` still runs them.
+# bf16 logits alone, the attention kernel alone, compile of the default form and CUDA graphs of
+# the heads alone were measured in runs 1-4 (benchmarks/RESULTS.md) and are left out;
+# `gpu_step.py --variants` still runs them. gpu_step adds each DUPR row's MoCo v2 twin (the
+# same CUDA graph and compiled backbones) by itself.
 BEST="dupr + attention + bf16 + matmul RoIAlign"
-LEVERS="mocov2,dupr,dupr + attention kernel,dupr + attention + bf16,$BEST"
-COMPILED="mocov2,dupr,mocov2 + compile all,$BEST + compile,$BEST + compile all"
-# Limits from four runs on an H200 (2026-12-04): CUDA tests 33 s (cold, 6 of today's 10),
-# gpu_step 52 s (5 variants at batch 64), gpu_profile 42 s (3 variants; 4 now), gpu_memory
-# 61 s, patch_loss_memory 31 s, gpu_input 89 s for its torch rows (its Ray rows, about 100 s
-# more, are a named step). In the order of what the open targets need most: a step that
-# runs out of time costs only itself. The compiled variants' warm-up took 38-135 s (more with
-# the backbones): they run only when STEPS names them, on a loan of their own.
+LEVERS="mocov2,dupr,dupr + attention + bf16,$BEST,$BEST + CUDA graph"
+COMPILED="mocov2,dupr,$BEST + compile + CUDA graph,mocov2 + compile all + CUDA graph"
+COMPILED+=",$BEST + compile all + CUDA graph,$BEST + compile"
+# Limits from four runs on an H200 (2026-12-04): CUDA tests 33 s (cold, 6 of today's 12),
+# gpu_step 52 s (5 variants at batch 64; 6 now), gpu_profile 42 s (3 variants; 4 now),
+# gpu_memory 61 s, patch_loss_memory 31 s, gpu_input 89 s for its torch rows (its Ray rows,
+# about 100 s more, are a named step). In the order of what the open targets need most: a step
+# that runs out of time costs only itself. The compiled variants' warm-up took 38-135 s (more
+# with the backbones): they run only when STEPS names them, on a loan of their own.
 CUDA_TESTS=("$PY" -m pytest --noconftest -p no:cacheprovider -q tests/test_cuda.py)
-step "CUDA tests" 50 "${CUDA_TESTS[@]}" -m "gpu and not slow"
-step "gpu_step" 70 "$PY" benchmarks/gpu_step.py --variants "$LEVERS" --budget-s $((60 * SCALE)) \
+step "CUDA tests" 60 "${CUDA_TESTS[@]}" -m "gpu and not slow"
+step "gpu_step" 85 "$PY" benchmarks/gpu_step.py --variants "$LEVERS" --budget-s $((72 * SCALE)) \
   --record "$RESULTS" "${QUICK[@]}"
-# Twice the batch: whether the step is bound by the host's launches (then images/s rise).
-step "gpu_step, batch 128" 65 "$PY" benchmarks/gpu_step.py --variants "mocov2,dupr,$BEST" \
-  --batch 128 --budget-s $((55 * SCALE)) --record "$RESULTS" "${QUICK[@]}"
+# Twice the batch, with and without the graph: how far launches bound the step at batch 64.
+step "gpu_step, batch 128" 40 "$PY" benchmarks/gpu_step.py --batch 128 --steps 20 \
+  --variants "mocov2,dupr,$BEST + CUDA graph" --budget-s $((32 * SCALE)) --record "$RESULTS" \
+  "${QUICK[@]}"
 step "gpu_profile" 65 "$PY" benchmarks/gpu_profile.py --record "$RESULTS" "${QUICK[@]}"
 step "gpu_input" 120 "$PY" benchmarks/gpu_input.py --loaders torch --budget-s $((105 * SCALE)) \
   --record "$RESULTS" "${QUICK[@]}"
@@ -73,7 +77,7 @@ step "gpu_memory" 70 "$PY" benchmarks/gpu_memory.py --budget-s 15 --record "$RES
 if [ -n "${STEPS:-}" ] || [ "$SCALE" -gt 1 ]; then  # named, or the rehearsal
   # The rehearsal leaves out the compiled backbones: minutes of compiling on a small CPU, for
   # gradients that inductor gets wrong there (tests/test_cuda.py checks them on the GPU).
-  if [ "$SCALE" -gt 1 ]; then COMPILED="mocov2,dupr,$BEST + compile"; fi
+  if [ "$SCALE" -gt 1 ]; then COMPILED="mocov2,dupr,$BEST + compile + CUDA graph"; fi
   step "CUDA tests, compiled" 150 "${CUDA_TESTS[@]}" -m "gpu and slow"
   step "gpu_step, compiled" 240 "$PY" benchmarks/gpu_step.py --variants "$COMPILED" \
     --budget-s $((220 * SCALE)) --record "$RESULTS" "${QUICK[@]}"

@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in args.methods:
         method, overrides = METHODS[name]
-        state, optim = build(method, args, device, **overrides)
+        state, optim = build(method, args, device, overrides)
         peaks = [peak_gib(state, optim, b, args, device) for b in args.batches]
         shown = ", ".join(f"{p:.1f} GiB" if p is not None else "-" for p in peaks)
         print(f"{name}: peaks at {args.batches}: {shown}", flush=True)

@@ -35,6 +35,8 @@ from gpu_step import VARIANTS, build, sync, synthetic_batch, time_steps  # noqa:
 from dupr.io import markdown_table  # noqa: E402
 from dupr.train import train_step  # noqa: E402
 
+# Compiled code and graph replays hide the operators: the eager variants only.
+EAGER = [n for n, v in VARIANTS.items() if v.compiled is None and not v.graph]
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize")
 # aten ops whose output size depends on the data, or that read a value: each waits for the GPU.
 SYNCING_OPS = ("aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select")
@@ -47,12 +49,15 @@ def device_time_us(event) -> float:
     )
 
 
-def profile_variant(name: str, args, device: torch.device, batch: dict) -> tuple[list, list[str]]:
-    """(the top operators' rows, summary lines) of `args.steps` profiled steps of `name`."""
-    method, overrides, compiled = VARIANTS[name]
-    if compiled is not None:
-        raise SystemExit(f"{name}: compiled variants are not profiled here")
-    state, optim = build(method, args, device, **overrides)
+def profile_variant(
+    name: str, args, device: torch.device, batch: dict
+) -> tuple[list, list[str], dict[str, tuple[float, float]]]:
+    """(the top operators' rows, summary lines, every operator's (ms, calls) per step) of
+    `args.steps` profiled steps of `name`."""
+    variant = VARIANTS[name]
+    if variant.compiled is not None or variant.graph:
+        raise SystemExit(f"{name}: compiled and graphed variants are not profiled here")
+    state, optim = build(variant.method, args, device, variant.model)
     time_steps(state, optim, batch, device, args.warmup)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
@@ -93,8 +98,20 @@ def profile_variant(name: str, args, device: torch.device, batch: dict) -> tuple
         + f"; {syncs:g} host-device synchronisations per step; ops that force one, per step: "
         + (", ".join(f"{k} {v:g}" for k, v in sorted(forcing.items())) or "none")
     ]
+    per_op = {e.key: (cost(e) / 1e3, e.count / args.steps) for e in operators if cost(e) > 0}
     del state, optim
-    return rows, summary
+    return rows, summary, per_op
+
+
+def extra_rows(name: str, per_op: dict, baseline: dict, top: int) -> list[list[str]]:
+    """The operators that take `name` more time than MoCo v2 per step, most first: where a
+    DUPR step's extra time goes (MoCo v2's backbone work is in both)."""
+    extra = {
+        op: (ms - baseline.get(op, (0.0, 0.0))[0], calls - baseline.get(op, (0.0, 0.0))[1])
+        for op, (ms, calls) in per_op.items()
+    }
+    ranked = sorted(extra.items(), key=lambda kv: kv[1][0], reverse=True)[:top]
+    return [[name, op[:60], f"{ms:+.2f}", f"{calls:+g}"] for op, (ms, calls) in ranked if ms > 0]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,15 +123,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         default="mocov2,dupr,dupr + attention + bf16,dupr + attention + bf16 + matmul RoIAlign",
-        help=f"comma-separated (of {', '.join(n for n, v in VARIANTS.items() if v[2] is None)})",
+        help=f"comma-separated (of {', '.join(EAGER)})",
     )
     parser.add_argument("--quick", action="store_true", help="ResNet-18, 64 px, batch 8, K=1024")
     parser.add_argument("--record", help="append the tables to this Markdown file")
     args = parser.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in args.variants if v not in VARIANTS or VARIANTS[v][2] is not None]
+    unknown = [v for v in args.variants if v not in EAGER]
     if unknown:
-        parser.error(f"--variants: unknown or compiled: {', '.join(unknown)}")
+        parser.error(f"--variants: unknown, compiled or graphed: {', '.join(unknown)}")
     if args.quick:
         args.backbone, args.size, args.batch, args.queue = "resnet18", 64, 8, 1024
         args.warmup, args.steps = 2, 2
@@ -129,8 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     batch = synthetic_batch(args.batch, args.size, device)
     rows: list[list[str]] = []
     summaries: list[str] = []
+    per_variant: dict[str, dict[str, tuple[float, float]]] = {}
     for name in args.variants:
-        variant_rows, summary = profile_variant(name, args, device, batch)
+        variant_rows, summary, per_variant[name] = profile_variant(name, args, device, batch)
         rows += variant_rows
         summaries += summary
         print(summary[0], flush=True)
@@ -139,6 +157,16 @@ def main(argv: list[str] | None = None) -> None:
     what = "device" if device.type == "cuda" else "CPU (self)"
     header = ["variant", "operator", f"{what} ms per step", "of the step", "calls per step"]
     table = markdown_table(rows, header, pad=True)
+    if "mocov2" in per_variant:
+        extra = [
+            row
+            for name, per_op in per_variant.items()
+            if name != "mocov2"
+            for row in extra_rows(name, per_op, per_variant["mocov2"], args.top)
+        ]
+        header = ["variant", "operator", f"{what} ms per step over MoCo v2", "calls per step over"]
+        table += "\n\nWhere the extra time goes: the operators that take each variant more time\n"
+        table += "than MoCo v2's step, most first.\n\n" + markdown_table(extra, header, pad=True)
     notes = [
         f"{args.backbone}, {args.size} px, batch {args.batch}, K={args.queue}, bf16 autocast, "
         f"channels_last; {args.steps} profiled steps after {args.warmup} warm-up steps",

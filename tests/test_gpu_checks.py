@@ -21,11 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # Installed here, absent on the GPU machine (its image holds torch, torchvision, Pillow, NumPy,
 # pyarrow, PyYAML and pytest, not the platform's stack).
 ABSENT = ("ray", "mlflow", "omegaconf", "hydra", "boto3", "botocore", "moto", "faster_coco_eval")
+BEST = "attention + bf16 + matmul RoIAlign"
 SECTIONS = (
-    "gpu_step (quick, cpu; levers: attention kernel, attention + bf16, "
-    "attention + bf16 + matmul RoIAlign)",
-    "gpu_step (quick, cpu; levers: attention + bf16 + matmul RoIAlign + compile)",
-    "gpu_step (quick, cpu; levers: attention + bf16 + matmul RoIAlign)",  # batch 128
+    f"gpu_step (quick, cpu; levers: mocov2 + CUDA graph, attention + bf16, {BEST}, "
+    f"{BEST} + CUDA graph)",
+    f"gpu_step (quick, cpu; levers: mocov2 + CUDA graph, {BEST} + compile + CUDA graph)",
+    f"gpu_step (quick, cpu; levers: mocov2 + CUDA graph, {BEST} + CUDA graph)",  # batch 128
     "gpu_profile (quick, cpu)",
     "gpu_memory (quick, cpu)",
     "patch_loss_memory (quick, cpu)",
@@ -62,9 +63,11 @@ def test_gpu_checks_rehearse_on_a_cpu_without_the_platforms_packages(tmp_path):
         assert f"## {section}" in recorded, section
     # Every lever of gpu_step got a row with a time, none an error.
     for row in (
-        "dupr + attention kernel",
-        "dupr + attention + bf16 + matmul RoIAlign",
-        "dupr + attention + bf16 + matmul RoIAlign + compile",
+        "mocov2 + CUDA graph",
+        "dupr + attention + bf16",
+        f"dupr + {BEST}",
+        f"dupr + {BEST} + CUDA graph",
+        f"dupr + {BEST} + compile + CUDA graph",
     ):
         cells = next(
             [c.strip() for c in x.split("|")]
