@@ -238,7 +238,11 @@ class StepGraph:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                metrics = optimizer_step(self.state, inputs, self.cfg, self.device)
+                # As captured (autocast's cache off): torch.compile's guards see the same state,
+                # so nothing is compiled anew while the graph records.
+                metrics = optimizer_step(
+                    self.state, inputs, self.cfg, self.device, autocast_cache=False
+                )
             torch.cuda.current_stream(self.device).wait_stream(side)
             return metrics
         if self.replay is None:
