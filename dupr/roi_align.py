@@ -73,7 +73,7 @@ def roi_align_rows(
     box = boxes.to(torch.promote_types(boxes.dtype, torch.float32))
     box = box * spatial_scale - (0.5 if aligned else 0.0)
     if h == w:  # both axes in one call: half the small kernels to launch
-        starts, ends = box[:, [1, 0]].T.reshape(-1), box[:, [3, 2]].T.reshape(-1)
+        starts, ends = torch.cat([box[:, 1], box[:, 0]]), torch.cat([box[:, 3], box[:, 2]])
         wy, wx = axis_weights(starts, ends, h, output_size, sampling_ratio, aligned).split(n)
     else:
         wy = axis_weights(box[:, 1], box[:, 3], h, output_size, sampling_ratio, aligned)
