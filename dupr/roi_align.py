@@ -30,7 +30,8 @@ def axis_weights(
     `aligned`). As torchvision: a box thinner than one cell is widened to one (aligned=False);
     sample i of bin p sits at start + p·b + (i + ½)·b/g; a sample beyond a cell outside the map
     counts as zero, one within it is clamped to the edge; bilinear weights between floor(y)
-    and floor(y) + 1; the mean over the g samples.
+    and floor(y) + 1, which for the clamped y are the tent max(0, 1 − |y − r|) over rows r; the
+    mean over the g samples.
     """
     length = end - start
     if not aligned:
@@ -39,18 +40,11 @@ def axis_weights(
     p = torch.arange(bins, device=start.device, dtype=start.dtype)[None, :, None]
     i = torch.arange(sampling_ratio, device=start.device, dtype=start.dtype)[None, None, :]
     pos = start[:, None, None] + p * bin_size + (i + 0.5) * bin_size / sampling_ratio
-    inside = ((pos >= -1.0) & (pos <= size)).to(pos.dtype)
-    pos = pos.clamp(min=0.0)
-    low = pos.floor()
-    last = low >= size - 1  # at or past the last row: all weight on it
-    low = torch.where(last, float(size - 1), low)
-    frac = torch.where(last, 0.0, pos - low)
-    low_index = low.long()
-    high_index = (low_index + 1).clamp(max=size - 1)
-    weights = pos.new_zeros(len(pos), bins, size)
-    weights.scatter_add_(2, low_index, (1.0 - frac) * inside)
-    weights.scatter_add_(2, high_index, frac * inside)
-    return weights / sampling_ratio
+    inside = ((pos >= -1.0) & (pos <= size)).to(pos.dtype)  # (N, bins, g)
+    pos = pos.clamp(0.0, size - 1.0)
+    rows = torch.arange(size, device=start.device, dtype=start.dtype)
+    tent = (1.0 - (pos[..., None] - rows).abs()).clamp(min=0.0)  # (N, bins, g, size)
+    return (tent * inside[..., None]).mean(dim=2)
 
 
 def roi_align_rows(
