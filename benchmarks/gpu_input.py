@@ -9,8 +9,10 @@ node's CPU cores. What runs, in one process on the GPU node:
 1. a folder of `--images` ImageNet-like JPEGs (~95 KB, 333-500 px), built offline from the
    bundled photos by all cores;
 2. the GPU alone: `dupr.train.train_step` of the benchmark's model (DUPR's main preset with
-   RandAugment, ResNet-50, 224 px, K = 65536, bf16, channels_last) on one batch already on the
-   GPU, as `gpu_step.py` times it; and again on uint8 crops with their colour choices, the step
+   RandAugment, ResNet-50, 224 px, K = 65536, bf16, channels_last, with the levers of the
+   `gpu_step.py` row `--variant`, by default the fastest eager ones as a CUDA graph: the data
+   must keep up with the fastest step) on one batch already on the GPU, as `gpu_step.py`
+   times it; and again on uint8 crops with their colour choices, the step
    then running the colour steps too (`augment.photometric_on=device`, `dupr.photometric`);
 3. the loader alone, one epoch without training, for each of `--loaders`:
    torch: `dupr.data.two_views.build_loader` over the folder (`--workers` processes, default
@@ -45,6 +47,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -59,17 +62,20 @@ from _common import (  # noqa: E402
     resolve_device,
     usable_cores,
 )
-from gpu_step import build, synthetic_batch, time_steps  # noqa: E402
+from gpu_step import BEST, VARIANTS, build, synthetic_batch, time_steps  # noqa: E402
 
 from dupr.config import preset  # noqa: E402
 from dupr.data import ImageFolderDataset  # noqa: E402
 from dupr.data.two_views import build_loader  # noqa: E402
 from dupr.io import markdown_table  # noqa: E402
+from dupr.model import DUPR  # noqa: E402
 from dupr.photometric import PhotometricDraw  # noqa: E402
-from dupr.train import train  # noqa: E402
+from dupr.train import compile_model, train  # noqa: E402
 from dupr.views import TwoViews  # noqa: E402
 
 METHOD = "dupr"  # the main preset: RandAugment views, the costliest augmentation
+# The gpu_step rows this can train with: DUPR's (the preset above), any levers.
+DUPR_VARIANTS = [name for name, variant in VARIANTS.items() if variant.method == METHOD]
 LOADERS = ("torch", "ray")
 PLACEMENTS = ("loader", "device")  # where the colour steps run: augment.photometric_on
 
@@ -186,7 +192,10 @@ def measure(folder: Path, shards: Path, args, device, rows: list, verdicts: list
     """Parts 2-4 of the module docstring, appending to `rows` and `verdicts` as they finish."""
     cores = usable_cores()
     # 2. The GPU alone, without and with the colour steps.
-    state, optim = build(METHOD, args, device)
+    variant = VARIANTS[args.variant]
+    state, optim = build(METHOD, args, device, variant.model, variant.graph)
+    if variant.compiled is not None:
+        compile_model(cast(DUPR, state.model), **variant.compiled)
     batch = synthetic_batch(args.batch, args.size, device)
     gpu_rate: dict[str, float] = {}
     for placement, steps_batch in (("loader", batch), ("device", colour_batch(batch, device))):
@@ -286,6 +295,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the same for the Ray rows (default device: the Ray path is for GPU nodes short "
         "of CPU, and each of its rows takes more than a minute)",
     )
+    parser.add_argument(
+        "--variant",
+        default=f"{BEST} + CUDA graph",
+        help=f"the gpu_step row whose levers the model trains with (of: {', '.join(DUPR_VARIANTS)})",
+    )
     parser.add_argument("--log-every", type=int, default=8, help="steps per logged window")
     parser.add_argument(
         "--budget-s", type=float, help="stop measuring after this long (folder build included)"
@@ -293,6 +307,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="ResNet-18, 64 px, 64 images")
     parser.add_argument("--record", help="append the table to this Markdown file")
     args = parser.parse_args(argv)
+    if args.variant not in DUPR_VARIANTS:
+        parser.error(f"--variant: {args.variant!r} is not one of {', '.join(DUPR_VARIANTS)}")
     args.loaders = [name.strip() for name in args.loaders.split(",") if name.strip()]
     if any(name not in LOADERS for name in args.loaders):
         parser.error(f"--loaders: valid are {', '.join(LOADERS)}")
@@ -351,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = preset(METHOD)
     notes = [
         f"{METHOD} preset ({cfg.augment.preset} views), {args.backbone}, {args.size} px, batch "
-        f"{args.batch}, K={args.queue}, bf16 autocast (on a GPU), channels_last",
+        f"{args.batch}, K={args.queue}, bf16 autocast (on a GPU), channels_last; levers: "
+        f"{args.variant.removeprefix('dupr + ')}",
         f"{args.images} ImageNet-like JPEGs ({size / args.images / 1024:.0f} KB average), page "
         f"cache warm after the first epoch; {cores} usable cores",
         "colour steps in the loader: PIL per image in the loader processes; on the device: "
