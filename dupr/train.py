@@ -257,7 +257,8 @@ class StepGraph:
         return dict(zip(self.names, self.packed.clone().unbind(), strict=True))
 
     def _step(self) -> None:
-        """One optimizer step on the static inputs, reading the learning rate from `self.lr`."""
+        """One optimizer step on the static inputs, reading the learning rate from `self.lr`
+        (`build_optimizer` makes one param group, whose learning rate `__call__` copies)."""
         groups = self.state.optimizer.param_groups
         floats = [group["lr"] for group in groups]
         for group in groups:
