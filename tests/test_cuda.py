@@ -4,7 +4,7 @@ CI has no GPU, so these run when a GPU machine is at hand, together with the GPU
 `bash benchmarks/gpu_checks.sh` (needs only torch, torchvision and pytest there). The CPU tests
 cover the same code on gloo and float32 (test_distributed.py, test_train.py); what only a GPU
 shows is what is checked here: that autocast and channels_last change the numbers no more than
-bf16 rounding does, that the memory banks stay float32, that the GPU's attention kernels (flash,
+bf16 rounding does, that a step captured as a CUDA graph trains like the eager one, that the memory banks stay float32, that the GPU's attention kernels (flash,
 memory-efficient) give the patch loss of the matmul form, that the colour steps on the device give
 the CPU's pixels, and that Shuffle BN and the gathered
 bank keys run on an NCCL process group. (NCCL gives each rank its own GPU, so a one-GPU machine checks
