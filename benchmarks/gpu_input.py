@@ -47,7 +47,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import cast
 
 import torch
 
@@ -62,15 +61,14 @@ from _common import (  # noqa: E402
     resolve_device,
     usable_cores,
 )
-from gpu_step import BEST, VARIANTS, build, synthetic_batch, time_steps  # noqa: E402
+from gpu_step import BEST, VARIANTS, build_variant, synthetic_batch, time_steps  # noqa: E402
 
 from dupr.config import preset  # noqa: E402
 from dupr.data import ImageFolderDataset  # noqa: E402
 from dupr.data.two_views import build_loader  # noqa: E402
 from dupr.io import markdown_table  # noqa: E402
-from dupr.model import DUPR  # noqa: E402
 from dupr.photometric import PhotometricDraw  # noqa: E402
-from dupr.train import compile_model, train  # noqa: E402
+from dupr.train import train  # noqa: E402
 from dupr.views import TwoViews  # noqa: E402
 
 METHOD = "dupr"  # the main preset: RandAugment views, the costliest augmentation
@@ -192,10 +190,7 @@ def measure(folder: Path, shards: Path, args, device, rows: list, verdicts: list
     """Parts 2-4 of the module docstring, appending to `rows` and `verdicts` as they finish."""
     cores = usable_cores()
     # 2. The GPU alone, without and with the colour steps.
-    variant = VARIANTS[args.variant]
-    state, optim = build(METHOD, args, device, variant.model, variant.graph)
-    if variant.compiled is not None:
-        compile_model(cast(DUPR, state.model), **variant.compiled)
+    state, optim = build_variant(VARIANTS[args.variant], args, device)
     batch = synthetic_batch(args.batch, args.size, device)
     gpu_rate: dict[str, float] = {}
     for placement, steps_batch in (("loader", batch), ("device", colour_batch(batch, device))):

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import add_model_arguments, machine_lines, report, resolve_device  # noqa: E402
-from gpu_step import VARIANTS, build, sync, synthetic_batch, time_steps  # noqa: E402
+from gpu_step import VARIANTS, build_variant, sync, synthetic_batch, time_steps  # noqa: E402
 
 from dupr.io import markdown_table  # noqa: E402
 from dupr.train import train_step  # noqa: E402
@@ -57,7 +57,7 @@ def profile_variant(
     variant = VARIANTS[name]
     if variant.compiled is not None or variant.graph:
         raise SystemExit(f"{name}: compiled and graphed variants are not profiled here")
-    state, optim = build(variant.method, args, device, variant.model)
+    state, optim = build_variant(variant, args, device)
     time_steps(state, optim, batch, device, args.warmup)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)

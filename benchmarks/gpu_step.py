@@ -110,7 +110,6 @@ VARIANTS: dict[str, Variant] = {
         "dupr", ATTENTION_BF16 | MATMUL_ROI, {"backbones": True}, True
     ),
 }
-COMPILED = [name for name, variant in VARIANTS.items() if variant.compiled is not None]
 
 
 def twin(name: str) -> str:
@@ -171,6 +170,16 @@ def build(
     validate(cfg)
     model = DUPR(cfg.model).to(device).to(memory_format=torch.channels_last)
     return build_state(model, cfg.optim, 10_000, device), cfg.optim
+
+
+def build_variant(
+    variant: Variant, args: argparse.Namespace, device: torch.device
+) -> tuple[TrainState, OptimConfig]:
+    """`build` with a row's levers: its model overrides, its graph, compiled as it says."""
+    state, optim = build(variant.method, args, device, variant.model, variant.graph)
+    if variant.compiled is not None:  # optim.compile's function
+        compile_model(cast(DUPR, state.model), **variant.compiled)
+    return state, optim
 
 
 def count_flops(state, optim, batch, device) -> tuple[float, dict[str, float]]:
@@ -324,9 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         def prepare(name=name, variant=variant):
             # The variant's own peak: the states built before it stay allocated.
             before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-            state, optim = build(variant.method, args, device, variant.model, variant.graph)
-            if variant.compiled is not None:  # optim.compile's function
-                compile_model(cast(DUPR, state.model), **variant.compiled)
+            state, optim = build_variant(variant, args, device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
