@@ -222,11 +222,13 @@ def info_nce(
             neg_lse, neg_max = negatives_logsumexp(q, bank, tau, memory_mb, logits_dtype)
             correct = pos.detach() > neg_max
         else:
-            low = logits_dtype or dtype
-            neg_lse = AttentionLogSumExp.apply(q.to(low), bank.to(low), tau)
+            q_low, bank_low = q.to(logits_dtype or dtype), bank.to(logits_dtype or dtype)
+            neg_lse = AttentionLogSumExp.apply(q_low, bank_low, tau)
             sample = accuracy_rows(len(q), kernel)
-            with torch.no_grad():
-                neg_max = negatives_max(q[sample], bank, tau, memory_mb, logits_dtype)
+            with torch.no_grad():  # the same matmul precision, from the same casts
+                neg_max = negatives_max(q_low[sample].detach(), bank_low, tau, memory_mb)
             correct = pos.detach()[sample] > neg_max
-        loss = torch.logaddexp(pos, neg_lse.to(dtype)) - pos
+        # log(exp(pos) + exp(neg_lse)) - pos, as one operator: its backward is one kernel
+        # where logaddexp's and the subtraction's are nine.
+        loss = torch.nn.functional.softplus(neg_lse.to(dtype) - pos)
     return loss, correct
