@@ -24,27 +24,31 @@ from torch import Tensor
 def axis_weights(
     start: Tensor, end: Tensor, size: int, bins: int, sampling_ratio: int, aligned: bool
 ) -> Tensor:
-    """(N, bins, size): the weight of each map row (or column) in each bin along one axis.
+    """(..., bins, size): the weight of each map row (or column) in each bin along one axis.
 
-    start, end: (N,) box edges in map units (already scaled, and shifted by half a cell when
+    start, end: (...) box edges in map units (already scaled, and shifted by half a cell when
     `aligned`). As torchvision: a box thinner than one cell is widened to one (aligned=False);
-    sample i of bin p sits at start + p·b + (i + ½)·b/g; a sample beyond a cell outside the map
-    counts as zero, one within it is clamped to the edge; bilinear weights between floor(y)
-    and floor(y) + 1, which for the clamped y are the tent max(0, 1 − |y − r|) over rows r; the
-    mean over the g samples.
+    sample i of bin p sits at start + p·b + (i + ½)·b/g, with b the bin's length; a sample
+    beyond a cell outside the map counts as zero, one within it is clamped to the edge;
+    bilinear weights between floor(y) and floor(y) + 1, which for the clamped y are the tent
+    max(0, 1 − |y − r|) over rows r; the mean over the g samples.
+
+    Written in few operators (each a kernel launch on a GPU, where these tensors are tiny): the
+    samples, numbered j = p·g + i, sit at the fractions (j + ½) / (bins·g) of the box.
     """
     length = end - start
     if not aligned:
         length = length.clamp(min=1.0)
-    bin_size = (length / bins)[:, None, None]
-    p = torch.arange(bins, device=start.device, dtype=start.dtype)[None, :, None]
-    i = torch.arange(sampling_ratio, device=start.device, dtype=start.dtype)[None, None, :]
-    pos = start[:, None, None] + p * bin_size + (i + 0.5) * bin_size / sampling_ratio
-    inside = ((pos >= -1.0) & (pos <= size)).to(pos.dtype)  # (N, bins, g)
-    pos = pos.clamp(0.0, size - 1.0)
+    samples = bins * sampling_ratio
+    fractions = torch.linspace(
+        0.5 / samples, 1.0 - 0.5 / samples, samples, device=start.device, dtype=start.dtype
+    )
+    pos = torch.addcmul(start[..., None], length[..., None], fractions)  # (..., bins·g)
+    inside = (pos >= -1.0) & (pos <= size)
     rows = torch.arange(size, device=start.device, dtype=start.dtype)
-    tent = (1.0 - (pos[..., None] - rows).abs()).clamp(min=0.0)  # (N, bins, g, size)
-    return (tent * inside[..., None]).mean(dim=2)
+    tent = (1.0 - (pos.clamp(0.0, size - 1.0)[..., None] - rows).abs()).clamp(min=0.0)
+    tent = torch.where(inside[..., None], tent, 0.0)  # (..., bins·g, size)
+    return tent.view(*start.shape, bins, sampling_ratio, size).mean(dim=-2)
 
 
 def roi_align_rows(
@@ -65,13 +69,16 @@ def roi_align_rows(
     n, c, h, w = feat.shape
     # Positions in float32 at least (float64 kept): a bf16 box would be off by pixels.
     box = boxes.to(torch.promote_types(boxes.dtype, torch.float32))
-    box = box * spatial_scale - (0.5 if aligned else 0.0)
+    box = box * spatial_scale
+    if aligned:
+        box = box - 0.5
     if h == w:  # both axes in one call: half the small kernels to launch
-        starts, ends = torch.cat([box[:, 1], box[:, 0]]), torch.cat([box[:, 3], box[:, 2]])
-        wy, wx = axis_weights(starts, ends, h, output_size, sampling_ratio, aligned).split(n)
+        weights = axis_weights(box[:, :2], box[:, 2:], h, output_size, sampling_ratio, aligned)
+        wx, wy = weights.to(feat.dtype).unbind(1)  # (N, 2 axes: x, y, S, H)
     else:
         wy = axis_weights(box[:, 1], box[:, 3], h, output_size, sampling_ratio, aligned)
         wx = axis_weights(box[:, 0], box[:, 2], w, output_size, sampling_ratio, aligned)
+        wy, wx = wy.to(feat.dtype), wx.to(feat.dtype)
     rows = feat.permute(0, 2, 3, 1).reshape(n, h, w * c)  # (N, H, W·C)
-    cols = torch.matmul(wy.to(feat.dtype), rows).view(n, output_size, w, c)  # over H
-    return torch.matmul(wx.to(feat.dtype)[:, None], cols)  # over W: (N, S, S, C)
+    cols = torch.matmul(wy, rows).view(n, output_size, w, c)  # over H
+    return torch.matmul(wx[:, None], cols)  # over W: (N, S, S, C)
