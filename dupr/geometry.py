@@ -36,15 +36,13 @@ def to_view(box: Tensor, crop: Tensor, size: int) -> Tensor:
     region is the right one but its left-right order is reversed: a pooled S×S grid from it must
     be mirrored back (see `unflip_grid`).
     """
-    scale_x = size / (crop[:, 2] - crop[:, 0])
-    scale_y = size / (crop[:, 3] - crop[:, 1])
-    u1 = (box[:, 0] - crop[:, 0]) * scale_x
-    u2 = (box[:, 2] - crop[:, 0]) * scale_x
-    v1 = (box[:, 1] - crop[:, 1]) * scale_y
-    v2 = (box[:, 3] - crop[:, 1]) * scale_y
-    flipped = crop[:, 4] > 0.5
-    u1, u2 = torch.where(flipped, size - u2, u1), torch.where(flipped, size - u1, u2)
-    return torch.stack([u1, v1, u2, v2], dim=1)
+    corners = box.reshape(-1, 2, 2)  # [[x1, y1], [x2, y2]]
+    scale = size / (crop[:, 2:4] - crop[:, 0:2])  # (N, 2): x and y
+    uv = (corners - crop[:, None, 0:2]) * scale[:, None]
+    # Mirrored: u ← size − u, and the left and right edges trade places.
+    mirrored = torch.stack([size - uv[:, :, 0].flip(1), uv[:, :, 1]], dim=2)
+    flipped = (crop[:, 4] > 0.5)[:, None, None]
+    return torch.where(flipped, mirrored, uv).flatten(1)
 
 
 def to_original(points: Tensor, crop: Tensor, size: int) -> Tensor:
@@ -64,23 +62,26 @@ def view_boxes(crop1: Tensor, crop2: Tensor, size: int) -> tuple[Tensor, Tensor,
     their patch loss is masked out by the flag.
     """
     box, overlaps = intersection(crop1, crop2)
-    # Filled on the device: a tensor made from host values (`new_tensor([0, 0, size, size])`)
-    # is a blocking host-to-device copy, which made the host wait for the GPU every step.
-    whole = torch.zeros_like(box)
+    # Both views in one call (half the small kernels to launch). The stand-in is filled on the
+    # device: a tensor made from host values (`new_tensor([0, 0, size, size])`) is a blocking
+    # host-to-device copy, which made the host wait for the GPU every step.
+    boxes = to_view(box.repeat(2, 1), torch.cat([crop1, crop2]), size)
+    whole = torch.zeros_like(boxes)
     whole[:, 2:].fill_(float(size))
-    b1 = torch.where(overlaps[:, None], to_view(box, crop1, size), whole)
-    b2 = torch.where(overlaps[:, None], to_view(box, crop2, size), whole)
+    b1, b2 = torch.where(overlaps.repeat(2)[:, None], boxes, whole).chunk(2)
     return b1, b2, overlaps
 
 
-def spans_a_cell(box: Tensor, stride: int) -> Tensor:
-    """Whether view boxes (N, 4) are at least one feature cell (`stride` pixels) wide and high.
+def shortest_side(box1: Tensor, box2: Tensor) -> Tensor:
+    """The shortest side of each pair's view boxes (N, 4) in either view, in view pixels.
 
-    RoIAlign with aligned=False widens a thinner RoI to one cell from its top-left corner: in a
-    flipped view that corner is the other side of B, and the two views' scales differ, so the
-    two pooled grids would cover different parts of the image. Such pairs are not positives.
+    A pair's patches are positives at a level only where B spans at least one of its cells
+    (`stride` pixels) in both views, i.e. where this is >= the level's stride: RoIAlign with
+    aligned=False widens a thinner RoI to one cell from its top-left corner; in a flipped view
+    that corner is the other side of B, and the two views' scales differ, so the two pooled
+    grids would cover different parts of the image.
     """
-    return ((box[:, 2] - box[:, 0]) >= stride) & ((box[:, 3] - box[:, 1]) >= stride)
+    return torch.minimum(box1[:, 2:] - box1[:, :2], box2[:, 2:] - box2[:, :2]).amin(dim=1)
 
 
 def unflip_grid(grid: Tensor, crop: Tensor) -> Tensor:

@@ -1,4 +1,8 @@
-"""Projection heads: image-level (GAP + MLP, Eq. 8's h) and patch-level (RoIAlign + pixel-wise MLP, Eq. 5–6's g)."""
+"""Projection heads: image-level (GAP + MLP, Eq. 8's h) and patch-level (RoIAlign + pixel-wise MLP, Eq. 5–6's g).
+
+The heads return raw embeddings; the encoder L2-normalises all of them in one call
+(`normalize_rows`), as MoCo's builder normalises the encoder's output.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,23 @@ from dupr.geometry import unflip_grid
 from dupr.roi_align import roi_align_rows
 
 
+def normalize_rows(*embeddings: Tensor) -> list[Tensor]:
+    """Each (..., d) tensor L2-normalised over d, in one `F.normalize` on all their rows.
+
+    Why one call: with α and β on four levels an encoder has up to eight heads, and
+    F.normalize is 3 kernels forward and 15 backward per call; at a per-GPU batch of 64 these
+    launches, not their arithmetic, are what they cost (benchmarks/step_operators.py). The
+    values are those of one call per tensor.
+    """
+    rows = [e.reshape(-1, e.shape[-1]) for e in embeddings]
+    unit = F.normalize(rows[0] if len(rows) == 1 else torch.cat(rows), dim=1)
+    pieces = unit.split([len(r) for r in rows])
+    return [u.view(e.shape) for u, e in zip(pieces, embeddings, strict=True)]
+
+
 class ImageHead(nn.Module):
-    """v = h(GAP(f)): MoCo v2's two-layer MLP on the globally pooled feature map."""
+    """h(GAP(f)): MoCo v2's two-layer MLP on the globally pooled feature map (v of Eq. 8 once
+    L2-normalised)."""
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
         super().__init__()
@@ -22,11 +41,12 @@ class ImageHead(nn.Module):
         )
 
     def forward(self, feat: Tensor) -> Tensor:
-        return F.normalize(self.mlp(feat.mean(dim=(2, 3))), dim=1)
+        return self.mlp(feat.mean(dim=(2, 3)))
 
 
 class PatchHead(nn.Module):
-    """r = g(RoIAlign(f, B_v)) (Eq. 5–6): S×S patch embeddings of the intersection box.
+    """g(RoIAlign(f, B_v)) (Eq. 5–6): S×S patch embeddings of the intersection box (r once
+    L2-normalised).
 
     g is the paper's pixel-wise MLP ("implemented by a 1×1 convolution"), run here as Linear
     layers on each cell's feature vector: the pooled cells are laid out as rows (N, S, S, C), so
@@ -80,12 +100,12 @@ class PatchHead(nn.Module):
         return pooled.to(feat.dtype, memory_format=torch.channels_last).permute(0, 2, 3, 1)
 
     def forward(self, feat: Tensor, boxes: Tensor, crops: Tensor) -> Tensor:
-        """Patch embeddings r (N, d, S, S), L2-normalised over d, un-mirrored; stored cell-major
-        (channels_last), so that the patch loss's (N·S², d) rows are a view."""
+        """Patch embeddings (N, d, S, S), un-mirrored; stored cell-major (channels_last), so
+        that the (N·S², d) rows are a view."""
         cells = self.pool(feat, boxes)  # (N, S, S, C)
         # On the (N·S², C) rows: the in-place ReLU then acts on a matmul's own output, not on
         # a view of it, which autograd would have to copy around.
-        rows = F.normalize(self.mlp(cells.flatten(0, 2)), dim=1)
+        rows = self.mlp(cells.flatten(0, 2))
         return unflip_grid(rows.view(*cells.shape[:3], -1).permute(0, 3, 1, 2), crops)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:

@@ -20,8 +20,8 @@ from torch import Tensor
 from dupr import distributed as D
 from dupr.backbone import ResNetBackbone
 from dupr.config import LEVELS, STRIDES, ModelConfig
-from dupr.geometry import spans_a_cell, view_boxes
-from dupr.heads import ImageHead, PatchHead
+from dupr.geometry import shortest_side, view_boxes
+from dupr.heads import ImageHead, PatchHead, normalize_rows
 from dupr.losses import accuracy_rows, info_nce
 from dupr.memory_bank import MemoryBank
 from dupr.sync_batchnorm import SyncBatchNorm
@@ -64,14 +64,19 @@ class Encoder(nn.Module):
     def forward(
         self, images: Tensor, boxes: Tensor, crops: Tensor
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Image embeddings v (N, d) and patch embeddings r (N, d, S, S) per level name."""
+        """Image embeddings v (N, d) and patch embeddings r (N, d, S, S) per level name, each
+        L2-normalised over d."""
         feats = self.backbone(images, self.up_to)
         image = {name: head(feats[LEVELS.index(name)]) for name, head in self.image_heads.items()}
         patch = {
-            name: head(feats[LEVELS.index(name)], boxes, crops)
+            name: head(feats[LEVELS.index(name)], boxes, crops).permute(0, 2, 3, 1)
             for name, head in self.patch_heads.items()
-        }
-        return image, patch
+        }  # as (N, S, S, d): cell-major, the rows a view
+        unit = iter(normalize_rows(*image.values(), *patch.values()))
+        return (
+            {name: next(unit) for name in image},
+            {name: next(unit).permute(0, 3, 1, 2) for name in patch},
+        )
 
 
 class DUPR(nn.Module):
@@ -124,8 +129,9 @@ class DUPR(nn.Module):
             metrics[f"loss/image_{name}"] = loss.detach()
             metrics[f"acc/image_{name}"] = correct.float().mean()
         # A pair counts at a level where B spans at least one of its cells in both views.
+        side = shortest_side(box_q, box_k)
         valid = {
-            name: overlap & spans_a_cell(box_q, stride) & spans_a_cell(box_k, stride)
+            name: overlap & (side >= stride)
             for name, stride in zip(LEVELS, STRIDES, strict=True)
             if name in patch_q
         }
@@ -153,7 +159,7 @@ class DUPR(nn.Module):
         The paper writes Eq. 7 as a sum over the S×S positions p; we divide by the number of
         positions and images so that β_m = 1 weighs a level like α_m = 1 does for the mean of
         Eq. 8. Pairs that are not `valid` at this level (crops that do not overlap, or overlap
-        by less than one cell: `dupr.geometry.spans_a_cell`) contribute nothing (and where none
+        by less than one cell: `dupr.geometry.shortest_side`) contribute nothing (and where none
         is valid, the loss is a zero still connected to the patch head, so every parameter gets
         a gradient and DDP's reducer is satisfied). Under DDP each
         rank divides by the global count / world size, so that DDP's gradient average equals

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torchvision
 
 from dupr.config import LEVELS, preset
-from dupr.geometry import spans_a_cell, view_boxes
+from dupr.geometry import shortest_side, view_boxes
 from dupr.losses import BF16_LOGITS_BOUNDS, info_nce
 from dupr.model import DUPR
 from dupr.sync_batchnorm import SyncBatchNorm
@@ -156,10 +156,13 @@ def test_a_thin_flipped_overlap_counts_only_at_the_levels_whose_cells_it_spans()
     assert model.banks["patch_conv4"].ptr.item() == 8
 
 
-def test_spans_a_cell_in_view_pixels():
+def test_shortest_side_of_a_pair_in_view_pixels():
     boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0], [0.0, 0.0, 31.9, 40.0], [5.0, 5.0, 45.0, 36.9]])
-    assert spans_a_cell(boxes, 32).tolist() == [True, False, False]
-    assert spans_a_cell(boxes, 16).tolist() == [True, True, True]
+    wide = torch.tensor([[0.0, 0.0, 50.0, 50.0]]).expand(3, 4)
+    assert shortest_side(boxes, wide).tolist() == pytest.approx([32.0, 31.9, 31.9])
+    assert shortest_side(wide, boxes).tolist() == pytest.approx([32.0, 31.9, 31.9])
+    narrow = torch.tensor([[10.0, 10.0, 60.0, 30.0]]).expand(3, 4)  # 20 pixels high
+    assert shortest_side(boxes, narrow).tolist() == pytest.approx([20.0, 20.0, 20.0])
 
 
 def test_patch_loss_averages_over_valid_cells_only():
@@ -302,11 +305,11 @@ def test_patch_head_is_the_papers_1x1_convolutions_on_the_unmirrored_roi_grid():
     pooled = unflip_grid(roi_align(feat, rois, 5, spatial_scale=1 / 8, sampling_ratio=2), crops)
     conv1, conv2 = head.mlp[0], head.mlp[2]
     hidden = F.relu(F.conv2d(pooled, conv1.weight[..., None, None], conv1.bias))
-    want = F.normalize(F.conv2d(hidden, conv2.weight[..., None, None], conv2.bias), dim=1)
+    want = F.conv2d(hidden, conv2.weight[..., None, None], conv2.bias)
 
     got = head(feat, boxes, crops)
     assert got.shape == (6, 16, 5, 5)
-    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(got, want, atol=1e-5)
     rows = got.flatten(2).transpose(1, 2).flatten(0, 1)  # as DUPR.patch_loss reads them
     assert rows.data_ptr() == got.data_ptr() and rows.is_contiguous()
 
@@ -317,3 +320,37 @@ def test_patch_head_is_the_papers_1x1_convolutions_on_the_unmirrored_roi_grid():
     fresh = PatchHead(24, 32, 16, roi_size=5, stride=8)
     fresh.load_state_dict(conv_state)
     assert torch.equal(fresh(feat, boxes, crops), got)
+
+
+def test_the_encoder_normalises_every_embedding_as_one_call_per_head_would():
+    """`normalize_rows` puts the heads' rows through one F.normalize: the same values and
+    gradients as one call per head, image embeddings and patch grids in their own shapes
+    and cell-major layout."""
+    from dupr.heads import normalize_rows
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(4, 16, generator=g, dtype=torch.float64).requires_grad_()
+    grid = torch.randn(4, 5, 5, 16, generator=g, dtype=torch.float64).requires_grad_()
+    unit_image, unit_grid = normalize_rows(image, grid)
+    assert unit_image.shape == (4, 16) and unit_grid.shape == (4, 5, 5, 16)
+    assert torch.allclose(unit_image, F.normalize(image, dim=1), atol=1e-15)
+    assert torch.allclose(unit_grid, F.normalize(grid, dim=3), atol=1e-15)
+    up_image, up_grid = torch.randn(4, 16, generator=g), torch.randn(4, 5, 5, 16, generator=g)
+    grads = torch.autograd.grad(
+        (unit_image * up_image).sum() + (unit_grid * up_grid).sum(), (image, grid)
+    )
+    want = torch.autograd.grad(
+        (F.normalize(image, dim=1) * up_image).sum() + (F.normalize(grid, dim=3) * up_grid).sum(),
+        (image, grid),
+    )
+    for got, expected in zip(grads, want, strict=True):
+        assert torch.allclose(got, expected, atol=1e-12)
+
+    model = DUPR(tiny_model_config())
+    im_q, _, crop_q, _ = random_batch(2, 64)
+    box = torch.tensor([[0.0, 0.0, 64.0, 64.0]]).expand(2, 4)
+    image_q, patch_q = model.encoder_q(im_q, box, crop_q)
+    for v in [*image_q.values(), *patch_q.values()]:
+        assert torch.allclose(v.norm(dim=1), torch.ones(()), atol=1e-5)
+    for r in patch_q.values():  # (N, d, S, S) whose (N·S², d) rows are a view
+        assert r.permute(0, 2, 3, 1).is_contiguous()
