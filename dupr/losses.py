@@ -188,7 +188,8 @@ def negatives_max(
     chunk = logsumexp_chunk(len(q), len(bank), memory_mb, torch.finfo(accumulate).bits // 8)
     chunk = chunk or len(bank)
     maxima = [(q @ bank[s : s + chunk].T).amax(dim=1) for s in range(0, len(bank), chunk)]
-    return torch.stack(maxima).amax(dim=0).to(accumulate) / tau
+    largest = maxima[0] if len(maxima) == 1 else torch.stack(maxima).amax(dim=0)
+    return largest.to(accumulate) / tau
 
 
 def accuracy_rows(n: int, kernel: str) -> slice:

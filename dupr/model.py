@@ -118,7 +118,7 @@ class DUPR(nn.Module):
             image_k, patch_k = self.keys(im_k, box_k, crop_k)
 
         total = im_q.new_zeros((), dtype=torch.float32)
-        metrics: dict[str, Tensor] = {"overlap": overlap.float().mean()}
+        metrics: dict[str, Tensor] = {"overlap": overlap.mean(dtype=torch.float32)}
         for name, q in image_q.items():
             weight = cfg.alpha[LEVELS.index(name)]
             loss, correct = self.info_nce(
@@ -127,7 +127,7 @@ class DUPR(nn.Module):
             loss = loss.mean()  # Eq. 8, averaged over the images of the batch
             total = total + weight * loss
             metrics[f"loss/image_{name}"] = loss.detach()
-            metrics[f"acc/image_{name}"] = correct.float().mean()
+            metrics[f"acc/image_{name}"] = correct.mean(dtype=torch.float32)
         # A pair counts at a level where B spans at least one of its cells in both views.
         side = shortest_side(box_q, box_k)
         valid = {
@@ -145,7 +145,7 @@ class DUPR(nn.Module):
             total = total + weight * loss
             metrics[f"loss/patch_{name}"] = loss.detach()
             metrics[f"acc/patch_{name}"] = acc
-            metrics[f"valid/patch_{name}"] = valid[name].float().mean()
+            metrics[f"valid/patch_{name}"] = valid[name].mean(dtype=torch.float32)
         metrics["loss"] = total.detach()
 
         self.enqueue(image_k, patch_k, valid)  # after the loss: a key is never its own negative
@@ -172,7 +172,7 @@ class DUPR(nn.Module):
         q = r_q.flatten(2).transpose(1, 2).flatten(0, 1)  # (N·S², d), cell-major per image
         k = r_k.flatten(2).transpose(1, 2).flatten(0, 1)
         counts = valid.repeat_interleave(cells)
-        denom = (n_valid_global * cells).clamp(min=1).float() / D.world_size()
+        denom = (n_valid_global * cells).clamp(min=1) / D.world_size()  # a float
         losses, correct = self.info_nce(
             q,
             k,
