@@ -43,7 +43,9 @@ BF16_LOGITS_BOUNDS = (1e-4, 1e-3)
 
 
 class ChunkedLogSumExp(torch.autograd.Function):
-    """logsumexp(q @ bank.T / τ, dim=1) without materialising the whole logit matrix.
+    """logsumexp(q @ bank.T, dim=1) without materialising the whole logit matrix (q comes
+    divided by τ already: one pass over the n × d queries instead of one over every n × chunk
+    block of logits, forward and backward).
 
     Forward keeps a running maximum and a rescaled running sum over chunks of the bank; backward
     recomputes each chunk's softmax. The bank is a constant (memory banks get no gradient).
@@ -53,13 +55,13 @@ class ChunkedLogSumExp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, bank: Tensor, tau: float, chunk: int) -> tuple[Tensor, Tensor]:
+    def forward(ctx, q: Tensor, bank: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
         acc = torch.promote_types(q.dtype, torch.float32)  # what the logits are summed in
         run_max = q.new_full((len(q),), -math.inf, dtype=acc)
         run_sum = q.new_zeros(len(q), dtype=acc)
         for start in range(0, len(bank), chunk):
             # In place: one (n × chunk) buffer at a time (.to is a no-op where q is float32).
-            logits = torch.mm(q, bank[start : start + chunk].T).to(acc).div_(tau)
+            logits = torch.mm(q, bank[start : start + chunk].T).to(acc)
             new_max = torch.maximum(run_max, logits.max(dim=1).values)
             run_sum = run_sum * torch.exp(run_max - new_max) + logits.sub_(
                 new_max[:, None]
@@ -68,7 +70,7 @@ class ChunkedLogSumExp(torch.autograd.Function):
             del logits
         lse = run_max + torch.log(run_sum)
         ctx.save_for_backward(q, bank, lse)
-        ctx.tau, ctx.chunk = tau, chunk
+        ctx.chunk = chunk
         ctx.mark_non_differentiable(run_max)
         return lse, run_max
 
@@ -76,17 +78,18 @@ class ChunkedLogSumExp(torch.autograd.Function):
     def backward(ctx, grad_lse: Tensor, _grad_max: Tensor):
         q, bank, lse = ctx.saved_tensors
         acc = lse.dtype
-        grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
-        weight = (grad_lse / ctx.tau)[:, None]
+        # ∂lse/∂q = Σ_t softmax_t · r_t; the upstream gradient weighs each row once, at the end,
+        # rather than every element of every chunk's softmax.
+        expected = torch.zeros(q.shape, dtype=acc, device=q.device)
         for start in range(0, len(bank), ctx.chunk):
             keys = bank[start : start + ctx.chunk]
-            probs = torch.mm(q, keys.T).to(acc).div_(ctx.tau).sub_(lse[:, None]).exp_().mul_(weight)
+            probs = torch.mm(q, keys.T).to(acc).sub_(lse[:, None]).exp_()
             if keys.dtype == acc:
-                grad_q.addmm_(probs, keys)
+                expected.addmm_(probs, keys)
             else:  # the matmul in the bank's (bfloat16) precision, its sum over chunks in float32
-                grad_q += torch.mm(probs.to(keys.dtype), keys).to(acc)
+                expected += torch.mm(probs.to(keys.dtype), keys).to(acc)
             del probs
-        return grad_q.to(q.dtype), None, None, None
+        return (grad_lse[:, None] * expected).to(q.dtype), None, None
 
 
 class AttentionLogSumExp(torch.autograd.Function):
@@ -151,13 +154,14 @@ def negatives_logsumexp(
     """
     n, k = len(q), len(bank)
     accumulate = torch.promote_types(q.dtype, torch.float32)
+    q = q / tau  # on the n × d queries, before any cast, not on the n × K logits
     if logits_dtype is not None:
         q, bank = q.to(logits_dtype), bank.to(logits_dtype)
     chunk = logsumexp_chunk(n, k, memory_mb, torch.finfo(accumulate).bits // 8)
     if chunk is None:
-        logits = (q @ bank.T).to(accumulate) / tau
+        logits = (q @ bank.T).to(accumulate)
         return torch.logsumexp(logits, dim=1), logits.detach().max(dim=1).values
-    return ChunkedLogSumExp.apply(q, bank, tau, chunk)
+    return ChunkedLogSumExp.apply(q, bank, chunk)
 
 
 def logsumexp_chunk(n: int, k: int, memory_mb: float, bytes_per_logit: int = 4) -> int | None:
