@@ -38,6 +38,8 @@ from dupr.train import train_step  # noqa: E402
 # Compiled code and graph replays hide the operators: the eager variants only.
 EAGER = [n for n, v in VARIANTS.items() if v.compiled is None and not v.graph]
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize")
+# The runtime calls that start a kernel: what benchmarks/step_operators.py counts on any machine.
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 # aten ops whose output size depends on the data, or that read a value: each waits for the GPU.
 SYNCING_OPS = ("aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select")
 
@@ -80,6 +82,7 @@ def profile_variant(
 
     busy = sum(cost(e) for e in kernels) / 1e3 if on_gpu else None
     syncs = sum(e.count for e in operators if e.key in SYNC_CALLS) / args.steps
+    launches = sum(e.count for e in operators if e.key in LAUNCH_CALLS) / args.steps
     forcing = {e.key: e.count / args.steps for e in operators if e.key in SYNCING_OPS}
     top = sorted(operators, key=cost, reverse=True)[: args.top]
     rows = [
@@ -95,6 +98,7 @@ def profile_variant(
     summary = [
         f"{name}: {wall * 1e3:.1f} ms per step (profiled), GPU busy "
         + (f"{busy:.1f} ms ({busy / (wall * 1e3):.0%})" if busy is not None else "- (no GPU)")
+        + (f"; {launches:g} kernel launches per step" if on_gpu else "")
         + f"; {syncs:g} host-device synchronisations per step; ops that force one, per step: "
         + (", ".join(f"{k} {v:g}" for k, v in sorted(forcing.items())) or "none")
     ]
