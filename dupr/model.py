@@ -247,14 +247,20 @@ class DUPR(nn.Module):
         want = self.cfg.patch_keys_per_enqueue
         n_local = math.ceil(want / D.world_size())
         cells = r_k.shape[-1] * r_k.shape[-2]
-        keys = r_k.flatten(2).transpose(1, 2).flatten(0, 1).float()
-        # A uniformly random subset of the valid cells: the top random scores, invalid ones last.
+        keys = r_k.flatten(2).transpose(1, 2).flatten(0, 1)  # (N·S², d), a view
+        # A uniformly random subset of the valid cells: the top random scores, in descending
+        # order, so valid ones first (invalid cells score -1).
         scores = torch.rand(len(keys), device=keys.device)
-        scores = scores.masked_fill(~valid.repeat_interleave(cells), -1.0)
-        top = scores.topk(min(n_local, len(keys))).indices
-        sample = keys.new_zeros(n_local, keys.shape[1])
-        flags = torch.zeros(n_local, dtype=torch.uint8, device=keys.device)  # gloo has no bool
-        sample[: len(top)], flags[: len(top)] = keys[top], (scores[top] >= 0).to(torch.uint8)
-        sample, flags = D.all_gather(sample), D.all_gather(flags)
-        first = torch.sort(flags, descending=True, stable=True).indices[:want]
-        return sample[first], flags[first].bool()
+        scores.masked_fill_(~valid.repeat_interleave(cells), -1.0)
+        drawn = min(n_local, len(keys))
+        top_scores, top = scores.topk(drawn)
+        sample, flags = keys[top].float(), top_scores >= 0
+        if drawn < n_local:  # fewer cells in the batch than keys to draw: pad with invalid rows
+            sample = torch.cat([sample, sample.new_zeros(n_local - drawn, sample.shape[1])])
+            flags = torch.cat([flags, flags.new_zeros(n_local - drawn)])
+        if D.world_size() == 1:
+            return sample, flags
+        # gloo gathers no bool; each rank's valid keys come first, so sort the gathered flags.
+        sample, gathered = D.all_gather(sample), D.all_gather(flags.to(torch.uint8))
+        first = torch.sort(gathered, descending=True, stable=True).indices[:want]
+        return sample[first], gathered[first].bool()
