@@ -30,13 +30,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import add_model_arguments, machine_lines, report, resolve_device  # noqa: E402
-from gpu_step import VARIANTS, build_variant, sync, synthetic_batch, time_steps  # noqa: E402
+from gpu_step import (  # noqa: E402
+    VARIANTS,
+    add_eager_variants_argument,
+    build_variant,
+    check_eager_variants,
+    sync,
+    synthetic_batch,
+    time_steps,
+)
 
 from dupr.io import markdown_table  # noqa: E402
 from dupr.train import train_step  # noqa: E402
 
-# Compiled code and graph replays hide the operators: the eager variants only.
-EAGER = [n for n, v in VARIANTS.items() if v.compiled is None and not v.graph]
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize")
 # The runtime calls that start a kernel: what benchmarks/step_operators.py counts on any machine.
 LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
@@ -124,18 +130,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=5, help="profiled steps per variant")
     parser.add_argument("--top", type=int, default=15, help="operators listed per variant")
-    parser.add_argument(
-        "--variants",
-        default="mocov2,dupr,dupr + attention + bf16,dupr + attention + bf16 + matmul RoIAlign",
-        help=f"comma-separated (of {', '.join(EAGER)})",
-    )
+    add_eager_variants_argument(parser)
     parser.add_argument("--quick", action="store_true", help="ResNet-18, 64 px, batch 8, K=1024")
     parser.add_argument("--record", help="append the tables to this Markdown file")
     args = parser.parse_args(argv)
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in args.variants if v not in EAGER]
-    if unknown:
-        parser.error(f"--variants: unknown, compiled or graphed: {', '.join(unknown)}")
+    check_eager_variants(parser, args.variants)
     if args.quick:
         args.backbone, args.size, args.batch, args.queue = "resnet18", 64, 8, 1024
         args.warmup, args.steps = 2, 2

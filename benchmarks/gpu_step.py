@@ -112,6 +112,29 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
+# The rows whose operators show one by one (gpu_profile.py, step_operators.py): compiled code
+# and graph replays hide them.
+EAGER = [n for n, v in VARIANTS.items() if v.compiled is None and not v.graph]
+
+
+def add_eager_variants_argument(parser: argparse.ArgumentParser) -> None:
+    """--variants for the scripts that look inside a step: eager rows only, by default MoCo
+    v2, DUPR as configured by default, and its best eager levers without and with the matmul
+    RoIAlign."""
+    parser.add_argument(
+        "--variants",
+        default=",".join([BASELINE, DEFAULT, "dupr + attention + bf16", BEST]),
+        type=lambda value: [v.strip() for v in value.split(",") if v.strip()],
+        help=f"comma-separated (of {', '.join(EAGER)})",
+    )
+
+
+def check_eager_variants(parser: argparse.ArgumentParser, variants: list[str]) -> None:
+    unknown = [v for v in variants if v not in EAGER]
+    if unknown:
+        parser.error(f"--variants: unknown, compiled or graphed: {', '.join(unknown)}")
+
+
 def twin(name: str) -> str:
     """The MoCo v2 row that DUPR row `name` is judged against: the one with its shared levers."""
     levers = VARIANTS[name].shared_levers()

@@ -38,12 +38,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import add_model_arguments, machine_lines, report, resolve_device  # noqa: E402
-from gpu_step import BASELINE, VARIANTS, build_variant, synthetic_batch  # noqa: E402
+from gpu_step import (  # noqa: E402
+    BASELINE,
+    VARIANTS,
+    add_eager_variants_argument,
+    build_variant,
+    check_eager_variants,
+    synthetic_batch,
+)
 
 from dupr.io import markdown_table  # noqa: E402
 from dupr.train import train_step  # noqa: E402
 
-EAGER = [n for n, v in VARIANTS.items() if v.compiled is None and not v.graph]
 # Operators that launch no kernel (besides views): metadata, or a scalar kept on the host.
 NO_KERNEL = {"aten.detach.default", "aten.promote_types.default", "aten.scalar_tensor.default"}
 NO_KERNEL |= {"aten.empty.memory_format", "aten.empty_strided.default", "aten.new_empty.default"}
@@ -116,18 +122,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
     parser.set_defaults(device="cpu", size=64)
-    parser.add_argument(
-        "--variants",
-        default="mocov2,dupr,dupr + attention + bf16,dupr + attention + bf16 + matmul RoIAlign",
-        help=f"comma-separated (of {', '.join(EAGER)})",
-    )
+    add_eager_variants_argument(parser)
     parser.add_argument("--quick", action="store_true", help="batch 8, K=4096")
     parser.add_argument("--record", help="append the table to this Markdown file")
     args = parser.parse_args(argv)
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in args.variants if v not in EAGER]
-    if unknown:
-        parser.error(f"--variants: unknown, compiled or graphed: {', '.join(unknown)}")
+    check_eager_variants(parser, args.variants)
     if BASELINE not in args.variants:
         args.variants.insert(0, BASELINE)
     if args.quick:
