@@ -54,20 +54,25 @@ from dupr.train import train_step  # noqa: E402
 NO_KERNEL = {"aten.detach.default", "aten.promote_types.default", "aten.scalar_tensor.default"}
 NO_KERNEL |= {"aten.empty.memory_format", "aten.empty_strided.default", "aten.new_empty.default"}
 NO_KERNEL |= {"aten.lift_fresh.default", "aten._unsafe_view.default"}
+BANKS, HEADS, LOSSES = (
+    "memory banks (snapshot, sampling, enqueue)",
+    "heads (MLPs, L2 normalisation, grid mirroring)",
+    "InfoNCE losses (Eq. 7-8)",
+)
 # (file, function) of the innermost dupr/ frame → the part of the method; the file alone else.
 PARTS = {
-    ("geometry.py", "unflip_grid"): "heads (MLPs, L2 normalisation, grid mirroring)",
-    ("model.py", "patch_loss"): "InfoNCE losses (Eq. 7-8)",
-    ("model.py", "enqueue"): "memory banks (snapshot, sampling, enqueue)",
-    ("model.py", "sample_patch_keys"): "memory banks (snapshot, sampling, enqueue)",
-    ("model.py", "bank_snapshot"): "memory banks (snapshot, sampling, enqueue)",
+    ("geometry.py", "unflip_grid"): HEADS,
+    ("model.py", "patch_loss"): LOSSES,
+    ("model.py", "enqueue"): BANKS,
+    ("model.py", "sample_patch_keys"): BANKS,
+    ("model.py", "bank_snapshot"): BANKS,
     ("model.py", "momentum_update"): "momentum update",
     ("backbone.py", None): "backbone",
-    ("heads.py", None): "heads (MLPs, L2 normalisation, grid mirroring)",
+    ("heads.py", None): HEADS,
     ("roi_align.py", None): "RoIAlign (weights and pooling)",
     ("geometry.py", None): "view boxes and validity (Eq. 3-4)",
-    ("losses.py", None): "InfoNCE losses (Eq. 7-8)",
-    ("memory_bank.py", None): "memory banks (snapshot, sampling, enqueue)",
+    ("losses.py", None): LOSSES,
+    ("memory_bank.py", None): BANKS,
     ("model.py", None): "loss sums and metrics",
     ("train.py", None): "batch and learning rate",
 }
