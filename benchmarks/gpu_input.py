@@ -19,11 +19,12 @@ node's CPU cores. What runs, in one process on the GPU node:
    every usable core but one; pinned memory), the default `data_loader=torch`;
    ray: the same images packed into Parquet shards (`dupr_platform.shards`) and read by the
    platform's Ray Data pipeline (`two_view_dataset` on a local Ray instance with every core,
-   `--workers` - 1 decoding actors and a CPU for the reads; `RayDataLoader`), the
+   `--workers` - 1 decoding tasks and a CPU for the reads; `RayDataLoader`), the
    `data_loader=ray` path;
    each with the colour steps in the loader and on the device (`--photometric`; the Ray rows
-   by default on the device only, `--ray-photometric`), with the time to the first batch:
-   Ray Data starts its actor pool anew every epoch;
+   by default on the device only, `--ray-photometric`), with the time to the first batch;
+   timed is each loader's second epoch, after one that starts its processes (the torch
+   loader's persistent workers, Ray's task workers), as in training;
 4. each loader with the GPU: `dupr.train.train` for two epochs, the first a warm-up (worker
    start-up, page cache, cuDNN autotuning); from the second its logged `data_wait_s` (time the
    loop waits for the next batch) and images/s give the fraction of the step spent waiting.
@@ -111,11 +112,10 @@ def colour_batch(batch: dict, device) -> dict:
 def loader_rate(loader, epoch: int) -> tuple[float, float]:
     """(images/s, seconds to the first batch) of one epoch of the loader alone, start included.
 
-    The first batch's wait is the epoch's start-up: Ray Data starts a new decoding actor pool
-    for every pass (each epoch re-executes the dataset; ray-project/ray#46479), the torch
-    loader's persistent workers start once. It is not subtracted from the rate: the actors
-    decode ahead while the first batch is awaited, so the rest of the epoch would look faster
-    than decoding is.
+    The first batch's wait is the epoch's start-up: every epoch re-executes Ray Data's pipeline
+    (listing, reads, the first blocks' decoding), the torch loader's persistent workers start
+    once. It is not subtracted from the rate: the decoding processes work ahead while the first
+    batch is awaited, so the rest of the epoch would look faster than decoding is.
     """
     loader.sampler.set_epoch(epoch)
     start = time.perf_counter()
@@ -215,8 +215,9 @@ def measure(folder: Path, shards: Path, args, device, rows: list, verdicts: list
                     loader = torch_loader(folder, args, device, placement)
                 else:
                     loader = ray_loader(folder, shards, args, device, placement)
-                if name == "torch":
-                    loader_rate(loader, 0)  # starts the workers (Ray starts actors every pass)
+                loader_rate(
+                    loader, 0
+                )  # starts the loader's processes: every epoch after reuses them
                 data_rate, first_s = loader_rate(loader, 1)
                 print(
                     f"{label}: loader alone {data_rate:.0f} images/s, first batch after "
@@ -371,9 +372,9 @@ def main(argv: list[str] | None = None) -> None:
         "(augment.photometric_on)",
         f"torch: {args.workers} loader processes over the folder, pinned memory; ray: Parquet "
         f"shards of 256 images, a local Ray instance with {cores} CPUs, "
-        f"{max(1, args.workers - 1)} decoding actors (+1 CPU for reads)",
-        "loader alone: images/s of an epoch, its start included; first batch s: that start "
-        "(Ray Data starts its decoding actors anew every epoch, so short epochs pay it often)",
+        f"{max(1, args.workers - 1)} decoding tasks (+1 CPU for reads)",
+        "loader alone: images/s of the second epoch, its start included (the first starts the "
+        "loader's processes); first batch s: that start, which every epoch pays",
         f"training loop: epoch 2 of `dupr.train.train` ({args.images // args.batch} steps), "
         f"windows of {args.log_every} steps; data_wait fraction = waiting time / loop time",
         *(f"result, {v}" for v in verdicts),

@@ -644,7 +644,7 @@ def demand_of(values: dict[str, Any]) -> Demand:
 
     cfg = validate_pipeline(values)
     pre = cfg.pretrain
-    data_cpus = pre.ray_data_actors * pre.ray_data_cpus_per_actor + 1
+    data_cpus = pre.ray_data_decoders * pre.ray_data_cpus_per_decoder + 1
     gpus = cfg.eval.resources.gpus
     return Demand(
         trials=values.get("sweep", {}).get("max_concurrent_trials", 1),

@@ -4,6 +4,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -118,7 +119,7 @@ def test_map_without_any_decodable_image(shards):
     with pytest.raises(RuntimeError, match="failed to decode"):
         decode(broken)
     decode({"id": np.array(ids[2:3], dtype=object), "image": np.array(images[2:3], dtype=object)})
-    out = decode(broken)  # now the last good image of this actor stands in
+    out = decode(broken)  # now the last good image of this copy stands in
     assert out["skipped"].tolist() == [1, 1] and out["index"].tolist() == [0, 1]
 
 
@@ -181,6 +182,18 @@ class ProbeModel(torch.nn.Module):
         return loss, {"loss": loss.detach()}
 
 
+def seconds_since_boot(pid: int | None = None) -> float | None:
+    """Now (no pid), or when process `pid` started (None if it is gone), on Linux's boot clock."""
+    if pid is None:
+        return float(Path("/proc/uptime").read_text().split()[0])
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    # Field 22, start time in clock ticks; the fields after the command's closing parenthesis.
+    return int(stat.rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+
+
 class Recorder:
     """Passes a loader through to train() unchanged and notes what every batch held."""
 
@@ -188,9 +201,11 @@ class Recorder:
         self.loader, self.batch_size, self.drop_last = loader, loader.batch_size, loader.drop_last
         self.sampler = loader.sampler
         self.epochs: list[list[dict]] = []
+        self.epoch_starts: list[float | None] = []
 
     def __iter__(self):
         self.epochs.append([])
+        self.epoch_starts.append(seconds_since_boot())
         for batch in self.loader:
             self.epochs[-1].append(
                 {
@@ -203,6 +218,7 @@ class Recorder:
                     "view_sums": batch["view1"].sum(dim=(1, 2, 3)).tolist(),
                     "skipped": batch["skipped"].tolist(),
                     "pid": batch["pid"].tolist(),
+                    "started": {p: seconds_since_boot(p) for p in set(batch["pid"].tolist())},
                 }
             )
             yield batch
@@ -214,7 +230,12 @@ def train_fn(config: dict) -> None:
     optim = OptimConfig(lr=0.01, batch_size=config["batch_size"] * 2, epochs=2, amp=False)
     state = build_state(ProbeModel(), optim, len(loader.loader), torch.device("cpu"))
     train(state, loader, optim, torch.device("cpu"), log_every=100)
-    record = {"pid": os.getpid(), "steps": state.step, "epochs": loader.epochs}
+    record = {
+        "pid": os.getpid(),
+        "steps": state.step,
+        "epochs": loader.epochs,
+        "epoch_starts": loader.epoch_starts,
+    }
     path = os.path.join(config["out"], f"rank{ctx.get_world_rank()}.json")
     with open(path, "w") as f:
         json.dump(record, f)
@@ -239,7 +260,7 @@ def test_two_workers_see_every_image_once_per_epoch(local_ray, shards, tmp_path)
     trainer = TorchTrainer(
         train_fn,
         train_loop_config={"out": str(out), "batch_size": 4, "num_images": NUM_IMAGES},
-        # 2 × 0.25 CPU for training + 0.5 for the decoding actor leave 1 CPU, which Ray Data's
+        # 2 × 0.25 CPU for training + 0.5 for the decoding task leave 1 CPU, which Ray Data's
         # ListFiles task needs at the start of every pass (it takes a whole CPU whatever
         # read_num_cpus says): with 0.5 CPU per training worker this deadlocks.
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.25}),
@@ -270,12 +291,18 @@ def test_two_workers_see_every_image_once_per_epoch(local_ray, shards, tmp_path)
             assert b["dtypes"]["index"] == "torch.int64" and sum(b["skipped"]) == 0
             for x1, y1, x2, y2, flip in b["crop1"] + b["crop2"]:
                 assert 0 <= x1 < x2 and 0 <= y1 < y2 and flip in (0.0, 1.0)
-            # Decoded in Ray Data's actor, never in a training worker process.
+            # Decoded in Ray Data's tasks, never in a training worker process.
             assert not set(b["pid"]) & train_pids
         views.append(
             {i: s for b in batches for i, s in zip(b["index"], b["view_sums"], strict=True)}
         )
     assert all(views[0][i] != views[1][i] for i in range(NUM_IMAGES))  # new views every epoch
+    # No epoch after the first starts a decoding process: Ray reuses the first epoch's task
+    # workers (an actor pool would start its actors again for every epoch).
+    second = [b for r in ranks for b in r["epochs"][1]]
+    started = {p: t for b in second for p, t in b["started"].items()}
+    assert started and None not in started.values()
+    assert max(started.values()) < min(r["epoch_starts"][1] for r in ranks)
     # Pass p draws the views the DataLoader path draws in epoch p (seed, p, index).
     reference = TwoViewDataset(ParquetImageDataset(shards), TwoViews(SIZE, AugmentConfig()), 3)
     for epoch in range(2):
@@ -295,8 +322,8 @@ def test_uint8_views_and_colour_choices_reach_the_training_step(local_ray, shard
     assert v1.shape == v2.shape == (4, 3, SIZE, SIZE) and v1.dtype == torch.float32
 
 
-def test_every_decoding_actor_gets_blocks_of_at_most_block_rows_images(local_ray, shards):
-    """A read yields few large blocks (here one per read task); the actors take whole blocks."""
+def test_every_decoding_task_gets_a_block_of_at_most_block_rows_images(local_ray, shards):
+    """A read yields few large blocks (here one per read task); a decoding task takes one block."""
     ds = two_view_dataset(
         shards, SIZE, {}, seed=0, concurrency=2, num_cpus=0.25, map_batch_size=4, block_rows=4
     ).materialize()

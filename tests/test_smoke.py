@@ -81,7 +81,7 @@ def test_the_smoke_config_keeps_the_model_and_cuts_the_run(tmp_path, no_data):
     assert on_cpu["eval"]["detection"]["iterations"] == smoke.CPU_DETECTION_STEPS
     # Its Ray Data actor, the worker and Ray Data's listing task fit on 2 CPUs.
     p = on_cpu["pretrain"]
-    assert p["cpus_per_worker"] + p["ray_data_actors"] * p["ray_data_cpus_per_actor"] + 1 <= 2
+    assert p["cpus_per_worker"] + p["ray_data_decoders"] * p["ray_data_cpus_per_decoder"] + 1 <= 2
     assert on_gpu["pretrain"]["method"]["optim"]["batch_size"] == 32
     assert on_gpu["pretrain"]["use_gpu"] is True
     assert on_gpu["eval"]["detection"]["batch_size"] == 16

@@ -66,6 +66,20 @@ def test_views_depend_only_on_seed_epoch_and_index():
     assert not torch.equal(a["crop1"], c["crop1"])
 
 
+def test_a_sample_never_reseeds_an_accelerator_generator(monkeypatch):
+    """With the loader in the training process, reseeding CUDA's generator per sample would
+    make the step's own random draws a function of the last sample loaded."""
+    calls = []
+    for module in (torch.cuda, torch.mps, torch.xpu):
+        name = "manual_seed_all" if hasattr(module, "manual_seed_all") else "manual_seed"
+        monkeypatch.setattr(module, name, lambda seed, n=name: calls.append(n))
+    torch.manual_seed(0)
+    assert calls  # the patch sees what torch.manual_seed does
+    calls.clear()
+    TwoViewDataset(Photos(2), TwoViews(32), seed=7)[(0, 1)]
+    assert calls == []
+
+
 def test_epoch_sampler_partitions_ranks_and_resumes_mid_epoch():
     n = 103
     per_rank = []

@@ -36,7 +36,7 @@ from dupr_platform.tracking import TRACKING_CREDENTIALS, check_tracking
 # process on the node, Ray's driver and agents included: on a 2-core machine that made each step
 # 15-25 % slower than the same loop in a plain process (benchmarks/ray_overhead.py). Processes
 # that do the experiment's compute (training workers, pipeline stage tasks) run at normal priority,
-# as Ray itself does for job drivers; Ray Data's decoding actors stay at 15 and yield to them.
+# as Ray itself does for job drivers; Ray Data's decoding tasks stay at 15 and yield to them.
 COMPUTE_PRIORITY = {"RAY_worker_niceness": "0"}
 
 

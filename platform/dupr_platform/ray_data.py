@@ -1,18 +1,29 @@
-"""Two-view batches from Ray Data: decoding and augmentation on CPU actors, not in GPU workers.
+"""Two-view batches from Ray Data: decoding and augmentation in CPU tasks, not in GPU workers.
 
 When to use it
     The DataLoader path (`dupr.data.two_views.build_loader`) decodes and augments inside each
     training worker's own processes, so a GPU node needs enough CPU cores per GPU for JPEG
     decoding and the MoCo v2 augmentation. Use this module when GPU nodes have few CPUs, or
     when CPU-only nodes should do the decoding: a Ray Data pipeline (``read_parquet`` →
-    ``map_batches`` on an actor pool) runs wherever the cluster has free CPUs and streams
-    finished batches into the training workers through Ray Train's dataset shards. Keep the DataLoader path for single machines with enough cores,
-    and whenever bitwise-reproducible runs are required (see below).
+    ``map_batches`` in Ray tasks) runs wherever the cluster has free CPUs and streams finished
+    batches into the training workers through Ray Train's dataset shards. Keep the DataLoader
+    path for single machines with enough cores, and whenever bitwise-reproducible runs are
+    required (see below).
+
+Tasks, not an actor pool
+    Every epoch is a new execution of the pipeline (below), and Ray Data starts an actor pool's
+    actors anew for every execution (ray-project/ray#46479): each decoding actor imported torch
+    and built its transforms again, which on a 16-core GPU node took most of every 4,096-image
+    epoch while the GPU waited (benchmarks/RESULTS.md, issue 14). A task's worker process
+    outlives the task, and Ray reuses it for the next epoch's tasks, so only the first epoch
+    starts decoding processes (`benchmarks/ray_data_passes.py` measures it pass by pass). What
+    an actor held, the id index and the transforms, travels with the `DecodeTwoViews` object,
+    which Ray Data puts in the object store once per pass and every task reads from there.
 
 Resources
     Training workers keep their own ``resources_per_worker``; Ray Train reserves them and Ray
-    Data schedules only in what is left. Leave room for the decoding actors (``num_cpus`` each)
-    and for one whole CPU: in Ray 2.60 every pass starts with a ``ListFiles`` task that asks
+    Data schedules only in what is left. Leave room for the decoding tasks (at most
+    ``concurrency`` at a time, ``num_cpus`` each) and for one whole CPU: in Ray 2.60 every pass starts with a ``ListFiles`` task that asks
     for 1 CPU regardless of ``read_num_cpus`` (datasource V2); without it the pipeline waits
     forever ("Cluster resources are not enough to run any task from ...ReadFilesParquetV2").
     The read's blocks are split into blocks of ``block_rows`` images by a streaming
@@ -56,11 +67,11 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 import torch
-from ray.data import ActorPoolStrategy, DataContext, FileShuffleConfig
+from ray.data import DataContext, FileShuffleConfig, TaskPoolStrategy
 
 from dupr.config import AugmentConfig, ConfigError, DUPRConfig
 from dupr.data.folder import ImageDecodeError
-from dupr.data.two_views import sample_seed
+from dupr.data.two_views import sample_seed, seeded
 from dupr.views import TwoViews
 from dupr_platform.shards import INDEX_NAME, ShardIndex, ShardIndexError, decode_image
 from dupr_platform.storage import Storage, StorageError, open_storage
@@ -96,7 +107,7 @@ class IdIndex:
     """Maps image ids to their global index in the shard set, in 16 bytes per image.
 
     Parquet rows carry no row number, so the index is recovered from the id: sorted id hashes
-    and their positions, looked up with a binary search (no per-actor dict of strings).
+    and their positions, looked up with a binary search (no dict of strings in every decoding process).
     """
 
     def __init__(self, ids: Sequence[str]) -> None:
@@ -139,7 +150,7 @@ def _read_ids(storage: Storage, index: ShardIndex, threads: int = 8) -> list[str
 
 
 # --------------------------------------------------------------------------------------------
-# The map stage (runs in Ray Data actors)
+# The map stage (runs in Ray Data tasks)
 
 
 def _current_pass() -> int:
@@ -154,10 +165,11 @@ def _current_pass() -> int:
 class DecodeTwoViews:
     """``map_batches`` callable: encoded images → two augmented views with crop records.
 
-    A class so that Ray Data runs it on an actor pool: the id index and the transforms are
-    built once per actor, not once per batch. Undecodable images never fail the run and never
+    An object, not a function, so that the id index and the transforms are built once, on the
+    driver, and every task gets them with the map (see "Tasks, not an actor pool"); each task
+    runs its own copy over one block of rows. Undecodable images never fail the run and never
     drop a row (dropping would break the equal per-worker batch counts): the row takes the
-    pixels of the next decodable image of the batch (or the last good image this actor saw)
+    pixels of the next decodable image of the batch (or the last good image this copy saw)
     and ``skipped`` = 1, so the ``skipped`` column sums to the number of undecodable images.
     """
 
@@ -175,7 +187,7 @@ class DecodeTwoViews:
         self.transform = TwoViews(image_size, cfg)
         self.seed, self.ids, self.first_pass = seed, ids, first_pass
         self.record_pid = record_pid
-        self._fallback: tuple[bytes, str] | None = None  # last decodable image of this actor
+        self._fallback: tuple[bytes, str] | None = None  # last decodable image of this copy
 
     def _decode_batch(self, ids: Sequence[str], images: Sequence[bytes]) -> tuple[list, list[int]]:
         """Decoded images, undecodable ones replaced; 1 marks a row whose own image failed."""
@@ -212,8 +224,7 @@ class DecodeTwoViews:
         samples = []
         for img, i in zip(images, index, strict=True):
             # Seeded locally, as in TwoViewDataset: (seed, pass, index) fixes the views.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.seed, pass_index, int(i)))
+            with seeded(sample_seed(self.seed, pass_index, int(i))):
                 samples.append(self.transform(img))
         # One column per field of `TwoViews`' sample: float32 views (uint8 crops and float32
         # colour choices when the colour steps run on the device), float32 crop records.
@@ -240,7 +251,7 @@ def two_view_dataset(
     augment: dict[str, Any],
     seed: int,
     *,
-    concurrency: int | tuple[int, int] = (1, 8),
+    concurrency: int = 8,
     num_cpus: float = 1.0,
     read_num_cpus: float = 1.0,
     map_batch_size: int = 16,
@@ -254,15 +265,19 @@ def two_view_dataset(
 
     The shard list comes from ``_index.json`` (a prefix without it is refused, as everywhere)
     and the files are read with the storage module's filesystem, so a custom S3 endpoint works.
-    Decoding and augmentation run in a CPU-only actor pool: ``concurrency`` actors (a size or
-    a ``(min, max)`` autoscaling range) of ``num_cpus`` each; ``read_num_cpus`` per read task;
-    an actor takes blocks of at most ``block_rows`` images.
+    Decoding and augmentation run in CPU-only tasks, at most ``concurrency`` at a time, of
+    ``num_cpus`` each; ``read_num_cpus`` per read task; a task takes a block of at most
+    ``block_rows`` images.
     Pass the result to ``TorchTrainer(datasets={"train": ds})`` and iterate it in the workers
     with `RayDataLoader`.
     """
-    if min(image_size, map_batch_size, block_rows) < 1 or min(num_cpus, read_num_cpus) <= 0:
+    if (
+        min(image_size, concurrency, map_batch_size, block_rows) < 1
+        or min(num_cpus, read_num_cpus) <= 0
+    ):
         raise ConfigError(
-            "image_size, map_batch_size, block_rows, num_cpus, read_num_cpus must be positive"
+            "image_size, concurrency, map_batch_size, block_rows, num_cpus, read_num_cpus must "
+            "be positive"
         )
     storage, index = _open_shards(data_uri, endpoint_url)
     ids = IdIndex(_read_ids(storage, index))
@@ -270,10 +285,6 @@ def two_view_dataset(
     # as raw tqdm JSON through the driver's output routing (dupr_platform.console).
     context = DataContext.get_current()
     context.enable_progress_bars = context.enable_operator_progress_bars = False
-    if isinstance(concurrency, int):
-        compute = ActorPoolStrategy(size=concurrency)
-    else:
-        compute = ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])
     ds = ray.data.read_parquet(
         [storage.join(s.path) for s in index.shards],
         filesystem=storage.filesystem,
@@ -283,18 +294,24 @@ def two_view_dataset(
         file_extensions=["parquet"],
         partitioning=None,
     ).select_columns(["id", "image"])
-    # Blocks are what the actor pool hands out, and a read yields a few large ones (on Ray
-    # 2.60, 1,024 images in four shards came as one block, 4,096 in sixteen as three, and
-    # read_parquet's override_num_blocks changed nothing): split them, streaming, so that
-    # every decoding actor has work.
+    # A decoding task takes one block, and a read yields a few large ones (on Ray 2.60, 1,024
+    # images in four shards came as one block, 4,096 in sixteen as three, and read_parquet's
+    # override_num_blocks changed nothing): split them, streaming, so that every decoding
+    # worker has work.
     ds = ds.repartition(target_num_rows_per_block=block_rows)
+    decode = DecodeTwoViews(
+        image_size,
+        _augment_config(augment),
+        seed,
+        ids,
+        first_pass=first_pass,
+        record_pid=record_pid,
+    )
     return ds.map_batches(
-        DecodeTwoViews,
-        fn_constructor_args=(image_size, _augment_config(augment), seed, ids),
-        fn_constructor_kwargs={"first_pass": first_pass, "record_pid": record_pid},
+        decode,
         batch_size=map_batch_size,
         batch_format="numpy",
-        compute=compute,
+        compute=TaskPoolStrategy(size=concurrency),
         num_cpus=num_cpus,
         num_gpus=0,
         udf_modifying_row_count=False,

@@ -109,11 +109,11 @@ class PretrainSettings:
     # Data-loading processes per training worker ("torch" loader).
     loader_workers: int = field(default=0, metadata=EXECUTION_ONLY)
     # "torch": each worker decodes its share in DataLoader processes on its own node (exactly
-    # reproducible). "ray": Ray Data actors decode and augment anywhere in the cluster and
+    # reproducible). "ray": Ray Data tasks decode and augment anywhere in the cluster and
     # stream batches into the workers (needs Parquet shards; not bitwise reproducible).
     data_loader: str = "torch"
-    ray_data_actors: int = field(default=2, metadata=EXECUTION_ONLY)
-    ray_data_cpus_per_actor: float = field(default=1.0, metadata=EXECUTION_ONLY)
+    ray_data_decoders: int = field(default=2, metadata=EXECUTION_ONLY)
+    ray_data_cpus_per_decoder: float = field(default=1.0, metadata=EXECUTION_ONLY)
     # Worker-group restarts after worker or node loss.
     max_failures: int = field(default=3, metadata=EXECUTION_ONLY)
     # Ray's default is unlimited: a lost node would hang the run.
@@ -128,12 +128,12 @@ class PretrainSettings:
         """Every field's value; one ConfigError line naming the first bad one."""
         with field_prefix("method."):
             validate(self.method)
-        for name in ("num_workers", "keep_checkpoints", "log_every", "ray_data_actors"):
+        for name in ("num_workers", "keep_checkpoints", "log_every", "ray_data_decoders"):
             check_int(name, getattr(self, name), low=1)
         for name in ("loader_workers", "max_failures", "controller_failure_limit"):
             check_int(name, getattr(self, name), low=0)
         check_number("cpus_per_worker", self.cpus_per_worker, above=0)
-        check_number("ray_data_cpus_per_actor", self.ray_data_cpus_per_actor, above=0)
+        check_number("ray_data_cpus_per_decoder", self.ray_data_cpus_per_decoder, above=0)
         check_bool("profile", self.profile)
         if self.use_gpu:
             check_number("gpus_per_worker", self.gpus_per_worker, above=0)
@@ -478,11 +478,11 @@ def preflight(job: PretrainJob) -> None:
 
 
 def pretraining_needs(job: PretrainJob) -> dict[str, float]:
-    """The CPUs and GPUs the job's workers (and Ray Data actors) take from the cluster."""
+    """The CPUs and GPUs the job's workers (and Ray Data decoders) take from the cluster."""
     need_cpu = job.num_workers * job.cpus_per_worker
     if job.data_loader == "ray":
-        # Decoding actors, plus one whole CPU that Ray Data's Parquet listing task takes.
-        need_cpu += job.ray_data_actors * job.ray_data_cpus_per_actor + 1
+        # Decoding tasks, plus one whole CPU that Ray Data's Parquet listing task takes.
+        need_cpu += job.ray_data_decoders * job.ray_data_cpus_per_decoder + 1
     return {"CPU": need_cpu, "GPU": job.num_workers * job.gpus_per_worker if job.use_gpu else 0}
 
 
@@ -494,7 +494,7 @@ def preflight_cluster(job: PretrainJob) -> None:
     if total.get("CPU", 0) < need_cpu:
         raise ConfigError(
             f"num_workers={job.num_workers} × cpus_per_worker={job.cpus_per_worker}"
-            f"{' + Ray Data actors' if job.data_loader == 'ray' else ''}: "
+            f"{' + Ray Data decoders' if job.data_loader == 'ray' else ''}: "
             f"needs {need_cpu:g} CPUs, the Ray cluster has {total.get('CPU', 0):g}"
         )
     if total.get("GPU", 0) < need_gpu:
@@ -565,8 +565,8 @@ def run_pretraining(
                 job.method.model.image_size,
                 job.method.to_dict()["augment"],
                 job.method.seed,
-                concurrency=job.ray_data_actors,
-                num_cpus=job.ray_data_cpus_per_actor,
+                concurrency=job.ray_data_decoders,
+                num_cpus=job.ray_data_cpus_per_decoder,
             )
         }
         num_images = count_images(job.data)

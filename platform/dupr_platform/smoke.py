@@ -206,7 +206,7 @@ def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
 def fit(cfg: dict[str, Any], cluster: dict[str, float]) -> dict[str, Any]:
     """The smoke run's config for the connected cluster (`ray.cluster_resources()`): one
     pre-training worker, on a GPU if there is one, with the full per-device batch there and
-    `CPU_BATCH` otherwise; CPUs and Ray Data actors cut to what the cluster has; the
+    `CPU_BATCH` otherwise; CPUs and Ray Data decoders cut to what the cluster has; the
     pre-training data a slice of `SMOKE_STEPS` batches of the configured images."""
     cfg = copy.deepcopy(cfg)
     cpus, gpu = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0) >= 1
@@ -218,10 +218,10 @@ def fit(cfg: dict[str, Any], cluster: dict[str, float]) -> dict[str, Any]:
     p["gpus_per_worker"] = min(p["gpus_per_worker"], 1.0)
     optim["batch_size"] = per_device if p["use_gpu"] else min(per_device, CPU_BATCH["pretrain"])
     if p["data_loader"] == "ray":
-        # The worker, one decoding actor and Ray Data's listing task (one CPU) fit.
+        # The worker, one decoding task and Ray Data's listing task (one CPU) fit.
         share = max(0.25, (cpus - 1) / 2)
-        p["ray_data_actors"] = 1
-        p["ray_data_cpus_per_actor"] = min(p["ray_data_cpus_per_actor"], share)
+        p["ray_data_decoders"] = 1
+        p["ray_data_cpus_per_decoder"] = min(p["ray_data_cpus_per_decoder"], share)
         p["cpus_per_worker"] = min(p["cpus_per_worker"], share)
     else:
         p["cpus_per_worker"] = min(p["cpus_per_worker"], cpus)
