@@ -168,8 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     steady = statistics.median(overheads) if overheads else float("nan")
     notes = [
-        f"{args.images} JPEGs built offline from the bundled photographs ({size / args.images / 1024:.0f}"
-        f" KB on average) in Parquet shards of 64; the `{METHOD}` preset's views at "
+        f"{args.images} JPEGs built offline from the bundled photographs "
+        f"({size / args.images / 1024:.0f} KB on average) in Parquet shards of 64; the "
+        f"`{METHOD}` preset's views at "
         f"{args.size} px, colour steps on the {args.photometric_on}",
         f"baseline, `DecodeTwoViews` in one process: {rate:.1f} images/s; ideal pass with "
         f"{args.decoders} decoding worker{'s' if args.decoders > 1 else ''}: {ideal:.1f} s",

@@ -2,6 +2,7 @@
 
 import numpy as np
 import torch
+import torchvision.transforms as T
 from PIL import Image
 
 from dupr.config import AugmentConfig
@@ -41,6 +42,14 @@ def test_randaugment_preset_keeps_only_photometric_ops():
     assert {"Brightness", "Color", "Contrast", "Posterize", "Solarize"} <= ops
     pair = TwoViews(64, AugmentConfig(preset="mocov2_randaugment"))(photo())
     assert pair["view1"].shape == (3, 64, 64) and pair["crop1"].shape == (5,)
+    # The table is built once, and is torchvision's own for any image size but the geometric rows.
+    for size in ((64, 64), (500, 375)):
+        theirs = T.RandAugment(2, 9)._augmentation_space(31, size)
+        ours = ra._augmentation_space(31, size)
+        assert list(ours) == [k for k in theirs if k not in PhotometricRandAugment.GEOMETRIC]
+        for k, (magnitudes, signed) in ours.items():
+            assert torch.equal(magnitudes, theirs[k][0]) and signed == theirs[k][1]
+    assert ra._augmentation_space(31, (64, 64)) is ra._augmentation_space(31, (500, 375))
 
 
 class Photos:

@@ -45,7 +45,7 @@ def seeded(seed: int) -> Iterator[None]:
     own). Only the CPU generator: ``torch.manual_seed`` would reseed every CUDA device's
     generator too (the training process's, when the loader runs in it), and before CUDA starts
     it records a stack trace for that on every call (0.13 ms; one sample's decoding and crops
-    take about 4 ms).
+    take about 3.5 ms).
     """
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)

@@ -23,9 +23,10 @@ Tasks, not an actor pool
 Resources
     Training workers keep their own ``resources_per_worker``; Ray Train reserves them and Ray
     Data schedules only in what is left. Leave room for the decoding tasks (at most
-    ``concurrency`` at a time, ``num_cpus`` each) and for one whole CPU: in Ray 2.60 every pass starts with a ``ListFiles`` task that asks
-    for 1 CPU regardless of ``read_num_cpus`` (datasource V2); without it the pipeline waits
-    forever ("Cluster resources are not enough to run any task from ...ReadFilesParquetV2").
+    ``concurrency`` at a time, ``num_cpus`` each) and for one whole CPU: in Ray 2.60 every pass
+    starts with a ``ListFiles`` task that asks for 1 CPU regardless of ``read_num_cpus``
+    (datasource V2); without it the pipeline waits forever ("Cluster resources are not enough
+    to run any task from ...ReadFilesParquetV2").
     The read's blocks are split into blocks of ``block_rows`` images by a streaming
     repartition, whose tasks also take 1 CPU; with a single free CPU they take turns with the
     read tasks, which is enough (reading is cheap next to decoding).
@@ -107,7 +108,8 @@ class IdIndex:
     """Maps image ids to their global index in the shard set, in 16 bytes per image.
 
     Parquet rows carry no row number, so the index is recovered from the id: sorted id hashes
-    and their positions, looked up with a binary search (no dict of strings in every decoding process).
+    and their positions, looked up with a binary search (no dict of strings in every decoding
+    process).
     """
 
     def __init__(self, ids: Sequence[str]) -> None:
