@@ -97,7 +97,7 @@ def test_gpu_input_measures_the_ray_data_loader_where_ray_is_installed():
 
     With the colour steps on the device, the benchmark's default for its Ray rows (the
     benchmark builds both placements' loaders the same way, the rehearsal above runs both
-    through the torch loader, and the Ray loader with the colour steps in its decoding actors is
+    through the torch loader, and the Ray loader with the colour steps in its decoding tasks is
     what tests/test_ray_data.py and tests/test_ray_pretrain.py run throughout).
     """
     proc = subprocess.run(
@@ -118,6 +118,6 @@ def test_gpu_input_measures_the_ray_data_loader_where_ray_is_installed():
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     rows = gpu_input_rows(proc.stdout)
     assert float(rows[("ray", "device", "loader alone")][4]) > 0, rows
-    assert float(rows[("ray", "device", "loader alone")][6]) > 0, rows  # the actors' start
+    assert float(rows[("ray", "device", "loader alone")][6]) > 0, rows  # the epoch's start
     assert rows[("ray", "device", "training loop")][7].endswith("%"), rows
     assert ("ray", "loader", "loader alone") not in rows  # --ray-photometric's default
