@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as nnf
@@ -198,36 +199,55 @@ def apply_photometric(views: Tensor, rows: Tensor) -> Tensor:
 
 
 def _apply_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """x with every row's choices applied in place, each operation once on the images that drew
+    it: ``x[images] = operation(x[images], parameters)``.
+
+    Which images and which parameters are known on the host before any pixel changes, so they
+    go to the device in two copies for the whole batch instead of two per operation (every copy
+    is one more launch by the host, and launches are most of what these steps cost on a GPU).
+    The copies are non-blocking: from pageable memory CUDA stages them right away, and without
+    non_blocking PyTorch would also wait for the GPU to finish its queue.
+    """
+    steps = []
+    for fn, chosen, arg in _choices(rows):
+        images = chosen.nonzero().squeeze(1)
+        if images.numel():
+            steps.append((fn, images, arg[images]))
+    if not steps:
+        return x
+    all_images = torch.cat([images for _, images, _ in steps]).to(x.device, non_blocking=True)
+    all_args = torch.cat([arg for _, _, arg in steps]).to(x.device, non_blocking=True)
+    start = 0
+    for fn, images, _ in steps:
+        count = images.numel()
+        index, arg = all_images[start : start + count], all_args[start : start + count]
+        start += count
+        if count == x.shape[0]:
+            x.copy_(fn(x, arg))
+        else:
+            x.index_copy_(0, index, fn(x.index_select(0, index), arg))
+    return x
+
+
+def _choices(rows: Tensor) -> Iterator[tuple[Callable[[Tensor, Tensor], Tensor], Tensor, Tensor]]:
+    """(operation, which images chose it, their parameters) in the order the loader's
+    `photometric_transform` applies them; rows, masks and parameters on the host."""
     columns = rows.shape[1]
     for i in range(RANDAUGMENT, columns, 2):
         for op, name in enumerate(RANDAUGMENT_OPS):
             if name != "Identity":
-                _apply_where(x, rows[:, i] == op, _RANDAUGMENT_FNS[name], rows[:, i + 1])
+                yield _RANDAUGMENT_FNS[name], rows[:, i] == op, rows[:, i + 1]
     jitter = rows[:, JITTER_ON] > 0
     order, factors = rows[:, JITTER_ORDER], rows[:, JITTER_FACTORS]
     for position in range(4):
         for fn in range(4):
-            chosen = jitter & (order[:, position] == fn)
-            _apply_where(x, chosen, _JITTER_FNS[fn], factors[:, fn])
-    _apply_where(x, rows[:, GRAYSCALE_ON] > 0, lambda v, _: grayscale(v).expand_as(v), rows[:, 0])
-    _apply_where(x, rows[:, BLUR] > 0, gaussian_blur, rows[:, BLUR])
-    return x
+            yield _JITTER_FNS[fn], jitter & (order[:, position] == fn), factors[:, fn]
+    yield _grayscale_all, rows[:, GRAYSCALE_ON] > 0, rows[:, 0]
+    yield gaussian_blur, rows[:, BLUR] > 0, rows[:, BLUR]
 
 
-def _apply_where(x: Tensor, chosen: Tensor, fn, arg: Tensor) -> None:
-    """x[chosen] = fn(x[chosen], arg[chosen]) in place; `chosen` and `arg` on the host.
-
-    The copies to the device are non-blocking: from pageable memory CUDA stages them right
-    away, and without non_blocking PyTorch would also wait for the GPU to finish its queue."""
-    index = chosen.nonzero().squeeze(1)
-    if index.numel() == 0:
-        return
-    if index.numel() == x.shape[0]:
-        x.copy_(fn(x, arg.to(x.device, non_blocking=True)))
-        return
-    device_index = index.to(x.device, non_blocking=True)
-    chosen_arg = arg[index].to(x.device, non_blocking=True)
-    x.index_copy_(0, device_index, fn(x.index_select(0, device_index), chosen_arg))
+def _grayscale_all(x: Tensor, _: Tensor) -> Tensor:
+    return grayscale(x).expand_as(x)
 
 
 # The operations, batched with one parameter per image (shape (N,)), on float images in [0, 1].
