@@ -123,6 +123,10 @@ PIPELINE_CASES = [
     ("tracking_uri=http://127.0.0.1:9", "127.0.0.1:9"),
     ("nope=1", "nope: unknown configuration key"),
     ("eval.detection.nope=1", "eval.detection.nope: unknown configuration key"),
+    (
+        "pretrain.ray_data_actors=4",
+        "pretrain.ray_data_actors: unknown configuration key (renamed: pretrain.ray_data_decoders)",
+    ),
     ("preset=nope", "preset='nope': unknown"),
     ("method=nope", "method='nope': unknown"),
     ("+baselines.checkpoints.random=/x", "baselines.checkpoints.random"),
@@ -168,6 +172,10 @@ PRETRAIN_CASES = [
     (["method.optim.epochs=1.5"], "method.optim.epochs='1.5'"),
     (["method.optim.batch_size=32.5"], "method.optim.batch_size='32.5'"),
     (["num_workers=abc"], "num_workers='abc'"),
+    (
+        ["ray_data_cpus_per_actor=2"],
+        "unknown configuration key (renamed: ray_data_cpus_per_decoder)",
+    ),
     (["num_workers=3"], "not divisible by num_workers=3"),
     (
         ["num_workers=2", "method.optim.cuda_graph=true"],

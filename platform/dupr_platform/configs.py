@@ -411,6 +411,22 @@ def plain(cfg: Any) -> dict[str, Any]:
 
 _MISSING = object()
 
+# Keys that a release renamed: a configuration written for the old name gets the new one in its
+# error line instead of only "unknown".
+RENAMED = {
+    "ray_data_actors": "ray_data_decoders",  # Ray Data decodes in tasks, not actors
+    "ray_data_cpus_per_actor": "ray_data_cpus_per_decoder",
+}
+
+
+def unknown_key(dotted: str) -> ConfigError:
+    """The error line for a key no schema has, naming the new key if it was renamed."""
+    head, _, last = dotted.rpartition(".")
+    if last in RENAMED:
+        new = f"{head}.{RENAMED[last]}" if head else RENAMED[last]
+        return ConfigError(f"{dotted}: unknown configuration key (renamed: {new})")
+    return ConfigError(f"{dotted}: unknown configuration key")
+
 
 def update(cfg: Any, dotted: str, value: Any) -> None:
     """Set `dotted` in a typed DictConfig: an unknown key or a wrong type is a ConfigError."""
@@ -418,7 +434,7 @@ def update(cfg: Any, dotted: str, value: Any) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     if OmegaConf.select(cfg, dotted, default=_MISSING) is _MISSING:
-        raise ConfigError(f"{dotted}: unknown configuration key")
+        raise unknown_key(dotted)
     try:
         OmegaConf.update(cfg, dotted, value, merge=False)
     except OmegaConfBaseException as exc:
@@ -465,7 +481,7 @@ def config_error(exc: BaseException) -> ConfigError:
                 "data's location; smoke=true runs on stand-ins without it)"
             )
         if re.match(r"Key '.*' (not in|is not in struct)", text):
-            return ConfigError(f"{key}: unknown configuration key")
+            return unknown_key(key)
         invalid = re.match(
             r"Invalid type assigned: (\w+) is not a subclass of (\w+)\. value: (.*)", text
         )
@@ -483,7 +499,7 @@ def config_error(exc: BaseException) -> ConfigError:
         )
     missing = re.search(r"Could not override '([^']+)'", text)
     if missing:
-        return ConfigError(f"{missing.group(1)}: unknown configuration key")
+        return unknown_key(missing.group(1))
     return ConfigError(text)
 
 
