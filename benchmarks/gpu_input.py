@@ -215,9 +215,8 @@ def measure(folder: Path, shards: Path, args, device, rows: list, verdicts: list
                     loader = torch_loader(folder, args, device, placement)
                 else:
                     loader = ray_loader(folder, shards, args, device, placement)
-                loader_rate(
-                    loader, 0
-                )  # starts the loader's processes: every epoch after reuses them
+                # Starts the loader's processes; every epoch after this one reuses them.
+                loader_rate(loader, 0)
                 data_rate, first_s = loader_rate(loader, 1)
                 print(
                     f"{label}: loader alone {data_rate:.0f} images/s, first batch after "

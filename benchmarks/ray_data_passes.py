@@ -21,7 +21,7 @@ processes it used and how many of them decoded in earlier passes, and the overhe
 pass's time minus the ideal (images / (baseline images/s per process x decoders)). Pass 0 always
 starts processes; what matters is the passes after it, each a training epoch.
 
-    python benchmarks/ray_data_passes.py --quick     # ~1 min smoke run
+    python benchmarks/ray_data_passes.py --quick     # ~30 s smoke run
     python benchmarks/ray_data_passes.py --record benchmarks/RESULTS.md    # ~3 min on 2 cores
 """
 
