@@ -52,17 +52,18 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, note a failure,
 # `gpu_step.py --variants` still runs them. gpu_step adds each DUPR row's MoCo v2 twin (the
 # same CUDA graph and compiled backbones) by itself.
 BEST="dupr + attention + bf16 + matmul RoIAlign"
-LEVERS="mocov2,dupr,dupr + attention + bf16,$BEST,$BEST + CUDA graph"
+CUDNN="dupr + cuDNN attention + bf16 + matmul RoIAlign"
+LEVERS="mocov2,dupr,dupr + attention + bf16,$BEST,$CUDNN,$BEST + CUDA graph,$CUDNN + CUDA graph"
 COMPILED="mocov2,dupr,$BEST + compile + CUDA graph,mocov2 + compile all + CUDA graph"
-COMPILED+=",$BEST + compile all + CUDA graph,$BEST + compile"
-# Limits from four runs on an H200 (2026-12-04): CUDA tests 33 s (cold, 6 of today's 12),
-# gpu_step 52 s (5 variants at batch 64; 6 now), gpu_profile 42 s (3 variants; 4 now),
+COMPILED+=",$BEST + compile all + CUDA graph,$CUDNN + compile all + CUDA graph,$BEST + compile"
+# Limits from four runs on an H200 (2026-12-04): CUDA tests 33 s (cold, 6 of today's 13),
+# gpu_step 52 s (5 variants at batch 64; 7 now), gpu_profile 42 s (3 variants; 4 now),
 # gpu_memory 61 s, patch_loss_memory 31 s, gpu_input 89 s for its torch rows (its Ray rows,
 # about 100 s more, are a named step). In the order of what the open targets need most: a step
 # that runs out of time costs only itself. The compiled variants' warm-up took 38-135 s (more
 # with the backbones): they run only when STEPS names them, on a loan of their own.
 CUDA_TESTS=("$PY" -m pytest --noconftest -p no:cacheprovider -q tests/test_cuda.py)
-step "CUDA tests" 60 "${CUDA_TESTS[@]}" -m "gpu and not slow"
+step "CUDA tests" 70 "${CUDA_TESTS[@]}" -m "gpu and not slow"
 step "gpu_step" 85 "$PY" benchmarks/gpu_step.py --variants "$LEVERS" --budget-s $((72 * SCALE)) \
   --record "$RESULTS" "${QUICK[@]}"
 # Twice the batch, with and without the graph: how far launches bound the step at batch 64.
@@ -70,7 +71,7 @@ step "gpu_step, batch 128" 40 "$PY" benchmarks/gpu_step.py --batch 128 --steps 2
   --variants "mocov2,dupr,$BEST + CUDA graph" --budget-s $((32 * SCALE)) --record "$RESULTS" \
   "${QUICK[@]}"
 step "gpu_profile" 65 "$PY" benchmarks/gpu_profile.py --record "$RESULTS" "${QUICK[@]}"
-step "gpu_input" 120 "$PY" benchmarks/gpu_input.py --loaders torch --budget-s $((105 * SCALE)) \
+step "gpu_input" 110 "$PY" benchmarks/gpu_input.py --loaders torch --budget-s $((97 * SCALE)) \
   --record "$RESULTS" "${QUICK[@]}"
 step "patch_loss_memory" 40 "$PY" benchmarks/patch_loss_memory.py --record "$RESULTS" "${QUICK[@]}"
 step "gpu_memory" 70 "$PY" benchmarks/gpu_memory.py --budget-s 15 --record "$RESULTS" "${QUICK[@]}"

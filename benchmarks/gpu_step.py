@@ -21,6 +21,8 @@ chunked matmuls); and one row per lever on the patch loss's cost:
   attention + bf16   both (the flash-attention kernel)
   matmul RoIAlign    model.roi_align_kernel=matmul (RoIAlign as two matmuls in the map's dtype
                      and layout, dupr.roi_align), alone and with attention + bf16
+  cuDNN attention    model.patch_loss_kernel=cudnn_attention: the same with cuDNN's attention
+                     kernel in place of flash attention (bf16 logits only)
   compile            optim.compile: torch.compile of the heads and losses (dupr.train.compile_model)
   attention + bf16 (+ matmul RoIAlign) + compile   the best eager levers, compiled the same way
   CUDA graph         optim.cuda_graph: the whole step (forward, backward, SGD) captured once and
@@ -75,6 +77,8 @@ BASELINE, DEFAULT = "mocov2", "dupr"
 ATTENTION_BF16 = {"patch_loss_kernel": "attention", "patch_logits": "bfloat16"}
 MATMUL_ROI = {"roi_align_kernel": "matmul"}
 BEST = "dupr + attention + bf16 + matmul RoIAlign"  # the best eager levers together
+CUDNN_BF16 = {"patch_loss_kernel": "cudnn_attention", "patch_logits": "bfloat16"}
+CUDNN_BEST = "dupr + cuDNN attention + bf16 + matmul RoIAlign"  # the same, cuDNN's kernel
 
 
 class Variant(NamedTuple):
@@ -100,14 +104,19 @@ VARIANTS: dict[str, Variant] = {
     "dupr + compile": Variant("dupr", {}, {}),
     "dupr + attention + bf16 + compile": Variant("dupr", ATTENTION_BF16, {}),
     f"{BEST} + compile": Variant("dupr", ATTENTION_BF16 | MATMUL_ROI, {}),
+    CUDNN_BEST: Variant("dupr", CUDNN_BF16 | MATMUL_ROI),
     "mocov2 + CUDA graph": Variant("mocov2", {}, graph=True),
     f"{BEST} + CUDA graph": Variant("dupr", ATTENTION_BF16 | MATMUL_ROI, graph=True),
     f"{BEST} + compile + CUDA graph": Variant("dupr", ATTENTION_BF16 | MATMUL_ROI, {}, True),
+    f"{CUDNN_BEST} + CUDA graph": Variant("dupr", CUDNN_BF16 | MATMUL_ROI, graph=True),
     "mocov2 + compile all": Variant("mocov2", {}, {"backbones": True}),
     f"{BEST} + compile all": Variant("dupr", ATTENTION_BF16 | MATMUL_ROI, {"backbones": True}),
     "mocov2 + compile all + CUDA graph": Variant("mocov2", {}, {"backbones": True}, True),
     f"{BEST} + compile all + CUDA graph": Variant(
         "dupr", ATTENTION_BF16 | MATMUL_ROI, {"backbones": True}, True
+    ),
+    f"{CUDNN_BEST} + compile all + CUDA graph": Variant(
+        "dupr", CUDNN_BF16 | MATMUL_ROI, {"backbones": True}, True
     ),
 }
 

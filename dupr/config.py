@@ -26,7 +26,7 @@ AUGMENTATIONS = ("mocov2", "mocov2_randaugment")
 BN_MODES = ("shuffle", "sync", "none")
 AMP_DTYPES = ("bfloat16", "float16")
 PATCH_LOGITS = ("float32", "bfloat16")
-PATCH_LOSS_KERNELS = ("matmul", "attention")
+PATCH_LOSS_KERNELS = ("matmul", "attention", "cudnn_attention")
 ROI_ALIGN_KERNELS = ("torchvision", "matmul")
 PHOTOMETRIC_ON = ("loader", "device")
 
@@ -69,7 +69,9 @@ class ModelConfig:
     # How the patch losses' (queries × K) logits are computed (dupr.losses). bfloat16: the
     # matmuls on bf16 tensor cores, log-sum-exp and gradient accumulated in float32 (within
     # dupr.losses.BF16_LOGITS_BOUNDS of float32: tests/test_losses.py). attention: a fused
-    # attention kernel that never stores the logits (same values; accuracy from a sample).
+    # attention kernel that never stores the logits (same values; accuracy from a sample);
+    # cudnn_attention: the same with cuDNN's attention kernel on a GPU (bfloat16 logits only;
+    # on a CPU it runs as attention).
     patch_logits: str = "float32"
     patch_loss_kernel: str = "matmul"
 
@@ -259,6 +261,9 @@ def validate(cfg: DUPRConfig) -> DUPRConfig:
     check_number("model.loss_memory_mb", m.loss_memory_mb, above=0)
     check_choice("model.patch_logits", m.patch_logits, PATCH_LOGITS)
     check_choice("model.patch_loss_kernel", m.patch_loss_kernel, PATCH_LOSS_KERNELS)
+    if m.patch_loss_kernel == "cudnn_attention" and m.patch_logits != "bfloat16":
+        # cuDNN's attention takes bf16/fp16 inputs only.
+        _fail("model.patch_loss_kernel", m.patch_loss_kernel, "needs model.patch_logits=bfloat16")
     check_int("model.image_size", m.image_size, low=1)
     # The deepest level used needs a feature map of at least 2×2 cells.
     deepest = m.deepest_level()

@@ -21,7 +21,9 @@ step near log K ≈ 11 is 0.06). Two options trade exactness for speed on a GPU'
 - ``kernel="attention"``: the negatives' log-sum-exp and its gradient come from PyTorch's fused
   attention kernel, which never writes the logit matrix to memory. With the bank as both keys
   and values, attention returns o = softmax(q·Rᵀ/τ)·R and log Σ_t exp(q·r_t/τ), and
-  ∂ lse / ∂q = o / τ, so the backward pass is one multiplication.
+  ∂ lse / ∂q = o / τ, so the backward pass is one multiplication. ``kernel="cudnn_attention"``
+  takes cuDNN's attention kernel instead of PyTorch's flash attention (bfloat16 logits only);
+  which one is faster depends on the card (benchmarks/gpu_step.py has a row for each).
 """
 
 from __future__ import annotations
@@ -100,8 +102,8 @@ class AttentionLogSumExp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, bank: Tensor, tau: float) -> Tensor:
-        out, lse = _attention(q, bank, 1.0 / tau)
+    def forward(ctx, q: Tensor, bank: Tensor, tau: float, cudnn: bool = False) -> Tensor:
+        out, lse = _attention(q, bank, 1.0 / tau, cudnn)
         ctx.save_for_backward(out)
         ctx.tau = tau
         return lse
@@ -109,30 +111,39 @@ class AttentionLogSumExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_lse: Tensor):
         (out,) = ctx.saved_tensors
-        return (grad_lse / ctx.tau)[:, None] * out.to(grad_lse.dtype), None, None
+        return (grad_lse / ctx.tau)[:, None] * out.to(grad_lse.dtype), None, None, None
 
 
-def _attention(q: Tensor, bank: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _attention(q: Tensor, bank: Tensor, scale: float, cudnn: bool) -> tuple[Tensor, Tensor]:
     """(softmax(q·bankᵀ·scale)·bank, float32 log-sum-exp) from PyTorch's attention kernels.
 
     The public `scaled_dot_product_attention` returns only the output, so this calls the
     kernels it dispatches to, which also return the log-sum-exp: flash attention for
-    bfloat16/float16 on a GPU, the memory-efficient kernel for float32 on a GPU, and the CPU
-    flash kernel (any of these dtypes) on a CPU. Shapes are (batch 1, heads 1, length, d).
+    bfloat16/float16 on a GPU (cuDNN's kernel where `cudnn`), the memory-efficient kernel for
+    float32 on a GPU, and the CPU flash kernel (any of these dtypes) on a CPU. Shapes are
+    (batch 1, heads 1, length, d).
     """
     q4, k4 = q[None, None], bank[None, None]
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q4, k4, k4, scale=scale
         )
+    elif cudnn:
+        if q.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"cuDNN's attention takes bfloat16 or float16, not {q.dtype}")
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q4, k4, k4, None, True, scale=scale
+        )[:2]
     elif q.dtype in (torch.bfloat16, torch.float16):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q4, k4, k4, scale=scale)[:2]
     else:
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
             q4, k4, k4, None, True, scale=scale
         )[:2]
-    # The memory-efficient kernel pads the log-sum-exp's length to a multiple of 32.
-    return out[0, 0], lse[0, 0, : len(q)].to(torch.promote_types(q.dtype, torch.float32))
+    # The memory-efficient kernel pads the log-sum-exp's length to a multiple of 32; cuDNN's
+    # comes as (1, 1, length, 1).
+    lse = lse.reshape(-1)[: len(q)]
+    return out[0, 0], lse.to(torch.promote_types(q.dtype, torch.float32))
 
 
 def negatives_logsumexp(
@@ -228,7 +239,7 @@ def info_nce(
             correct = pos.detach() > neg_max
         else:
             q_low, bank_low = q.to(logits_dtype or dtype), bank.to(logits_dtype or dtype)
-            neg_lse = AttentionLogSumExp.apply(q_low, bank_low, tau)
+            neg_lse = AttentionLogSumExp.apply(q_low, bank_low, tau, kernel == "cudnn_attention")
             sample = accuracy_rows(len(q), kernel)
             with torch.no_grad():  # the same matmul precision, from the same casts
                 neg_max = negatives_max(q_low[sample].detach(), bank_low, tau, memory_mb)

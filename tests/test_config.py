@@ -54,6 +54,10 @@ BAD = [
     (with_model(momentum=1.0), "model.momentum=1.0"),
     (with_model(patch_logits="float16"), "model.patch_logits='float16'"),
     (with_model(patch_loss_kernel="flash"), "model.patch_loss_kernel='flash'"),
+    (
+        with_model(patch_loss_kernel="cudnn_attention"),
+        "model.patch_loss_kernel='cudnn_attention': needs model.patch_logits=bfloat16",
+    ),
     (with_model(roi_align_kernel="cuda"), "model.roi_align_kernel='cuda'"),
     (DUPRConfig(optim=dataclasses.replace(DUPRConfig().optim, epochs=0)), "optim.epochs=0"),
     (

@@ -4,11 +4,12 @@ CI has no GPU, so these run when a GPU machine is at hand, together with the GPU
 `bash benchmarks/gpu_checks.sh` (needs only torch, torchvision and pytest there). The CPU tests
 cover the same code on gloo and float32 (test_distributed.py, test_train.py); what only a GPU
 shows is what is checked here: that autocast and channels_last change the numbers no more than
-bf16 rounding does, that a step captured as a CUDA graph trains like the eager one, that the memory banks stay float32, that the GPU's attention kernels (flash,
-memory-efficient) give the patch loss of the matmul form, that the colour steps on the device give
-the CPU's pixels, and that Shuffle BN and the gathered
-bank keys run on an NCCL process group. (NCCL gives each rank its own GPU, so a one-GPU machine checks
-a world of one; the two-rank equalities are checked on gloo.)
+bf16 rounding does, that a step captured as a CUDA graph trains like the eager one, that the
+memory banks stay float32, that the GPU's attention kernels (flash, cuDNN's, memory-efficient)
+give the patch loss of the matmul form, that the colour steps on the device give the CPU's
+pixels, and that Shuffle BN and the gathered bank keys run on an NCCL process group. (NCCL gives
+each rank its own GPU, so a one-GPU machine checks a world of one; the two-rank equalities are
+checked on gloo.)
 """
 
 import copy
@@ -85,8 +86,9 @@ def test_float16_autocast_uses_the_loss_scaler():
 
 def test_patch_loss_options_on_the_gpu_agree_with_float32(monkeypatch):
     """Paper scale (6272 queries, K = 65536): the chunked matmul form in float32 (TF32 off) is
-    the reference for bfloat16 logits and for the attention kernels (flash for bf16,
-    memory-efficient for fp32, which may use TF32); bounds as on the CPU (tests/test_losses.py)."""
+    the reference for bfloat16 logits and for the attention kernels (flash and cuDNN's for
+    bf16, memory-efficient for fp32, which may use TF32); bounds as on the CPU
+    (tests/test_losses.py)."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     g = torch.Generator(device=CUDA).manual_seed(0)
     q0 = torch.nn.functional.normalize(torch.randn(6272, 128, device=CUDA, generator=g), dim=1)
@@ -106,6 +108,7 @@ def test_patch_loss_options_on_the_gpu_agree_with_float32(monkeypatch):
         ("matmul", torch.bfloat16),
         ("attention", None),
         ("attention", torch.bfloat16),
+        ("cudnn_attention", torch.bfloat16),
     ]:
         loss, correct, grad = run(kernel=kernel, logits_dtype=logits_dtype)
         label = (kernel, logits_dtype)
@@ -193,10 +196,13 @@ def test_colour_steps_on_the_gpu_give_the_cpus_pixels(monkeypatch):
     assert diff.mean() < 1e-4 and (diff > 1e-3).float().mean() < 1e-3, diff.max()
 
 
-@pytest.mark.parametrize("roi_kernel", ["torchvision", "matmul"])
-def test_a_training_step_never_waits_for_the_gpu(roi_kernel):
+@pytest.mark.parametrize(
+    "roi_kernel,loss_kernel",
+    [("torchvision", "attention"), ("matmul", "attention"), ("matmul", "cudnn_attention")],
+)
+def test_a_training_step_never_waits_for_the_gpu(roi_kernel, loss_kernel):
     """The host runs ahead of the GPU through whole steps: CUDA's sync debug mode raises at any
-    synchronisation (a blocking copy, a value read) in bf16 + channels_last steps with the
+    synchronisation (a blocking copy, a value read) in bf16 + channels_last steps with an
     attention kernel, bf16 logits and the colour steps on the device, from uint8 crops and
     colour rows in host memory as the loader delivers them. (One blocking copy per step made
     the host wait at every step for the GPU to finish the previous one; the CPU test in
@@ -206,7 +212,7 @@ def test_a_training_step_never_waits_for_the_gpu(roi_kernel):
     )
     torch.manual_seed(0)
     cfg = tiny_model_config(
-        patch_loss_kernel="attention", patch_logits="bfloat16", roi_align_kernel=roi_kernel
+        patch_loss_kernel=loss_kernel, patch_logits="bfloat16", roi_align_kernel=roi_kernel
     )
     model = DUPR(cfg).to(CUDA).to(memory_format=torch.channels_last)
     state = build_state(model, optim, steps_per_epoch=10, device=CUDA)
@@ -226,7 +232,22 @@ def test_a_training_step_never_waits_for_the_gpu(roi_kernel):
     assert torch.isfinite(metrics["loss"]).item()
 
 
-@pytest.mark.parametrize("form", ["float32", "bf16 + attention + matmul RoIAlign"])
+CAPTURED_FORMS = {
+    "float32": {},
+    "bf16 + attention + matmul RoIAlign": {
+        "patch_loss_kernel": "attention",
+        "patch_logits": "bfloat16",
+        "roi_align_kernel": "matmul",
+    },
+    "bf16 + cuDNN attention + matmul RoIAlign": {
+        "patch_loss_kernel": "cudnn_attention",
+        "patch_logits": "bfloat16",
+        "roi_align_kernel": "matmul",
+    },
+}
+
+
+@pytest.mark.parametrize("form", list(CAPTURED_FORMS))
 def test_a_captured_step_trains_like_the_eager_one(form):
     """optim.cuda_graph: three eager warm-up steps on a side stream, the capture, then replays,
     each on a new batch and with the learning rate the schedule gives that step. After 8 steps
@@ -245,11 +266,7 @@ def test_a_captured_step_trains_like_the_eager_one(form):
         channels_last=fast,
         tf32=False,
     )
-    kernels = (
-        {"patch_loss_kernel": "attention", "patch_logits": "bfloat16", "roi_align_kernel": "matmul"}
-        if fast
-        else {}
-    )
+    kernels = CAPTURED_FORMS[form]
     runs = {}
     with torch.backends.cudnn.flags(enabled=True, deterministic=True):
         for graphed in (False, True):

@@ -22,9 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # pyarrow, PyYAML and pytest, not the platform's stack).
 ABSENT = ("ray", "mlflow", "omegaconf", "hydra", "boto3", "botocore", "moto", "faster_coco_eval")
 BEST = "attention + bf16 + matmul RoIAlign"
+CUDNN = "cuDNN attention + bf16 + matmul RoIAlign"
 SECTIONS = (
-    f"gpu_step (quick, cpu; levers: mocov2 + CUDA graph, attention + bf16, {BEST}, "
-    f"{BEST} + CUDA graph)",
+    f"gpu_step (quick, cpu; levers: mocov2 + CUDA graph, attention + bf16, {BEST}, {CUDNN}, "
+    f"{BEST} + CUDA graph, {CUDNN} + CUDA graph)",
     f"gpu_step (quick, cpu; levers: mocov2 + CUDA graph, {BEST} + compile + CUDA graph)",
     f"gpu_step (quick, cpu; levers: mocov2 + CUDA graph, {BEST} + CUDA graph)",  # batch 128
     "gpu_profile (quick, cpu)",
@@ -68,6 +69,8 @@ def test_gpu_checks_rehearse_on_a_cpu_without_the_platforms_packages(tmp_path):
         f"dupr + {BEST}",
         f"dupr + {BEST} + CUDA graph",
         f"dupr + {BEST} + compile + CUDA graph",
+        f"dupr + {CUDNN}",
+        f"dupr + {CUDNN} + CUDA graph",
     ):
         cells = next(
             [c.strip() for c in x.split("|")]

@@ -165,3 +165,16 @@ def test_unknown_kernel_is_refused():
     q, k_pos, bank, _ = paper_like(8, 16)
     with pytest.raises(ValueError, match="kernel='flash'"):
         info_nce(q, k_pos, bank, 0.2, kernel="flash")
+
+
+def test_cudnn_attention_runs_as_attention_on_a_cpu():
+    """model.patch_loss_kernel=cudnn_attention is a GPU kernel choice: a configuration that
+    names it trains the same on a laptop (tests/test_cuda.py checks cuDNN's kernel itself)."""
+    q, k_pos, bank, w = paper_like(n=500)
+    options = dict(memory_mb=16.0, logits_dtype=torch.bfloat16)
+    loss_a, correct_a, grad_a = loss_and_grad(q, k_pos, bank, w, kernel="attention", **options)
+    loss_c, correct_c, grad_c = loss_and_grad(
+        q, k_pos, bank, w, kernel="cudnn_attention", **options
+    )
+    assert torch.equal(loss_c, loss_a) and torch.equal(grad_c, grad_a)
+    assert torch.equal(correct_c, correct_a)

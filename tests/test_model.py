@@ -261,8 +261,9 @@ def test_mixed_precision_forward_keeps_losses_and_banks_in_float32():
         dict(patch_logits="bfloat16"),
         dict(patch_loss_kernel="attention"),
         dict(roi_align_kernel="matmul"),
+        dict(patch_loss_kernel="cudnn_attention", patch_logits="bfloat16"),
     ],
-    ids=["bfloat16 logits", "attention kernel", "matmul RoIAlign"],
+    ids=["bfloat16 logits", "attention kernel", "matmul RoIAlign", "cuDNN attention"],
 )
 def test_patch_loss_options_train_like_the_default(options):
     """The config's speed options reach the patch path and change it only by rounding."""
