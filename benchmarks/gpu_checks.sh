@@ -4,7 +4,7 @@
 # remote run brings back whatever finished). Needs torch, torchvision, pytest, Pillow and pyarrow
 # there; not MLflow or the project's virtualenv, and Ray only for gpu_input's data_loader=ray rows
 # (benchmarks/pack_ray.sh packs it to take along). Each step has its own time limit, so one that
-# hangs cannot take the others' time; the limits add up to 8 min (--quick: four times that).
+# hangs cannot take the others' time; the limits add up to under 8 min (--quick: four times that).
 #
 #     bash benchmarks/gpu_checks.sh            # on the GPU machine
 #     bash benchmarks/gpu_checks.sh --quick    # rehearsal on any machine: small sizes, CPU
@@ -57,14 +57,15 @@ LEVERS="mocov2,dupr,dupr + attention + bf16,$BEST,$CUDNN,$BEST + CUDA graph,$CUD
 COMPILED="mocov2,dupr,$BEST + compile + CUDA graph,mocov2 + compile all + CUDA graph"
 COMPILED+=",$BEST + compile all + CUDA graph,$CUDNN + compile all + CUDA graph,$BEST + compile"
 # Limits from four runs on an H200 (2026-12-04): CUDA tests 33 s (cold, 6 of today's 13),
-# gpu_step 52 s (5 variants at batch 64; 7 now), gpu_profile 42 s (3 variants; 4 now),
-# gpu_memory 61 s, patch_loss_memory 31 s, gpu_input 89 s for its torch rows (its Ray rows,
-# about 100 s more, are a named step). In the order of what the open targets need most: a step
-# that runs out of time costs only itself. The compiled variants' warm-up took 38-135 s (more
+# gpu_step 52 s (5 variants at batch 64; 7 now, and MoCo v2's graph twin), gpu_profile 42 s
+# (3 variants; 4 now), gpu_memory 61 s (run 2; its search is bounded now), patch_loss_memory
+# 31 s, gpu_input 89 s for its torch rows (its Ray rows, about 100 s more, are a named step);
+# 7 min 55 s in all. In the order of what the open targets need most: a step that runs out of
+# time costs only itself. The compiled variants' warm-up took 38-135 s (more
 # with the backbones): they run only when STEPS names them, on a loan of their own.
 CUDA_TESTS=("$PY" -m pytest --noconftest -p no:cacheprovider -q tests/test_cuda.py)
 step "CUDA tests" 70 "${CUDA_TESTS[@]}" -m "gpu and not slow"
-step "gpu_step" 85 "$PY" benchmarks/gpu_step.py --variants "$LEVERS" --budget-s $((72 * SCALE)) \
+step "gpu_step" 90 "$PY" benchmarks/gpu_step.py --variants "$LEVERS" --budget-s $((72 * SCALE)) \
   --record "$RESULTS" "${QUICK[@]}"
 # Twice the batch, with and without the graph: how far launches bound the step at batch 64.
 step "gpu_step, batch 128" 40 "$PY" benchmarks/gpu_step.py --batch 128 --steps 20 \
@@ -76,7 +77,7 @@ step "gpu_profile" 65 "$PY" benchmarks/gpu_profile.py --variants "mocov2,dupr,$B
 step "gpu_input" 110 "$PY" benchmarks/gpu_input.py --loaders torch --budget-s $((97 * SCALE)) \
   --record "$RESULTS" "${QUICK[@]}"
 step "patch_loss_memory" 40 "$PY" benchmarks/patch_loss_memory.py --record "$RESULTS" "${QUICK[@]}"
-step "gpu_memory" 70 "$PY" benchmarks/gpu_memory.py --budget-s 15 --record "$RESULTS" "${QUICK[@]}"
+step "gpu_memory" 60 "$PY" benchmarks/gpu_memory.py --budget-s 15 --record "$RESULTS" "${QUICK[@]}"
 if [ -n "${STEPS:-}" ] || [ "$SCALE" -gt 1 ]; then  # named, or the rehearsal
   # The rehearsal leaves out the compiled backbones: minutes of compiling on a small CPU, for
   # gradients that inductor gets wrong there (tests/test_cuda.py checks them on the GPU).
