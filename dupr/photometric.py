@@ -295,8 +295,9 @@ def adjust_hue(x: Tensor, factor: Tensor) -> Tensor:
     s = cr / torch.where(eqc, 1.0, maxc)
     divisor = torch.where(eqc, 1.0, cr)
     rc, gc, bc = (maxc - r) / divisor, (maxc - g) / divisor, (maxc - b) / divisor
-    sextant = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.fmod(sextant / 6.0 + 1.0, 1.0)
+    # The hue in sixths of a turn, from the channel that holds the maximum.
+    sixths = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.fmod(sixths / 6.0 + 1.0, 1.0)
     h = torch.remainder(h + factor.to(h.dtype).view(-1, 1, 1), 1.0)
     n = torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)  # 5, 3, 1; no host copy
     k = torch.remainder(n + 6.0 * h.unsqueeze(1), 6.0)
