@@ -98,11 +98,12 @@ class AttentionLogSumExp(torch.autograd.Function):
     """log Σ_t exp(q·r_t/τ) by a fused attention kernel, with the bank as keys and values.
 
     The kernel streams the bank through on-chip memory and returns the log-sum-exp with
-    o = softmax(q·Rᵀ/τ)·R, which is τ times the gradient: backward is `grad · o / τ`.
+    o = softmax(q·Rᵀ/τ)·R, which is τ times the gradient: backward is `grad · o / τ`. `cudnn`:
+    cuDNN's attention kernel on a GPU instead of flash attention.
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, bank: Tensor, tau: float, cudnn: bool = False) -> Tensor:
+    def forward(ctx, q: Tensor, bank: Tensor, tau: float, cudnn: bool) -> Tensor:
         out, lse = _attention(q, bank, 1.0 / tau, cudnn)
         ctx.save_for_backward(out)
         ctx.tau = tau
