@@ -171,6 +171,10 @@ PRETRAIN_CASES = [
     (["method.model.tau=nan"], "method.model.tau=nan"),
     (["method.optim.epochs=1.5"], "method.optim.epochs='1.5'"),
     (["method.optim.batch_size=32.5"], "method.optim.batch_size='32.5'"),
+    (
+        ["method.model.patch_loss_kernel=cudnn_attention"],
+        "method.model.patch_loss_kernel='cudnn_attention': needs model.patch_logits=bfloat16",
+    ),
     (["num_workers=abc"], "num_workers='abc'"),
     (
         ["ray_data_cpus_per_actor=2"],
