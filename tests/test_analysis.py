@@ -239,7 +239,7 @@ def test_shuffled_features_match_poorly():
 
 
 def test_real_crops_of_a_coordinate_image_match():
-    """PIL crop/resize/flip of an image whose pixels encode their own (x, y): no to_original."""
+    """Real crop/resize/flip of an image whose pixels encode their own (x, y): no to_original."""
     xs, ys = np.meshgrid(np.arange(256), np.arange(240))
     img = Image.fromarray(np.stack([xs, ys, np.zeros_like(xs)], -1).astype(np.uint8))
     size, stride = 112, 16
@@ -251,7 +251,7 @@ def test_real_crops_of_a_coordinate_image_match():
         (v1, c1), (v2, c2) = geometric(img), geometric(img)
         feats = []
         for view in (v1, v2):
-            a = np.asarray(view, np.float64)[np.ix_(idx, idx)] + 0.5  # decoded original x, y
+            a = view.permute(1, 2, 0).double().numpy()[np.ix_(idx, idx)] + 0.5  # original x, y
             feats.append(torch.from_numpy(fourier(a[..., 0], a[..., 1])))
         acc0, n = correspondence_accuracy(*feats, c1, c2, size, stride, tolerance_cells=0)
         if n == 0:

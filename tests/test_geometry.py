@@ -83,7 +83,7 @@ def test_cells_of_both_views_map_to_same_original_point(s):
             continue
         pooled = []
         for view, box, crop in ((v1, b1, crops[0:1]), (v2, b2, crops[1:2])):
-            t = torch.from_numpy(np.asarray(view, dtype=np.float64)).permute(2, 0, 1)[None, :2]
+            t = view.double()[None, :2]
             rois = torch.cat([torch.zeros(1, 1, dtype=torch.float64), box], 1)
             # On image pixels, `aligned=True` is the pixel-centre convention (pixel k covers [k, k+1)).
             grid = roi_align(t, rois, s, spatial_scale=1.0, sampling_ratio=2, aligned=True)

@@ -1,15 +1,17 @@
 """Two views with crop records; reproducible sampling; undecodable files skipped and counted."""
 
 import numpy as np
+import pytest
 import torch
 import torchvision.transforms as T
+import torchvision.transforms.functional as F
 from PIL import Image
 
 from dupr.config import AugmentConfig
-from dupr.data import ImageFolderDataset
+from dupr.data import ImageFolderDataset, bundled_photos
 from dupr.data.two_views import EpochSampler, TwoViewDataset, build_loader
 from dupr.photometric import PhotometricRandAugment
-from dupr.views import TwoViews
+from dupr.views import CropAndFlip, TwoViews
 
 
 def photo(w=200, h=150, seed=0) -> Image.Image:
@@ -33,6 +35,31 @@ def test_two_views_shapes_and_crop_records():
             assert 0.2 - 0.02 <= area <= 1.0  # RandomResizedCrop scale (0.2, 1)
             flips.append(f)
     assert 0.3 < np.mean(flips) < 0.7
+
+
+@pytest.mark.parametrize("size", [64, 224])  # the photos' crops are scaled up and down
+def test_crops_are_resized_as_pil_resizes_them(size):
+    """Torch's antialiased bilinear resize of the uint8 crop against torchvision's PIL
+    `resized_crop` + `hflip` for the same draw: the same filter, so the pixels differ by at
+    most one grey level (rounding), and the crop record is the one the PIL path would draw."""
+    crop_and_flip = CropAndFlip(size)
+    differing, total = 0, 0
+    for _, picture in bundled_photos():
+        img = picture.convert("RGB")
+        for seed in range(4):
+            torch.manual_seed(seed)
+            view, record = crop_and_flip(img)
+            torch.manual_seed(seed)
+            top, left, h, w = crop_and_flip.crop.get_params(img, (0.2, 1.0), (3 / 4, 4 / 3))
+            pil = F.resized_crop(img, top, left, h, w, [size, size], antialias=True)
+            if torch.rand(()) < 0.5:
+                pil = F.hflip(pil)
+            assert record[:4].tolist() == [left, top, left + w, top + h]
+            diff = (view.int() - F.pil_to_tensor(pil).int()).abs()
+            assert view.shape == (3, size, size) and view.dtype == torch.uint8
+            assert diff.max() <= 1
+            differing, total = differing + int(diff.count_nonzero()), total + diff.numel()
+    assert differing / total < 0.25
 
 
 def test_randaugment_preset_keeps_only_photometric_ops():
