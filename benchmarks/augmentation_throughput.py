@@ -10,7 +10,8 @@ exactly as MoCo v2's `aug_plus` and called twice, with two blurs:
   (a) torchvision's T.GaussianBlur(kernel_size=23, sigma=(0.1, 2.0)) on the PIL image.
 
 The `mocov2_randaugment` preset is timed too, for information only, and so is the loader's share
-of both presets when their colour steps run on the training device (`augment.photometric_on`). Images are decoded into
+of both presets when their colour steps run on the training device (`augment.photometric_on`),
+against (c): the same share with MoCo v2's crop and flip in PIL. Images are decoded into
 memory first, so only the transforms are timed: the bundled image folder (crops of 128-256 px)
 and the full-size bundled photographs (300-1411 px). Single process, one torch thread. Each round
 is one pass over each image set in which the variants alternate every few images (order shuffled
@@ -36,13 +37,14 @@ from pathlib import Path
 
 import torch
 import torchvision.transforms as T
+import torchvision.transforms.functional as F
 from _common import fill_sizes, machine_lines, quartiles, record
 from PIL import Image, ImageFilter
 
 from dupr.config import AugmentConfig
 from dupr.data import ImageFolderDataset, build_bundled_image_folder, bundled_photos
 from dupr.io import markdown_table
-from dupr.photometric import IMAGENET_MEAN, IMAGENET_STD
+from dupr.photometric import IMAGENET_MEAN, IMAGENET_STD, PhotometricDraw
 from dupr.views import TwoViews
 
 TARGET_RATIO = 1.0  # ours / baseline pairs per second
@@ -93,10 +95,28 @@ class TwoCrops:
         return self.base(img), self.base(img)
 
 
+class PilCropsColourDrawn:
+    """The loader's part with the colour steps on the device, cropped by PIL: MoCo v2's
+    RandomResizedCrop and flip on the PIL image, then the uint8 tensor and the drawn colour
+    choices, twice. The baseline of our device rows, whose crops torch resizes instead."""
+
+    def __init__(self, size: int, cfg: AugmentConfig) -> None:
+        self.geometric = T.Compose(
+            [T.RandomResizedCrop(size, scale=(0.2, 1.0)), T.RandomHorizontalFlip()]
+        )
+        self.draw = PhotometricDraw(cfg)
+
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, ...]:
+        return tuple(
+            x for _ in range(2) for x in (F.pil_to_tensor(self.geometric(img)), self.draw())
+        )
+
+
 BASE_B = "MoCo v2 two-crop, PIL blur (b)"
 BASE_A = "MoCo v2 two-crop, torchvision blur (a)"
 OURS = "ours: TwoViews mocov2 (+boxes)"
 OURS_RA = "ours: TwoViews mocov2_randaugment"
+BASE_DEV = "PIL crop + flip, colour choices drawn (loader's part) (c)"
 OURS_DEV = "ours, mocov2, colour steps on the device (loader's part)"
 OURS_RA_DEV = "ours, mocov2_randaugment, colour steps on the device (loader's part)"
 SHORT = {
@@ -104,6 +124,7 @@ SHORT = {
     BASE_A: "a",
     OURS: "ours",
     OURS_RA: "ours-RA",
+    BASE_DEV: "c",
     OURS_DEV: "ours-dev",
     OURS_RA_DEV: "ours-RA-dev",
 }
@@ -115,6 +136,7 @@ def make_variants(size: int) -> dict[str, Transform]:
         BASE_A: TwoCrops(mocov2_aug_plus("torchvision", size)),
         OURS: TwoViews(size, AugmentConfig()),
         OURS_RA: TwoViews(size, AugmentConfig("mocov2_randaugment")),
+        BASE_DEV: PilCropsColourDrawn(size, AugmentConfig(photometric_on="device")),
         OURS_DEV: TwoViews(size, AugmentConfig(photometric_on="device")),
         OURS_RA_DEV: TwoViews(size, AugmentConfig("mocov2_randaugment", photometric_on="device")),
     }
@@ -262,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
         (OURS, BASE_B, f">= {TARGET_RATIO:.1f}x (b)"),
         (OURS, BASE_A, f">= {TARGET_RATIO:.1f}x (a)"),
         (OURS_RA, BASE_B, "info"),
+        (BASE_DEV, None, "baseline"),
+        (OURS_DEV, BASE_DEV, f">= {TARGET_RATIO:.1f}x (c)"),
         (OURS_DEV, OURS, "info"),
         (OURS_RA_DEV, OURS_RA, "info"),
     ]
@@ -308,7 +332,9 @@ def main(argv: list[str] | None = None) -> None:
         "(ours also returns both crop boxes)",
         "colour steps on the device (augment.photometric_on=device): the loader's share only, "
         "the uint8 crops and the drawn colour choices; the colour steps then run batched on the "
-        "training device (benchmarks/gpu_input.py times them there)",
+        "training device (benchmarks/gpu_input.py times them there); its baseline (c) crops "
+        "and flips with PIL (MoCo v2's RandomResizedCrop), ours resizes the uint8 crop with "
+        "torch (`dupr.views.CropAndFlip`)",
     ]
     body = table + "\n\n" + "\n".join(f"- {line}" for line in notes) + "\n"
     print()
