@@ -57,7 +57,7 @@ class CropAndFlip:
 
 
 class TwoViews:
-    """Two views of one PIL image: ``{view1, view2, crop1, crop2}`` (+ ``photometric1/2``).
+    """Two views of one image: ``{view1, view2, crop1, crop2}`` (+ ``photometric1/2``).
 
     Both views are drawn independently from the same augmentation family (t, t' ~ 𝒯 in §3.2.1).
     Views are normalised (3, P, P) float tensors; with ``photometric_on=device`` they are the
@@ -73,9 +73,10 @@ class TwoViews:
         self.colour = photometric_transform(cfg)
         self.draw = PhotometricDraw(cfg) if cfg.photometric_on == "device" else None
 
-    def __call__(self, img: Image.Image) -> dict[str, Tensor]:
+    def __call__(self, img: Image.Image | Tensor) -> dict[str, Tensor]:
+        """`img`: a PIL image, or (3, H, W) uint8 pixels (`dupr.data.folder.decode_pixels`)."""
         sample = {}
-        pixels = F.pil_to_tensor(img)  # once for both views
+        pixels = F.pil_to_tensor(img) if isinstance(img, Image.Image) else img
         for v in ("1", "2"):
             view, sample[f"crop{v}"] = self.geometric(pixels)
             if self.draw is not None:  # the colour steps run on the training device

@@ -7,8 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torchvision.transforms.functional as F
 from PIL import Image, ImageFile
 
+from dupr.data import bundled_photos
+from dupr.data import folder as folder_module
 from dupr.data.folder import IMAGE_EXTENSIONS, ImageDecodeError, ImageFolderDataset
 
 
@@ -141,6 +145,49 @@ def test_getitem_returns_the_same_image_as_load(tmp_path: Path) -> None:
     assert clone.paths == dataset.paths
 
 
+def test_pixels_are_the_pil_images_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`load_pixels` (TorchCodec for gray and RGB JPEGs, PIL for the rest) gives exactly the
+    pixels of `load`'s PIL image: every mode, JPEG's chroma subsamplings, progressive, EXIF's
+    eight orientations, and real photographs."""
+    photos = [p.convert("RGB") for _, p in bundled_photos()][:4]
+    jpegs = {}
+    for i, photo in enumerate(photos):
+        for subsampling in (0, 1, 2):
+            name = f"photo{i}-{subsampling}.jpg"
+            jpegs[name] = _save(tmp_path / name, photo, quality=90, subsampling=subsampling)
+    jpegs["progressive.jpg"] = _save(tmp_path / "progressive.jpg", photos[0], progressive=True)
+    jpegs["gray.jpg"] = _save(tmp_path / "gray.jpg", photos[1].convert("L"), quality=90)
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        name = f"exif{orientation}.jpg"
+        jpegs[name] = _save(tmp_path / name, _rgb(60, 20), format="JPEG", exif=exif.tobytes())
+    _save(tmp_path / "cmyk.jpg", _rgb(37, 25).convert("CMYK"), format="JPEG")
+    _save(tmp_path / "rgba.png", Image.fromarray(np.dstack([_photo_like(34, 22)] * 2)[..., :4]))
+    sixteen = np.linspace(0, 65535, 36 * 24).reshape(24, 36).astype(np.uint16)
+    _save(tmp_path / "sixteen.png", Image.fromarray(sixteen))
+    _save(tmp_path / "bilevel.bmp", _rgb(38, 26).convert("1"))
+
+    assert folder_module.decode_jpeg is not None  # TorchCodec is installed with the project
+    decoded = []
+    real_decode_jpeg = folder_module.decode_jpeg
+
+    def counting(data: bytes, mode: str) -> torch.Tensor:
+        pixels = real_decode_jpeg(data, mode=mode)
+        decoded.append(pixels.shape[0])
+        return pixels
+
+    monkeypatch.setattr(folder_module, "decode_jpeg", counting)
+    dataset = ImageFolderDataset(tmp_path)
+    for index, path in enumerate(dataset.paths):
+        pixels = dataset.load_pixels(index)
+        expected = F.pil_to_tensor(dataset.load(index))
+        assert pixels.dtype == torch.uint8 and pixels.shape == expected.shape, path.name
+        assert torch.equal(pixels, expected), path.name
+    # The RGB and gray JPEGs took TorchCodec's path; the CMYK one was left to PIL.
+    assert sorted(decoded) == [1] + [3] * (len(jpegs) - 1) + [4]
+
+
 def _bad_files(root: Path) -> dict[str, Path]:
     good = _save(root / "good.jpg", _rgb(256, 192), format="JPEG", quality=90)
     data = good.read_bytes()
@@ -164,6 +211,9 @@ def test_undecodable_files_raise_a_typed_error_naming_the_file(tmp_path: Path, k
         dataset.load(index)
     with pytest.raises(ImageDecodeError):
         dataset[index]
+    with pytest.raises(ImageDecodeError) as from_pixels:
+        dataset.load_pixels(index)
+    assert str(from_pixels.value) == str(info.value)  # the same error on the tensor path
 
     error = info.value
     assert error.path == bad

@@ -101,6 +101,7 @@ def _assert_same_images(shards: ParquetImageDataset, folder_ds: ImageFolderDatas
         got, want = shards.load(i), folder_ds.load(i)
         assert got.mode == "RGB" and got.size == want.size
         assert np.array_equal(np.asarray(got), np.asarray(want)), image_id
+        assert torch.equal(shards.load_pixels(i), folder_ds.load_pixels(i)), image_id
 
 
 def test_local_round_trip_is_byte_and_pixel_identical(folder: Path, tmp_path: Path) -> None:
@@ -283,6 +284,9 @@ def test_bad_bytes_in_a_shard_raise_image_decode_error(folder: Path, tmp_path: P
     message = _one_line(excinfo, bad_id, "part-00001.parquet")
     assert excinfo.value.path == Path(bad_id), message
     assert pickle.loads(pickle.dumps(excinfo.value)).reason == excinfo.value.reason
+    with pytest.raises(ImageDecodeError) as from_pixels:
+        dataset.load_pixels(9)  # the two-view path's decoder fails alike
+    assert str(from_pixels.value) == message
 
     # The two-view wrapper skips it like an undecodable file of the folder path.
     two_views = TwoViewDataset(dataset, TwoViews(32))

@@ -5,6 +5,10 @@ files under a folder (recursively). The order is deterministic so that a seed re
 samples on every machine. Decoding is strict: a file that cannot be fully decoded raises one typed
 `ImageDecodeError` naming the file, fast, instead of silently yielding a partial or gray image;
 deciding whether to skip such files is left to a wrapper.
+
+Two ways out of the one decoder: a PIL image (`load_rgb`, `decode_rgb`: evaluation, figures) and
+the (3, H, W) uint8 tensor the pre-training views are cut from (`load_pixels`, `decode_pixels`),
+which takes JPEGs straight to a tensor.
 """
 
 from __future__ import annotations
@@ -17,7 +21,14 @@ from typing import BinaryIO
 
 import numpy as np
 import torch.utils.data
+import torchvision.transforms.functional as F
 from PIL import Image, ImageOps
+from torch import Tensor
+
+try:  # a declared dependency; a machine with its own PyTorch may lack a build for it
+    from torchcodec.decoders import decode_jpeg
+except (ImportError, OSError, RuntimeError):  # then PIL decodes every image (same pixels)
+    decode_jpeg = None  # type: ignore[assignment]
 
 # Lower-case suffixes (with the dot) of the files the folder reads; matching is case-insensitive.
 IMAGE_EXTENSIONS: tuple[str, ...] = (
@@ -129,6 +140,48 @@ def decode_rgb(data: bytes, source: str) -> Image.Image:
     return _decode(io.BytesIO(data), source)
 
 
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def decode_pixels(data: bytes, source: str | os.PathLike[str]) -> Tensor:
+    """Encoded image bytes → (3, H, W) uint8 RGB pixels, upright: `decode_rgb`'s image as a
+    tensor (a view of (H, W, 3) memory, as `pil_to_tensor` gives it).
+
+    A JPEG in gray or RGB (nearly every training image) goes to TorchCodec's `decode_jpeg`:
+    libjpeg-turbo, as in PIL, with the EXIF orientation applied, giving the same pixels
+    (`tests/test_data_folder.py`) without PIL's three copies of the image on the way to a
+    tensor (EXIF transpose, RGB conversion, array export): a sample with both views cut took
+    1.86 instead of 2.27 ms (`benchmarks/decode_throughput.py`). Every other image, a CMYK JPEG
+    (whose conversion to RGB differs between the two), and a JPEG it refuses go through PIL,
+    which raises `ImageDecodeError` for one that is really broken, so errors read the same.
+    """
+    pixels = _jpeg_pixels(data)
+    return pixels if pixels is not None else F.pil_to_tensor(decode_rgb(data, os.fspath(source)))
+
+
+def load_pixels(path: str | os.PathLike[str]) -> Tensor:
+    """`decode_pixels` of the file at `path`; raises `ImageDecodeError` as `load_rgb` does."""
+    try:
+        pixels = _jpeg_pixels(Path(path).read_bytes())
+    except OSError:
+        pixels = None  # load_rgb raises the error PIL gives for this path
+    return pixels if pixels is not None else F.pil_to_tensor(load_rgb(path))
+
+
+def _jpeg_pixels(data: bytes) -> Tensor | None:
+    """TorchCodec's pixels of a gray or RGB JPEG; None where PIL must decide."""
+    if decode_jpeg is None or data[:3] != JPEG_MAGIC:
+        return None
+    try:
+        pixels = decode_jpeg(data, mode="UNCHANGED")  # one image in, one tensor out
+    except Exception:  # whatever it raises (RuntimeError for a broken file), PIL decides
+        return None
+    assert isinstance(pixels, Tensor)
+    if pixels.shape[0] == 1:
+        return pixels.expand(3, -1, -1)
+    return pixels if pixels.shape[0] == 3 else None
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Unlabeled images under `root` (recursively, sorted); item `i` is an RGB `PIL.Image`."""
 
@@ -151,6 +204,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def load(self, index: int) -> Image.Image:
         """The `index`-th image in RGB; raises `ImageDecodeError` if the file does not decode."""
         return load_rgb(self.paths[index])
+
+    def load_pixels(self, index: int) -> Tensor:
+        """The `index`-th image as (3, H, W) uint8 pixels (`decode_pixels`): what the
+        pre-training views are cut from."""
+        return load_pixels(self.paths[index])
 
     def __getitem__(self, index: int) -> Image.Image:
         return self.load(index)

@@ -53,7 +53,8 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 class TwoViewDataset(Dataset):
-    """Wraps an image dataset (with a `load(i) -> PIL image`) into two-view training samples.
+    """Wraps an image dataset (with a `load(i) -> PIL image`, or `load_pixels(i)`) into two-view
+    training samples.
 
     Items are dicts: the transform's (`dupr.views.TwoViews`: ``view1, view2``, ``crop1, crop2``
     (5,) crop records, and ``photometric1, photometric2`` when the colour steps run on the
@@ -76,10 +77,13 @@ class TwoViewDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         last_error: ImageDecodeError | None = None
+        # Pixels straight from the decoder where the dataset offers them (`load_pixels`, a
+        # (3, H, W) uint8 tensor); the transform takes those or a PIL image.
+        load = getattr(self.images, "load_pixels", self.images.load)
         for skipped in range(self.max_skips + 1):
             i = (index + skipped) % len(self.images)
             try:
-                img = self.images.load(i)
+                img = load(i)
                 break
             except ImageDecodeError as err:
                 log.warning("skipping undecodable image: %s", err)

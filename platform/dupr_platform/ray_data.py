@@ -71,10 +71,10 @@ import torch
 from ray.data import DataContext, FileShuffleConfig, TaskPoolStrategy
 
 from dupr.config import AugmentConfig, ConfigError, DUPRConfig
-from dupr.data.folder import ImageDecodeError
+from dupr.data.folder import ImageDecodeError, decode_pixels
 from dupr.data.two_views import sample_seed, seeded
 from dupr.views import TwoViews
-from dupr_platform.shards import INDEX_NAME, ShardIndex, ShardIndexError, decode_image
+from dupr_platform.shards import INDEX_NAME, ShardIndex, ShardIndexError
 from dupr_platform.storage import Storage, StorageError, open_storage
 
 __all__ = [
@@ -196,7 +196,7 @@ class DecodeTwoViews:
         decoded: list[Any] = []
         for name, data in zip(ids, images, strict=True):
             try:
-                decoded.append(decode_image(data, name))
+                decoded.append(decode_pixels(data, name))
                 self._fallback = (data, name)
             except ImageDecodeError as err:
                 log.warning("skipping undecodable image: %s", err)
@@ -214,7 +214,7 @@ class DecodeTwoViews:
                         f"all {n} images of a batch failed to decode and no earlier image is "
                         f"available as a replacement (first id {ids[0]!r})"
                     )
-                img = decode_image(*self._fallback)
+                img = decode_pixels(*self._fallback)
             out.append(img)
         return out, [int(img is None) for img in decoded]
 

@@ -51,9 +51,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch.utils.data
 from PIL import Image
+from torch import Tensor
 
 # Shard rows decode exactly as image files do; tests replace `decode_image` to simulate crashes.
-from dupr.data.folder import IMAGE_EXTENSIONS, ImageDecodeError
+from dupr.data.folder import IMAGE_EXTENSIONS, ImageDecodeError, decode_pixels
 from dupr.data.folder import decode_rgb as decode_image
 from dupr.io import TEMP_SUFFIX, write_atomically
 from dupr_platform.progress import Progress
@@ -922,9 +923,21 @@ class ParquetImageDataset(torch.utils.data.Dataset):
         try:
             return decode_image(rec.image, rec.id)
         except ImageDecodeError as err:
-            shard, _, _ = self._position(index)
-            where = self.storage.uri_for(self.index.shards[shard].path)
-            raise ImageDecodeError(rec.id, f"{err.reason} (in shard {where})") from err
+            raise self._in_shard(index, err) from err
+
+    def load_pixels(self, index: int) -> Tensor:
+        """The ``index``-th image as (3, H, W) uint8 pixels (``decode_pixels``), what the
+        pre-training views are cut from; raises ``ImageDecodeError`` as ``load`` does."""
+        rec = self.record(index)
+        try:
+            return decode_pixels(rec.image, rec.id)
+        except ImageDecodeError as err:
+            raise self._in_shard(index, err) from err
+
+    def _in_shard(self, index: int, err: ImageDecodeError) -> ImageDecodeError:
+        shard, _, _ = self._position(index)
+        where = self.storage.uri_for(self.index.shards[shard].path)
+        return ImageDecodeError(err.path, f"{err.reason} (in shard {where})")
 
     def __getitem__(self, index: int) -> Image.Image:
         return self.load(index)
