@@ -31,6 +31,14 @@ if ! "$PY" -c "import ray" 2>/dev/null && [ -f build/gpu-site/ray.tar.xz ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" build/gpu-site/wheels/*.whl &&
     export PYTHONPATH="$PYTHONPATH:$site" && echo "Ray from build/gpu-site"
 fi
+# TorchCodec (the loader's JPEG decoder; without it PIL decodes, slower, same pixels), likewise.
+if ! "$PY" -c "import torchcodec" 2>/dev/null && compgen -G "build/gpu-site/torchcodec/*.whl" >/dev/null; then
+  codec=$(mktemp -d)
+  trap 'rm -rf "${site:-}" "$codec"' EXIT
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$codec" build/gpu-site/torchcodec/*.whl &&
+    export PYTHONPATH="$PYTHONPATH:$codec" && echo "TorchCodec from build/gpu-site"
+fi
+"$PY" -c "from dupr.data import folder; print('JPEG decoder:', 'TorchCodec' if folder.decode_jpeg else 'PIL')"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
 "$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 status=0

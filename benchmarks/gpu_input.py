@@ -66,6 +66,7 @@ from gpu_step import BEST, VARIANTS, build_variant, synthetic_batch, time_steps 
 
 from dupr.config import preset  # noqa: E402
 from dupr.data import ImageFolderDataset  # noqa: E402
+from dupr.data import folder as image_files  # noqa: E402
 from dupr.data.two_views import build_loader  # noqa: E402
 from dupr.io import markdown_table  # noqa: E402
 from dupr.photometric import PhotometricDraw  # noqa: E402
@@ -360,12 +361,13 @@ def main(argv: list[str] | None = None) -> None:
     ]
     table = markdown_table(rows, header, pad=True)
     cfg = preset(METHOD)
+    decoder = "TorchCodec" if image_files.decode_jpeg is not None else "PIL (no TorchCodec here)"
     notes = [
         f"{METHOD} preset ({cfg.augment.preset} views), {args.backbone}, {args.size} px, batch "
         f"{args.batch}, K={args.queue}, bf16 autocast (on a GPU), channels_last; levers: "
         f"{args.variant.removeprefix('dupr + ')}",
         f"{args.images} ImageNet-like JPEGs ({size / args.images / 1024:.0f} KB average), page "
-        f"cache warm after the first epoch; {cores} usable cores",
+        f"cache warm after the first epoch; {cores} usable cores; decoded by {decoder}",
         "colour steps in the loader: PIL per image in the loader processes; on the device: "
         "the loader ships uint8 crops and the drawn choices, the step applies them batched "
         "(augment.photometric_on)",

@@ -4,8 +4,8 @@
 # for that machine's Python, without what a local Ray Data pipeline does not use (the Java
 # jars, RLlib, Serve, the LLM library, the dashboard's web client, tests), 29 MB as ray.tar.xz
 # where the wheel is 79 MB; and the wheels Ray needs beyond PyTorch's usual company (jsonschema
-# and its dependencies, pydantic and its). gpu_checks.sh unpacks it when `import ray` fails there; take the folder
-# along with the working tree.
+# and its dependencies, pydantic and its), and TorchCodec. gpu_checks.sh unpacks each when its
+# import fails there; take the folder along with the working tree.
 #
 #     bash benchmarks/pack_ray.sh [PYTHON_VERSION]     # default 3.12
 set -euo pipefail
@@ -36,4 +36,8 @@ chmod +x "$work"/site/ray/core/src/ray/raylet/raylet "$work"/site/ray/core/src/r
 rm -rf "$work"/site/ray/{jars,rllib,serve,llm,dashboard/client/build}
 find "$work/site/ray" -type d -name tests -prune -exec rm -rf {} +
 tar -C "$work/site" -cf - . | xz -T0 -6 >"$DEST/ray.tar.xz"
-du -sh "$DEST"/ray.tar.xz "$DEST"/wheels
+# TorchCodec, whose JPEG decoder the loader uses (dupr.data.folder), in the release built for
+# the GPU machine's PyTorch 2.11 (0.16; constraints.txt pins the one for ours).
+mkdir "$DEST/torchcodec"
+download "$DEST/torchcodec" torchcodec==0.16.0
+du -sh "$DEST"/ray.tar.xz "$DEST"/wheels "$DEST"/torchcodec
