@@ -232,6 +232,19 @@ def test_colour_steps_on_the_device_in_a_ray_train_worker(local_ray, mlflow_serv
     assert math.isfinite(loss) and 0 < loss < 100  # the views reached the model normalised
 
 
+def test_the_readmes_gpu_command_asks_for_the_colour_steps_on_the_device():
+    """The README's cluster command, composed as pipelines/pretrain.py composes it: GPUs, six
+    loader processes per worker, and the colour steps on the device (what keeps a GPU fed)."""
+    text = (ROOT / "README.md").read_text()
+    command = text[text.index("ray job submit --working-dir . -- python pipelines/pretrain.py") :]
+    command = command[: command.index("\n```")].replace("\\\n", " ")
+    overrides = command.split("pipelines/pretrain.py", 1)[1].split()
+    job = pretrain_job(compose(ROOT / "configs", "pretrain", overrides))
+    assert job.use_gpu and job.loader_workers == 6 and job.num_workers == 16
+    assert job.method.augment.photometric_on == "device"
+    assert job.method.augment.preset == "mocov2_randaugment"  # the paper's main setting
+
+
 def test_command_line_rejects_bad_input_in_one_line_before_starting_ray(capsys, tmp_path):
     main = main_of(PRETRAIN)
     assert main(["method.model.tau=-1"]) == 2
