@@ -238,11 +238,35 @@ def test_the_readmes_gpu_command_asks_for_the_colour_steps_on_the_device():
     text = (ROOT / "README.md").read_text()
     command = text[text.index("ray job submit --working-dir . -- python pipelines/pretrain.py") :]
     command = command[: command.index("\n```")].replace("\\\n", " ")
-    overrides = command.split("pipelines/pretrain.py", 1)[1].split()
-    job = pretrain_job(compose(ROOT / "configs", "pretrain", overrides))
+    job = job_from_overrides(command.split("pipelines/pretrain.py", 1)[1].split())
     assert job.use_gpu and job.loader_workers == 6 and job.num_workers == 16
     assert job.method.augment.photometric_on == "device"
     assert job.method.augment.preset == "mocov2_randaugment"  # the paper's main setting
+
+
+def test_a_gpu_job_whose_loader_cannot_feed_the_gpus_is_warned_about(local_ray, capsys, tmp_path):
+    """pipelines/pretrain.py with use_gpu and the colour steps in PIL: one warning line in
+    preflight, before the cluster check (here: no GPUs, exit 2); none with them on the device."""
+    main = main_of(PRETRAIN)
+    common = [
+        "use_gpu=true",
+        "num_workers=1",
+        f"data={bundled_image_folder(32)}",
+        f"storage={tmp_path / 'store'}",
+        f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
+    assert main([*common, "loader_workers=4"]) == 2
+    err = capsys.readouterr().err
+    warning = next(line for line in err.splitlines() if "photometric_on=loader" in line)
+    assert "4 loader processes per GPU" in warning and "photometric_on=device" in warning
+    assert err.strip().splitlines()[-1] == (
+        "error: num_workers=1 × gpus_per_worker=1.0: needs 1 GPUs, the Ray cluster has 0"
+    )
+    assert main([*common, "loader_workers=0", "method.augment.photometric_on=device"]) == 2
+    assert "loader_workers=0: each training process decodes" in capsys.readouterr().err
+    assert main([*common, "loader_workers=4", "method.augment.photometric_on=device"]) == 2
+    err = capsys.readouterr().err
+    assert "loader_workers=0" not in err and "photometric_on=loader" not in err
 
 
 def test_command_line_rejects_bad_input_in_one_line_before_starting_ray(capsys, tmp_path):

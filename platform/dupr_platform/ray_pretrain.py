@@ -425,6 +425,28 @@ def preflight_config(job: PretrainJob) -> None:
     check_data(job)
     check_storage(open_storage(job.storage))
     check_tracking(job.tracking_uri)
+    warn_if_gpus_will_wait(job)
+
+
+def warn_if_gpus_will_wait(job: PretrainSettings) -> None:
+    """One warning line for a GPU job whose torch loader cannot keep its GPUs fed: the
+    training process decoding alone, or the colour steps in PIL (about 4.4× the loader's work
+    per sample, `benchmarks/decode_throughput.py`). Not an error: a small model or a slow GPU
+    may still keep up, and the CPU and GPU paths' pixels differ by rounding."""
+    if not job.use_gpu or job.data_loader != "torch":
+        return
+    if job.loader_workers == 0:
+        log.warning(
+            "use_gpu with loader_workers=0: each training process decodes and augments its own "
+            "batches, so the GPUs wait for data; give it loader processes (loader_workers)"
+        )
+    elif job.method.augment.photometric_on == "loader":
+        log.warning(
+            "use_gpu with method.augment.photometric_on=loader: the %d loader processes per "
+            "GPU run the colour steps in PIL, about 4.4x the work per sample of "
+            "method.augment.photometric_on=device, which runs them on the GPU",
+            job.loader_workers,
+        )
 
 
 DATA_SAMPLE = 16  # images decoded in preflight
