@@ -178,7 +178,8 @@ class PhotometricDraw:
 def apply_photometric(views: Tensor, rows: Tensor) -> Tensor:
     """(B, 3, H, W) uint8 crops and their (B, width) `PhotometricDraw` rows → normalised float32.
 
-    Every image gets its own parameters: each operation runs once on the images that drew it.
+    Every image gets its own parameters: each operation runs once on the images that drew it
+    (brightness, contrast and saturation as one blend, `linear_colour`).
     Which images those are is read from the rows on the host (they come from the loader there;
     rows already on a GPU cost one synchronisation).
     """
@@ -216,12 +217,13 @@ def _apply_rows(x: Tensor, rows: Tensor) -> Tensor:
     if not steps:
         return x
     all_images = torch.cat([images for _, images, _ in steps]).to(x.device, non_blocking=True)
-    all_args = torch.cat([arg for _, _, arg in steps]).to(x.device, non_blocking=True)
-    start = 0
-    for fn, images, _ in steps:
-        count = images.numel()
-        index, arg = all_images[start : start + count], all_args[start : start + count]
-        start += count
+    all_args = torch.cat([arg.reshape(-1) for _, _, arg in steps]).to(x.device, non_blocking=True)
+    start = arg_start = 0
+    for fn, images, host_arg in steps:
+        count, size = images.numel(), host_arg.numel()
+        index = all_images[start : start + count]
+        arg = all_args[arg_start : arg_start + size].view(host_arg.shape)
+        start, arg_start = start + count, arg_start + size
         if count == x.shape[0]:
             x.copy_(fn(x, arg))
         else:
@@ -234,14 +236,20 @@ def _choices(rows: Tensor) -> Iterator[tuple[Callable[[Tensor, Tensor], Tensor],
     `photometric_transform` applies them; rows, masks and parameters on the host."""
     columns = rows.shape[1]
     for i in range(RANDAUGMENT, columns, 2):
+        ops, magnitudes = rows[:, i].long(), rows[:, i + 1]
+        # Each image takes one operation per slot: the blends of the slot run as one step.
+        kinds = _RANDAUGMENT_BLEND_KINDS[ops]
+        yield linear_colour, kinds >= 0, blend_coefficients(kinds, 1.0 + magnitudes)
         for op, name in enumerate(RANDAUGMENT_OPS):
-            if name != "Identity":
-                yield _RANDAUGMENT_FNS[name], rows[:, i] == op, rows[:, i + 1]
+            if name in _RANDAUGMENT_FNS:
+                yield _RANDAUGMENT_FNS[name], ops == op, magnitudes
     jitter = rows[:, JITTER_ON] > 0
-    order, factors = rows[:, JITTER_ORDER], rows[:, JITTER_FACTORS]
-    for position in range(4):
-        for fn in range(4):
-            yield _JITTER_FNS[fn], jitter & (order[:, position] == fn), factors[:, fn]
+    order, factors = rows[:, JITTER_ORDER].long(), rows[:, JITTER_FACTORS]
+    for position in range(4):  # one operation per image and position; HUE is the fourth
+        here = order[:, position]
+        factor = factors.gather(1, here[:, None]).squeeze(1)
+        yield linear_colour, jitter & (here != HUE), blend_coefficients(here, factor)
+        yield adjust_hue, jitter & (here == HUE), factor
     yield _grayscale_all, rows[:, GRAYSCALE_ON] > 0, rows[:, 0]
     yield gaussian_blur, rows[:, BLUR] > 0, rows[:, BLUR]
 
@@ -270,16 +278,46 @@ def grayscale(x: Tensor) -> Tensor:
     return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
 
 
+# Brightness, contrast and saturation are each a blend of the image with (a part of) its grey
+# version, x' = clamp(a·x + b·gray(x) + c·mean(gray(x)), 0, 1), with (a, b, c) = (f, 0, 0),
+# (f, 0, 1 − f) and (f, 1 − f, 0). One step then runs whichever of the three each image drew,
+# in fewer operators than three steps (each operator a kernel launch on a GPU); the zero terms
+# add exact zeros, so each image's pixels are those of its own operation alone.
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # torchvision's ColorJitter order
+
+
+def blend_coefficients(kinds: Tensor, factors: Tensor) -> Tensor:
+    """(N, 3) coefficients (a, b, c) of `linear_colour` for each image's operation
+    (`BRIGHTNESS`, `CONTRAST`, `SATURATION`; anything else gets the identity) and factor."""
+    f = factors.to(torch.float32)
+    one_minus_f, zero = 1 - f, torch.zeros_like(f)
+    a = torch.where((kinds >= 0) & (kinds <= SATURATION), f, 1 + zero)
+    b = torch.where(kinds == SATURATION, one_minus_f, zero)
+    c = torch.where(kinds == CONTRAST, one_minus_f, zero)
+    return torch.stack([a, b, c], 1)
+
+
+def linear_colour(x: Tensor, coefficients: Tensor) -> Tensor:
+    """clamp(a·x + b·gray(x) + c·mean(gray(x)), 0, 1) with an (a, b, c) row per image."""
+    a, b, c = (coefficients[:, i, None, None, None].to(x.dtype) for i in range(3))
+    gray = grayscale(x)
+    return (a * x + b * gray + c * gray.mean(dim=(1, 2, 3), keepdim=True)).clamp_(0, 1)
+
+
 def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
-    return (x * _per_image(factor)).clamp_(0, 1)
+    return linear_colour(x, blend_coefficients(_kinds(BRIGHTNESS, factor), factor))
 
 
 def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
-    return _blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+    return linear_colour(x, blend_coefficients(_kinds(CONTRAST, factor), factor))
 
 
 def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
-    return _blend(x, grayscale(x), factor)
+    return linear_colour(x, blend_coefficients(_kinds(SATURATION, factor), factor))
+
+
+def _kinds(kind: int, factor: Tensor) -> Tensor:
+    return torch.full(factor.shape, kind, dtype=torch.long, device=factor.device)
 
 
 def adjust_hue(x: Tensor, factor: Tensor) -> Tensor:
@@ -369,11 +407,15 @@ def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
     return planes.view(n, c, h, w)
 
 
-_JITTER_FNS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+# RandAugment's blends with factor 1 + magnitude: Brightness, Color (saturation) and Contrast
+# by `linear_colour`, -1 for the others; then the others by name (Identity does nothing).
+_RANDAUGMENT_BLEND_KINDS = torch.tensor(
+    [
+        {"Brightness": BRIGHTNESS, "Contrast": CONTRAST, "Color": SATURATION}.get(n, -1)
+        for n in RANDAUGMENT_OPS
+    ]
+)
 _RANDAUGMENT_FNS = {
-    "Brightness": lambda x, m: adjust_brightness(x, 1.0 + m),
-    "Color": lambda x, m: adjust_saturation(x, 1.0 + m),
-    "Contrast": lambda x, m: adjust_contrast(x, 1.0 + m),
     "Sharpness": lambda x, m: adjust_sharpness(x, 1.0 + m),
     "Posterize": posterize,
     "Solarize": solarize,

@@ -48,6 +48,26 @@ def test_blends_match_torchvision_image_by_image(crops, ours, theirs, low, high)
     torch.testing.assert_close(ours(x, factors), want, atol=2e-6, rtol=0)
 
 
+def test_one_blend_step_gives_each_image_its_own_operations_pixels(crops):
+    """Brightness, contrast and saturation drawn by different images run as one step
+    (`linear_colour`): each image's pixels are exactly those of its own operation's formula
+    (the zero terms add exact zeros)."""
+    x = crops.float() / 255
+    kinds = torch.tensor([P.BRIGHTNESS, P.CONTRAST, P.SATURATION] * (N // 3))
+    factors = torch.linspace(0.6, 1.4, N)
+    got = P.linear_colour(x, P.blend_coefficients(kinds, factors))
+    f, gray = factors.view(-1, 1, 1, 1), P.grayscale(x)
+    alone = {
+        P.BRIGHTNESS: (x * f).clamp(0, 1),
+        P.CONTRAST: (f * x + (1 - f) * gray.mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 1),
+        P.SATURATION: (f * x + (1 - f) * gray).clamp(0, 1),
+    }
+    for i, kind in enumerate(kinds.tolist()):
+        assert torch.equal(got[i], alone[kind][i]), (i, kind)
+    # Any other kind (RandAugment's other operations) gets the identity.
+    assert torch.equal(P.linear_colour(x, P.blend_coefficients(torch.full((N,), -1), factors)), x)
+
+
 def test_eight_bit_operations_match_torchvision_exactly(crops):
     x = crops.float() / 255
     bits = torch.tensor([1, 2, 4, 6, 7, 8])
