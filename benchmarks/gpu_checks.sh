@@ -38,9 +38,9 @@ if ! "$PY" -c "import torchcodec" 2>/dev/null && compgen -G "build/gpu-site/torc
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$codec" build/gpu-site/torchcodec/*.whl &&
     export PYTHONPATH="$PYTHONPATH:$codec" && echo "TorchCodec from build/gpu-site"
 fi
-"$PY" -c "from dupr.data import folder; print('JPEG decoder:', 'TorchCodec' if folder.decode_jpeg else 'PIL')"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
-"$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+"$PY" -c "import torch; from dupr.data import folder as f; print('torch', torch.__version__, \
+  'CUDA', torch.version.cuda, '; JPEG decoder:', 'TorchCodec' if f.decode_jpeg else 'PIL')"
 status=0
 failed=()
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, note a failure, keep going
