@@ -121,9 +121,10 @@ def _decode(file: str | os.PathLike[str] | BinaryIO, source: str | os.PathLike[s
             return _to_rgb(upright)
     except Exception as exc:  # Pillow raises many types for malformed data; all mean "bad file".
         # Pillow names a buffer by its repr ("<_io.BytesIO object at 0x...>"): name the source
-        # instead, so that messages (and the reasons a shard index keeps) are the same every run.
+        # instead, as Pillow names a file (quoted), so that messages (and the reasons a shard
+        # index keeps) are the same every run, and a file's read the same from path or bytes.
         name = os.fspath(source)
-        reason = _BUFFER_RE.sub(lambda _: name, f"{type(exc).__name__}: {exc}")
+        reason = _BUFFER_RE.sub(lambda _: repr(name), f"{type(exc).__name__}: {exc}")
         raise ImageDecodeError(source, reason) from exc
 
 
@@ -162,10 +163,10 @@ def decode_pixels(data: bytes, source: str | os.PathLike[str]) -> Tensor:
 def load_pixels(path: str | os.PathLike[str]) -> Tensor:
     """`decode_pixels` of the file at `path`; raises `ImageDecodeError` as `load_rgb` does."""
     try:
-        pixels = _jpeg_pixels(Path(path).read_bytes())
+        data = Path(path).read_bytes()
     except OSError:
-        pixels = None  # load_rgb raises the error PIL gives for this path
-    return pixels if pixels is not None else F.pil_to_tensor(load_rgb(path))
+        return F.pil_to_tensor(load_rgb(path))  # which raises the error PIL gives for the path
+    return decode_pixels(data, path)
 
 
 def _jpeg_pixels(data: bytes) -> Tensor | None:
