@@ -113,8 +113,10 @@ class OptimConfig:
     channels_last: bool = False
     # TF32 tensor cores for float32 matmuls/convolutions on GPU (the losses run in float32).
     tf32: bool = True
-    # torch.compile of the heads and losses (`dupr.train.compile_model`): faster steps on a GPU
-    # after a first minute or two of compiling; the results are those of the eager model.
+    # torch.compile of the heads and losses (`dupr.train.compile_model`) and, with
+    # augment.photometric_on=device, of the colour steps (`dupr.photometric.apply_photometric`):
+    # faster steps on a GPU after a first minute or two of compiling; the results are those of
+    # the eager model up to summation order.
     compile: bool = False
     # Replay the whole step (forward, backward, SGD) as one CUDA graph (`dupr.train.StepGraph`):
     # the host launches one graph instead of every kernel, for when it cannot keep up with the

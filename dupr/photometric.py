@@ -175,13 +175,15 @@ class PhotometricDraw:
         return row
 
 
-def apply_photometric(views: Tensor, rows: Tensor) -> Tensor:
+def apply_photometric(views: Tensor, rows: Tensor, compiled: bool = False) -> Tensor:
     """(B, 3, H, W) uint8 crops and their (B, width) `PhotometricDraw` rows → normalised float32.
 
     Every image gets its own parameters: each operation runs once on the images that drew it
     (brightness, contrast and saturation as one blend, `linear_colour`).
     Which images those are is read from the rows on the host (they come from the loader there;
-    rows already on a GPU cost one synchronisation).
+    rows already on a GPU cost one synchronisation). `compiled` (``optim.compile``) runs each
+    operation through `torch.compile` (`_compiled_step`): the same arithmetic, summed in
+    another order.
     """
     rows = rows.detach().to("cpu", torch.float32)
     columns = rows.shape[1]
@@ -194,14 +196,14 @@ def apply_photometric(views: Tensor, rows: Tensor) -> Tensor:
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = False
     try:
-        return normalise(_apply_rows(views.float().div_(255), rows))
+        return normalise(_apply_rows(views.float().div_(255), rows, compiled))
     finally:
         torch.backends.cudnn.benchmark = benchmark
 
 
-def _apply_rows(x: Tensor, rows: Tensor) -> Tensor:
+def _apply_rows(x: Tensor, rows: Tensor, compiled: bool = False) -> Tensor:
     """x with every row's choices applied in place, each operation once on the images that drew
-    it: ``x[images] = operation(x[images], parameters)``.
+    it: ``x[images] = operation(x[images], parameters)`` (`_step`, or `_compiled_step`'s).
 
     Which images and which parameters are known on the host before any pixel changes, so they
     go to the device in two copies for the whole batch instead of two per operation (every copy
@@ -224,11 +226,38 @@ def _apply_rows(x: Tensor, rows: Tensor) -> Tensor:
         index = all_images[start : start + count]
         arg = all_args[arg_start : arg_start + size].view(host_arg.shape)
         start, arg_start = start + count, arg_start + size
-        if count == x.shape[0]:
+        if compiled:
+            _compiled_step(fn)(x, index, arg)
+        elif count == x.shape[0]:
             x.copy_(fn(x, arg))
         else:
-            x.index_copy_(0, index, fn(x.index_select(0, index), arg))
+            _step(fn, x, index, arg)
     return x
+
+
+def _step(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, index: Tensor, arg: Tensor) -> None:
+    """``x[index] = fn(x[index], arg)``, in place."""
+    x.index_copy_(0, index, fn(x.index_select(0, index), arg))
+
+
+@functools.cache
+def _compiled_step(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[..., None]:
+    """`_step` of `fn`, compiled: the images' gather, the operation and the scatter back fuse
+    into a few kernels instead of one per tensor operator (a colour step is memory-bound
+    arithmetic on the whole batch plus, on a GPU, a kernel launch per operator).
+
+    On the 2-core CPU the colour steps of 128 views of the `dupr` preset took 0.44-0.48 of
+    the eager time (benchmarks/colour_steps.py, benchmarks/RESULTS.md). Dynamic shapes: how many images draw an
+    operation changes every batch, and one compiled graph serves every count but 0 and 1.
+    """
+    # One code object (`step`) for every operation: dynamo keeps one compiled graph per
+    # operation (and per count of 1) under it, more than its default limit of 8.
+    torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
+
+    def step(x: Tensor, index: Tensor, arg: Tensor) -> None:
+        _step(fn, x, index, arg)
+
+    return torch.compile(step, dynamic=True)
 
 
 def _choices(rows: Tensor) -> Iterator[tuple[Callable[[Tensor, Tensor], Tensor], Tensor, Tensor]]:

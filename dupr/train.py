@@ -167,16 +167,18 @@ def build_state(
     return TrainState(model, optimizer, scheduler, scaler)
 
 
-def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> tuple:
+def to_device(
+    batch: dict[str, Any], device: torch.device, channels_last: bool, compiled: bool = False
+) -> tuple:
     """The batch's views and crop records on `device`; views that left the loader as uint8
     crops with their colour choices (``augment.photometric_on=device``) get their colour steps
-    here."""
+    here, compiled with ``optim.compile``."""
     views = [batch[f"view{v}"].to(device, non_blocking=True) for v in ("1", "2")]
     if "photometric1" in batch:
         # Both views in one call: the colour steps are many small operations per call, whose
         # launches, not their arithmetic, are most of their cost on a GPU.
         rows = torch.cat([batch["photometric1"], batch["photometric2"]])
-        views = list(apply_photometric(torch.cat(views), rows).chunk(2))
+        views = list(apply_photometric(torch.cat(views), rows, compiled).chunk(2))
     if channels_last:
         views = [x.contiguous(memory_format=torch.channels_last) for x in views]
     crops = [batch[key].to(device, non_blocking=True) for key in ("crop1", "crop2")]
@@ -288,7 +290,7 @@ def train_step(
     state: TrainState, batch: dict[str, Any], cfg: OptimConfig, device: torch.device
 ) -> dict[str, torch.Tensor]:
     """One optimizer step on a batch of view pairs; returns detached metrics (no host sync)."""
-    inputs = to_device(batch, device, cfg.channels_last)
+    inputs = to_device(batch, device, cfg.channels_last, cfg.compile)
     if cfg.cuda_graph:
         if state.graph is None:
             state.graph = StepGraph(state, cfg, device)

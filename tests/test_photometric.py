@@ -206,3 +206,40 @@ def test_training_with_colour_steps_on_the_device():
     log = lambda step, metrics: logged.append(metrics)  # noqa: E731
     train(state, loader, cfg.optim, torch.device("cpu"), log_every=1, on_log=log)
     assert state.step == 2 and logged and np.isfinite(logged[-1]["loss"])
+
+
+@pytest.mark.slow  # compiling takes ~30 s on 2 cores with a cold cache
+def test_compiled_colour_steps_give_the_eager_pixels():
+    """optim.compile's colour steps (`apply_photometric(..., compiled=True)`, one compiled graph
+    per operation for every count of images): the eager pixels up to summation order, for a
+    batch in which every operation is drawn by several images, for one image alone (a count of
+    1 compiles apart) and through `to_device`, as a training step calls them."""
+    cfg = AugmentConfig(preset="mocov2_randaugment", photometric_on="device")
+    photos = [p.convert("RGB") for _, p in bundled_photos()]
+    views = TwoViews(32, cfg)
+    torch.manual_seed(3)
+    samples = [views(photos[i % len(photos)]) for i in range(16)]
+    crops = torch.stack([s[f"view{v}"] for v in "12" for s in samples])
+    rows = torch.stack([s[f"photometric{v}"] for v in "12" for s in samples])
+    drawn = set(rows[:, P.RANDAUGMENT :: 2].flatten().long().tolist())
+    assert drawn == set(range(len(P.RANDAUGMENT_OPS)))  # every RandAugment operation runs
+    assert all(rows[:, c].any() for c in (P.JITTER_ON, P.GRAYSCALE_ON, P.BLUR))
+    for x, r in ((crops, rows), (crops[:1], rows[:1])):
+        eager = P.apply_photometric(x, r)
+        torch.testing.assert_close(
+            P.apply_photometric(x, r, compiled=True), eager, atol=5e-5, rtol=0
+        )
+
+    batch = {
+        **{f"view{v}": crops[i * 16 : (i + 1) * 16] for i, v in enumerate("12")},
+        **{f"photometric{v}": rows[i * 16 : (i + 1) * 16] for i, v in enumerate("12")},
+        "crop1": torch.zeros(16, 5),
+        "crop2": torch.zeros(16, 5),
+    }
+    cpu = torch.device("cpu")
+    for got, want in zip(
+        to_device(batch, cpu, channels_last=False, compiled=True),
+        to_device(batch, cpu, channels_last=False),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=0)
