@@ -93,6 +93,12 @@ if [ -n "${STEPS:-}" ] || [ "$SCALE" -gt 1 ]; then  # named, or the rehearsal
   step "CUDA tests, compiled" 150 "${CUDA_TESTS[@]}" -m "gpu and slow"
   step "gpu_step, compiled" 240 "$PY" benchmarks/gpu_step.py --variants "$COMPILED" \
     --budget-s $((220 * SCALE)) --record "$RESULTS" "${QUICK[@]}"
+  # optim.compile's colour steps: alone (against eager), then in the training loop with the
+  # torch loader (the model compiled too, as optim.compile does it).
+  step "colour_steps" 150 "$PY" benchmarks/colour_steps.py --record "$RESULTS" "${QUICK[@]}"
+  step "gpu_input, compiled" 240 "$PY" benchmarks/gpu_input.py --loaders torch --photometric device \
+    --variant "$BEST + compile + CUDA graph" --budget-s $((220 * SCALE)) --record "$RESULTS" \
+    "${QUICK[@]}"
   step "gpu_input, Ray" 165 "$PY" benchmarks/gpu_input.py --loaders ray --budget-s $((150 * SCALE)) \
     --record "$RESULTS" "${QUICK[@]}"
 fi

@@ -380,7 +380,9 @@ def main(argv: list[str] | None = None) -> None:
         f"windows of {args.log_every} steps; data_wait fraction = waiting time / loop time",
         *(f"result, {v}" for v in verdicts),
     ]
-    report(args, "gpu_input", device, machine, table, notes)
+    # A compiled variant trains as optim.compile does: its colour steps compile too.
+    compiled = VARIANTS[args.variant].compiled is not None
+    report(args, "gpu_input", device, machine, table, notes, "; compiled" if compiled else "")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ MoCo v2 step time <= 1.25 (against its twin), met by the best variant.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -211,6 +212,8 @@ def build_variant(
     state, optim = build(variant.method, args, device, variant.model, variant.graph)
     if variant.compiled is not None:  # optim.compile's function
         compile_model(cast(DUPR, state.model), **variant.compiled)
+        # As optim.compile: the colour steps of batches that bring them compile too (gpu_input).
+        optim = dataclasses.replace(optim, compile=True)
     return state, optim
 
 

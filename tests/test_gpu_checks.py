@@ -35,6 +35,8 @@ SECTIONS = (
     "gpu_memory (quick, cpu)",
     "patch_loss_memory (quick, cpu)",
     "gpu_input (quick, cpu)",
+    "colour_steps (quick, cpu)",
+    "gpu_input (quick, cpu; compiled)",  # optim.compile's colour steps in the training loop
 )
 
 
