@@ -196,6 +196,23 @@ def test_colour_steps_on_the_gpu_give_the_cpus_pixels(monkeypatch):
     assert diff.mean() < 1e-4 and (diff > 1e-3).float().mean() < 1e-3, diff.max()
 
 
+@pytest.mark.slow  # compiles each colour operation for CUDA: a minute or so
+def test_compiled_colour_steps_on_the_gpu_give_the_eager_pixels(monkeypatch):
+    """optim.compile's colour steps on CUDA (inductor's kernels, each operation fused with its
+    images' gather and scatter) against the eager ones on the same GPU, for a batch and for one
+    image alone."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(1)
+    draw = PhotometricDraw(AugmentConfig(preset="mocov2_randaugment"))
+    rows = torch.stack([draw() for _ in range(64)])
+    crops = torch.randint(0, 256, (64, 3, 96, 96), dtype=torch.uint8, device=CUDA)
+    crops[:, :, 20:60, 30:70] //= 3
+    for x, r in ((crops, rows), (crops[:1], rows[:1])):
+        want = apply_photometric(x, r)
+        diff = (apply_photometric(x, r, compiled=True) - want).abs()
+        assert diff.mean() < 1e-4 and (diff > 1e-3).float().mean() < 1e-3, diff.max()
+
+
 @pytest.mark.parametrize(
     "roi_kernel,loss_kernel",
     [("torchvision", "attention"), ("matmul", "attention"), ("matmul", "cudnn_attention")],
