@@ -13,7 +13,8 @@ with their colour choices drawn as the loader draws them, for the `dupr` preset 
 first) and `mocov2`. Each round runs every batch once per form, the forms alternating (order
 reversed every other round); the table gives the median and quartiles over rounds of the time
 per batch and of the per-round ratio to eager, the compiled form's first pass (its compiling),
-and on a GPU the kernel launches and GPU time of one batch (profiled). Target: compiled <= 1.0x eager.
+and on a GPU the kernel launches and GPU time of one batch (profiled). Target: compiled <= 1.0x
+eager.
 
     python benchmarks/colour_steps.py             # ~2 minutes on 2 cores, most of it compiling
     python benchmarks/colour_steps.py --quick     # smoke run

@@ -247,8 +247,9 @@ def _compiled_step(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[..., None
     arithmetic on the whole batch plus, on a GPU, a kernel launch per operator).
 
     On the 2-core CPU the colour steps of 128 views of the `dupr` preset took 0.44-0.48 of
-    the eager time (benchmarks/colour_steps.py, benchmarks/RESULTS.md). Dynamic shapes: how many images draw an
-    operation changes every batch, and one compiled graph serves every count but 0 and 1.
+    the eager time (benchmarks/colour_steps.py, benchmarks/RESULTS.md). Dynamic shapes: how
+    many images draw an operation changes every batch; one compiled graph serves every count
+    above 1 (a count of 1 compiles apart, and no step runs for none).
     """
     # One code object (`step`) for every operation: dynamo keeps one compiled graph per
     # operation (and per count of 1) under it, more than its default limit of 8.
