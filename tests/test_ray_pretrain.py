@@ -272,6 +272,36 @@ def test_a_gpu_job_whose_loader_cannot_feed_the_gpus_is_warned_about(local_ray, 
     assert "loader_workers=0" not in err and "photometric_on=loader" not in err
 
 
+def test_optim_compile_without_a_cpp_compiler_is_warned_about(
+    local_ray, capsys, tmp_path, monkeypatch
+):
+    """pipelines/pretrain.py with method.optim.compile on a machine where torch.compile finds
+    no C++ compiler (inductor searching for one that does not exist): one warning line in
+    preflight, before the cluster check (here: no GPUs, exit 2); none where it finds one."""
+    from torch._inductor import config as inductor
+
+    main = main_of(PRETRAIN)
+    args = [
+        "use_gpu=true",
+        "num_workers=1",
+        "loader_workers=2",
+        "method.augment.photometric_on=device",
+        "method.optim.compile=true",
+        f"data={bundled_image_folder(32)}",
+        f"storage={tmp_path / 'store'}",
+        f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
+    assert main(args) == 2
+    assert "torch.compile finds no C++ compiler" not in capsys.readouterr().err
+    monkeypatch.setattr(inductor.cpp, "cxx", ("dupr-test-no-such-c++",))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    warning = next(line for line in err.splitlines() if "no C++ compiler" in line)
+    assert "method.optim.compile=True" in warning and "dupr-test-no-such-c++" in warning
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: num_workers=1 × gpus_per_worker=1.0")
+
+
 def test_command_line_rejects_bad_input_in_one_line_before_starting_ray(capsys, tmp_path):
     main = main_of(PRETRAIN)
     assert main(["method.model.tau=-1"]) == 2

@@ -426,6 +426,7 @@ def preflight_config(job: PretrainJob) -> None:
     check_storage(open_storage(job.storage))
     check_tracking(job.tracking_uri)
     warn_if_gpus_will_wait(job)
+    warn_if_compile_has_no_compiler(job)
 
 
 def warn_if_gpus_will_wait(job: PretrainSettings) -> None:
@@ -446,6 +447,29 @@ def warn_if_gpus_will_wait(job: PretrainSettings) -> None:
             "GPU run the colour steps in PIL, about 4.4x the work per sample of "
             "method.augment.photometric_on=device, which runs them on the GPU",
             job.loader_workers,
+        )
+
+
+def warn_if_compile_has_no_compiler(job: PretrainSettings) -> None:
+    """One warning line for ``method.optim.compile`` where torch.compile finds no C++ compiler
+    (inductor builds its CPU kernels with one, Triton its GPU launchers with a C compiler):
+    workers on a machine like this one would stop at their first step with the compiler's
+    traceback. Not an error: on a cluster the workers run on other nodes, which may have one."""
+    if not job.method.optim.compile:
+        return
+    # Inductor's own search (its config names the compilers), imported only when asked: ~1 s.
+    from torch._inductor import config as inductor
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception:  # torch's InvalidCxxCompiler, whose module has moved between versions
+        searched = ", ".join(c for c in inductor.cpp.cxx if c) or "none"
+        log.warning(
+            "method.optim.compile=True: torch.compile finds no C++ compiler on this machine "
+            "(searched: %s); workers without one stop at their first step: install g++ "
+            "(make system-deps) or leave method.optim.compile off",
+            searched,
         )
 
 
