@@ -64,7 +64,7 @@ CUDNN="dupr + cuDNN attention + bf16 + matmul RoIAlign"
 LEVERS="mocov2,dupr,dupr + attention + bf16,$BEST,$CUDNN,$BEST + CUDA graph,$CUDNN + CUDA graph"
 COMPILED="mocov2,dupr,$BEST + compile + CUDA graph,mocov2 + compile all + CUDA graph"
 COMPILED+=",$BEST + compile all + CUDA graph,$CUDNN + compile all + CUDA graph,$BEST + compile"
-# Limits from four runs on an H200 (2026-12-04): CUDA tests 33 s (cold, 6 of today's 13),
+# Limits from four runs on an H200 (2026-12-04): CUDA tests 33 s (cold, 6 of today's 14),
 # gpu_step 52 s (5 variants at batch 64; 7 now, and MoCo v2's graph twin), gpu_profile 42 s
 # (3 variants; 4 now), gpu_memory 61 s (run 2; its search is bounded now), patch_loss_memory
 # 31 s, gpu_input 89 s for its torch rows (its Ray rows, about 100 s more, are a named step);
@@ -93,6 +93,14 @@ if [ -n "${STEPS:-}" ] || [ "$SCALE" -gt 1 ]; then  # named, or the rehearsal
   step "CUDA tests, compiled" 150 "${CUDA_TESTS[@]}" -m "gpu and slow"
   step "gpu_step, compiled" 240 "$PY" benchmarks/gpu_step.py --variants "$COMPILED" \
     --budget-s $((220 * SCALE)) --record "$RESULTS" "${QUICK[@]}"
+  # float16 autocast (with the loss scaler) for both methods: cuDNN's BatchNorm in place of
+  # PyTorch's own kernels, which take bfloat16 (10 of MoCo v2's 23.4 ms of GPU time in run 4);
+  # the profile shows which BatchNorm ran. MoCo v2's float16 twin joins gpu_step by itself.
+  step "gpu_step, float16" 75 "$PY" benchmarks/gpu_step.py \
+    --variants "mocov2,dupr,$BEST,$BEST + float16" --budget-s $((60 * SCALE)) \
+    --record "$RESULTS" "${QUICK[@]}"
+  step "gpu_profile, float16" 55 "$PY" benchmarks/gpu_profile.py \
+    --variants "mocov2,mocov2 + float16,$BEST + float16" --record "$RESULTS" "${QUICK[@]}"
   # optim.compile's colour steps: alone (against eager), then in the training loop with the
   # torch loader (the model compiled too, as optim.compile does it).
   step "colour_steps" 150 "$PY" benchmarks/colour_steps.py --record "$RESULTS" "${QUICK[@]}"

@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         table += "\n\nWhere the extra time goes: the operators that take each variant more time\n"
         table += "than MoCo v2's step, most first.\n\n" + markdown_table(extra, header, pad=True)
     notes = [
-        f"{args.backbone}, {args.size} px, batch {args.batch}, K={args.queue}, bf16 autocast, "
-        f"channels_last; {args.steps} profiled steps after {args.warmup} warm-up steps",
+        f"{args.backbone}, {args.size} px, batch {args.batch}, K={args.queue}, bf16 autocast "
+        f"(float16 where the variant says), channels_last; {args.steps} profiled steps after {args.warmup} warm-up steps",
         *summaries,
     ]
     report(args, "gpu_profile", device, machine, table, notes)

@@ -6,12 +6,12 @@
     python benchmarks/gpu_step.py --flops-only --device cpu --batch 8  # FLOPs, any machine
 
 Needs only torch and torchvision (the repository root is put on sys.path). Every variant runs
-the same `dupr.train.train_step` (SGD, bf16 autocast, channels_last) on batches already on the
-GPU, so the numbers are the model's cost: backbone twice (query and momentum key encoder), heads,
-RoIAlign, the losses against K-key memory banks, and the enqueue. Crop records come from real
-RandomResizedCrop draws, so the patch loss sees the usual mix of overlap sizes. All variants
-alternate over rounds (order reversed every other round) and each one's median step time is
-compared with MoCo v2's in the same run.
+the same `dupr.train.train_step` (SGD, bf16 autocast unless a row says float16, channels_last)
+on batches already on the GPU, so the numbers are the model's cost: backbone twice (query and
+momentum key encoder), heads, RoIAlign, the losses against K-key memory banks, and the enqueue.
+Crop records come from real RandomResizedCrop draws, so the patch loss sees the usual mix of
+overlap sizes. All variants alternate over rounds (order reversed every other round) and each
+one's median step time is compared with MoCo v2's in the same run.
 
 Variants (rows): MoCo v2 (the baseline); DUPR as configured by default (float32 patch logits,
 chunked matmuls); and one row per lever on the patch loss's cost:
@@ -31,8 +31,14 @@ chunked matmuls); and one row per lever on the patch loss's cost:
                      kernel launches
   compile all        the backbones compiled too (BatchNorm, ReLU and the residual additions
                      fused), for MoCo v2 and for the best DUPR levers, with and without the graph
+  float16            optim.amp_dtype=float16 (autocast to float16, with the loss scaler) for
+                     MoCo v2 and for the best DUPR levers: PyTorch runs bfloat16 BatchNorm in
+                     its own kernels and float16 in cuDNN's (_select_batch_norm_backend in
+                     ATen), and its own took 10 ms of MoCo v2's 23.4 ms of GPU time per step in
+                     run 4's profile (benchmarks/RESULTS.md); the scaler's check for infinite
+                     gradients adds one host-device synchronisation per step
 
-The levers MoCo v2 takes too (the CUDA graph, compiled backbones) are judged fairly: a DUPR row
+The levers MoCo v2 takes too (the CUDA graph, compiled backbones, float16) are judged fairly: a DUPR row
 with them is compared with MoCo v2 with the same ones (its twin, which every run adds).
 
 A variant that fails (an unsupported kernel, a compiler error) gets its error in its row; the
@@ -87,11 +93,12 @@ class Variant(NamedTuple):
     model: dict  # model overrides
     compiled: dict | None = None  # dupr.train.compile_model's arguments; None: eager
     graph: bool = False  # optim.cuda_graph: the whole step replayed as one CUDA graph
+    amp_dtype: str = "bfloat16"  # optim.amp_dtype
 
-    def shared_levers(self) -> tuple[bool, bool]:
+    def shared_levers(self) -> tuple[bool, bool, str]:
         """The levers that are not DUPR's own: MoCo v2 takes them too (compiled backbones, the
-        CUDA graph); a DUPR row is judged against MoCo v2 with the same ones (`twin`)."""
-        return bool(self.compiled and self.compiled.get("backbones")), self.graph
+        CUDA graph, float16); a DUPR row is judged against MoCo v2 with the same ones (`twin`)."""
+        return bool(self.compiled and self.compiled.get("backbones")), self.graph, self.amp_dtype
 
 
 VARIANTS: dict[str, Variant] = {
@@ -119,6 +126,8 @@ VARIANTS: dict[str, Variant] = {
     f"{CUDNN_BEST} + compile all + CUDA graph": Variant(
         "dupr", CUDNN_BF16 | MATMUL_ROI, {"backbones": True}, True
     ),
+    "mocov2 + float16": Variant("mocov2", {}, amp_dtype="float16"),
+    f"{BEST} + float16": Variant("dupr", ATTENTION_BF16 | MATMUL_ROI, amp_dtype="float16"),
 }
 
 
@@ -180,9 +189,10 @@ def build(
     device: torch.device,
     model_overrides: dict | None = None,
     graph: bool = False,
+    amp_dtype: str = "bfloat16",
 ) -> tuple[TrainState, OptimConfig]:
-    """A training state of `method` (a preset) at the benchmark's sizes, bf16, channels_last,
-    with `model_overrides` (ModelConfig fields); `graph`: optim.cuda_graph."""
+    """A training state of `method` (a preset) at the benchmark's sizes, autocast to `amp_dtype`,
+    channels_last, with `model_overrides` (ModelConfig fields); `graph`: optim.cuda_graph."""
     cfg = preset(method)
     cfg.model.backbone, cfg.model.image_size, cfg.model.queue_size = (
         args.backbone,
@@ -196,7 +206,7 @@ def build(
         batch_size=args.batch,
         epochs=1,
         amp=True,
-        amp_dtype="bfloat16",
+        amp_dtype=amp_dtype,
         channels_last=True,
         cuda_graph=graph,
     )
@@ -209,7 +219,9 @@ def build_variant(
     variant: Variant, args: argparse.Namespace, device: torch.device
 ) -> tuple[TrainState, OptimConfig]:
     """`build` with a row's levers: its model overrides, its graph, compiled as it says."""
-    state, optim = build(variant.method, args, device, variant.model, variant.graph)
+    state, optim = build(
+        variant.method, args, device, variant.model, variant.graph, variant.amp_dtype
+    )
     if variant.compiled is not None:  # optim.compile's function
         compile_model(cast(DUPR, state.model), **variant.compiled)
         # As optim.compile: the colour steps of batches that bring them compile too (gpu_input).
@@ -463,7 +475,8 @@ def main(argv: list[str] | None = None) -> None:
     scope = "" if on_target_card else " (ratio only: not an H100/H200)"
     notes = [
         f"{args.backbone}, {args.size} px, per-GPU batch {args.batch}, K={args.queue}, S = "
-        "14 (conv4) / 7 (conv5), bf16 autocast, channels_last; inputs already on the device",
+        "14 (conv4) / 7 (conv5), bf16 autocast (float16 where the row says), channels_last; "
+        "inputs already on the device",
         f"{rounds} rounds (of {args.rounds}) × {args.steps} steps after {args.warmup} warm-up steps per "
         "variant, variants alternating (order reversed every other round); warm-up s: "
         + ", ".join(f"{n} {s:.0f}" for n, s in warmup_s.items()),

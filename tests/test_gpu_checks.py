@@ -37,6 +37,7 @@ SECTIONS = (
     "gpu_input (quick, cpu)",
     "colour_steps (quick, cpu)",
     "gpu_input (quick, cpu; compiled)",  # optim.compile's colour steps in the training loop
+    f"gpu_step (quick, cpu; levers: mocov2 + float16, {BEST}, {BEST} + float16)",
 )
 
 
@@ -77,6 +78,8 @@ def test_gpu_checks_rehearse_on_a_cpu_without_the_platforms_packages(tmp_path):
         f"dupr + {BEST} + compile + CUDA graph",
         f"dupr + {CUDNN}",
         f"dupr + {CUDNN} + CUDA graph",
+        "mocov2 + float16",
+        f"dupr + {BEST} + float16",
     ):
         cells = next(
             [c.strip() for c in x.split("|")]
