@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # about two minutes on 2 cores
+pytestmark = pytest.mark.slow  # the rehearsal: 5-6 minutes on 2 cores
 
 ROOT = Path(__file__).resolve().parents[1]
 # Installed here, absent on the GPU machine (its image holds torch, torchvision, Pillow, NumPy,
@@ -93,6 +93,24 @@ def test_gpu_checks_rehearse_on_a_cpu_without_the_platforms_packages(tmp_path):
         assert float(rows[("torch", placement, "loader alone")][4]) > 0, rows
         assert float(rows[("torch", placement, "loader alone")][6]) >= 0, rows  # first batch s
         assert rows[("torch", placement, "training loop")][7].endswith("%"), rows
+
+
+def test_a_misspelt_step_stops_the_checks_before_anything_runs(tmp_path):
+    """STEPS names the steps of a rerun; a name that no step has would run nothing and still
+    spend the loan's minutes, so the script says which names there are and stops."""
+    results = tmp_path / "RESULTS.md"
+    env = {**os.environ, "STEPS": "gpu_step float16, gpu_step,float16", "RESULTS": str(results)}
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_checks.sh", "--quick"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("STEPS: no step named 'float16' (steps: CUDA tests, gpu_step,")
+    assert "===" not in proc.stdout and not results.exists()
 
 
 def gpu_input_rows(text: str) -> dict[tuple[str, str, str], list[str]]:
