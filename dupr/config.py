@@ -109,6 +109,9 @@ class OptimConfig:
     epochs: int = 200
     warmup_epochs: float = 0.0
     amp: bool = True  # autocast on GPU only; ignored on CPU
+    # float16 takes a loss scaler (dupr.train adds it) and runs BatchNorm in cuDNN's kernels,
+    # which PyTorch gives float16 inputs but not bfloat16 ones; which dtype steps faster on a
+    # card, benchmarks/gpu_step.py's float16 rows measure.
     amp_dtype: str = "bfloat16"
     channels_last: bool = False
     # TF32 tensor cores for float32 matmuls/convolutions on GPU (the losses run in float32).
