@@ -41,6 +41,18 @@ SECTIONS = (
 )
 
 
+def rehearse(env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """`bash benchmarks/gpu_checks.sh --quick` with `env`, its output captured."""
+    return subprocess.run(
+        ["bash", "benchmarks/gpu_checks.sh", "--quick"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def test_gpu_checks_rehearse_on_a_cpu_without_the_platforms_packages(tmp_path):
     shadow = tmp_path / "absent"
     for name in ABSENT:
@@ -54,14 +66,7 @@ def test_gpu_checks_rehearse_on_a_cpu_without_the_platforms_packages(tmp_path):
         "RESULTS": str(results),
     }
     env.pop("OUT", None)
-    proc = subprocess.run(
-        ["bash", "benchmarks/gpu_checks.sh", "--quick"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = rehearse(env, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "all steps passed" in out
@@ -100,14 +105,7 @@ def test_a_misspelt_step_stops_the_checks_before_anything_runs(tmp_path):
     spend the loan's minutes, so the script says which names there are and stops."""
     results = tmp_path / "RESULTS.md"
     env = {**os.environ, "STEPS": "gpu_step float16, gpu_step,float16", "RESULTS": str(results)}
-    proc = subprocess.run(
-        ["bash", "benchmarks/gpu_checks.sh", "--quick"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = rehearse(env, timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("STEPS: no step named 'float16' (steps: CUDA tests, gpu_step,")
     assert "===" not in proc.stdout and not results.exists()
