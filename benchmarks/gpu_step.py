@@ -38,8 +38,8 @@ chunked matmuls); and one row per lever on the patch loss's cost:
                      run 4's profile (benchmarks/RESULTS.md); the scaler's check for infinite
                      gradients adds one host-device synchronisation per step
 
-The levers MoCo v2 takes too (the CUDA graph, compiled backbones, float16) are judged fairly: a DUPR row
-with them is compared with MoCo v2 with the same ones (its twin, which every run adds).
+The levers MoCo v2 takes too (the CUDA graph, compiled backbones, float16) are judged fairly: a
+DUPR row with them is compared with MoCo v2 with the same ones (its twin, which every run adds).
 
 A variant that fails (an unsupported kernel, a compiler error) gets its error in its row; the
 others still run. Each method's FLOPs per image are counted once (torch.utils.flop_counter on
