@@ -43,11 +43,14 @@ if [ -n "${STEPS:-}" ]; then
     [ -n "$part" ] && wanted+=("$part")
   done
 fi
-selected() {  # selected NAME: whether STEPS names it (every step when STEPS is empty)
-  [ ${#wanted[@]} -eq 0 ] && return 0
-  local w
-  for w in "${wanted[@]}"; do [ "$w" = "$1" ] && return 0; done
+contains() {  # contains VALUE ITEM...: whether VALUE is one of the items
+  local value=$1 item
+  shift
+  for item; do [ "$item" = "$value" ] && return 0; done
   return 1
+}
+selected() {  # selected NAME: whether STEPS names it (every step when STEPS is empty)
+  [ ${#wanted[@]} -eq 0 ] || contains "$1" "${wanted[@]}"
 }
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, note a failure, keep going
   local name=$1 limit=$(($2 * SCALE)) start=$SECONDS
@@ -122,7 +125,7 @@ run_steps() {  # every step, in the order they run
 run_steps
 listing=
 for w in "${wanted[@]}"; do  # a misspelt step would run nothing and still spend the loan
-  if ! printf '%s\n' "${names[@]}" | grep -qxF -- "$w"; then
+  if ! contains "$w" "${names[@]}"; then
     echo "STEPS: no step named '$w' (steps: $(printf '%s, ' "${names[@]}" | sed 's/, $//'))" >&2
     exit 2
   fi
