@@ -7,8 +7,8 @@ by a memory budget without changing the result. This script checks both claims i
 chunked peak <= 25% of the direct peak, and loss / gradient equal to the direct form within 1e-5.
 The speed options of the patch loss run as rows too, judged by the same peak target and the
 bounds their tests use (`dupr.losses.BF16_LOGITS_BOUNDS`): the fused attention kernel
-(`patch_loss_kernel=attention`), bfloat16 logits on the default budget (`patch_logits=bfloat16`),
-and both together.
+(`patch_loss_kernel=attention`), bfloat16 logits on the first budget (`patch_logits=bfloat16`;
+by default the model's `loss_memory_mb`), and both together.
 
 Each variant runs in a fresh subprocess, so that one variant's freed memory or allocator cache
 cannot hide or inflate another's peak. On CUDA the peak is `max_memory_allocated` above the
@@ -18,7 +18,7 @@ with a fixed glibc mmap threshold so freed buffers leave the RSS; the exact allo
 the torch profiler is reported next to it.
 
     python benchmarks/patch_loss_memory.py                 # paper scale, ~2.5 min on 2 cores
-    python benchmarks/patch_loss_memory.py --quick         # smoke run
+    python benchmarks/patch_loss_memory.py --quick         # smoke run, a quarter of the sizes
     python benchmarks/patch_loss_memory.py --record benchmarks/RESULTS.md
 """
 
@@ -42,21 +42,26 @@ import torch
 import torch.nn.functional as F
 from _common import fill_sizes, machine_lines, record, resolve_device
 
+from dupr.config import ModelConfig
 from dupr.io import markdown_table
 from dupr.losses import BF16_LOGITS_BOUNDS, info_nce, logsumexp_chunk
 
 TARGET_RATIO = 0.25  # chunked peak must be at most this fraction of the direct peak
 TOLERANCE = 1e-5  # relative loss difference and normalised max gradient difference
-# name -> (memory_mb, kernel, logits dtype name or None), with the model's default budget (the
-# attention kernel uses it only for its accuracy sample); the chunked budgets come from --budgets.
-OPTIONS: dict[str, tuple[float, str, str | None]] = {
-    "attention kernel": (256.0, "attention", None),
-    "chunked 256 MB, bf16 logits": (256.0, "matmul", "bfloat16"),
-    "attention + bf16": (256.0, "attention", "bfloat16"),
+# name (its budget filled in) -> (kernel, logits dtype name or None); each runs on the first of
+# --budgets (the attention kernel uses it only for its accuracy sample).
+OPTIONS: dict[str, tuple[str, str | None]] = {
+    "attention kernel": ("attention", None),
+    "chunked {mb:g} MB, bf16 logits": ("matmul", "bfloat16"),
+    "attention + bf16": ("attention", "bfloat16"),
 }
 FLOAT32_BYTES = 4
-DEFAULTS = {"queries": 6272, "keys": 65536, "repeats": 3}
-QUICK = {"queries": 3136, "keys": 32768, "repeats": 1}
+DEFAULT_MB = ModelConfig.loss_memory_mb
+DEFAULTS = {"queries": 6272, "keys": 65536, "repeats": 3, "budgets": f"{DEFAULT_MB:g},64"}
+# A quarter of the queries and keys, the budgets scaled with the logit matrix (so each variant
+# chunks as at full size): bfloat16 matmuls are slow on CPUs without bf16 instructions, and
+# the rehearsal (tests/test_gpu_checks.py) runs this on two such cores.
+QUICK = {"queries": 1568, "keys": 16384, "repeats": 1, "budgets": f"{DEFAULT_MB / 4:g},16"}
 
 
 # --------------------------------------------------------------------------- worker (subprocess)
@@ -245,9 +250,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tau", type=float, default=0.2)
     p.add_argument(
         "--budgets",
-        type=str,
-        default="256,64",
-        help="comma-separated memory_mb budgets for the chunked variants (256 = project default)",
+        help="comma-separated memory_mb budgets for the chunked variants; the speed options run "
+        f"on the first (default {DEFAULT_MB:g},64: the model's loss_memory_mb first)",
     )
     p.add_argument(
         "--no-options", action="store_true", help="without the rows of the speed options"
@@ -256,7 +260,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1")
     p.add_argument(
-        "--quick", action="store_true", help="smoke run: n=3136, K=32768, 1 repeat (unless given)"
+        "--quick",
+        action="store_true",
+        help="smoke run: n=1568, K=16384, budgets 64,16, 1 repeat (unless given)",
     )
     p.add_argument("--record", metavar="FILE", help="append the table to this Markdown file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -292,8 +298,11 @@ def main(argv: list[str] | None = None) -> None:
 
     variants: dict[str, tuple[float, str, str | None]] = {"direct": (math.inf, "matmul", None)}
     variants |= {f"chunked {b:g} MB": (b, "matmul", None) for b in budgets}
+    options = set()
     if not args.no_options:
-        variants |= OPTIONS
+        for name, (kernel, logits) in OPTIONS.items():
+            options.add(name.format(mb=budgets[0]))
+            variants[name.format(mb=budgets[0])] = (budgets[0], kernel, logits)
     results = {}
     with tempfile.TemporaryDirectory(prefix="dupr-bench-") as tmp:
         for i, (name, (memory_mb, kernel, logits)) in enumerate(variants.items()):
@@ -334,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
         alloc_s = "-" if alloc < 0 else f"{alloc / 2**20:.0f}"
         if name == "direct":
             budget, chunk_s, per_budget, target, verdict = "inf", "-", "-", "baseline", "baseline"
-        elif name in OPTIONS:
+        elif name in options:
             budget = f"{memory_mb:g}"
             if kernel == "attention":
                 chunk_s = "fused kernel"
