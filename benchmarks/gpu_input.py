@@ -12,8 +12,9 @@ node's CPU cores. What runs, in one process on the GPU node:
    RandAugment, ResNet-50, 224 px, K = 65536, bf16, channels_last, with the levers of the
    `gpu_step.py` row `--variant`, by default the fastest eager ones as a CUDA graph: the data
    must keep up with the fastest step) on one batch already on the GPU, as `gpu_step.py`
-   times it; and again on uint8 crops with their colour choices, the step
-   then running the colour steps too (`augment.photometric_on=device`, `dupr.photometric`);
+   times it; and on uint8 crops with their colour choices, the step then running the colour
+   steps too (`augment.photometric_on=device`, `dupr.photometric`); each only where a row
+   of (3) has its colour steps there;
 3. the loader alone, one epoch without training, for each of `--loaders`:
    torch: `dupr.data.two_views.build_loader` over the folder (`--workers` processes, default
    every usable core but one; pinned memory), the default `data_loader=torch`;
@@ -190,11 +191,30 @@ def ray_loader(folder: Path, shards: Path, args, device, photometric_on: str):
 def measure(folder: Path, shards: Path, args, device, rows: list, verdicts: list) -> None:
     """Parts 2-4 of the module docstring, appending to `rows` and `verdicts` as they finish."""
     cores = usable_cores()
-    # 2. The GPU alone, without and with the colour steps.
+    runs = [
+        (name, placement)
+        for name in args.loaders
+        for placement in (args.photometric if name == "torch" else args.ray_photometric)
+    ]
+    if "ray" in args.loaders:
+        try:
+            import ray  # noqa: F401
+        except Exception as err:  # not installed on this node: say so, measure the rest
+            why = f"not measured: {type(err).__name__}: {str(err).splitlines()[0][:100]}"
+            for name, placement in runs:
+                if name == "ray":
+                    print(f"ray, colour steps {placement}: {why}", flush=True)
+                    rows.append([name, placement, "loader", "-", "-", "-", why])
+            runs = [(name, placement) for name, placement in runs if name != "ray"]
+    if not runs:
+        return
+    # 2. The GPU alone, for each placement of the colour steps that a loader below uses (a
+    # compiled variant compiles each placement's step on its own).
     state, optim = build_variant(VARIANTS[args.variant], args, device)
     batch = synthetic_batch(args.batch, args.size, device)
     gpu_rate: dict[str, float] = {}
-    for placement, steps_batch in (("loader", batch), ("device", colour_batch(batch, device))):
+    for placement in [p for p in PLACEMENTS if p in {used for _, used in runs}]:
+        steps_batch = batch if placement == "loader" else colour_batch(batch, device)
         time_steps(state, optim, steps_batch, device, 10)
         gpu_rate[placement] = args.batch / statistics.median(
             time_steps(state, optim, steps_batch, device, 10) for _ in range(3)
@@ -207,71 +227,70 @@ def measure(folder: Path, shards: Path, args, device, rows: list, verdicts: list
     del batch
 
     # 3 and 4, per loader and placement of the colour steps.
-    for name in args.loaders:
-        for placement in args.photometric if name == "torch" else args.ray_photometric:
-            processes = args.workers if name == "torch" else max(1, args.workers - 1) + 1
-            label = f"{name}, colour steps {placement}"
-            try:
-                if name == "torch":
-                    loader = torch_loader(folder, args, device, placement)
-                else:
-                    loader = ray_loader(folder, shards, args, device, placement)
-                # Starts the loader's processes; every epoch after this one reuses them.
-                loader_rate(loader, 0)
-                data_rate, first_s = loader_rate(loader, 1)
-                print(
-                    f"{label}: loader alone {data_rate:.0f} images/s, first batch after "
-                    f"{first_s:.1f} s",
-                    flush=True,
-                )
-                loop_rate, waiting = loop_with_gpu(state, optim, loader, args, device)
-                print(f"{label}: loader + GPU {loop_rate:.0f} images/s, waiting {waiting:.1%}")
-            except TimeLimit:
-                raise
-            except Exception as err:  # e.g. Ray is not installed on this node
-                if STOPPING:
-                    raise TimeLimit from err
-                why = f"not measured: {type(err).__name__}: {str(err).splitlines()[0][:100]}"
-                print(f"{label}: {why}", flush=True)
-                rows.append([name, placement, "loader", "-", "-", "-", why])
-                continue
-            finally:
-                loader = None
-                gc.collect()  # ends the torch loader's persistent workers
-                if name == "ray" and "ray" in sys.modules:
-                    sys.modules["ray"].shutdown()
-            per_process = data_rate / processes
-            rows.append(
-                [
-                    name,
-                    placement,
-                    "loader alone",
-                    f"{data_rate:.0f}",
-                    f"{per_process:.0f}",
-                    f"{first_s:.1f}",
-                    "-",
-                ]
-            )
-            rows.append(
-                [name, placement, "training loop", f"{loop_rate:.0f}", "-", "-", f"{waiting:.1%}"]
-            )
-            gpu = gpu_rate[placement]
-            epoch_s = args.images / data_rate
-            if first_s > 0.2 * epoch_s:
-                verdicts.append(
-                    f"{label}: {first_s:.1f} s of the epoch's {epoch_s:.1f} s pass before the "
-                    "first batch, a start-up every epoch pays: the rate is a lower bound for "
-                    "longer epochs"
-                )
-            if data_rate < gpu:
-                verdicts.append(
-                    f"{label}: the GPU waits for data: the loader delivers "
-                    f"{data_rate / gpu:.0%} of the GPU's rate; at {per_process:.0f} "
-                    f"images/s per process the GPU's rate needs about "
-                    f"{gpu / per_process:.0f} processes ({cores} cores here)"
-                )
+    for name, placement in runs:
+        processes = args.workers if name == "torch" else max(1, args.workers - 1) + 1
+        label = f"{name}, colour steps {placement}"
+        try:
+            if name == "torch":
+                loader = torch_loader(folder, args, device, placement)
             else:
-                verdicts.append(f"{label}: keeps up, {data_rate / gpu:.2f}x the GPU's rate")
+                loader = ray_loader(folder, shards, args, device, placement)
+            # Starts the loader's processes; every epoch after this one reuses them.
+            loader_rate(loader, 0)
+            data_rate, first_s = loader_rate(loader, 1)
+            print(
+                f"{label}: loader alone {data_rate:.0f} images/s, first batch after "
+                f"{first_s:.1f} s",
+                flush=True,
+            )
+            loop_rate, waiting = loop_with_gpu(state, optim, loader, args, device)
+            print(f"{label}: loader + GPU {loop_rate:.0f} images/s, waiting {waiting:.1%}")
+        except TimeLimit:
+            raise
+        except Exception as err:  # e.g. the local Ray instance does not start
+            if STOPPING:
+                raise TimeLimit from err
+            why = f"not measured: {type(err).__name__}: {str(err).splitlines()[0][:100]}"
+            print(f"{label}: {why}", flush=True)
+            rows.append([name, placement, "loader", "-", "-", "-", why])
+            continue
+        finally:
+            loader = None
+            gc.collect()  # ends the torch loader's persistent workers
+            if name == "ray" and "ray" in sys.modules:
+                sys.modules["ray"].shutdown()
+        per_process = data_rate / processes
+        rows.append(
+            [
+                name,
+                placement,
+                "loader alone",
+                f"{data_rate:.0f}",
+                f"{per_process:.0f}",
+                f"{first_s:.1f}",
+                "-",
+            ]
+        )
+        rows.append(
+            [name, placement, "training loop", f"{loop_rate:.0f}", "-", "-", f"{waiting:.1%}"]
+        )
+        gpu = gpu_rate[placement]
+        epoch_s = args.images / data_rate
+        if first_s > 0.2 * epoch_s:
+            verdicts.append(
+                f"{label}: {first_s:.1f} s of the epoch's {epoch_s:.1f} s pass before the "
+                "first batch, a start-up every epoch pays: the rate is a lower bound for "
+                "longer epochs"
+            )
+        if data_rate < gpu:
+            verdicts.append(
+                f"{label}: the GPU waits for data: the loader delivers "
+                f"{data_rate / gpu:.0%} of the GPU's rate; at {per_process:.0f} "
+                f"images/s per process the GPU's rate needs about "
+                f"{gpu / per_process:.0f} processes ({cores} cores here)"
+            )
+        else:
+            verdicts.append(f"{label}: keeps up, {data_rate / gpu:.2f}x the GPU's rate")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
