@@ -268,6 +268,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     fill_sizes(args, args.quick, DEFAULTS, QUICK)
+    try:
+        args.budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    except ValueError:
+        p.error(f"--budgets: {args.budgets!r} is not a comma-separated list of numbers")
+    if not args.budgets or min(args.budgets) <= 0:
+        p.error(f"--budgets: give at least one budget, each above 0 MB (got {args.budgets})")
     return args
 
 
@@ -279,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
 
     device = resolve_device(args.device)
     n, k, d = args.queries, args.keys, args.dim
-    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    budgets: list[float] = args.budgets
     logit_bytes = n * k * FLOAT32_BYTES
     machine = machine_lines(str(device))
     print("\n".join(machine))
