@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # the rehearsal: 5-6 minutes on 2 cores
+pytestmark = pytest.mark.slow  # the rehearsal: 4-5 minutes on 2 cores
 
 ROOT = Path(__file__).resolve().parents[1]
 # Installed here, absent on the GPU machine (its image holds torch, torchvision, Pillow, NumPy,
