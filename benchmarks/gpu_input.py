@@ -188,6 +188,11 @@ def ray_loader(folder: Path, shards: Path, args, device, photometric_on: str):
     )
 
 
+def not_measured(err: Exception) -> str:
+    """A row's note for a loader that could not run: the error's type and first line."""
+    return f"not measured: {type(err).__name__}: {str(err).splitlines()[0][:100]}"
+
+
 def measure(folder: Path, shards: Path, args, device, rows: list, verdicts: list) -> None:
     """Parts 2-4 of the module docstring, appending to `rows` and `verdicts` as they finish."""
     cores = usable_cores()
@@ -200,7 +205,7 @@ def measure(folder: Path, shards: Path, args, device, rows: list, verdicts: list
         try:
             import ray  # noqa: F401
         except Exception as err:  # not installed on this node: say so, measure the rest
-            why = f"not measured: {type(err).__name__}: {str(err).splitlines()[0][:100]}"
+            why = not_measured(err)
             for name, placement in runs:
                 if name == "ray":
                     print(f"ray, colour steps {placement}: {why}", flush=True)
@@ -250,7 +255,7 @@ def measure(folder: Path, shards: Path, args, device, rows: list, verdicts: list
         except Exception as err:  # e.g. the local Ray instance does not start
             if STOPPING:
                 raise TimeLimit from err
-            why = f"not measured: {type(err).__name__}: {str(err).splitlines()[0][:100]}"
+            why = not_measured(err)
             print(f"{label}: {why}", flush=True)
             rows.append([name, placement, "loader", "-", "-", "-", why])
             continue
