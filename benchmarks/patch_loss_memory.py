@@ -262,7 +262,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: n=1568, K=16384, budgets 64,16, 1 repeat (unless given)",
+        help=f"smoke run: n={QUICK['queries']}, K={QUICK['keys']}, budgets {QUICK['budgets']}, "
+        "1 repeat (each unless given)",
     )
     p.add_argument("--record", metavar="FILE", help="append the table to this Markdown file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -304,11 +305,11 @@ def main(argv: list[str] | None = None) -> None:
 
     variants: dict[str, tuple[float, str, str | None]] = {"direct": (math.inf, "matmul", None)}
     variants |= {f"chunked {b:g} MB": (b, "matmul", None) for b in budgets}
-    options = set()
-    if not args.no_options:
-        for name, (kernel, logits) in OPTIONS.items():
-            options.add(name.format(mb=budgets[0]))
-            variants[name.format(mb=budgets[0])] = (budgets[0], kernel, logits)
+    options = {
+        name.format(mb=budgets[0]): (budgets[0], kernel, logits)
+        for name, (kernel, logits) in ({} if args.no_options else OPTIONS).items()
+    }
+    variants |= options
     results = {}
     with tempfile.TemporaryDirectory(prefix="dupr-bench-") as tmp:
         for i, (name, (memory_mb, kernel, logits)) in enumerate(variants.items()):
