@@ -16,8 +16,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from scipy import stats
-
 CONFIDENCE = 0.95
 Seed = TypeVar("Seed")  # an int, or its text in JSON records
 
@@ -60,6 +58,11 @@ def estimate(values: Iterable[float], confidence: float = CONFIDENCE) -> Estimat
     if n < 2:
         return Estimate(mean, n)
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    # Imported here: scipy.stats takes ~0.6 s to import, and every process that imports the
+    # evaluations (the pipeline's driver, each stage's Ray worker) would pay it for a quantile
+    # that only the summary computes.
+    from scipy import stats
+
     half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
     return Estimate(mean, n, mean - half, mean + half)
 
