@@ -36,8 +36,9 @@ chmod +x "$work"/site/ray/core/src/ray/raylet/raylet "$work"/site/ray/core/src/r
 rm -rf "$work"/site/ray/{jars,rllib,serve,llm,dashboard/client/build}
 find "$work/site/ray" -type d -name tests -prune -exec rm -rf {} +
 tar -C "$work/site" -cf - . | xz -T0 -6 >"$DEST/ray.tar.xz"
-# TorchCodec, whose JPEG decoder the loader uses (dupr.data.folder), in the release built for
-# the GPU machine's PyTorch 2.11 (0.16; constraints.txt pins the one for ours).
+# TorchCodec, whose JPEG decoder the loader uses (dupr.data.folder): 0.16, the release that
+# brought image decoding, supports torch >= 2.11 (its release notes), the GPU machine's 2.11;
+# constraints.txt pins the one for ours. Where it does not load, PIL decodes (same pixels).
 mkdir "$DEST/torchcodec"
 download "$DEST/torchcodec" torchcodec==0.16.0
 du -sh "$DEST"/ray.tar.xz "$DEST"/wheels "$DEST"/torchcodec
