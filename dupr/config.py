@@ -1,8 +1,10 @@
 """One typed configuration for the DUPR method, with the paper's defaults and presets.
 
-The defaults are those of §3.2.3 of the paper; `preset()` returns the named settings that the
-rest of the project refers to (`dupr`, `dupr_ablation`, `mocov2`, `cpu_demo`). `validate()` turns
-every invalid value into one `ConfigError` line that names the field, before anything is built.
+The defaults are §3.2.3's ablation setting (τ = 0.2, MoCo v2's views), with MoCo v2's m, SGD
+momentum and weight decay, which the paper does not state; `preset()` returns the named settings
+that the rest of the project refers to (`dupr`, `dupr_ablation`, `mocov2`, `cpu_demo`).
+`validate()` turns every invalid value into one `ConfigError` line that names the field, before
+anything is built.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ class AugmentConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD with cosine decay (paper §3.2.3), per-step schedule with optional linear warm-up."""
+    """SGD with cosine decay (§3.2.3: lr 0.06; momentum and weight decay are MoCo v2's), per-step
+    schedule with optional linear warm-up."""
 
     lr: float = 0.06
     momentum: float = 0.9

@@ -32,7 +32,7 @@ _Dumper.add_representer(
 def _setting(setting: str) -> dict[str, Any]:
     """The config entries of one paper setting, over detectron2's stock base file."""
     if setting == "voc_c4":
-        # Faster R-CNN R50-C4 on VOC07+12 (paper §4.2.1, MoCo's pascal_voc_R_50_C4_24k): SyncBN
+        # Faster R-CNN R50-C4 on VOC07+12 (paper §4.1.1, MoCo's pascal_voc_R_50_C4_24k): SyncBN
         # everywhere, an extra norm after res5 in the RoI head, 24k iterations, 480–800 px.
         return {
             "_BASE_": "PascalVOC-Detection/faster_rcnn_R_50_C4.yaml",

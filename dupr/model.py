@@ -236,8 +236,8 @@ class DUPR(nn.Module):
     def sample_patch_keys(self, r_k: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """`patch_keys_per_enqueue` random valid patch keys of the GLOBAL batch (paper: 32).
 
-        The paper samples 32 patch keys per batch of 256 images, and its batch is the global
-        batch over 8 GPUs; taking 32 for the global batch keeps the bank's age (K / 32 steps)
+        The paper samples 32 patch keys per batch of 256 images, which in MoCo's recipe is the
+        global batch over 8 GPUs; taking 32 for the global batch keeps the bank's age (K / 32 steps)
         independent of the number of workers. Each rank draws ceil(32 / world) of its valid
         keys, the gathered draws are ordered valid first, and the first 32 are kept; every
         rank therefore enqueues the same keys. Returns the keys with a flag per key (False:

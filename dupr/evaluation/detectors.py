@@ -10,8 +10,8 @@ Two ways of treating BatchNorm while fine-tuning (§4.1: "we train and synchroni
 normalization layers"): `sync_bn` trains the ResNet's BN with statistics over the global batch
 (`dupr.sync_batchnorm.SyncBatchNorm`, plain BN in a single process); `frozen_bn` keeps the
 pre-trained statistics and affine fixed (torchvision's FrozenBatchNorm2d), the supervised-ImageNet
-convention. The paper (following MoCo) also puts BN into the newly initialised FPN and FPN heads;
-torchvision's FPN detectors have no norm there and we keep them as they are.
+convention. The paper (§4.2.1, following MoCo) also puts BN into the newly initialised FPN; torchvision's
+FPN detectors have no norm there and we keep them as they are.
 """
 
 from __future__ import annotations

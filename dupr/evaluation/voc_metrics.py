@@ -1,4 +1,4 @@
-"""PASCAL VOC box AP as the paper reports it for VOC (§4.3): detectron2's PASCAL VOC evaluator.
+"""PASCAL VOC box AP as the paper reports it for VOC (§4.1): detectron2's PASCAL VOC evaluator.
 
 That evaluator runs the VOC devkit's ``voc_eval`` for every IoU threshold t in 0.50:0.05:0.95
 with the VOC2007 11-point interpolated AP, and reports AP (mean over thresholds of the mean over
