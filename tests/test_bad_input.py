@@ -119,6 +119,16 @@ PIPELINE_CASES = [
     ("storage=gs://bucket/x", "gs://bucket/x"),
     ("storage=s3://KEY:SECRET@bucket/x", "storage='s3://***REDACTED***@bucket/x'"),
     ("tracking_uri=http://user:hunter22@127.0.0.1:9", "MLFLOW_TRACKING_PASSWORD"),
+    # Every other location too: the data, the evaluation sets, a baseline's checkpoint.
+    ("pretrain.data=s3://KEY:SECRET@bucket/x", "pretrain.data='s3://***REDACTED***@bucket/x'"),
+    (
+        "eval.data.detection.voc_root=s3://KEY:SECRET@b/voc",
+        "eval.data.detection.voc_root='s3://***REDACTED***@b/voc': holds credentials",
+    ),
+    (
+        "+baselines.checkpoints.moco=s3://KEY:SECRET@b/moco.pth",
+        "baselines.checkpoints.moco='s3://***REDACTED***@b/moco.pth': holds credentials",
+    ),
     ("tracking_uri=file:///tmp/mlruns", "file store"),
     ("tracking_uri=http://127.0.0.1:9", "127.0.0.1:9"),
     ("nope=1", "nope: unknown configuration key"),
@@ -191,6 +201,7 @@ PRETRAIN_CASES = [
     (["tau"], "cannot parse the override"),
     (["storage="], "storage='': must not be empty"),
     (["tracking_uri=http://u:pw@127.0.0.1:9"], "MLFLOW_TRACKING_PASSWORD"),
+    (["data=s3://KEY:SECRET@bucket/x"], "data='s3://***REDACTED***@bucket/x': holds credentials"),
     (["data=/no/such/folder"], "/no/such/folder"),
     (["data_loader=ray", "data=/tmp"], "data_loader=ray needs Parquet shards"),
 ]
@@ -235,7 +246,8 @@ def test_ablate_bad_input(where, tmp_path, argv, needle, capsys):
     "argv, needle", PRETRAIN_CASES, ids=[" ".join(c[0]) for c in PRETRAIN_CASES]
 )
 def test_pretrain_bad_input(where, argv, needle, capsys):
-    _one_line_exit_2(PRETRAIN_MAIN, [*where, *argv], needle, capsys)
+    line = _one_line_exit_2(PRETRAIN_MAIN, [*where, *argv], needle, capsys)
+    assert ":pw@" not in line and "KEY:" not in line and ":SECRET@" not in line
 
 
 def _detection_copy(tmp_path: Path) -> Path:

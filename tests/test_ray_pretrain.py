@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import shutil
 import threading
 import time
@@ -16,6 +17,7 @@ from drivers import PRETRAIN, ROOT, main_of
 from dupr.data import bundled_image_folder
 from dupr_platform import software
 from dupr_platform.configs import compose, pretrain_job
+from dupr_platform.failures import UnrecoverableError
 from dupr_platform.ray_pretrain import (
     TRAIN_POLL_INTERVAL,
     TRAIN_POLL_INTERVAL_S,
@@ -98,7 +100,8 @@ def test_rerun_after_a_crash_resumes_from_the_latest_checkpoint(local_ray, mlflo
     data = tmp_path / "data"
     shutil.copytree(bundled_image_folder(48), data)
     job = tiny_job("crash-resume", str(tmp_path / "store"), mlflow_server.uri, epochs=4)
-    job.data, job.max_failures = str(data), 0
+    # Retries allowed: data that does not decode must end the run at once all the same.
+    job.data, job.max_failures = str(data), 2
     snapshot = tmp_path / "store" / "crash-resume" / "checkpoint_manager_snapshot.json"
 
     def registered() -> bool:  # Ray counts the first checkpoint (not just: its files exist)
@@ -115,9 +118,14 @@ def test_rerun_after_a_crash_resumes_from_the_latest_checkpoint(local_ray, mlflo
 
     saboteur = threading.Thread(target=pull_the_data)
     saboteur.start()
-    with pytest.raises(Exception):  # noqa: B017 - Ray wraps the workers' error
+    with pytest.raises(UnrecoverableError) as failed:
         run_pretraining(job)
     saboteur.join()
+    # One line: the cause, no retry, the last complete checkpoint (README, Failures).
+    line = str(failed.value)
+    assert "\n" not in line and line.startswith(f"data {data}: "), line
+    assert "consecutive images failed to decode" in line and "(rank 0; not retried)" in line
+    assert re.search(r"last complete checkpoint: \S+/checkpoint_epoch=000[123];", line), line
     client = MlflowClient(mlflow_server.uri)
     runs = client.search_runs(
         [client.get_experiment_by_name("ray-tests").experiment_id],
@@ -134,6 +142,10 @@ def test_rerun_after_a_crash_resumes_from_the_latest_checkpoint(local_ray, mlflo
     assert resumed_at in ("6", "12", "18") and int(resumed_at) >= max(logged[:6])
     steps = [m.step for m in client.get_metric_history(result.run_id, "loss")]
     assert sorted(steps) == list(range(1, 25))  # no gaps, no duplicates
+    # The last keep_checkpoints (2) are kept, across the restart too.
+    kept = sorted(p.name for p in snapshot.parent.glob("checkpoint_epoch=*"))
+    assert kept == ["checkpoint_epoch=0003", "checkpoint_epoch=0004"], kept
+    assert result.checkpoint_uri.endswith("checkpoint_epoch=0004")
 
     # The interrupted-and-resumed run ends with the weights of an uninterrupted one.
     job.name = "no-crash"

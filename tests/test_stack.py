@@ -226,6 +226,12 @@ def study(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict:
     # Node loss: worker-1's process group (its `ray start`, raylet and workers) killed at once.
     os.killpg(stack.services["worker-1"]["pid"], signal.SIGKILL)
     killed_after = time.monotonic() - start
+    lost = stack.cli("status")  # what the user sees: the lost node DOWN, exit status 1
+    for _ in range(10):  # until the kernel has reaped it
+        if lost.returncode == 1:
+            break
+        time.sleep(0.5)
+        lost = stack.cli("status")
     added = stack.cli("add-worker")
     assert added.returncode == 0, added.stdout + added.stderr
     status, logs = _wait_end(stack, "study", 480)
@@ -239,12 +245,22 @@ def study(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict:
     client = MlflowClient(stack.mlflow)
     runs = client.search_runs([client.get_experiment_by_name("stack").experiment_id])
     names = {r.data.tags.get("dupr.stage"): r.data.tags["mlflow.runName"] for r in runs}
-    return {"status": status, "logs": logs, "placed": placed, "stage_runs": names}
+    return {
+        "status": status,
+        "logs": logs,
+        "placed": placed,
+        "stage_runs": names,
+        "status_after_the_loss": lost,
+    }
 
 
 def test_the_study_runs_on_the_worker_nodes_and_survives_losing_one(stack: Stack, study: dict):
     assert "job 'study' succeeded" in study["status"], study["logs"][-5000:]
     assert study["placed"] == ["stack_worker_1", "stack_worker_2"]
+    lost = study["status_after_the_loss"]
+    assert lost.returncode == 1, lost.stdout + lost.stderr
+    assert re.search(r"^  worker-1 +DOWN ", lost.stdout, re.M), lost.stdout
+    assert re.search(r"^  worker-2 +up ", lost.stdout, re.M), lost.stdout
     assert "| spatial/dupr " in study["logs"]  # the summary table
 
     client = MlflowClient(stack.mlflow)

@@ -1,7 +1,9 @@
 """Training loop: schedule, exact resume from a checkpoint, and a short run whose loss goes down."""
 
 import io
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -73,7 +75,7 @@ def test_resume_after_an_epoch_reaches_identical_weights(tiny_config, images):
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys() and any(k.startswith("banks.") for k in a)
     for k in a:
-        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=0), k
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_resume_in_the_middle_of_an_epoch(tiny_config, images):
@@ -94,7 +96,7 @@ def test_resume_in_the_middle_of_an_epoch(tiny_config, images):
     train(resumed, loader, cfg.optim, CPU)
     assert resumed.step == straight.step == 3
     for k, v in straight.model.state_dict().items():
-        assert torch.allclose(v.float(), resumed.model.state_dict()[k].float(), atol=1e-6), k
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
 
 
 @pytest.mark.slow  # compiling takes ~45 s on 2 cores with a cold cache
@@ -247,3 +249,52 @@ def test_pretrain_cli_rejects_bad_input_in_one_line(capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --data:") and "missing" in err and "\n" not in err
     assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "out").exists()
+
+
+def test_pretrain_cli_resumes_from_its_output_dir(capsys, monkeypatch, tmp_path):
+    """`python -m dupr.local_pretrain` stopped after its first epoch's checkpoint, then started
+    again with the same command, resumes there and ends with the weights of one uninterrupted
+    run."""
+    import dupr.local_pretrain as script
+
+    write = script.write_atomically
+
+    def write_then_crash(*args, **kwargs):
+        write(*args, **kwargs)
+        monkeypatch.setattr(script, "write_atomically", write)  # once
+        raise RuntimeError("crash after the first checkpoint")
+
+    data = ["--data", str(bundled_image_folder(16)), "--batch-size", "8", "--workers", "0"]
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    command = [*data, "--epochs", "2", "--output-dir", str(resumed)]
+    monkeypatch.setattr(script, "write_atomically", write_then_crash)
+    with pytest.raises(RuntimeError, match="crash after"):
+        pretrain_main(command)
+    assert pretrain_main(command) == 0
+    assert "2 epochs, 4 steps" in capsys.readouterr().out
+    assert pretrain_main([*data, "--epochs", "2", "--output-dir", str(straight)]) == 0
+    logged = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").open()]
+    assert logged == sorted(set(logged)) and logged[-1] == 4  # the second run went on at step 3
+    a, b = (
+        torch.load(d / "checkpoint.pt", weights_only=False)["model"] for d in (resumed, straight)
+    )
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_undecodable_files_are_counted_in_the_logged_metrics(tiny_config, tmp_path):
+    """A file that fails to decode is replaced by the next image and counted: `skipped_files`
+    in the metrics of the window that met it (README, Data), once per epoch per file."""
+    folder = shutil.copytree(bundled_image_folder(22), tmp_path / "images")
+    photo = sorted((folder / "astronaut").iterdir())[0].read_bytes()
+    (folder / "a-broken.jpg").write_bytes(b"not a jpeg")
+    (folder / "astronaut" / "truncated.jpg").write_bytes(photo[:200])
+    images = ImageFolderDataset(folder)
+    assert len(images) == 24  # 22 photos, 2 broken: 3 steps of 8
+    logged = []
+    state, loader = setup(tiny_config, images)
+    train(state, loader, tiny_config.optim, CPU, log_every=1, on_log=lambda _, m: logged.append(m))
+    assert len(logged) == 6 and all(math.isfinite(m["loss"]) for m in logged)
+    per_epoch = [sum(m["skipped_files"] for m in logged[i : i + 3]) for i in (0, 3)]
+    assert per_epoch == [2, 2]
