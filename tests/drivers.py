@@ -48,6 +48,10 @@ def ray_tmpdir() -> str:
     return tempfile.mkdtemp(prefix="rayt")
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Driver:
     def __init__(
         self,
@@ -75,6 +79,9 @@ class Driver:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # As from a terminal: a shell without job control starts background commands
+                # (pytest among them) with SIGINT ignored, and Python then keeps it ignored.
+                preexec_fn=_sigint_default,
             )
 
     def output(self) -> str:
@@ -108,6 +115,12 @@ class Driver:
         """SIGKILL to the driver alone, as a crash would."""
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
+
+    def interrupt(self, timeout: float = 120) -> int:
+        """Ctrl-C in the driver's terminal: SIGINT to its foreground process group (the driver
+        and the local Ray instance it started); its exit status."""
+        os.killpg(self.proc.pid, signal.SIGINT)
+        return self.wait(timeout)
 
     def stop(self) -> None:
         """End what is left of the process group this test started."""

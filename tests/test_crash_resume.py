@@ -1,10 +1,12 @@
-"""kill -9 of the driver of the main job (and of a sweep), then the same command again.
+"""Ctrl-C and kill -9 of the driver of the main job (and kill -9 of a sweep's), then the same
+command again.
 
 What a crash on a cluster does: the driver process dies without a word, its local Ray instance
 with it. The rerun must continue pre-training from the latest complete checkpoint, take the
 finished stages from the cache, complete, and leave no MLflow run RUNNING; the pre-training
-run's steps have no gap and no duplicate. The console shows the project's own lines only, and
-a rerun with nothing left to do does not start Ray.
+run's steps have no gap and no duplicate. Ctrl-C ends the driver with one line, and the driver
+ends its MLflow runs itself. The console shows the project's own lines only, and a rerun with
+nothing left to do does not start Ray.
 """
 
 from __future__ import annotations
@@ -80,11 +82,18 @@ def test_pipeline_resumes_after_its_driver_is_killed(tmp_path):
     args = [PIPELINE, *_toy(tmp_path, "crash", "stages=[pretrain,convert,probe]")]
     storage, tracking = tmp_path / "storage", f"sqlite:///{tmp_path / 'mlflow.db'}"
 
-    # 1. Killed after the first pre-training checkpoint.
+    # 1. Ctrl-C after the first pre-training checkpoint: one line, exit status 130, and the
+    # driver's runs ended by the driver (Ray Train's own SIGINT handler did neither).
     first = Driver(args, tmp_path / "first.txt")
     first.wait_for(lambda: _checkpointed(storage), 300, "first checkpoint")
-    first.kill()
+    status = first.interrupt()
     first.stop()
+    output = first.output()
+    assert status == 130, output[-4000:]
+    assert output.rstrip().endswith("error: interrupted; the same command resumes"), output[-2000:]
+    assert "Traceback" not in output
+    running = [r for r in _all_runs(tracking, "crash") if r.info.status == "RUNNING"]
+    assert not running, [r.data.tags.get("mlflow.runName") for r in running]
     # The random backbone's probe runs beside the pre-training and may have finished.
     assert not any(storage.glob("stages/pretrain-*/_COMPLETE.json"))
 

@@ -619,7 +619,7 @@ def run_pretraining(
 
     resumes_from = latest_checkpoint(storage, job.name)
     ledger = CheckpointLedger.remote(resumes_from)  # type: ignore[attr-defined]  # @ray.remote
-    trainer = TorchTrainer(
+    trainer = _Trainer(
         train_worker,
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split="all") if datasets else None,
@@ -686,6 +686,20 @@ def run_pretraining(
     return PretrainResult(
         logger.run_id, ckpt_uri, int(metrics.get("epoch", 0)), int(metrics.get("step", 0)), metrics
     )
+
+
+class _Trainer(TorchTrainer):
+    """`TorchTrainer` that leaves Ctrl-C to Python: a KeyboardInterrupt in the driver.
+
+    Ray Train 2.60's `fit()` replaces the driver's SIGINT handler with one that asks its
+    controller to abort, and never puts the old one back: the pipeline then saw the training
+    end as if it had finished (or its process exit 1 without a word), and every later Ctrl-C
+    of the pipeline was swallowed. There is no public switch, hence the override of its private
+    method; `tests/test_crash_resume.py` sends Ctrl-C and sees KeyboardInterrupt's line.
+    """
+
+    def _register_sigint_handler(self, controller: Any) -> None:
+        pass
 
 
 def latest_checkpoint(storage: Storage, name: str) -> str | None:
