@@ -694,9 +694,9 @@ class _Trainer(TorchTrainer):
     Ray Train 2.60's `fit()` replaces the driver's SIGINT handler with one that asks its
     controller to abort, and never puts the old one back. Measured with the pipeline: Ctrl-C
     during pre-training ended the driver with exit status 1 and no line; Ctrl-C after it was
-    swallowed, the pipeline ran to its end. There is no public
-    switch, hence the override of its private method; `tests/test_crash_resume.py` sends
-    Ctrl-C during pre-training and sees KeyboardInterrupt's line and exit status 130.
+    swallowed, the pipeline ran to its end. There is no public switch, hence the override of
+    its private method; `tests/test_crash_resume.py` sends Ctrl-C during pre-training and sees
+    KeyboardInterrupt's line and exit status 130.
     """
 
     def _register_sigint_handler(self, controller: Any) -> None:
