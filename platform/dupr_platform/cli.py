@@ -85,6 +85,11 @@ def run_cli(
     signal.signal(signal.SIGTERM, _terminate)
     # Without Ray's dashboard the Train state-actor reconciliation only logs failures.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
+    # Ctrl-C is KeyboardInterrupt, caught below. Ray Tune's own SIGINT handler (on by default)
+    # stopped a sweep's trials as if they had finished: the table said "stopped early", the
+    # exit status was 1 and the trials' MLflow runs stayed RUNNING (ray_pretrain._Trainer does
+    # the same for Ray Train's handler).
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     try:
         cfg = load()
     except INPUT_ERRORS as err:
