@@ -71,6 +71,17 @@ def _check_runs_after_resume(tracking: str, experiment: str, pretrain_runs: int 
         assert steps == list(range(1, 33)), steps  # no gap, no duplicate
 
 
+def _ctrl_c(driver: Driver) -> str:
+    """Ctrl-C ends the driver with one line and exit status 130; its output."""
+    status = driver.interrupt()
+    driver.stop()
+    output = driver.output()
+    assert status == 130, output[-4000:]
+    assert output.rstrip().endswith("error: interrupted; the same command resumes"), output[-2000:]
+    assert "Traceback" not in output
+    return output
+
+
 def _console_is_the_projects(output: str) -> None:
     lines = [line for line in output.splitlines() if line.strip()]
     strangers = [line for line in lines if not PROJECT_LINE.match(line)]
@@ -86,12 +97,7 @@ def test_pipeline_resumes_after_its_driver_is_killed(tmp_path):
     # driver's runs ended by the driver (Ray Train's own SIGINT handler did neither).
     first = Driver(args, tmp_path / "first.txt")
     first.wait_for(lambda: _checkpointed(storage), 300, "first checkpoint")
-    status = first.interrupt()
-    first.stop()
-    output = first.output()
-    assert status == 130, output[-4000:]
-    assert output.rstrip().endswith("error: interrupted; the same command resumes"), output[-2000:]
-    assert "Traceback" not in output
+    _ctrl_c(first)
     running = [r for r in _all_runs(tracking, "crash") if r.info.status == "RUNNING"]
     assert not running, [r.data.tags.get("mlflow.runName") for r in running]
     # The random backbone's probe runs beside the pre-training and may have finished.
@@ -140,12 +146,7 @@ def test_sweep_resumes_after_its_driver_is_killed(tmp_path):
     # The second trial has checkpointed: the first trial is finished. Ctrl-C (kill -9 is the
     # pipeline's test above): Ray Tune's own SIGINT handler stopped the trials as if finished.
     first.wait_for(lambda: _checkpointed(storage, count=2), 600, "second trial's checkpoint")
-    status = first.interrupt()
-    first.stop()
-    output = first.output()
-    assert status == 130, output[-4000:]
-    assert output.rstrip().endswith("error: interrupted; the same command resumes"), output[-2000:]
-    assert "stopped early" not in output and "Traceback" not in output
+    assert "stopped early" not in _ctrl_c(first)
 
     status, output = run(args, tmp_path / "second.txt", timeout=600)
     assert status == 0, output[-4000:]
