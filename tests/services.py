@@ -30,6 +30,8 @@ from pathlib import Path
 import boto3
 import pytest
 
+from dupr_platform.ports import free_port
+
 FAKE_KEY = "testing-key"
 FAKE_SECRET = "testing-secret"
 REGION = "us-east-1"
@@ -69,13 +71,6 @@ class MlflowServer:
     s3_endpoint_url: str
     artifact_bucket: str
     log_path: Path
-
-
-def free_port() -> int:
-    """A port that was free a moment ago (the server binds it right after)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +27,7 @@ import ray
 from dupr.config import ConfigError
 from dupr_platform import console
 from dupr_platform.environment import environment
+from dupr_platform.ports import free_port
 from dupr_platform.storage import AWS_CREDENTIALS, aws_settings, check_storage, open_storage
 from dupr_platform.tracking import TRACKING_CREDENTIALS, check_tracking
 
@@ -79,12 +79,6 @@ def credentials_withheld() -> Iterator[None]:
         class_cache.ENV_VARS_TO_PROPAGATE.update(names)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 _started = False  # whether start_ray initialised Ray in this process
 
 
@@ -110,14 +104,14 @@ def start_ray(where: str) -> bool:
     if connected:
         ray.init(logging_level=logging.INFO)
     else:
-        port = _free_port()
+        port = free_port()
         own = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"}
         # Inherited by the instance's processes, not kept in this one.
         with environment(own):
             ray.init(
                 address="local",
                 logging_level=logging.INFO,
-                dashboard_port=_free_port(),
+                dashboard_port=free_port(),
             )
     console.route_worker_output()
     console.announce(where)

@@ -50,6 +50,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from dupr_platform.ports import free_port
+
 SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN")
 STATE = "stack.json"
 REGION = "us-east-1"
@@ -65,13 +67,6 @@ class StackError(RuntimeError):
 
 # --------------------------------------------------------------------------------------------
 # Processes
-
-
-def free_port() -> int:
-    """A port that was free a moment ago (the server binds it right after)."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def _proc_stat(pid: int) -> tuple[int, int] | None:
@@ -237,8 +232,12 @@ _NODE_PORTS = (
 )
 
 
-def _ray_ports(*names: str) -> list[str]:
-    return [f"--{name}={free_port()}" for name in names]
+def _ray_ports(*names: str) -> dict[str, int]:
+    return {name: free_port() for name in names}
+
+
+def _flags(ports: dict[str, int]) -> list[str]:
+    return [f"--{name}={port}" for name, port in ports.items()]
 
 
 class Stack:
@@ -355,12 +354,13 @@ class Stack:
 
     def start_head(self, secrets: dict[str, str]) -> dict[str, Any]:
         port, dashboard = free_port(), free_port()
+        ports = _ray_ports("ray-client-server-port", *_NODE_PORTS)
         temp = _ray_temp(self.root)
         self.state["ray_temp"] = str(temp)
         cmd = [
             *(str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats"),
             *(f"--port={port}", f"--dashboard-host={HOST}", f"--dashboard-port={dashboard}"),
-            *_ray_ports("ray-client-server-port", *_NODE_PORTS),
+            *_flags(ports),
             # No CPUs: the head runs the GCS, the dashboard and the job drivers, as on a
             # cluster; training and evaluation go to the worker nodes.
             *("--num-cpus=0", '--resources={"stack_head": 1}', f"--temp-dir={temp / 'head'}"),
@@ -369,23 +369,29 @@ class Stack:
         record = self.spawn("ray-head", cmd, _node_env(self.services["s3"], secrets))
         gcs, url = f"{HOST}:{port}", f"http://{HOST}:{dashboard}"
         _wait("the Ray head", lambda: _listening(port) and _http_ok(url), record, 120)
-        return self.update("ray-head", gcs=gcs, dashboard=url)
+        return self.update(
+            "ray-head", gcs=gcs, dashboard=url, node_manager_port=ports["node-manager-port"]
+        )
 
-    def start_worker(self, secrets: dict[str, str], cpus: int) -> dict[str, Any]:
-        """A worker node joining the head, with a custom resource that names it."""
+    def start_worker(self, secrets: dict[str, str], cpus: int) -> str:
+        """A worker node joining the head, with a custom resource that names it; its name."""
         numbers = [int(n.split("-")[1]) for n in self.services if n.startswith("worker-")]
         name = f"worker-{max(numbers, default=0) + 1}"
         resource = "stack_" + name.replace("-", "_")
+        ports = _ray_ports(*_NODE_PORTS)
         cmd = [
             *(str(BIN / "ray"), "start", "--block", "--disable-usage-stats"),
             f"--address={self.services['ray-head']['gcs']}",
             *(f"--num-cpus={cpus}", f"--resources={json.dumps({resource: 1})}"),
-            *_ray_ports(*_NODE_PORTS),
+            *_flags(ports),
             f"--temp-dir={Path(self.state['ray_temp']) / name.replace('worker-', 'w')}",
             "--object-store-memory=300000000",
         ]
         self.spawn(name, cmd, _node_env(self.services["s3"], secrets))
-        return self.update(name, resource=resource, cpus=cpus)
+        self.update(
+            name, resource=resource, cpus=cpus, node_manager_port=ports["node-manager-port"]
+        )
+        return name
 
     def ray_nodes(self) -> list[dict[str, Any]]:
         """The cluster's alive nodes as Ray's dashboard reports them (token from the env)."""
@@ -397,11 +403,18 @@ class Stack:
             summary = json.load(resp)["data"]["summary"]
         return [n for n in summary if n.get("raylet", {}).get("state") == "ALIVE"]
 
-    def wait_nodes(self, timeout: float = 180) -> None:
-        """Until every live node process of the stack is an alive Ray node."""
-        count = len([n for n in self.running() if n == "ray-head" or n.startswith("worker-")])
-        head = self.services["ray-head"]
-        _wait("the Ray nodes", lambda: len(self.ray_nodes()) >= count, head, timeout)
+    def wait_nodes(self, names: list[str], timeout: float = 180) -> None:
+        """Until each named node process is an alive Ray node: known by its node manager's
+        port, since a lost node stays ALIVE in Ray's view for a while and a count of alive
+        nodes would include it. A node that exits meanwhile (a raylet that could not start)
+        fails with its log's tail."""
+        for name in names:
+            record = self.services[name]
+
+            def joined(port: int = record["node_manager_port"]) -> bool:
+                return any(int(n["raylet"]["nodeManagerPort"]) == port for n in self.ray_nodes())
+
+            _wait(f"the Ray node {name}", joined, record, timeout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,9 +436,8 @@ def up(root: Path, workers: int = 2, cpus: int = 2, bucket: str = "dupr") -> Sta
         stack.start_postgres()
         stack.start_mlflow(secrets)
         stack.start_head(secrets)
-        for _ in range(workers):
-            stack.start_worker(secrets, cpus)
-        stack.wait_nodes()
+        added = [stack.start_worker(secrets, cpus) for _ in range(workers)]
+        stack.wait_nodes(["ray-head", *added])
     except BaseException:
         down(root)
         raise
@@ -437,8 +449,7 @@ def add_worker(root: Path, cpus: int = 2) -> Stack:
     stack = Stack(root)
     if "ray-head" not in stack.running():
         raise StackError(f"no stack is up in {stack.root}")
-    stack.start_worker(_secrets(), cpus)
-    stack.wait_nodes()
+    stack.wait_nodes([stack.start_worker(_secrets(), cpus)])
     return stack
 
 
