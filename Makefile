@@ -62,7 +62,7 @@ format: $(STAMP)
 # System packages that pip cannot install and the tests need: PostgreSQL (the MLflow server's
 # backend store in tests/test_stack.py's local stack), Chromium (its MLflow UI check, driven by
 # Playwright with Debian's browser, never a downloaded one) and a C++ compiler (torch.compile
-# on a CPU, in tests/test_gpu_checks.py's rehearsal). CI runs `make test` on a fresh
+# on a CPU, in the compiled-training tests). CI runs `make test` on a fresh
 # machine, so this installs them there; only what is missing, only as root with apt-get, and
 # quietly. Elsewhere it names what is missing, and the stack tests fail with that name.
 SYSTEM_PACKAGES := postgresql chromium g++

@@ -26,8 +26,8 @@ if [ "${1:-}" = "--quick" ]; then
   QUICK=(--quick --device cpu) SCALE=4
   # The rehearsal checks the scripts, not the compiler: torch.compile runs the functions as
   # they are. Compiling on a small CPU took minutes of the rehearsal (inductor's C++ backend,
-  # not the GPU's Triton); compiled training is checked by tests/test_train.py,
-  # test_photometric.py and test_ray_pretrain.py, and on the GPU by `CUDA tests compiled`.
+  # not the GPU's Triton); compiled training is checked by tests/test_train.py
+  # and test_photometric.py, and on the GPU by `CUDA tests compiled`.
   export TORCHDYNAMO_DISABLE=1
 fi
 

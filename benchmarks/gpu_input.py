@@ -324,7 +324,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--budget-s", type=float, help="stop measuring after this long (folder build included)"
     )
-    parser.add_argument("--quick", action="store_true", help="ResNet-18, 64 px, 64 images")
+    parser.add_argument("--quick", action="store_true", help="ResNet-18, 64 px, 32 images")
     parser.add_argument("--record", help="append the table to this Markdown file")
     args = parser.parse_args(argv)
     if args.variant not in DUPR_VARIANTS:
@@ -339,7 +339,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         setattr(args, option, names)
     if args.quick:
         args.backbone, args.size, args.batch, args.queue = "resnet18", 64, 8, 1024
-        args.images, args.log_every = 64, 2
+        args.images, args.log_every = 32, 2
     if args.workers is None:
         args.workers = max(1, usable_cores() - 1)
     return args

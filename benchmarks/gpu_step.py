@@ -328,7 +328,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.variants.insert(1, twin(name))
     if args.quick:
         args.backbone, args.size, args.batch, args.queue = "resnet18", 64, 8, 1024
-        args.warmup, args.steps, args.rounds = 2, 3, 2
+        args.warmup, args.steps, args.rounds = 1, 2, 2
     return args
 
 

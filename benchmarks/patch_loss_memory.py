@@ -18,7 +18,7 @@ with a fixed glibc mmap threshold so freed buffers leave the RSS; the exact allo
 the torch profiler is reported next to it.
 
     python benchmarks/patch_loss_memory.py                 # paper scale, ~2.5 min on 2 cores
-    python benchmarks/patch_loss_memory.py --quick         # smoke run, a quarter of the sizes
+    python benchmarks/patch_loss_memory.py --quick         # smoke run: 1/8 of the queries, 1/4 of the keys
     python benchmarks/patch_loss_memory.py --record benchmarks/RESULTS.md
 """
 
@@ -58,10 +58,10 @@ OPTIONS: dict[str, tuple[str, str | None]] = {
 FLOAT32_BYTES = 4
 DEFAULT_MB = ModelConfig.loss_memory_mb
 DEFAULTS = {"queries": 6272, "keys": 65536, "repeats": 3, "budgets": f"{DEFAULT_MB:g},64"}
-# A quarter of the queries and keys, the budgets scaled with the logit matrix (so each variant
-# chunks as at full size): bfloat16 matmuls are slow on CPUs without bf16 instructions, and
-# the rehearsal (tests/test_gpu_checks.py) runs this on two such cores.
-QUICK = {"queries": 1568, "keys": 16384, "repeats": 1, "budgets": f"{DEFAULT_MB / 4:g},16"}
+# An eighth of the queries and a quarter of the keys, the budgets scaled with the queries (so
+# each chunk holds as many keys as at full size): bfloat16 matmuls are slow on CPUs without
+# bf16 instructions, and the rehearsal (tests/test_gpu_checks.py) runs this on two such cores.
+QUICK = {"queries": 784, "keys": 16384, "repeats": 1, "budgets": f"{DEFAULT_MB / 8:g},8"}
 
 
 # --------------------------------------------------------------------------- worker (subprocess)
