@@ -4,6 +4,8 @@ import io
 import json
 import math
 import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from dupr.views import TwoViews
 from helpers import random_batch, tiny_model_config
 
 CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cosine_schedule_with_warmup():
@@ -298,3 +301,28 @@ def test_undecodable_files_are_counted_in_the_logged_metrics(tiny_config, tmp_pa
     assert len(logged) == 6 and all(math.isfinite(m["loss"]) for m in logged)
     per_epoch = [sum(m["skipped_files"] for m in logged[i : i + 3]) for i in (0, 3)]
     assert per_epoch == [2, 2]
+
+
+def test_the_readmes_library_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    """`## Using the method as a library`, executed: only its size is the test's (the cpu_demo
+    preset for one epoch over 64 of the bundled images: two steps); the checkpoint it saves
+    loads into a fresh state."""
+    import dupr.config
+    import dupr.data
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Using the method as a library") :]
+    code = section.split("```python\n", 1)[1].split("\n```", 1)[0]
+
+    demo = dupr.config.preset("cpu_demo")
+    demo = replace(demo, optim=replace(demo.optim, epochs=1, warmup_epochs=0.0))
+    monkeypatch.setattr(dupr.config, "preset", lambda name: demo)
+    monkeypatch.setattr(dupr.data, "bundled_image_folder", lambda: bundled_image_folder(64))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+
+    step, loss = capsys.readouterr().out.split()[-2:]  # on_log's `print(step, m["loss"])`
+    assert int(step) == 2 and math.isfinite(float(loss))
+    fresh = build_state(DUPR(demo.model), demo.optim, 2, CPU)
+    fresh.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=False))
+    assert fresh.step == 2
