@@ -325,6 +325,8 @@ def test_the_study_in_the_mlflow_ui(stack: Stack, study: dict, tmp_path: Path):
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing: run `make system-deps` (as root)"
+    # A failed study has no plot to find: say so, rather than wait out the UI's timeouts.
+    assert "job 'study' succeeded" in study["status"], "the study failed (see the test above)"
     shots = tmp_path / "screenshots"
     print(f"screenshots in {shots}")
     with sync_playwright() as pw:
