@@ -32,7 +32,13 @@ def _ray(head, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def _submit(head, submission_id: str, overrides: list[str]) -> None:
-    runtime_env = {"env_vars": {"DUPR_DATA_HOME": os.path.abspath(os.environ["DUPR_DATA_HOME"])}}
+    runtime_env = {
+        "env_vars": {
+            "DUPR_DATA_HOME": os.path.abspath(os.environ["DUPR_DATA_HOME"]),
+            # `ray job stop`'s grace before SIGKILL, as the README suggests (Ray's default: 3 s)
+            "RAY_JOB_STOP_WAIT_TIME_S": "30",
+        }
+    }
     submit = _ray(
         head,
         *("job", "submit", "--address", head.dashboard, "--no-wait"),
@@ -85,6 +91,10 @@ def test_ray_job_submit_runs_the_pipeline_and_resumes_after_ray_job_stop(ray_hea
     stop = _ray(ray_head, "job", "stop", "--address", ray_head.dashboard, "dupr-first")
     assert stop.returncode == 0, stop.stderr[-2000:]
     assert "job 'dupr-first' was stopped" in _wait_end(ray_head, "dupr-first", 120)
+    # The driver's own SIGTERM handler ran (ray.init had replaced it): one line, no stack dump.
+    first = _ray(ray_head, "job", "logs", "--address", ray_head.dashboard, "dupr-first").stdout
+    assert "error: terminated; the same command resumes" in first, first[-3000:]
+    assert "SIGTERM received" not in first and "Traceback" not in first, first[-3000:]
 
     # Submitted again: it resumes and completes.
     _submit(ray_head, "dupr-second", overrides)

@@ -50,12 +50,19 @@ class _RayStopper:
         stop_ray()  # the instance this command started (a process that ends stops it anyway)
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived (`ray job stop`, a scheduler): unwind, ending the runs as KILLED."""
+_terminated = False  # SIGTERM arrived: the KeyboardInterrupt in flight is its, not Ctrl-C's
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated()
+    """SIGTERM (`ray job stop`, a scheduler): unwind as Ctrl-C does, ending the runs as KILLED.
+
+    A KeyboardInterrupt, because it is the one exception that Ray's blocking calls (`ray.get`
+    inside Ray Train's and Tune's loops) pass on from a signal handler: any other came out of
+    them as a SystemError, which Ray Train took for a failed run (exit status 1, runs FAILED).
+    """
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
 
 
 def exit_process(status: int) -> NoReturn:
@@ -82,6 +89,8 @@ def run_cli(
 
     `run` returns an object with `ok` (False: something failed at run time, already reported).
     """
+    global _terminated
+    _terminated = False
     signal.signal(signal.SIGTERM, _terminate)
     # Without Ray's dashboard the Train state-actor reconciliation only logs failures.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
@@ -105,11 +114,11 @@ def run_cli(
             error(str(err))
             return 1
         except KeyboardInterrupt:
+            if _terminated:
+                error("terminated; the same command resumes")
+                return 143
             error("interrupted; the same command resumes")
             return 130
-        except Terminated:
-            error("terminated; the same command resumes")
-            return 143
         except Exception as err:  # nobody foresaw it: one line here, the traceback in the log
             if log_file is None:
                 raise

@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -100,6 +102,10 @@ def start_ray(where: str) -> bool:
     if ray.is_initialized():
         return False
     _started = True
+    # ray.init replaces a driver's SIGTERM handler with `sys.exit(15)` (and Ray's C++ failure
+    # handler prints a stack dump first): `ray job stop` then skipped the command's own handler
+    # (cli.run_cli: one line, exit status 143) and the driver died of SIGABRT mid-unwind.
+    sigterm = signal.getsignal(signal.SIGTERM)
     connected = bool(os.environ.get("RAY_ADDRESS"))
     if connected:
         ray.init(logging_level=logging.INFO)
@@ -113,6 +119,8 @@ def start_ray(where: str) -> bool:
                 logging_level=logging.INFO,
                 dashboard_port=free_port(),
             )
+    if callable(sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)
     console.route_worker_output()
     console.announce(where)
     return connected
