@@ -9,11 +9,11 @@ from dupr_platform.ports import free_port
 
 def test_ports_lie_below_the_ephemeral_range_and_are_handed_out_once():
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    ports = [free_port() for _ in range(100)]
-    assert len(set(ports)) == 100  # two servers of one process never get the same port
-    assert all(20000 <= port < low for port in ports), ports
+    given = [free_port() for _ in range(100)]
+    assert len(set(given)) == 100  # two servers of one process never get the same port
+    assert all(20000 <= port < low for port in given), given
     with socket.socket() as sock:  # and one is free to bind
-        sock.bind(("127.0.0.1", ports[-1]))
+        sock.bind(("127.0.0.1", given[-1]))
 
 
 def test_a_port_a_server_holds_is_skipped(monkeypatch):

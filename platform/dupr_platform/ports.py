@@ -10,6 +10,7 @@ default), a port is only ever taken by a server that asks for it.
 
 from __future__ import annotations
 
+import functools
 import random
 import socket
 from pathlib import Path
@@ -20,6 +21,7 @@ _handed_out: set[int] = set()  # a port goes to one server of this process only
 _draw = random.SystemRandom()  # independent of a test's or a library's random.seed
 
 
+@functools.cache  # the range is the machine's: read it once
 def _ephemeral_start() -> int:
     try:
         return int(_EPHEMERAL.read_text().split()[0])
