@@ -2,8 +2,9 @@
 # Everything that needs a GPU, in one command (issue 14): the CUDA tests, then the benchmarks,
 # each recorded into the results file and copied to $OUT after each step when $OUT is set (so a
 # remote run brings back whatever finished). Needs torch, torchvision, pytest, Pillow and pyarrow
-# there; not MLflow or the project's virtualenv, and Ray only for gpu_input's data_loader=ray rows
-# (benchmarks/pack_ray.sh packs it to take along). Each step has its own time limit, so one that
+# there; not the project's virtualenv, and Ray, MLflow and the rest of the platform's stack only
+# for the named steps `gpu_input Ray` and `platform smoke` (benchmarks/pack_gpu_site.sh packs
+# them to take along). Each step has its own time limit, so one that
 # hangs cannot take the others' time; the limits add up to under 8 min (--quick: four times that).
 #
 #     bash benchmarks/gpu_checks.sh            # on the GPU machine
@@ -120,6 +121,12 @@ run_steps() {  # every step, in the order they run
       "${QUICK[@]}"
     step "gpu_input Ray" 165 "$PY" benchmarks/gpu_input.py --loaders ray --budget-s $((150 * SCALE)) \
       --record "$RESULTS" "${QUICK[@]}"
+    # The main job's smoke run as a user runs it, the platform's own GPU path: Ray Train's GPU
+    # worker, conversion and evaluations on the GPU, hours from measured step times. Not in the
+    # rehearsal, which runs without the platform's stack; tests/test_smoke.py runs it on CPUs.
+    if [ "$SCALE" -eq 1 ]; then
+      step "platform smoke" 300 "$PY" benchmarks/platform_smoke.py --budget-s 280 --record "$RESULTS"
+    fi
   fi
 }
 run_steps
@@ -131,15 +138,15 @@ for w in "${wanted[@]}"; do  # a misspelt step would run nothing and still spend
   fi
 done
 
-# Ray, where the machine lacks it and benchmarks/pack_ray.sh packed it into build/gpu-site.
-if ! "$PY" -c "import ray" 2>/dev/null && [ -f build/gpu-site/ray.tar.xz ]; then
+# The platform's packages (Ray, MLflow, Hydra, ...), where the machine lacks them and
+# benchmarks/pack_gpu_site.sh packed them into build/gpu-site; TorchCodec (the loader's JPEG
+# decoder; without it PIL decodes, slower, same pixels) likewise.
+if ! "$PY" -c "import ray, mlflow, hydra" 2>/dev/null && [ -f build/gpu-site/site.tar.xz ]; then
   site=$(mktemp -d)
-  trap 'rm -rf "$site"' EXIT
-  tar -xJf build/gpu-site/ray.tar.xz -C "$site" &&
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" build/gpu-site/wheels/*.whl &&
-    export PYTHONPATH="$PYTHONPATH:$site" && echo "Ray from build/gpu-site"
+  trap 'rm -rf "$site" "${codec:-}"' EXIT
+  tar -xJf build/gpu-site/site.tar.xz -C "$site" &&
+    export PYTHONPATH="$PYTHONPATH:$site" && echo "the platform's packages from build/gpu-site"
 fi
-# TorchCodec (the loader's JPEG decoder; without it PIL decodes, slower, same pixels), likewise.
 if ! "$PY" -c "import torchcodec" 2>/dev/null && compgen -G "build/gpu-site/torchcodec/*.whl" >/dev/null; then
   codec=$(mktemp -d)
   trap 'rm -rf "${site:-}" "$codec"' EXIT

@@ -4,8 +4,9 @@ A GPU machine is lent to this project now and then, for about 15 minutes: a scri
 there on an import or a typo wastes the loan. `benchmarks/gpu_checks.sh --quick` runs every
 step at small sizes on the CPU; here it runs with the packages the GPU machine lacks (Ray,
 MLflow, Hydra, boto3, ...) made unimportable, so a dependency creeping into the benchmark path
-fails here first (the GPU machine gets Ray only as benchmarks/pack_ray.sh packs it, for
-gpu_input's data_loader=ray rows, tested on their own below). The CUDA tests skip on a CPU.
+fails here first (the GPU machine gets them only as benchmarks/pack_gpu_site.sh packs them, for
+the named steps `gpu_input Ray`, whose rows are tested on their own below, and `platform smoke`,
+the smoke run that tests/test_smoke.py runs on CPUs). The CUDA tests skip on a CPU.
 """
 
 import os
