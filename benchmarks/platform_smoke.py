@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     timer = threading.Timer(args.budget_s, os.killpg, (proc.pid, signal.SIGINT))
     timer.start()
+    # An outer time limit's SIGTERM reaches this process only: pass it on, then record.
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(proc.pid, signal.SIGTERM))
     lines = []
     assert proc.stdout is not None
     for line in proc.stdout:
