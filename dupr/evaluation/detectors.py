@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 import torch.nn as nn
 import torchvision
 from torch import Tensor
@@ -188,7 +189,8 @@ def build_detector(
     `min_size` may be a tuple: torchvision then picks one at random per training batch
     (detectron2's multi-scale training, e.g. 480..800 in §4.1) and tests at the last one.
     `overrides` go to the torchvision constructor (RoI/proposal counts, thresholds, ...).
-    All backbone stages are trainable, as in the paper's end-to-end fine-tuning.
+    All backbone stages are trainable, as in the paper's end-to-end fine-tuning. Under
+    autocast the boxes stay float32 (`box_maths_in_float32`).
     """
     if name not in DETECTORS:
         raise ValueError(f"detector={name!r}: unknown (valid: {', '.join(DETECTORS)})")
@@ -206,7 +208,8 @@ def build_detector(
         image_std=list(IMAGENET_STD),
     )
     if name == "faster_rcnn_c4":
-        return _faster_rcnn_c4(arch, num_classes, backbone_state, norm, common, overrides)
+        model = _faster_rcnn_c4(arch, num_classes, backbone_state, norm, common, overrides)
+        return box_maths_in_float32(model)
 
     if name == "retinanet_fpn":
         # P3–P7 with P6/P7 from P5, as torchvision's retinanet_resnet50_fpn.
@@ -228,7 +231,7 @@ def build_detector(
     model = _CLASSES[name](backbone, num_classes + 1, **common, **overrides)
     if name != "retinanet_fpn":  # RetinaNet's heads already use detectron2's initialisation
         init_predictors(model)
-    return model
+    return box_maths_in_float32(model)
 
 
 def _faster_rcnn_c4(
@@ -263,6 +266,44 @@ def _faster_rcnn_c4(
     )
     init_predictors(model)
     return model
+
+
+def box_maths_in_float32(model: FasterRCNN | RetinaNet) -> FasterRCNN | RetinaNet:
+    """Anchors, box decoding, NMS and box matching in float32 under autocast, as detectron2
+    does them (its anchors are float32; `Box2BoxTransform.apply_deltas` casts deltas to float).
+
+    torchvision makes the anchors in the feature maps' dtype and decodes boxes in the box
+    regression's: bfloat16 under autocast (fine-tuning on a GPU), whose 8 significant bits
+    place a coordinate near 1,000 only to the nearest 4 px, and the per-level offsets of
+    batched NMS to 16-32 px. Forward hooks (the state dict is unchanged) show the anchor
+    generator float32 stand-ins for the feature maps and cast the heads' outputs to float32;
+    the convolutions keep autocast's precision. Without autocast every cast is a no-op.
+    """
+    if isinstance(model, RetinaNet):
+        model.anchor_generator.register_forward_pre_hook(_float32_feature_maps)
+        model.head.register_forward_hook(_float32_head_outputs)
+    else:
+        model.rpn.anchor_generator.register_forward_pre_hook(_float32_feature_maps)
+        model.rpn.head.register_forward_hook(_float32_head_outputs)
+        model.roi_heads.box_predictor.register_forward_hook(_float32_head_outputs)
+    return model
+
+
+def _float32_feature_maps(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The anchor generator reads only the maps' sizes, dtype and device: float32 stand-ins of
+    their shape, one element each in memory (a float32 copy of P2 is 70 MB per 800 × 1333 image)."""
+    image_list, feature_maps = args
+    return image_list, [f.new_zeros((), dtype=torch.float32).expand(f.shape) for f in feature_maps]
+
+
+def _float32_head_outputs(_module: nn.Module, _args: Any, out: Any) -> Any:
+    """A head's outputs as float32: RPN (objectness, deltas) lists, the box predictor's
+    (scores, deltas) pair, RetinaNet's dict of them."""
+    if isinstance(out, dict):
+        return {k: v.float() for k, v in out.items()}
+    return tuple(
+        [t.float() for t in part] if isinstance(part, list) else part.float() for part in out
+    )
 
 
 def init_predictors(model: FasterRCNN) -> None:

@@ -76,7 +76,7 @@ class DetectionConfig:
     hflip_prob: float = 0.5
     seed: int = 0
     num_workers: int = 0
-    amp: bool = True  # bfloat16 autocast on CUDA only
+    amp: bool = True  # bfloat16 autocast on CUDA only; boxes stay float32 (box_maths_in_float32)
     overrides: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
