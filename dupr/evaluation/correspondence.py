@@ -214,8 +214,8 @@ def patch_correspondence_levels(
     Views come from the pre-training augmentation (`dupr.views.TwoViews`, MoCo v2 by default) at
     448 pixels as in the paper (pass the pre-training size for a small model: the views it learnt
     on). Every level sees the same pairs from one forward pass, so the levels compare directly;
-    accuracies are averaged over all valid cells of all pairs. The global torch RNG is seeded
-    inside a fork, so the caller's random state is left untouched.
+    accuracies are averaged over all valid cells of all pairs. The global CPU generator is
+    seeded inside a fork, so the caller's random state is left untouched.
     """
     levels = tuple(levels)
     if not levels or any(not 0 <= m < len(LEVELS) for m in levels):
@@ -237,7 +237,9 @@ def patch_correspondence_levels(
     counts = {m: torch.zeros(6, dtype=torch.long) for m in levels}
     pairs = 0
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # The views draw from the CPU generator; torch.manual_seed would reseed every CUDA
+        # device's too, which fork_rng(devices=[]) does not restore.
+        torch.default_generator.manual_seed(seed)
         for image in images:
             for _ in range(pairs_per_image):
                 pair = views(image.convert("RGB"))
