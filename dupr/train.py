@@ -64,22 +64,26 @@ def build_scheduler(
 
 
 def rng_state() -> dict[str, Any]:
+    """The generators a step draws from; of CUDA's, this process's device's only (a rank that
+    comes back on another GPU, or on a node with fewer, takes its own stream along)."""
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """`rng_state`'s generators back, wherever torch.load's map_location put their tensors
+    (PyTorch takes generator states as CPU byte tensors only)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
 @dataclass
@@ -224,9 +228,11 @@ class StepGraph:
     BN are not captured (`dupr_platform.ray_pretrain.PretrainSettings.validate`).
     """
 
+    WARMUP_STEPS = 3  # eager, on a GPU, before the step that captures
+
     def __init__(self, state: TrainState, cfg: OptimConfig, device: torch.device) -> None:
         self.state, self.cfg, self.device = state, cfg, device
-        self.warmup_steps = 3 if device.type == "cuda" else 0
+        self.warmup_steps = self.WARMUP_STEPS if device.type == "cuda" else 0
         self.eager_steps = 0
         self.inputs: tuple[torch.Tensor, ...] = ()
         self.lr = torch.zeros((), dtype=torch.float32, device=device)  # fused SGD reads float32

@@ -342,6 +342,26 @@ def test_a_captured_step_trains_like_the_eager_one(form):
     assert torch.isfinite(metrics["loss"]).item()
 
 
+def test_a_checkpoint_saved_on_the_gpu_resumes_there(tmp_path):
+    """A resumed worker loads its checkpoint onto its GPU (torch.load's map_location=device, in
+    ray_pretrain and local_pretrain), generator states too, which PyTorch takes back as CPU
+    tensors only; the CUDA generator (the patch-key draws) continues where it was saved, and the
+    next step's loss is the uninterrupted run's."""
+    optim = OptimConfig(lr=0.03, batch_size=PAIRS, epochs=1, amp=True, amp_dtype="bfloat16")
+    _, state = one_step(optim)
+    torch.save(state.state_dict(), tmp_path / "state.pt")
+    saved_rng = torch.cuda.get_rng_state()
+    after = float(train_step(state, gpu_batch(seed=1), optim, CUDA)["loss"])
+    torch.manual_seed(5)  # a new process's own generators
+    resumed = build_state(DUPR(tiny_model_config()).to(CUDA), optim, 10, CUDA)
+    resumed.load_state_dict(
+        torch.load(tmp_path / "state.pt", map_location=CUDA, weights_only=False)
+    )
+    assert torch.equal(torch.cuda.get_rng_state(), saved_rng)
+    again = float(train_step(resumed, gpu_batch(seed=1), optim, CUDA)["loss"])
+    assert again == pytest.approx(after, rel=1e-4)
+
+
 @pytest.mark.parametrize("bn_mode", ["shuffle", "sync"])
 def test_ddp_step_on_an_nccl_process_group(bn_mode, tmp_path):
     """Shuffle BN's gather/broadcast and the bank's all-gather run on NCCL, and agree with the
