@@ -195,6 +195,10 @@ PRETRAIN_CASES = [
         ["num_workers=2", "method.optim.cuda_graph=true"],
         "method.optim.cuda_graph=True: one worker only (num_workers=2)",
     ),
+    (
+        ["num_workers=2", "use_gpu=true", "gpus_per_worker=0.5"],
+        "gpus_per_worker=0.5: at least 1 with num_workers=2 (NCCL refuses two ranks on one GPU)",
+    ),
     (["method=nope"], "method='nope'"),
     (["preset=mocov2"], "preset=mocov2: pretrain has no preset option"),
     (["nope=1"], "nope: unknown configuration key"),

@@ -17,6 +17,7 @@ import torch
 from drivers import ABLATE, PIPELINE, run
 from dupr.config import ConfigError
 from dupr.data.coco import CocoDetection
+from dupr.train import StepGraph
 from dupr_platform import smoke
 from dupr_platform.configs import compose
 from dupr_platform.eval_stages import check_classes, first_images
@@ -86,6 +87,23 @@ def test_the_smoke_config_keeps_the_model_and_cuts_the_run(tmp_path, no_data):
     assert on_gpu["pretrain"]["use_gpu"] is True
     assert on_gpu["eval"]["detection"]["batch_size"] == 16
     assert on_gpu["eval"]["detection"]["iterations"] == smoke.SMOKE_STEPS
+
+
+def test_a_smoke_run_with_the_cuda_graph_captures_it_and_times_its_replays(tmp_path, no_data):
+    """optim.cuda_graph runs StepGraph.WARMUP_STEPS eager steps before the one that captures: a
+    GPU smoke run reads that many batches more, so that it captures the graph (a capture that
+    fails, fails here and not in the real run), and times only the replays."""
+    prepared = smoke.prepare(paper(tmp_path, "paper_r50_imagenet", "smoke=true"))
+    prepared["pretrain"]["method"]["optim"]["cuda_graph"] = True
+    on_gpu = smoke.fit(prepared, {"CPU": 16.0, "GPU": 1.0})["pretrain"]
+    index = json.loads((Path(on_gpu["data"]) / "_index.json").read_text())
+    untimed = smoke.untimed_steps(cuda_graph=True, on_gpu=True)
+    assert untimed == 1 + StepGraph.WARMUP_STEPS + 1
+    assert index["total"] == 32 * (untimed + smoke.SMOKE_STEPS - 1)
+    assert smoke.untimed_steps(cuda_graph=True, on_gpu=False) == 1  # a CPU has no graphs
+    timer = smoke.StepTimer(untimed)
+    timer.times = [9.0, 2.0, 2.0, 2.0, 5.0, 0.5, 0.5]  # first, eager warm-up, capture, replays
+    assert timer.step_s() == 0.5
 
 
 def test_the_pretraining_slice_of_a_shard_set(tmp_path):

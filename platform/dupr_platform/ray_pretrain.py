@@ -57,7 +57,13 @@ from dupr_platform.failures import CheckpointLedger, StopOnUnrecoverable, Unreco
 from dupr_platform.progress import Progress
 from dupr_platform.ray_data import RayDataLoader, count_images, two_view_dataset
 from dupr_platform.shards import INDEX_NAME, ParquetImageDataset, ShardError, prepare_shards
-from dupr_platform.smoke import PeakMemory, StepTimer, flops_counted, profile_metrics
+from dupr_platform.smoke import (
+    PeakMemory,
+    StepTimer,
+    flops_counted,
+    profile_metrics,
+    untimed_steps,
+)
 from dupr_platform.storage import (
     AWS_CREDENTIALS,
     Storage,
@@ -137,6 +143,11 @@ class PretrainSettings:
         check_bool("profile", self.profile)
         if self.use_gpu:
             check_number("gpus_per_worker", self.gpus_per_worker, above=0)
+            if self.num_workers > 1 and self.gpus_per_worker < 1:
+                raise ConfigError(
+                    f"gpus_per_worker={self.gpus_per_worker}: at least 1 with num_workers="
+                    f"{self.num_workers} (NCCL refuses two ranks on one GPU)"
+                )
         batch = self.method.optim.batch_size
         if batch % self.num_workers:
             raise ConfigError(
@@ -320,7 +331,7 @@ def train_worker(config: dict[str, Any]) -> None:
     progress = Progress(f"pretrain {config['name']}", total_steps, unit="step", done=state.step)
 
     last_loss = [float("nan")]
-    timer = StepTimer()
+    timer = StepTimer(untimed_steps(cfg.optim.cuda_graph, device.type == "cuda"))
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         timer.tick()

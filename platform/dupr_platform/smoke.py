@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from dupr.io import markdown_table
+from dupr.train import StepGraph
 
 SMOKE_STEPS = 3  # per stage; the first warms up (allocation, autotuning) and is not timed
 SMOKE_IMAGES = 4  # per split, for the evaluations that read images (detection: 2 to evaluate)
@@ -57,8 +58,10 @@ PROFILE = "profile/"  # the prefix of the metrics a profiled stage reports
 
 
 class PeakMemory:
-    """The peak memory between `start` and `stop`, in GiB: the CUDA allocator's peak on a GPU;
-    on a CPU the process's resident set, sampled every 5 ms, above what it held at `start` (a
+    """The peak memory between `start` and `stop`, in GiB: on a GPU what the CUDA allocator
+    reserved at most (its free cached blocks count: what the device must hold, which its
+    allocated peak understates by the allocator's fragmentation; the CUDA context and NCCL's
+    buffers, a few hundred MB, are outside both); on a CPU the process's resident set, sampled every 5 ms, above what it held at `start` (a
     Ray worker process may have held more for an earlier task)."""
 
     def __init__(self, device: torch.device) -> None:
@@ -85,7 +88,7 @@ class PeakMemory:
     def stop(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.peak_gib = torch.cuda.max_memory_reserved(self.device) / 2**30
         elif self._thread is not None:
             self._stop.set()
             self._thread.join()
@@ -103,10 +106,18 @@ def _rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def untimed_steps(cuda_graph: bool, on_gpu: bool) -> int:
+    """Pre-training steps before the timed ones: the first (allocation, autotuning) and, with
+    `optim.cuda_graph` on a GPU, `StepGraph`'s eager warm-up and the step that captures, so that
+    a smoke run captures the graph and times its replays."""
+    return 1 + (StepGraph.WARMUP_STEPS + 1 if cuda_graph and on_gpu else 0)
+
+
 @dataclass
 class StepTimer:
     """Seconds between consecutive calls of `tick` (a loop's per-step log callback)."""
 
+    untimed: int = 1  # the first steps, left out of `step_s` (`untimed_steps`)
     times: list[float] = field(default_factory=list)
     _last: float = field(default_factory=time.perf_counter)
 
@@ -116,8 +127,8 @@ class StepTimer:
         self._last = now
 
     def step_s(self) -> float:
-        """The median step after the first (warm-up); the first alone if there is no other."""
-        timed = self.times[1:] or self.times
+        """The median step after the untimed ones; the last alone if there is no other."""
+        timed = self.times[self.untimed :] or self.times[-1:]
         return statistics.median(timed) if timed else math.nan
 
 
@@ -207,7 +218,8 @@ def fit(cfg: dict[str, Any], cluster: dict[str, float]) -> dict[str, Any]:
     """The smoke run's config for the connected cluster (`ray.cluster_resources()`): one
     pre-training worker, on a GPU if there is one, with the full per-device batch there and
     `CPU_BATCH` otherwise; CPUs and Ray Data decoders cut to what the cluster has; the
-    pre-training data a slice of `SMOKE_STEPS` batches of the configured images."""
+    pre-training data a slice of `SMOKE_STEPS` batches of the configured images (more with
+    `optim.cuda_graph` on a GPU: `untimed_steps`)."""
     cfg = copy.deepcopy(cfg)
     cpus, gpu = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0) >= 1
     p = cfg["pretrain"]
@@ -226,7 +238,8 @@ def fit(cfg: dict[str, Any], cluster: dict[str, float]) -> dict[str, Any]:
     else:
         p["cpus_per_worker"] = min(p["cpus_per_worker"], cpus)
     p["loader_workers"] = min(p["loader_workers"], 1)
-    p["data"] = pretrain_slice(p["data"], optim["batch_size"] * SMOKE_STEPS, cfg["storage"])
+    steps = SMOKE_STEPS - 1 + untimed_steps(optim["cuda_graph"], p["use_gpu"])
+    p["data"] = pretrain_slice(p["data"], optim["batch_size"] * steps, cfg["storage"])
     ev = cfg["eval"]
     ev["resources"]["cpus"] = min(float(ev["resources"]["cpus"]), cpus)
     if ev["resources"]["gpus"] != "auto":
