@@ -7,10 +7,10 @@
 #   dependencies at the releases constraints.txt pins, for that machine's Python
 #   (gpu_image_packages.txt lists what the image has; pip resolves the rest), without what a
 #   local run there does not use: Ray's Java jars, RLlib, Serve and LLM library, MLflow's web
-#   UI, boto3 (S3 goes through pyarrow.fs; only the local stack's bucket
-#   set-up imports boto3), the virtualenv Ray's pip runtime environments use, and tests.
-#   About 46 MB, where the wheels are 210 MB. typing_extensions goes in too, whatever the image
-#   has: pydantic needs a recent one.
+#   UI, boto3 (S3 goes through pyarrow.fs; only the local stack's bucket set-up imports boto3),
+#   the virtualenv that Ray's pip runtime environments use, and tests. About 45 MB, where the
+#   wheels are 210 MB. typing_extensions goes in too, whatever the image has: pydantic needs a
+#   recent one.
 # - torchcodec/: TorchCodec 0.16, the release for that machine's PyTorch 2.11 (the loader's JPEG
 #   decoder; its release notes give torch >= 2.11); constraints.txt pins the one for ours. Where
 #   it does not load, PIL decodes (same pixels).
