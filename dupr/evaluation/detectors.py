@@ -291,7 +291,8 @@ def box_maths_in_float32(model: FasterRCNN | RetinaNet) -> FasterRCNN | RetinaNe
 
 def _float32_feature_maps(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     """The anchor generator reads only the maps' sizes, dtype and device: float32 stand-ins of
-    their shape, one element each in memory (a float32 copy of P2 is 70 MB per 800 × 1333 image)."""
+    their shape, one element each in memory (a float32 copy of P2 is 70 MB per 800×1333 image).
+    """
     image_list, feature_maps = args
     return image_list, [f.new_zeros((), dtype=torch.float32).expand(f.shape) for f in feature_maps]
 

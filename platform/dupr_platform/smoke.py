@@ -59,10 +59,10 @@ PROFILE = "profile/"  # the prefix of the metrics a profiled stage reports
 
 class PeakMemory:
     """The peak memory between `start` and `stop`, in GiB: on a GPU what the CUDA allocator
-    reserved at most (its free cached blocks count: what the device must hold, which its
-    allocated peak understates by the allocator's fragmentation; the CUDA context and NCCL's
-    buffers, a few hundred MB, are outside both); on a CPU the process's resident set, sampled every 5 ms, above what it held at `start` (a
-    Ray worker process may have held more for an earlier task)."""
+    reserved at most (what the device must hold, which the allocated peak understates by the
+    allocator's fragmentation; the CUDA context and NCCL's buffers, a few hundred MB, are
+    outside both); on a CPU the process's resident set, sampled every 5 ms, above what it held
+    at `start` (a Ray worker process may have held more for an earlier task)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
