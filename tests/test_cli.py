@@ -8,7 +8,7 @@ import time
 import pytest
 
 from dupr_platform import cli
-from dupr_platform.cluster import start_ray, stop_ray
+from dupr_platform.cluster import PREEMPTION_WATCHER, start_ray, stop_ray
 
 
 def _run_cli(run) -> int:
@@ -53,3 +53,21 @@ def test_starting_ray_keeps_the_commands_sigterm_handler():
     finally:
         stop_ray()
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.slow  # starts Ray
+def test_a_local_instance_starts_no_preemption_watcher():
+    """A driver's own instance is one node that nothing drains: its workers (Ray Train's
+    controller among them) have the preemption watcher switched off."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def switch() -> str | None:
+        return os.environ.get(PREEMPTION_WATCHER)
+
+    try:
+        start_ray("cli-test")
+        assert ray.get(switch.remote()) == "0"
+        assert PREEMPTION_WATCHER not in os.environ  # the driver's environment is its own
+    finally:
+        stop_ray()
