@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-results test-fast lint format venv constraints clean system-deps
+.PHONY: demo test test-results test-rehearsal test-fast lint format venv constraints clean system-deps
 
 venv: $(STAMP)
 
@@ -32,10 +32,10 @@ constraints:
 demo: $(STAMP)
 	$(PY) pipelines/pretrain_and_eval.py
 
-# Lint (style, formatting, types), then the whole test suite but the `results` tests. pytest
-# exits 5 when it collects no test: that fails too.
+# Lint (style, formatting, types), then the whole test suite but the `results` and `rehearsal`
+# tests. pytest exits 5 when it collects no test: that fails too.
 test: system-deps lint
-	$(PY) -m pytest -m "not results"
+	$(PY) -m pytest -m "not results and not rehearsal"
 
 # The results checks (`results` marks them: tests/test_ranking.py): the demo's pre-training at 4x
 # its budget ranked above random initialisation by three evaluations, about 15 minutes of
@@ -43,6 +43,14 @@ test: system-deps lint
 # method, its presets or an evaluation changes.
 test-results: $(STAMP)
 	$(PY) -m pytest -m results
+
+# The GPU checks' rehearsal (`rehearsal` marks it: tests/test_gpu_checks.py): every step of
+# benchmarks/gpu_checks.sh at small sizes on the CPU, without the platform's packages, and the
+# Ray loader's rows, about 4 minutes on 2 cores. Run it before the first call of a GPU loan
+# (a script that fails there wastes the loan) and after a change to benchmarks/; out of `make
+# test` so that CI stays within its time (the scripts' imports and types stay in it).
+test-rehearsal: $(STAMP)
+	$(PY) -m pytest -m rehearsal
 
 # The developer loop: every test that starts no Ray, MLflow or S3 server and takes under ~10 s
 # (`slow` marks the others; see tests/conftest.py). Under 3 minutes on 2 Xeon cores, 5 on 2 EPYC cores.

@@ -7,16 +7,22 @@ MLflow, Hydra, boto3, ...) made unimportable, so a dependency creeping into the 
 fails here first (the GPU machine gets them only as benchmarks/pack_gpu_site.sh packs them, for
 the named steps `gpu_input Ray`, whose rows are tested on their own below, and `platform smoke`,
 the smoke run that tests/test_smoke.py runs on CPUs). The CUDA tests skip on a CPU.
+
+The rehearsal and the Ray loader's rows (`rehearsal`: about 4 minutes on 2 cores) run with
+`make test-rehearsal`, before a GPU loan and after a change to benchmarks/; `make test` (and so
+CI) keeps what is cheap of them: each script the checks run imports without the platform's
+packages, mypy checks their code, and a misspelt step stops the script.
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # the rehearsal: 4-5 minutes on 2 cores
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 # Installed here, absent on the GPU machine (its image holds torch, torchvision, Pillow, NumPy,
@@ -54,15 +60,42 @@ def rehearse(env: dict[str, str], timeout: float) -> subprocess.CompletedProcess
     )
 
 
-def test_gpu_checks_rehearse_on_a_cpu_without_the_platforms_packages(tmp_path):
+def without_the_platforms_packages(tmp_path: Path) -> dict[str, str]:
+    """This environment with the packages in ABSENT made unimportable (PYTHONPATH)."""
     shadow = tmp_path / "absent"
     for name in ABSENT:
         (shadow / name).mkdir(parents=True)
         (shadow / name / "__init__.py").write_text(f"raise ImportError('{name}: absent')\n")
+    return {**os.environ, "PYTHONPATH": str(shadow)}
+
+
+def test_the_scripts_of_the_gpu_checks_import_without_the_platforms_packages(tmp_path):
+    """What `make test` keeps of the rehearsal below in a few seconds: every script that
+    gpu_checks.sh runs but `platform smoke` imports (the CUDA tests' module too) as on the GPU
+    machine; mypy checks their code."""
+    scripts = set(
+        re.findall(r"benchmarks/(\w+)\.py", (ROOT / "benchmarks/gpu_checks.sh").read_text())
+    )
+    scripts -= {"platform_smoke"}  # the named step that takes the platform's stack along
+    assert {"gpu_step", "gpu_input", "patch_loss_memory"} <= scripts
+    code = (
+        "import importlib, sys\n"
+        "sys.path[:0] = ['benchmarks', 'tests']\n"
+        f"for name in {sorted(scripts | {'test_cuda'})}: importlib.import_module(name)\n"
+        "try:\n    import ray\nexcept ImportError:\n    pass\n"  # the shadow works
+        "else:\n    sys.exit('ray imported')\n"
+    )
+    env = without_the_platforms_packages(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.rehearsal
+def test_gpu_checks_rehearse_on_a_cpu_without_the_platforms_packages(tmp_path):
     results = tmp_path / "RESULTS.md"
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(shadow),
+    env = without_the_platforms_packages(tmp_path) | {
         "PYTHON": sys.executable,
         "RESULTS": str(results),
     }
@@ -121,6 +154,7 @@ def gpu_input_rows(text: str) -> dict[tuple[str, str, str], list[str]]:
     }
 
 
+@pytest.mark.rehearsal
 def test_gpu_input_measures_the_ray_data_loader_where_ray_is_installed():
     """The data_loader=ray rows, which the rehearsal above cannot reach without Ray.
 
