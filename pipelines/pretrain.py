@@ -13,7 +13,7 @@ checkpoint.
 import sys
 from pathlib import Path
 
-from dupr_platform.cli import exit_process, run_cli
+from dupr_platform.cli import asked_for_help, exit_process, run_cli
 from dupr_platform.configs import compose, pretrain_job
 from dupr_platform.ray_pretrain import PretrainJob, PretrainResult, run_pretraining
 
@@ -29,6 +29,8 @@ def run(job: PretrainJob) -> PretrainResult:
 
 
 def main(argv: list[str]) -> int:
+    if asked_for_help(argv, __doc__):
+        return 0
     return run_cli(lambda: pretrain_job(compose(CONFIGS, "pretrain", argv)), run, lambda j: j.name)
 
 

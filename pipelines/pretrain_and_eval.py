@@ -14,7 +14,7 @@ Exit status: 0 when every stage finished or was cached, 1 when a stage failed, 2
 import sys
 from pathlib import Path
 
-from dupr_platform.cli import exit_process, run_cli
+from dupr_platform.cli import asked_for_help, exit_process, run_cli
 from dupr_platform.configs import compose
 from dupr_platform.pipeline import run_pipeline
 
@@ -22,6 +22,8 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def main(argv: list[str]) -> int:
+    if asked_for_help(argv, __doc__):
+        return 0
     return run_cli(
         lambda: compose(CONFIGS, "pretrain_and_eval", argv), run_pipeline, lambda c: c["name"]
     )

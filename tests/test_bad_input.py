@@ -348,3 +348,17 @@ def test_the_commands_as_processes(tmp_path, script, argv, needle):
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
     assert not files_under(ray_tmp), "Ray wrote a session: it was started"
     shutil.rmtree(ray_tmp)
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_is_the_usage_not_a_bad_override(flag, capsys):
+    """`--help` is what a user types first: the usage, exit status 0, for every entry point
+    (ablate.py's comes from argparse)."""
+    for main, script in ((PIPELINE_MAIN, "pretrain_and_eval"), (PRETRAIN_MAIN, "pretrain")):
+        assert main([flag, "name=x"]) == 0
+        out = capsys.readouterr().out
+        assert f"python pipelines/{script}.py" in out and f"configs/{script}.yaml" in out
+        assert "Overrides are key=value" in out
+    with pytest.raises(SystemExit) as done:
+        ABLATE_MAIN([flag])
+    assert done.value.code == 0 and "--grid" in capsys.readouterr().out

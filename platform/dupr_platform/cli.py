@@ -82,6 +82,19 @@ def error(message: str) -> None:
     print(f"error: {scrub_secrets(' '.join(str(message).split()))}", file=sys.stderr, flush=True)
 
 
+def asked_for_help(argv: list[str], usage: str | None) -> bool:
+    """`-h` or `--help`: print the entry point's usage (its docstring) and say so.
+
+    The commands take Hydra overrides, not options: without this, Hydra's parser called
+    `--help` a bad override (exit status 2).
+    """
+    if not {"-h", "--help"} & set(argv):
+        return False
+    print((usage or "").strip())
+    print("\nOverrides are key=value (Hydra's syntax) on the config named above; see README.md.")
+    return True
+
+
 def run_cli(
     load: Callable[[], Any], run: Callable[[Any], Any], log_name: Callable[[Any], str]
 ) -> int:
