@@ -55,7 +55,9 @@ def test_sweep_table_nesting_failure_isolation_and_resume(local_ray, mlflow_serv
         )
     )
     grid = load_grid(str(grid_file), CONFIGS / "grid")
-    cfg = sweep_config(tmp_path, mlflow_server.uri)
+    # A trial runs the pipeline (test_pipeline.py runs every stage): here the cheapest
+    # evaluation beside the detection that the broken trial fails.
+    cfg = sweep_config(tmp_path, mlflow_server.uri, "stages=[pretrain,convert,spatial,detection]")
 
     first = run_sweep(cfg, grid)
     assert [r["label"] for r in first.rows] == ["0.1", "0.3", "0.1 broken data"]
@@ -64,9 +66,7 @@ def test_sweep_table_nesting_failure_isolation_and_resume(local_ray, mlflow_serv
     assert not first.ok
     for row in first.rows[:2]:
         assert 0 <= row["detection/faster_rcnn_fpn/bbox/AP"] <= 1
-        assert {"probe/conv2", "probe/conv5", "correspondence/accuracy", "spatial/slope"} <= set(
-            row
-        )
+        assert "spatial/slope" in row
     # The difference to the first row, in brackets, as in the paper's tables.
     assert "(+" in first.table or "(-" in first.table or "(+0.0)" in first.table
     assert first.table.splitlines()[0].startswith("| tau | detection/faster_rcnn_fpn/bbox/AP")
@@ -91,8 +91,11 @@ def test_sweep_table_nesting_failure_isolation_and_resume(local_ray, mlflow_serv
     stages = client.search_runs(
         [exp], f"tags.`mlflow.parentRunId` = '{by_label['0.1'].info.run_id}'"
     )
-    assert {"spatial/dupr", "probe/dupr", "detection/faster_rcnn_fpn/dupr"} <= {
-        s.data.tags.get("dupr.stage") for s in stages
+    assert {s.data.tags.get("dupr.stage") for s in stages} == {
+        "pretrain",
+        "convert/dupr",
+        "spatial/dupr",
+        "detection/faster_rcnn_fpn/dupr",
     }
     broken_stages = client.search_runs(
         [exp], f"tags.`mlflow.parentRunId` = '{by_label['0.1 broken data'].info.run_id}'"
