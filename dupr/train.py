@@ -121,7 +121,11 @@ class TrainState:
         for group in self.optimizer.param_groups:
             group.update(implementation)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        # Saved where no loss scaler runs (a CPU, bfloat16), the scaler's state is empty; resumed
+        # with float16 on a GPU, the scaler starts afresh (its scale settles within a few
+        # steps): GradScaler refuses an empty state ("saved from a disabled instance").
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
         set_rng_state(state["rng"])
 

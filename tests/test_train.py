@@ -81,6 +81,19 @@ def test_resume_after_an_epoch_reaches_identical_weights(tiny_config, images):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_a_checkpoint_without_a_loss_scaler_resumes_with_one(tiny_config, images):
+    """Saved on a CPU (no scaler), resumed with float16 autocast on a GPU (a scaler): the
+    scaler starts afresh, and every other part of the state is taken."""
+    saved, _ = setup(tiny_config, images)
+    saved.epoch, saved.step = 1, 3
+    assert saved.state_dict()["scaler"] == {}
+    resumed, _ = setup(tiny_config, images, seed=1)
+    resumed.scaler = torch.amp.GradScaler("cpu", enabled=True)  # float16's scaler, on a CPU
+    resumed.load_state_dict(roundtrip(saved.state_dict()))
+    assert resumed.scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
+    assert (resumed.epoch, resumed.step) == (1, 3)
+
+
 def test_resume_in_the_middle_of_an_epoch(tiny_config, images):
     cfg = tiny_config
     cfg.optim.epochs = 1
