@@ -117,7 +117,7 @@ def start_ray(where: str) -> bool:
             "RAY_ADDRESS": f"127.0.0.1:{port}",
             # One node that no autoscaler drains: Ray Train's preemption watcher (an actor per
             # training that polls for draining nodes, and only logs them) has nothing to see
-            # here, and its process cost about 4 s of each training's start on 2 cores.
+            # here; its process took about 4 s of a toy pipeline's 60 on 2 cores (noisy A/B).
             PREEMPTION_WATCHER: os.environ.get(PREEMPTION_WATCHER, "0"),
         }
         # Inherited by the instance's processes, not kept in this one.
