@@ -215,7 +215,11 @@ def test_ddp_two_workers_equal_one_worker_with_the_global_batch(local_ray, mlflo
         job.method.optim.lr = 1.0  # weights after one step then differ by the gradients' difference
         result = run_pretraining(job)
         assert result.steps == 1
-        weights.append(load_checkpoint_state(result.checkpoint_uri)["model"])
+        saved = load_checkpoint_state(result.checkpoint_uri)
+        weights.append(saved["model"])
+        if workers == 2:  # each rank drew its patch-key cells from a stream of its own
+            first, second = (r["torch"] for r in saved["rng_per_rank"])
+            assert not torch.equal(first, second)
         losses.append(
             MlflowClient(mlflow_server.uri).get_metric_history(result.run_id, "loss")[0].value
         )

@@ -296,6 +296,10 @@ def train_worker(config: dict[str, Any]) -> None:
         model = ray.train.torch.prepare_model(
             model, move_to_device=False, parallel_strategy_kwargs={"forward_sync_buffers": False}
         )
+    # The common seed above gave every rank the same weights and banks; from here each rank
+    # draws its own patch-key cells (DUPR's sampled keys), or every rank would take the same
+    # cells of its own images. Rank 0 keeps the run's seed: a one-worker run is unchanged.
+    torch.manual_seed(cfg.seed + rank * 2**32)
     state = build_state(model, cfg.optim, len(loader), device)
 
     checkpoint = ray.train.get_checkpoint()
