@@ -257,3 +257,19 @@ def test_corrupt_image_file_is_named(coco_dir: Path) -> None:
     ds.check_files()  # the file exists; only decoding fails
     with pytest.raises(ImageDecodeError, match=r"a\.png"):
         ds[0]
+
+
+def test_check_images_decodes_every_image_and_names_the_first_broken_one(coco_dir: Path) -> None:
+    ds = CocoDetection(coco_dir, coco_dir / "instances.json")
+    ds.check_images(workers=2)  # both decode
+    truncated = (coco_dir / "sub" / "b.png").read_bytes()[:-40]  # found only by decoding it
+    (coco_dir / "sub" / "b.png").write_bytes(truncated)
+    with pytest.raises(ImageDecodeError, match=r"sub/b\.png"):
+        ds.check_images(workers=2)
+    (coco_dir / "a.png").write_bytes(b"not a png")  # both broken: the first one is named
+    for workers in (1, 2):
+        with pytest.raises(ImageDecodeError, match=r"a\.png"):
+            ds.check_images(workers=workers)
+    (coco_dir / "a.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"a\.png"):
+        ds.check_images()

@@ -28,7 +28,8 @@ def detection_data(root: Path) -> dict:
 def test_sweep_table_nesting_failure_isolation_and_resume(local_ray, mlflow_server, tmp_path):
     """Three trials: two temperatures, and the first temperature again on data with a corrupt
     validation image (it shares that trial's pre-training through the stage cache). The broken
-    trial is retried, then marked failed while the sweep completes; once the image is repaired,
+    trial's detection stage finds the image before it fine-tunes, and the trial is marked failed
+    at once (a retry cannot repair data) while the sweep completes; once the image is repaired,
     running the same command again runs only that trial."""
     good, broken = tmp_path / "good", tmp_path / "broken"
     shutil.copytree(bundled_detection_set(), good)
@@ -102,6 +103,11 @@ def test_sweep_table_nesting_failure_isolation_and_resume(local_ray, mlflow_serv
     )
     pretrain = [s for s in broken_stages if s.data.tags.get("dupr.stage") == "pretrain"]
     assert pretrain and pretrain[0].data.tags["dupr.cache_hit"] == "true"  # shared with "0.1"
+    (detection,) = [s for s in broken_stages if s.data.tags["dupr.stage"].startswith("detection")]
+    assert detection.info.status == "FAILED"
+    assert not [k for k in detection.data.metrics if k.startswith("train/")]  # not fine-tuned
+    # The trial ended itself with its message; Tune saw no error, so it retried nothing.
+    assert not list((tmp_path / "storage" / "toy-tau" / "tune").glob("*/trial_*/error*"))
     # Every trial's outputs live under the sweep's name in the storage.
     assert any((tmp_path / "storage" / "toy-tau" / "stages").glob("pretrain-*/_COMPLETE.json"))
 

@@ -144,7 +144,9 @@ def detection(ctx: StageContext, out: Path) -> StageOutput:
     train_set = detection_set(ctx.inputs, "train", with_masks=masks)
     val_set = detection_set(ctx.inputs, "val", with_masks=masks)
     train_set.check_files()
-    val_set.check_files()
+    # Decoded now, not only found: the evaluation reads them after the fine-tuning, which a
+    # broken one would waste. A broken training image stops the fine-tuning where it is read.
+    val_set.check_images(workers=max(1, int(ctx.cpus)))
     # What was trained and evaluated on, with the objects the metrics ignore (crowd, difficult).
     summary = {"train": data_summary(train_set.coco), "val": data_summary(val_set.coco)}
     (out / "data.json").write_text(json.dumps(summary, indent=2, sort_keys=True))

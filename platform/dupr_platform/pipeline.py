@@ -41,6 +41,7 @@ from dupr.config import (
     baseline_method,
     field_prefix,
 )
+from dupr.data.folder import ImageDecodeError
 from dupr.io import markdown_table
 from dupr_platform import console, convert_stage, eval_stages, report, smoke, software
 from dupr_platform.cluster import COMPUTE_PRIORITY, check_nodes, forwarded_env, start_ray
@@ -432,7 +433,7 @@ class _Runner:
             run.run_id if run else None,
             seconds,
             message,
-            retryable=not isinstance(exc, UnrecoverableError),
+            retryable=not _retry_cannot_fix(exc),
         )
         print(f"[pipeline] {stage.name}: FAILED: {message}", flush=True)
 
@@ -823,6 +824,14 @@ def _one_line(exc: BaseException) -> str:
         return one_line(cause, keep_line=lambda _: True, limit=500)  # its last line
     # Anything else says what it is.
     return f"{type(cause).__name__}: {one_line(cause)}"[:500]
+
+
+def _retry_cannot_fix(exc: BaseException) -> bool:
+    """Whether the error is the input's own (a broken image, a setting) or one the platform
+    already judged final (`UnrecoverableError`): a sweep's trial then ends without Tune's
+    retries, which would run the stage again only to fail the same way."""
+    cause = getattr(exc, "cause", None) or exc  # Ray wraps a task's error
+    return isinstance(cause, UnrecoverableError | ConfigError | ImageDecodeError)
 
 
 def _resources(stage: Stage) -> str:
