@@ -98,6 +98,7 @@ PIPELINE_CASES = [
     ("eval.detection.norm=group_norm", "eval.detection.norm='group_norm'"),
     ("eval.detection.lr_steps=[0.9,0.5]", "eval.detection.lr_steps"),
     ("eval.detection.warmup_iters=1000", "eval.detection.warmup_iters=1000"),
+    ("eval.detection.checkpoint_minutes=0", "eval.detection.checkpoint_minutes=0"),
     # the default overrides are R-CNN arguments; RetinaNet's constructor refuses them
     ("eval.detection.detectors=[retinanet_fpn]", "not accepted by retinanet_fpn"),
     ("+eval.detection.overrides.nms=0.5", "['nms'] not accepted by faster_rcnn_fpn"),

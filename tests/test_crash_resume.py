@@ -2,8 +2,9 @@
 again.
 
 What a crash on a cluster does: the driver process dies without a word, its local Ray instance
-with it. The rerun must continue pre-training from the latest complete checkpoint, take the
-finished stages from the cache, complete, and leave no MLflow run RUNNING; the pre-training
+with it. The rerun must continue pre-training from the latest complete checkpoint (and a
+detection fine-tuning from its own), take the finished stages from the cache, complete, and
+leave no MLflow run RUNNING; the pre-training
 run's steps have no gap and no duplicate. Ctrl-C ends the driver with one line, and the driver
 ends its MLflow runs itself. The console shows the project's own lines only, and a rerun with
 nothing left to do does not start Ray.
@@ -90,7 +91,10 @@ def _console_is_the_projects(output: str) -> None:
 
 
 def test_pipeline_resumes_after_its_driver_is_killed(tmp_path):
-    args = [PIPELINE, *_toy(tmp_path, "crash", "stages=[pretrain,convert,probe]")]
+    # The detection fine-tuning checkpoints every 3 s: long enough for a kill to land mid-run.
+    fine_tuning = ["eval.detection.iterations=24", "eval.detection.checkpoint_minutes=0.05"]
+    stages = "stages=[pretrain,convert,probe,detection]"
+    args = [PIPELINE, *_toy(tmp_path, "crash", stages, *fine_tuning)]
     storage, tracking = tmp_path / "storage", f"sqlite:///{tmp_path / 'mlflow.db'}"
 
     # 1. Ctrl-C after the first pre-training checkpoint: one line, exit status 130, and the
@@ -103,14 +107,17 @@ def test_pipeline_resumes_after_its_driver_is_killed(tmp_path):
     # The random backbone's probe runs beside the pre-training and may have finished.
     assert not any(storage.glob("stages/pretrain-*/_COMPLETE.json"))
 
-    # 2. Resumes pre-training; killed once the conversion is complete.
+    # 2. Resumes pre-training; killed once the detection fine-tuning has a checkpoint.
     second = Driver(args, tmp_path / "second.txt")
-    second.wait_for(lambda: any(storage.glob("stages/convert-*/_COMPLETE.json")), 300, "convert")
+    resume_state = "stages/detection-*/resume/finetune.pt"
+    second.wait_for(lambda: any(storage.glob(resume_state)), 300, "fine-tuning checkpoint")
     second.kill()
     second.stop()
     assert "[pipeline] pretrain: done" in second.output()
+    assert any(storage.glob("stages/convert-*/_COMPLETE.json"))
 
-    # 3. Finished stages are cache hits; the rest runs; every run ends.
+    # 3. Finished stages are cache hits; the rest runs, the fine-tuning from its checkpoint;
+    # every run ends.
     status, output = run(args, tmp_path / "third.txt", timeout=600)
     assert status == 0, output[-4000:]
     assert "[pipeline] pretrain: cache hit" in output
@@ -118,6 +125,13 @@ def test_pipeline_resumes_after_its_driver_is_killed(tmp_path):
     assert "| probe/dupr " in output and "continuing the work of an earlier run" in output
     _console_is_the_projects(output)
     _check_runs_after_resume(tracking, "crash")
+    (detection,) = [
+        r
+        for r in _all_runs(tracking, "crash")
+        if r.data.tags.get("dupr.stage", "").startswith("detection") and r.info.status == "FINISHED"
+    ]
+    assert 0 < int(detection.data.tags["dupr.resumed_at_iteration"]) < 24
+    assert not any(storage.glob("stages/detection-*/resume"))  # dropped once complete
     parents = [r for r in _all_runs(tracking, "crash") if "dupr.pipeline" in r.data.tags]
     assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED", "KILLED"]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import math
 from types import SimpleNamespace
 
@@ -314,6 +316,52 @@ def test_finetune_is_deterministic_and_rejects_non_finite_loss():
     with pytest.raises(FloatingPointError, match="iteration 1: non-finite loss") as err:
         finetune(model, Rectangles(2, nan_image=True), cfg, "cpu")
     assert "\n" not in str(err.value)
+
+
+def test_a_resumed_finetuning_continues_bit_for_bit():
+    """Stopped after any iteration and resumed from its checkpoint (saved and loaded as the
+    detection stage stores it), the fine-tuning ends with the same weights and logs as one that
+    never stopped: data order across passes, flips, multi-scale and RoI draws, momenta, the
+    learning-rate schedule and a logging window left open."""
+    cfg = dataclasses.replace(
+        DetectionConfig.cpu_friendly("faster_rcnn_fpn", iterations=5), min_size=(96, 128)
+    )
+    data = Rectangles(3)  # batches of 2 over 3 images: passes end mid-batch
+
+    def run(resume=None):
+        torch.manual_seed(0)
+        model = cfg.build("resnet18", 2, resnet18_state())
+        states, logs = [], []
+
+        def store(state):  # as the stage does: serialised at once (its tensors are live)
+            stored = io.BytesIO()
+            torch.save(state, stored)
+            states.append(stored.getvalue())
+
+        finetune(
+            model,
+            data,
+            cfg,
+            "cpu",
+            on_log=lambda i, m: logs.append((i, m)),
+            log_every=2,
+            resume=resume,
+            on_checkpoint=store,
+            checkpoint_every_s=0.0,
+        )
+        return model.state_dict(), states, logs
+
+    weights, stored, logs = run()
+    states = [torch.load(io.BytesIO(state)) for state in stored]
+    assert [s["iteration"] for s in states] == [1, 2, 3, 4, 5]
+    # After iteration 3, its logging window half full.
+    resumed, later, resumed_logs = run(states[2])
+    assert [torch.load(io.BytesIO(s))["iteration"] for s in later] == [4, 5]
+    assert resumed_logs == logs[1:]  # iteration 4's window; iteration 5's
+    for name, value in weights.items():
+        assert torch.equal(resumed[name], value), name
+    with pytest.raises(ValueError, match="iteration 6, outside 0..5"):
+        finetune(cfg.build("resnet18", 2), data, cfg, "cpu", resume={**states[0], "iteration": 6})
 
 
 def test_config_validation_and_schedule():

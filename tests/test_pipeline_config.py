@@ -197,7 +197,14 @@ def test_keys_change_exactly_where_the_inputs_change(tmp_path):
         "detection/faster_rcnn_fpn/random",
     }
     # How a run executes (retries, logging, CPUs per worker) does not change what it produces.
-    same = build_stages(config(tmp_path, "pretrain.max_failures=9", "pretrain.log_every=3"))
+    same = build_stages(
+        config(
+            tmp_path,
+            "pretrain.max_failures=9",
+            "pretrain.log_every=3",
+            "eval.detection.checkpoint_minutes=1",
+        )
+    )
     assert {s.name: s.key for s in same} == base
 
 

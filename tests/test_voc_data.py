@@ -359,6 +359,7 @@ def test_the_detection_stage_fine_tunes_and_evaluates_on_voc(devkit, tmp_path, m
         "detector": "faster_rcnn_c4",
         "voc_metric": True,
         "log_every": 1,
+        "checkpoint_minutes": 10.0,
         **{k: v for k, v in vars(recipe).items() if k != "detector"},
         "min_size": 64,
         "max_size": 64,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,13 +183,18 @@ def _fail(name: str, value: Any, why: str) -> None:
 
 
 class InfiniteSampler(Sampler[int]):
-    """Endless indices, a fresh permutation per pass (detectron2's TrainingSampler), seeded."""
+    """Endless indices, a fresh permutation per pass (detectron2's TrainingSampler), seeded;
+    `start` skips that many indices of the stream (a resumed fine-tuning's consumed images)."""
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed = size, seed
+    def __init__(self, size: int, seed: int, start: int = 0) -> None:
+        self.size, self.seed, self.start = size, seed, start
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed)
+        passes, offset = divmod(self.start, self.size)
+        for _ in range(passes):  # the permutations already served, drawn to advance g
+            torch.randperm(self.size, generator=g)
+        yield from torch.randperm(self.size, generator=g).tolist()[offset:]
         while True:
             yield from torch.randperm(self.size, generator=g).tolist()
 
@@ -240,6 +246,9 @@ def finetune(
     device: torch.device | str,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     log_every: int = 10,
+    resume: Mapping[str, Any] | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint_every_s: float = 600.0,
 ) -> dict[str, float]:
     """Fine-tune `model` in place for `cfg.iterations`; return the losses averaged over the last
     logging window (each loss, their sum "loss", and the last "lr").
@@ -247,6 +256,13 @@ def finetune(
     Deterministic on the CPU for a given `cfg.seed`: the data order, flips, and torchvision's
     scale choice and RoI sampling (which draw from the global generator, seeded here).
     A non-finite loss stops the run with a one-line FloatingPointError naming the iteration.
+
+    A fine-tuning takes hours at the paper's scale, so it can be checkpointed and resumed:
+    `on_checkpoint` gets the whole training state (`training_state`) every
+    `checkpoint_every_s` seconds and after the last iteration of a run that lasted longer,
+    and `resume` (such a state)
+    continues from its iteration as if the run had never stopped: the same data order, flips,
+    random draws and logged averages (bit for bit on the CPU, `tests/test_finetune.py`).
     """
     cfg.validate()
     if log_every < 1:
@@ -260,20 +276,38 @@ def finetune(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
+    flips = torch.Generator().manual_seed(cfg.seed + 1)
+    window: list[dict[str, Tensor]] = []
+    logged: dict[str, float] = {}
+    first = 0
+    if resume is not None:
+        first = int(resume["iteration"])
+        if not 0 <= first <= cfg.iterations:
+            raise ValueError(
+                f"finetune: resume state at iteration {first}, outside 0..{cfg.iterations}"
+            )
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        flips.set_state(resume["flips"])
+        window = [{k: v.to(device) for k, v in w.items()} for w in resume["window"]]
+        logged = dict(resume["logged"])
     loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,
-        sampler=InfiniteSampler(len(dataset), cfg.seed),
+        sampler=InfiniteSampler(len(dataset), cfg.seed, start=first * cfg.batch_size),
         collate_fn=collate,
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
     )
-    flips = torch.Generator().manual_seed(cfg.seed + 1)
     amp = cfg.amp and device.type == "cuda"
-    window: list[dict[str, Tensor]] = []
-    logged: dict[str, float] = {}
-    batches = iter(loader)
-    for it in range(cfg.iterations):
+    started = last_checkpoint = time.monotonic()
+    batches = iter(loader)  # which draws its workers' base seed from the global generator
+    if resume is not None:  # so the generators are restored after it
+        torch.set_rng_state(resume["rng"])
+        if device.type == "cuda" and resume.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(resume["cuda_rng"], device)
+    for it in range(first, cfg.iterations):
         images, targets = next(batches)
         pairs = [
             hflip(img, t) if torch.rand((), generator=flips).item() < cfg.hflip_prob else (img, t)
@@ -303,7 +337,44 @@ def finetune(
             if on_log is not None:
                 on_log(it + 1, logged)
             window = []
+        # The last one too, if the run was long enough to be worth keeping (the evaluation
+        # after it may still fail).
+        now, done = time.monotonic(), it + 1 == cfg.iterations
+        if on_checkpoint is not None and (
+            now - last_checkpoint >= checkpoint_every_s
+            or (done and now - started >= checkpoint_every_s)
+        ):
+            on_checkpoint(
+                training_state(it + 1, model, optimizer, scheduler, flips, window, logged)
+            )
+            last_checkpoint = time.monotonic()
     return logged
+
+
+def training_state(
+    iteration: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    flips: torch.Generator,
+    window: list[dict[str, Tensor]],
+    logged: dict[str, float],
+) -> dict[str, Any]:
+    """What `finetune(resume=...)` needs to continue after `iteration` iterations: weights,
+    momenta, schedule, every generator the loop draws from, and the open logging window.
+    The weights and momenta are the live tensors: serialise the state before training on."""
+    cuda = next(model.parameters()).device.type == "cuda"
+    return {
+        "iteration": iteration,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "flips": flips.get_state(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state() if cuda else None,
+        "window": [{k: v.cpu() for k, v in w.items()} for w in window],
+        "logged": dict(logged),
+    }
 
 
 def _has_masks(model: nn.Module) -> bool:

@@ -118,7 +118,8 @@ class EvalDataConfig:
 
 def _detection_eval_schema() -> type:
     """`eval.detection`: one fine-tuning recipe, every field of `DetectionConfig` but the
-    detector, applied to each detector in `detectors`; plus the VOC metric switch and logging.
+    detector, applied to each detector in `detectors`; plus the VOC metric switch, logging and
+    checkpoints.
 
     Built from DetectionConfig's own fields so that the recipe is defined once. `min_size`
     (an int or a list of ints) is typed Any because OmegaConf has no unions;
@@ -136,6 +137,9 @@ def _detection_eval_schema() -> type:
             ("detectors", list[str], field(default_factory=lambda: ["faster_rcnn_c4"])),
             ("voc_metric", bool, field(default=True)),
             ("log_every", int, field(default=10)),
+            # Minutes between the fine-tuning's checkpoints (and one at its end, if it ran
+            # longer), from which a rerun resumes; not part of the stage's key.
+            ("checkpoint_minutes", float, field(default=10.0)),
             *recipe,
         ],
         namespace={"__doc__": _detection_eval_schema.__doc__, "__module__": __name__},
@@ -623,6 +627,7 @@ def _validate_eval(ev: Any) -> None:
         detection_recipe(dataclasses.asdict(det), detector)  # its errors name detection.*
     check_bool("detection.voc_metric", det.voc_metric)
     check_int("detection.log_every", det.log_every, low=1)
+    check_number("detection.checkpoint_minutes", det.checkpoint_minutes, above=0)
 
     for section in ("spatial", "correspondence"):
         level = getattr(ev, section).level

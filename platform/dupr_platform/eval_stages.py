@@ -14,6 +14,7 @@ configs/pretrain_and_eval.yaml, `eval.data`), checked before anything runs (`che
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -49,9 +50,11 @@ from dupr_platform.smoke import (
     flops_counted,
     profile_metrics,
 )
-from dupr_platform.stages import StageContext, StageOutput, local_input
+from dupr_platform.stages import RESUME_DIR, StageContext, StageOutput, local_input
 from dupr_platform.storage import open_storage, split_uri, uri_exists
 from dupr_platform.tracking import RunLogger
+
+RESUMED_TAG = "dupr.resumed_at_iteration"  # on a detection stage's run that resumed
 
 
 def stage_device(ctx: StageContext) -> torch.device:
@@ -161,6 +164,24 @@ def detection(ctx: StageContext, out: Path) -> StageOutput:
     torch.manual_seed(cfg.seed)
     model = cfg.build(arch, train_set.num_classes, state)
     logger = RunLogger.start(ctx.tracking_uri, ctx.experiment, ctx.name, run_id=ctx.run_id)
+    # Hours at the paper's scale: checkpointed to the stage's folder (key-named, so only this
+    # exact fine-tuning finds it), resumed from by a rerun. Not in a smoke run.
+    storage, saved = open_storage(ctx.storage_uri), f"{ctx.folder}/{RESUME_DIR}/finetune.pt"
+    resume = None
+    if not ctx.profile and storage.exists(saved):
+        resume = torch.load(io.BytesIO(storage.read_bytes(saved)), weights_only=True)
+        print(
+            f"[{ctx.name}] resuming the fine-tuning after iteration {resume['iteration']} of "
+            f"{cfg.iterations} ({storage.uri_for(saved)})",
+            flush=True,
+        )
+        logger.set_tag(RESUMED_TAG, resume["iteration"])
+
+    def save(state: dict[str, Any]) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        storage.write_bytes(saved, buffer.getvalue())  # atomic: the old state or the new
+
     progress = Progress(ctx.name, cfg.iterations, unit="iter")
     timer = StepTimer()
 
@@ -171,7 +192,17 @@ def detection(ctx: StageContext, out: Path) -> StageOutput:
 
     try:
         with flops_counted(device if memory else None) as flops:
-            finetune(model, train_set, cfg, device, on_log=on_log, log_every=c.get("log_every", 10))
+            finetune(
+                model,
+                train_set,
+                cfg,
+                device,
+                on_log=on_log,
+                log_every=c.get("log_every", 10),
+                resume=resume,
+                on_checkpoint=None if ctx.profile else save,
+                checkpoint_every_s=60.0 * c["checkpoint_minutes"],
+            )
         measured = {}
         if memory is not None:
             measured = profile_metrics(

@@ -60,6 +60,7 @@ from dupr_platform.ray_pretrain import (
 )
 from dupr_platform.recovery import driving
 from dupr_platform.stages import (
+    RESUME_DIR,
     Ref,
     Stage,
     StageContext,
@@ -413,6 +414,7 @@ class _Runner:
         outputs = {k: self.storage.uri_for(stage.folder, f) for k, f in out.files.items()}
         outputs.update(out.values)
         record = write_marker(self.storage, stage, inputs, outputs, out.metrics, run_id)
+        self.storage.delete(f"{stage.folder}/{RESUME_DIR}", recursive=True)  # complete now
         self.records[stage.name] = record
         seconds = time.monotonic() - self.started[stage.name]
         self.reports[stage.name] = StageReport(stage.name, "done", out.metrics, run_id, seconds)

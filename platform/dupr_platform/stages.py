@@ -26,6 +26,12 @@ from dupr_platform.storage import Storage, localize
 
 MARKER = "_COMPLETE.json"
 STAGES_DIR = "stages"
+# A running stage's state to resume from (a detection fine-tuning's), in its folder; dropped
+# once the stage is complete.
+RESUME_DIR = "resume"
+# Settings that change how a stage runs, not what it produces: left out of its key, so that
+# changing them keeps its cache and its resume state.
+EXECUTION_ONLY = frozenset({"checkpoint_minutes"})
 
 
 @dataclass(frozen=True)
@@ -79,9 +85,10 @@ def assign_keys(stages: list[Stage]) -> dict[str, Stage]:
                 inputs[name] = {"stage_key": by_name[value.stage].key, "output": value.output}
             else:
                 inputs[name] = value
+        config = {k: v for k, v in stage.config.items() if k not in EXECUTION_ONLY}
         digest = hashlib.sha256(
             _canonical(
-                {"name": stage.name, "kind": stage.kind, "config": stage.config, "inputs": inputs}
+                {"name": stage.name, "kind": stage.kind, "config": config, "inputs": inputs}
             ).encode()
         ).hexdigest()
         stage.key = digest[:12]
