@@ -76,7 +76,7 @@ run_steps() {  # every step, in the order they run
   LEVERS="mocov2,dupr,dupr + attention + bf16,$BEST,$CUDNN,$BEST + CUDA graph,$CUDNN + CUDA graph"
   COMPILED="mocov2,dupr,$BEST + compile + CUDA graph,mocov2 + compile all + CUDA graph"
   COMPILED+=",$BEST + compile all + CUDA graph,$CUDNN + compile all + CUDA graph,$BEST + compile"
-  # Limits from four runs on an H200 (2026-12-04): CUDA tests 33 s (cold, 6 of today's 14),
+  # Limits from four runs on an H200 (2026-12-04): CUDA tests 33 s (cold, 6 of today's 16),
   # gpu_step 52 s (5 variants at batch 64; 7 now, and MoCo v2's graph twin), gpu_profile 42 s
   # (3 variants; 4 now), gpu_memory 61 s (run 2; its search is bounded now), patch_loss_memory
   # 31 s, gpu_input 89 s for its torch rows (its Ray rows, about 100 s more, are a named step);

@@ -13,7 +13,9 @@ checked on gloo.)
 """
 
 import copy
+import dataclasses
 import inspect
+import io
 
 import pytest
 import torch
@@ -360,6 +362,50 @@ def test_a_checkpoint_saved_on_the_gpu_resumes_there(tmp_path):
     assert torch.equal(torch.cuda.get_rng_state(), saved_rng)
     again = float(train_step(resumed, gpu_batch(seed=1), optim, CUDA)["loss"])
     assert again == pytest.approx(after, rel=1e-4)
+
+
+def test_a_fine_tuning_resumes_on_the_gpu():
+    """A detection fine-tuning on the GPU (bfloat16 autocast), stopped after iteration 2 and
+    resumed from its saved state (CUDA generator included), logs what the uninterrupted run
+    logs; up to the GPU's atomic-add order in RoIAlign's backward, not bit for bit."""
+    from test_detectors import Rectangles, resnet18_state
+
+    from dupr.evaluation.finetune import DetectionConfig, finetune
+
+    cfg = dataclasses.replace(
+        DetectionConfig.cpu_friendly("faster_rcnn_fpn", iterations=4), amp=True, min_size=(96, 128)
+    )
+
+    def run(resume=None):
+        torch.manual_seed(0)
+        model = cfg.build("resnet18", 2, resnet18_state())
+        saved, logs = [], []
+
+        def store(state):
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            saved.append(buffer.getvalue())
+
+        finetune(
+            model,
+            Rectangles(3),
+            cfg,
+            CUDA,
+            on_log=lambda i, m: logs.append((i, m)),
+            log_every=1,
+            resume=resume,
+            on_checkpoint=store,
+            checkpoint_every_s=0.0,
+        )
+        return saved, logs
+
+    saved, logs = run()
+    state = torch.load(io.BytesIO(saved[1]), map_location="cpu", weights_only=True)
+    assert state["iteration"] == 2 and state["cuda_rng"] is not None
+    _, resumed = run(state)
+    assert [i for i, _ in resumed] == [3, 4]
+    for (_, want), (_, got) in zip(logs[2:], resumed, strict=True):
+        assert got == pytest.approx(want, rel=1e-3)
 
 
 @pytest.mark.parametrize("bn_mode", ["shuffle", "sync"])

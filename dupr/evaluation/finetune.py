@@ -259,10 +259,10 @@ def finetune(
 
     A fine-tuning takes hours at the paper's scale, so it can be checkpointed and resumed:
     `on_checkpoint` gets the whole training state (`training_state`) every
-    `checkpoint_every_s` seconds and after the last iteration of a run that lasted longer,
-    and `resume` (such a state)
-    continues from its iteration as if the run had never stopped: the same data order, flips,
-    random draws and logged averages (bit for bit on the CPU, `tests/test_finetune.py`).
+    `checkpoint_every_s` seconds and after the last iteration of a run that lasted longer, and
+    `resume` (such a state) continues from its iteration as if the run had never stopped: the
+    same data order, flips, random draws and logged averages (bit for bit on the CPU,
+    `tests/test_detectors.py`).
     """
     cfg.validate()
     if log_every < 1:
@@ -363,7 +363,7 @@ def training_state(
     """What `finetune(resume=...)` needs to continue after `iteration` iterations: weights,
     momenta, schedule, every generator the loop draws from, and the open logging window.
     The weights and momenta are the live tensors: serialise the state before training on."""
-    cuda = next(model.parameters()).device.type == "cuda"
+    device = next(model.parameters()).device
     return {
         "iteration": iteration,
         "model": model.state_dict(),
@@ -371,7 +371,7 @@ def training_state(
         "scheduler": scheduler.state_dict(),
         "flips": flips.get_state(),
         "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state() if cuda else None,
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "window": [{k: v.cpu() for k, v in w.items()} for w in window],
         "logged": dict(logged),
     }

@@ -169,7 +169,9 @@ def detection(ctx: StageContext, out: Path) -> StageOutput:
     storage, saved = open_storage(ctx.storage_uri), f"{ctx.folder}/{RESUME_DIR}/finetune.pt"
     resume = None
     if not ctx.profile and storage.exists(saved):
-        resume = torch.load(io.BytesIO(storage.read_bytes(saved)), weights_only=True)
+        resume = torch.load(
+            io.BytesIO(storage.read_bytes(saved)), map_location="cpu", weights_only=True
+        )
         print(
             f"[{ctx.name}] resuming the fine-tuning after iteration {resume['iteration']} of "
             f"{cfg.iterations} ({storage.uri_for(saved)})",
