@@ -45,6 +45,7 @@ from _common import fill_sizes, machine_lines, record, resolve_device
 from dupr.config import ModelConfig
 from dupr.io import markdown_table
 from dupr.losses import BF16_LOGITS_BOUNDS, info_nce, logsumexp_chunk
+from dupr_platform.smoke import proc_status_bytes, reset_peak_rss
 
 TARGET_RATIO = 0.25  # chunked peak must be at most this fraction of the direct peak
 TOLERANCE = 1e-5  # relative loss difference and normalised max gradient difference
@@ -65,25 +66,6 @@ QUICK = {"queries": 784, "keys": 16384, "repeats": 1, "budgets": f"{DEFAULT_MB /
 
 
 # --------------------------------------------------------------------------- worker (subprocess)
-
-
-def _proc_status_kib(field: str) -> int:
-    """A `VmRSS` / `VmHWM` style field of /proc/self/status, in KiB."""
-    with open("/proc/self/status", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0), so earlier peaks are not counted."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def make_inputs(
@@ -172,8 +154,8 @@ def worker(spec: dict) -> None:
         torch.cuda.reset_peak_memory_stats(device)
         hwm_reset = True
     else:
-        base = _proc_status_kib("VmRSS") * 1024
-        hwm_reset = _reset_peak_rss()
+        base = proc_status_bytes("VmRSS")
+        hwm_reset = reset_peak_rss()
 
     times = []
     for _ in range(spec["repeats"]):
@@ -187,7 +169,7 @@ def worker(spec: dict) -> None:
         peak = torch.cuda.max_memory_allocated(device) - base
         alloc_peak: int | None = peak
     else:
-        peak = _proc_status_kib("VmHWM") * 1024 - base
+        peak = proc_status_bytes("VmHWM") - base
         alloc_peak = _profiled_alloc_peak(lambda: _step(q, k_pos, bank, tau, memory_mb, **options))
     torch.save(
         {

@@ -61,14 +61,17 @@ class PeakMemory:
     """The peak memory between `start` and `stop`, in GiB: on a GPU what the CUDA allocator
     reserved at most (what the device must hold, which the allocated peak understates by the
     allocator's fragmentation; the CUDA context and NCCL's buffers, a few hundred MB, are
-    outside both); on a CPU the process's resident set, sampled every 5 ms, above what it held
-    at `start` (a Ray worker process may have held more for an earlier task)."""
+    outside both); on a CPU the process's peak resident set above what it held at `start` (a
+    Ray worker process may have held more for an earlier task). Linux keeps that peak exactly
+    (VmHWM, reset at `start`); elsewhere the resident set is sampled every 5 ms, which can
+    miss a short peak on a busy machine."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak_gib = 0.0
         self._stop = threading.Event()
         self._start = self._max = 0
+        self._kernel_peak = False
         self._thread: threading.Thread | None = None
 
     def start(self) -> PeakMemory:
@@ -77,8 +80,10 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             self._start = self._max = _rss()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+            self._kernel_peak = reset_peak_rss()
+            if not self._kernel_peak:
+                self._thread = threading.Thread(target=self._sample, daemon=True)
+                self._thread.start()
         return self
 
     def _sample(self) -> None:
@@ -89,12 +94,34 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_gib = torch.cuda.max_memory_reserved(self.device) / 2**30
+        elif self._kernel_peak:
+            self.peak_gib = (proc_status_bytes("VmHWM") - self._start) / 2**30
         elif self._thread is not None:
             self._stop.set()
             self._thread.join()
             self._max = max(self._max, _rss())
             self.peak_gib = (self._max - self._start) / 2**30
         return self.peak_gib
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's peak resident set (VmHWM) to its current one (Linux >= 4.0), so that
+    the peak read later is that of what ran since; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def proc_status_bytes(field: str) -> int:
+    """A `VmRSS` / `VmHWM` style field of /proc/self/status, in bytes."""
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
 def _rss() -> int:
