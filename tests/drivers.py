@@ -116,6 +116,20 @@ class Driver:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
 
+    def kill_task(self, name: str) -> int:
+        """SIGKILL to the Ray worker that runs the task `name` (its process title is
+        `ray::<name>`) among this driver's processes, as a lost node or the kernel's OOM
+        killer would; its pid. Only processes of the session this test started are looked at."""
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                if os.getsid(int(entry.name)) == self.proc.pid and title.startswith(f"ray::{name}"):
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    return int(entry.name)
+        raise AssertionError(f"no Ray worker runs {name!r}:\n{self.output()[-4000:]}")
+
     def interrupt(self, timeout: float = 120) -> int:
         """Ctrl-C in the driver's terminal: SIGINT to its foreground process group (the driver
         and the local Ray instance it started); its exit status."""

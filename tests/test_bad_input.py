@@ -81,6 +81,7 @@ PIPELINE_CASES = [
     ("pretrain.log_every=0", "pretrain.log_every=0"),
     ("pretrain.label=random", "pretrain.label='random'"),
     ("pretrain.label=a/b", "pretrain.label='a/b'"),
+    ("eval.max_failures=-1", "eval.max_failures=-1"),
     ("eval.spatial.roi_size=0", "eval.spatial.roi_size=0"),
     ("eval.spatial.rois_per_box=0", "eval.spatial.rois_per_box=0"),
     ("eval.spatial.level=4", "eval.spatial.level=4"),

@@ -12,6 +12,7 @@ nothing left to do does not start Ray.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,11 @@ def _checkpointed(storage: Path, count: int = 1) -> bool:
     for snapshot in storage.rglob("checkpoint_manager_snapshot.json"):
         found += "checkpoint_epoch=" in snapshot.read_text()
     return found >= count
+
+
+def _rewritten(storage: Path, pattern: str, since_ns: int) -> bool:
+    """A file matching `pattern` was written after `since_ns` (st_mtime_ns)."""
+    return any(p.stat().st_mtime_ns > since_ns for p in storage.glob(pattern))
 
 
 def _all_runs(tracking: str, experiment: str) -> list:
@@ -92,7 +98,11 @@ def _console_is_the_projects(output: str) -> None:
 
 def test_pipeline_resumes_after_its_driver_is_killed(tmp_path):
     # The detection fine-tuning checkpoints every 3 s: long enough for a kill to land mid-run.
-    fine_tuning = ["eval.detection.iterations=24", "eval.detection.checkpoint_minutes=0.05"]
+    fine_tuning = [
+        "eval.detection.iterations=24",
+        "eval.detection.checkpoint_minutes=0.05",
+        "eval.detection.log_every=1",
+    ]
     stages = "stages=[pretrain,convert,probe,detection]"
     args = [PIPELINE, *_toy(tmp_path, "crash", stages, *fine_tuning)]
     storage, tracking = tmp_path / "storage", f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -116,21 +126,49 @@ def test_pipeline_resumes_after_its_driver_is_killed(tmp_path):
     assert "[pipeline] pretrain: done" in second.output()
     assert any(storage.glob("stages/convert-*/_COMPLETE.json"))
 
-    # 3. Finished stages are cache hits; the rest runs, the fine-tuning from its checkpoint;
-    # every run ends.
-    status, output = run(args, tmp_path / "third.txt", timeout=600)
+    # 3. Finished stages are cache hits; the rest runs, the fine-tuning from its checkpoint.
+    # Once it has checkpointed again, its worker is killed, as a lost node or the kernel's OOM
+    # killer would: the driver launches it again, and it resumes from the newer checkpoint.
+    (state,) = storage.glob(resume_state)
+    before = state.stat().st_mtime_ns
+    third = Driver(args, tmp_path / "third.txt")
+    third.wait_for(lambda: _rewritten(storage, resume_state, before), 300, "newer checkpoint")
+    third.kill_task("detection/")
+    status = third.wait(600)
+    third.stop()
+    output = third.output()
     assert status == 0, output[-4000:]
+    assert "WorkerCrashedError" in output and "launched again (1 of 3)" in output, output[-4000:]
+    resumed_at = [
+        int(n) for n in re.findall(r"resuming the fine-tuning after iteration (\d+)", output)
+    ]
+    assert len(resumed_at) == 2 and 0 < resumed_at[0] < resumed_at[1] < 24, resumed_at
     assert "[pipeline] pretrain: cache hit" in output
     assert "[pipeline] convert/dupr: cache hit" in output
     assert "| probe/dupr " in output and "continuing the work of an earlier run" in output
     _console_is_the_projects(output)
+    log_file = re.search(r"Ray's own output: (\S+)", output).group(1)
+    assert "A worker died or was killed" in Path(log_file).read_text()  # the raylet's, kept
     _check_runs_after_resume(tracking, "crash")
-    (detection,) = [
-        r
-        for r in _all_runs(tracking, "crash")
-        if r.data.tags.get("dupr.stage", "").startswith("detection") and r.info.status == "FINISHED"
+    killed, detection = sorted(
+        (
+            r
+            for r in _all_runs(tracking, "crash")
+            if r.data.tags.get("dupr.stage", "").startswith("detection")
+        ),
+        key=lambda r: r.info.start_time,
+    )
+    assert (killed.info.status, detection.info.status) == ("KILLED", "FINISHED")
+    assert int(detection.data.tags["dupr.resumed_at_iteration"]) == resumed_at[1]
+    assert detection.data.tags["dupr.stage_attempt"] == "2"
+    # The killed run has the steps up to its checkpoint, the rerun's those after: none twice.
+    client = MlflowClient(tracking)
+    steps = [
+        [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")]
+        for r in (killed, detection)
     ]
-    assert 0 < int(detection.data.tags["dupr.resumed_at_iteration"]) < 24
+    assert sorted(steps[0] + steps[1]) == list(range(1, 25)), steps
+    assert max(steps[0]) == resumed_at[0], steps
     assert not any(storage.glob("stages/detection-*/resume"))  # dropped once complete
     parents = [r for r in _all_runs(tracking, "crash") if "dupr.pipeline" in r.data.tags]
     assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED", "KILLED"]

@@ -1,8 +1,10 @@
 """The whole pre-train → convert → evaluate pipeline at toy scale on a real local Ray instance,
 with stage outputs on a real S3 server (moto) and tracking on a real MLflow server process."""
 
+import os
 import pickle
 import shutil
+import signal
 from importlib import metadata
 from pathlib import Path
 
@@ -240,6 +242,40 @@ def test_a_failed_evaluation_resumes_without_pretraining_again(local_ray, tmp_pa
     third = run_pipeline(cfg_selected)
     assert {r.name: r.status for r in third.reports}["probe/dupr"] == "done"
     assert {r.name: r.status for r in third.reports}["detection/faster_rcnn_fpn/dupr"] == "cached"
+
+
+def test_an_evaluation_whose_worker_dies_is_launched_again_then_fails(
+    local_ray, tmp_path, monkeypatch
+):
+    """A stage's worker that dies (a real one, killed) makes the runner launch the stage again
+    in the same MLflow run, `eval.max_failures` times; then the stage fails, saying so.
+    (tests/test_crash_resume.py kills a fine-tuning's worker in a whole pipeline.)"""
+    import ray
+
+    from dupr_platform import pipeline
+    from dupr_platform.tracking import RunLogger
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = toy_config("toy-lost", str(tmp_path / "storage"), tracking, "eval.max_failures=2")
+    stages = build_stages(cfg)
+    pipeline.resolve_gpus(stages)
+    stage = next(s for s in stages if s.kind != "pretrain" and not s.upstream())
+    parent = RunLogger.start(tracking, cfg["experiment"], "toy-lost")
+    runner = pipeline._Runner(cfg, stages, parent)
+    crash = ray.remote(max_retries=0)(lambda: os.kill(os.getpid(), signal.SIGKILL))
+    monkeypatch.setattr(pipeline._Runner, "submit", staticmethod(lambda *_: crash.remote()))
+
+    running = {runner.launch(stage): stage}
+    while running:
+        ref = next(iter(running))
+        runner.collect(ref, running.pop(ref), running)
+    report = runner.reports[stage.name]
+    assert report.status == "failed" and report.retryable  # a sweep's trial may try again
+    assert report.error.startswith("WorkerCrashedError: ")
+    assert report.error.endswith(" (after 2 relaunches)"), report.error
+    run = MlflowClient(tracking).get_run(report.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["dupr.stage_attempt"] == "3"
 
 
 def test_seeds_and_the_mocov2_baseline_give_results_with_intervals(local_ray, tmp_path, capsys):

@@ -206,6 +206,10 @@ class ObjectProbeConfig:
 @dataclass
 class EvalConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    # Relaunches of an evaluation stage whose worker or node was lost, or which Ray's memory
+    # monitor killed (dupr_platform.pipeline.LOST_WORKER); a fine-tuning resumes from its
+    # checkpoint. Not part of any stage's key.
+    max_failures: int = 3
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     detection: DetectionEvalConfig = field(default_factory=DetectionEvalConfig)  # type: ignore[valid-type]
     spatial: SpatialConfig = field(default_factory=SpatialConfig)
@@ -614,6 +618,7 @@ def initialisations(cfg: Any) -> list[str]:
 def _validate_eval(ev: Any) -> None:
     gpus = ev.resources.gpus
     check_number("resources.cpus", ev.resources.cpus, above=0)
+    check_int("max_failures", ev.max_failures, low=0)
     if gpus != "auto":
         check_number("resources.gpus", gpus, at_least=0)
     _check_detection_data(ev.data.detection, ev.detection.detectors)

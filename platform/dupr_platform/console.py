@@ -9,11 +9,14 @@ pipeline prints once and logs to MLflow. Secret values never reach the file (`sc
 
 `DUPR_RAY_LOGS=console` leaves everything as Ray prints it.
 
-Worker output reaches the driver through Ray's log monitor. Ray has no public hook to route it:
-`route_worker_output` swaps the handler of Ray's dispatcher (`ray._private.ray_logging`, Ray
-2.60, pinned in pyproject.toml) for one that prints a worker's stdout lines without Ray's
-prefix and deduplication (which would merge progress lines that differ only in numbers) and
-writes its stderr, where Ray's and the workers' logging goes, to the log file.
+Worker output reaches the driver through Ray's log monitor, the raylet's error messages (a
+worker that died, with Ray's guesses why) through its error listener. Ray has no public hook to
+route either: `route_worker_output` swaps the handler of Ray's dispatcher
+(`ray._private.ray_logging`, Ray 2.60, pinned in pyproject.toml) and the function the listener
+prints with (`ray._private.worker.print_to_stdstream`) for one that prints a worker's stdout
+lines without Ray's prefix and deduplication (which would merge progress lines that differ only
+in numbers) and writes its stderr, where Ray's and the workers' logging goes, and the raylet's
+messages to the log file.
 """
 
 from __future__ import annotations
@@ -189,6 +192,7 @@ def route_worker_output() -> None:
     Only inside a `session` (an entry point); a library caller keeps Ray's own printing."""
     if not quiet() or _file_handler is None:
         return
+    import ray._private.worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher
     from ray._private.worker import filter_autoscaler_events
 
@@ -217,3 +221,6 @@ def route_worker_output() -> None:
     for name in ("ray_print_logs", "dupr_console"):
         global_worker_stdstream_dispatcher.remove_handler(name)
     global_worker_stdstream_dispatcher.add_handler("dupr_console", route)
+    # The raylet's error messages (a worker that died, with Ray's guesses why) do not pass the
+    # dispatcher: Ray's error listener thread hands them to this module-level function.
+    ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: route(data)

@@ -180,8 +180,13 @@ def detection(ctx: StageContext, out: Path) -> StageOutput:
         logger.set_tag(RESUMED_TAG, resume["iteration"])
 
     def save(state: dict[str, Any]) -> None:
+        # The losses up to this checkpoint go to MLflow now, not after hours, and before the
+        # checkpoint counts, as in pre-training (dupr_platform.tracking): a run that resumes
+        # from it (this one relaunched, or a rerun's) starts after them, with no gap.
+        logger.commit()  # sent in the background while the state is serialised
         buffer = io.BytesIO()
         torch.save(state, buffer)
+        logger.flush()
         storage.write_bytes(saved, buffer.getvalue())  # atomic: the old state or the new
 
     progress = Progress(ctx.name, cfg.iterations, unit="iter")

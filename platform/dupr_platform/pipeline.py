@@ -335,7 +335,22 @@ def run_stage(ctx: StageContext) -> StageOutput:
 # Which ready evaluations are submitted first (see _Runner.run); the others follow in plan order.
 LAUNCH_ORDER = {"convert": 0, "detection": 1}
 
+# A stage's worker process or node was lost, or Ray's memory monitor killed it to save the
+# node: the runner launches the stage again, up to `eval.max_failures` times, and a detection
+# fine-tuning resumes from its checkpoint (`_Runner.relaunch`). An error of the stage's own
+# (RayTaskError) is not retried: it would fail the same way; the rerun resumes once it is fixed.
+LOST_WORKER = (
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.OutOfMemoryError,
+)
+ATTEMPT_TAG = "dupr.stage_attempt"  # on a stage's run that was launched again: 2, 3, ...
 
+
+# max_retries=0: the runner relaunches instead of Ray's task retries, which count a memory-
+# monitor kill apart from max_retries (Ray's task_oom_retries, unbounded in some releases: a
+# stage that cannot fit would be retried without end) and which neither the console nor the
+# stage's MLflow run would show.
 @ray.remote(max_retries=0)
 def _stage_task(ctx: StageContext) -> StageOutput:
     """One stage body in its own Ray worker process, with as many threads as it has CPUs."""
@@ -355,6 +370,8 @@ class _Runner:
         self.reports: dict[str, StageReport] = {}
         self.loggers: dict[str, RunLogger] = {}
         self.started: dict[str, float] = {}
+        self.tasks: dict[str, StageContext] = {}  # the submitted evaluations'
+        self.relaunches: dict[str, int] = {}
         self.pretrain_callbacks: list[Any] | None = None
         self.tuned = next(s.name for s in stages if s.kind == "pretrain")
 
@@ -420,8 +437,8 @@ class _Runner:
         self.reports[stage.name] = StageReport(stage.name, "done", out.metrics, run_id, seconds)
         print(f"[pipeline] {stage.name}: done in {format_duration(seconds)}", flush=True)
 
-    def fail(self, stage: Stage, exc: BaseException) -> None:
-        message = _one_line(exc)
+    def fail(self, stage: Stage, exc: BaseException, note: str = "") -> None:
+        message = _one_line(exc) + note
         log.debug("stage %s failed:\n%s", stage.name, "".join(traceback.format_exception(exc)))
         run = self.loggers.pop(stage.name, None)
         if run is not None:
@@ -460,13 +477,18 @@ class _Runner:
         )
         self.finish(stage, {"data": job.data}, out, result.run_id)
 
-    def launch(self, stage: Stage) -> tuple[ray.ObjectRef, StageContext]:
+    def launch(self, stage: Stage) -> ray.ObjectRef:
         run = self.child_run(stage, cache_hit=False)
         self.loggers[stage.name] = run
-        ctx = self.context(stage, run.run_id)
+        ctx = self.tasks[stage.name] = self.context(stage, run.run_id)
         self.started[stage.name] = time.monotonic()
         print(f"[pipeline] {stage.name}: submitted ({_resources(stage)})", flush=True)
-        ref = _stage_task.options(
+        return self.submit(stage, ctx)
+
+    @staticmethod
+    def submit(stage: Stage, ctx: StageContext) -> ray.ObjectRef:
+        return _stage_task.options(
+            name=stage.name,  # Ray's task name: its dashboard and the worker's process title
             num_cpus=stage.resources.get("CPU", 1.0),
             num_gpus=stage.resources.get("GPU", 0.0),
             runtime_env={"env_vars": forwarded_env() | COMPUTE_PRIORITY},
@@ -474,12 +496,30 @@ class _Runner:
             # driver's CPU): the stage asks the cluster for its own resources.
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
         ).remote(ctx)
-        return ref, ctx
+
+    def relaunch(
+        self, stage: Stage, exc: BaseException, running: dict[ray.ObjectRef, Stage]
+    ) -> bool:
+        """Launch `stage` again after its worker or node was lost (`LOST_WORKER`), in the same
+        MLflow run; False once it was relaunched `eval.max_failures` times."""
+        done = self.relaunches.get(stage.name, 0)
+        limit = int(self.cfg["eval"]["max_failures"])
+        if done >= limit:
+            return False
+        self.relaunches[stage.name] = done + 1
+        self.loggers[stage.name].set_tag(ATTEMPT_TAG, done + 2)
+        cause = _one_line(exc).rstrip(".")
+        print(
+            f"[pipeline] {stage.name}: lost its worker ({cause}); launched again "
+            f"({done + 1} of {limit})",
+            flush=True,
+        )
+        running[self.submit(stage, self.tasks[stage.name])] = stage
+        return True
 
     def run(self, plan: list[Stage]) -> None:
         pending = list(plan)
         running: dict[ray.ObjectRef, Stage] = {}
-        contexts: dict[str, dict[str, Any]] = {}
         last_beat = time.monotonic()
         while pending or running:
             ready = self.ready(pending)
@@ -504,12 +544,9 @@ class _Runner:
                     spare = {k: spare[k] - asks[k] for k in spare}
                 pending.remove(stage)
                 try:
-                    ref, ctx = self.launch(stage)
+                    running[self.launch(stage)] = stage
                 except Exception as exc:
                     self.fail(stage, exc)
-                    continue
-                running[ref] = stage
-                contexts[stage.name] = ctx.inputs
             if pretrain is not None and not (alone and running):
                 pending.remove(pretrain)
                 self.run_pretrain(pretrain)
@@ -517,7 +554,7 @@ class _Runner:
                 if running:
                     done, _ = ray.wait(list(running), num_returns=len(running), timeout=0)
                     for ref in done:
-                        self.collect(ref, running.pop(ref), contexts)
+                        self.collect(ref, running.pop(ref), running)
                 continue
             if not running:
                 if pending and not any(
@@ -535,7 +572,7 @@ class _Runner:
                     )
                     print(f"[pipeline] running: {names}", flush=True)
                 continue
-            self.collect(finished[0], running.pop(finished[0]), contexts)
+            self.collect(finished[0], running.pop(finished[0]), running)
 
     def spare(self, pretrain: Stage) -> dict[str, float]:
         """The CPUs and GPUs free now beyond what `pretrain` will take."""
@@ -559,17 +596,23 @@ class _Runner:
         return ready
 
     def collect(
-        self, ref: ray.ObjectRef, stage: Stage, contexts: dict[str, dict[str, Any]]
+        self, ref: ray.ObjectRef, stage: Stage, running: dict[ray.ObjectRef, Stage]
     ) -> None:
-        """A finished evaluation task: its outputs recorded and its MLflow run ended."""
+        """A finished evaluation task: its outputs recorded and its MLflow run ended, or
+        launched again into `running` if its worker was lost."""
         try:
             out = ray.get(ref)
+        except LOST_WORKER as exc:
+            if not self.relaunch(stage, exc, running):
+                times = self.relaunches.get(stage.name, 0)
+                self.fail(stage, exc, f" (after {times} relaunches)" if times else "")
+            return
         except Exception as exc:
             self.fail(stage, exc)
             return
         run = self.loggers.pop(stage.name)
         try:
-            self.finish(stage, contexts[stage.name], out, run.run_id)
+            self.finish(stage, self.tasks[stage.name].inputs, out, run.run_id)
         except Exception as exc:
             self.loggers[stage.name] = run
             self.fail(stage, exc)
