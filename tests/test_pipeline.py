@@ -278,6 +278,32 @@ def test_an_evaluation_whose_worker_dies_is_launched_again_then_fails(
     assert run.data.tags["dupr.stage_attempt"] == "3"
 
 
+def test_a_stage_continues_its_mlflow_run_unless_it_was_deleted(tmp_path):
+    """What a rerun does with the run named beside a fine-tuning's resume state: continues it,
+    though a setting outside the stage's key (checkpoint_minutes) changed; a new run if the
+    user deleted it."""
+    from dupr_platform import pipeline
+    from dupr_platform.tracking import RunLogger
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = toy_config("toy-continue", str(tmp_path / "storage"), tracking)
+    stage = next(s for s in build_stages(cfg) if s.kind == "detection")
+    parent = RunLogger.start(tracking, cfg["experiment"], "toy-continue")
+    runner = pipeline._Runner(cfg, build_stages(cfg), parent)
+    first = runner.child_run(stage, cache_hit=False)
+    first.end("KILLED")
+    stage.config["checkpoint_minutes"] = 1.0
+    again = runner.child_run(stage, cache_hit=False, run_id=first.run_id)
+    client = MlflowClient(tracking)
+    assert again.run_id == first.run_id
+    assert client.get_run(again.run_id).info.status == "RUNNING"
+    again.end("KILLED")
+    client.delete_run(first.run_id)
+    new = runner.child_run(stage, cache_hit=False, run_id=first.run_id)
+    assert new.run_id != first.run_id
+    assert client.get_run(new.run_id).data.params["stage.detector"] == stage.config["detector"]
+
+
 def test_seeds_and_the_mocov2_baseline_give_results_with_intervals(local_ray, tmp_path, capsys):
     """`seeds=[0,1]` with the MoCo v2 baseline: both methods pre-trained per seed, every row
     evaluated per seed, and the tables (console, results.md/.csv, MLflow) show means, intervals

@@ -50,7 +50,7 @@ from dupr_platform.smoke import (
     flops_counted,
     profile_metrics,
 )
-from dupr_platform.stages import RESUME_DIR, StageContext, StageOutput, local_input
+from dupr_platform.stages import RESUME_DIR, RESUME_RUN, StageContext, StageOutput, local_input
 from dupr_platform.storage import open_storage, split_uri, uri_exists
 from dupr_platform.tracking import RunLogger
 
@@ -179,6 +179,8 @@ def detection(ctx: StageContext, out: Path) -> StageOutput:
         )
         logger.set_tag(RESUMED_TAG, resume["iteration"])
 
+    saved_run: list[str] = []
+
     def save(state: dict[str, Any]) -> None:
         # The losses up to this checkpoint go to MLflow now, not after hours, and before the
         # checkpoint counts, as in pre-training (dupr_platform.tracking): a run that resumes
@@ -187,6 +189,9 @@ def detection(ctx: StageContext, out: Path) -> StageOutput:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         logger.flush()
+        if not saved_run:  # first: a state always names the run that a rerun continues
+            storage.write_json(f"{ctx.folder}/{RESUME_RUN}", {"run_id": ctx.run_id})
+            saved_run.append(ctx.run_id)
         storage.write_bytes(saved, buffer.getvalue())  # atomic: the old state or the new
 
     progress = Progress(ctx.name, cfg.iterations, unit="iter")

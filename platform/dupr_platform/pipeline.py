@@ -19,6 +19,7 @@ prints a summary table.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -60,6 +61,7 @@ from dupr_platform.ray_pretrain import (
 )
 from dupr_platform.recovery import driving
 from dupr_platform.stages import (
+    EXECUTION_ONLY,
     RESUME_DIR,
     Ref,
     Stage,
@@ -68,11 +70,18 @@ from dupr_platform.stages import (
     assign_keys,
     read_marker,
     resolve_inputs,
+    resume_run,
     write_marker,
 )
 from dupr_platform.storage import check_storage, open_storage
 from dupr_platform.text import one_line
-from dupr_platform.tracking import ERROR_TAG, RunLogger, check_tracking, redact_tree
+from dupr_platform.tracking import (
+    ERROR_TAG,
+    RunLogger,
+    TrackingError,
+    check_tracking,
+    redact_tree,
+)
 
 log = logging.getLogger(__name__)
 
@@ -386,15 +395,28 @@ class _Runner:
             CACHE_HIT_TAG: str(cache_hit).lower(),
         }
 
-    def child_run(self, stage: Stage, cache_hit: bool) -> RunLogger:
-        run = RunLogger.start(
+    def child_run(self, stage: Stage, cache_hit: bool, run_id: str | None = None) -> RunLogger:
+        """The stage's MLflow run under this pipeline's: a new one, or `run_id` continued
+        (moved under this parent; a new one if that run was deleted)."""
+        start = functools.partial(
+            RunLogger.start,
             self.cfg["tracking_uri"],
             self.cfg["experiment"],
             f"{self.parent.run_id}:{stage.name}",
             tags={"mlflow.runName": stage.name, **self.stage_tags(stage, cache_hit)},
             parent_run_id=self.parent.run_id,
         )
-        run.log_params({"stage": stage.config, "inputs": _shown_inputs(stage)})
+        try:
+            run = start(run_id=run_id)
+        except TrackingError as exc:
+            if run_id is None:
+                raise
+            log.warning("%s: not continuing MLflow run %s (%s)", stage.name, run_id, exc)
+            run = start()
+        # Settings that may change between a run and its continuation are not params (MLflow's
+        # are immutable); stage.json has them.
+        defining = {k: v for k, v in stage.config.items() if k not in EXECUTION_ONLY}
+        run.log_params({"stage": defining, "inputs": _shown_inputs(stage)})
         run.log_dict({"config": stage.config, "inputs": _shown_inputs(stage)}, "stage.json")
         return run
 
@@ -478,7 +500,8 @@ class _Runner:
         self.finish(stage, {"data": job.data}, out, result.run_id)
 
     def launch(self, stage: Stage) -> ray.ObjectRef:
-        run = self.child_run(stage, cache_hit=False)
+        # A stage with a resume state (a fine-tuning's) continues the MLflow run that saved it.
+        run = self.child_run(stage, False, resume_run(self.storage, stage.folder))
         self.loggers[stage.name] = run
         ctx = self.tasks[stage.name] = self.context(stage, run.run_id)
         self.started[stage.name] = time.monotonic()

@@ -29,6 +29,9 @@ STAGES_DIR = "stages"
 # A running stage's state to resume from (a detection fine-tuning's), in its folder; dropped
 # once the stage is complete.
 RESUME_DIR = "resume"
+# Beside that state: the MLflow run it belongs to, which a rerun continues (one run per stage,
+# as pre-training has one run per job).
+RESUME_RUN = f"{RESUME_DIR}/run.json"
 # Settings that change how a stage runs, not what it produces: left out of its key, so that
 # changing them keeps its cache and its resume state.
 EXECUTION_ONLY = frozenset({"checkpoint_minutes"})
@@ -102,6 +105,12 @@ def read_marker(storage: Storage, stage: Stage) -> dict[str, Any] | None:
     if not storage.exists(rel):
         return None
     return storage.read_json(rel)
+
+
+def resume_run(storage: Storage, folder: str) -> str | None:
+    """The MLflow run of the resume state in the stage folder `folder`, if there is one."""
+    rel = f"{folder}/{RESUME_RUN}"
+    return str(storage.read_json(rel)["run_id"]) if storage.exists(rel) else None
 
 
 def write_marker(
