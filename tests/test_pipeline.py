@@ -264,6 +264,7 @@ def test_an_evaluation_whose_worker_dies_is_launched_again_then_fails(
     runner = pipeline._Runner(cfg, stages, parent)
     crash = ray.remote(max_retries=0)(lambda: os.kill(os.getpid(), signal.SIGKILL))
     monkeypatch.setattr(pipeline._Runner, "submit", staticmethod(lambda *_: crash.remote()))
+    monkeypatch.setattr(pipeline, "RELAUNCH_AFTER_S", 0.0)
 
     running = {runner.launch(stage): stage}
     while running:
@@ -322,6 +323,22 @@ def test_seeds_and_the_mocov2_baseline_give_results_with_intervals(local_ray, tm
         .data.params
     )
     assert moco["model.beta"].strip("[]()") == "0.0, 0.0, 0.0, 0.0" and moco["seed"] == "1"
+
+    # While a pre-training held the driver, the evaluations that ended were recorded then (a
+    # driver dying later keeps them), not once it was over.
+    client = MlflowClient(tracking)
+    runs = client.search_runs(
+        [client.get_run(result.parent_run_id).info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
+    )
+    held = [(r.info.start_time, r.info.end_time) for r in runs if "pretrain" in r.info.run_name]
+    during = [
+        r.info.run_name
+        for r in runs
+        if "pretrain" not in r.info.run_name
+        and any(start < r.info.end_time < end for start, end in held)
+    ]
+    assert len(held) == 4 and during, [(r.info.run_name, r.info.end_time) for r in runs]
 
     out = capsys.readouterr().out
     assert "Mean [95% interval] over 2 seed(s)" in out

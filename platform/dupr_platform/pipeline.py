@@ -19,14 +19,16 @@ prints a summary table.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import tempfile
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -354,6 +356,7 @@ LOST_WORKER = (
     ray.exceptions.OutOfMemoryError,
 )
 ATTEMPT_TAG = "dupr.stage_attempt"  # on a stage's run that was launched again: 2, 3, ...
+RELAUNCH_AFTER_S = 2.0  # after a lost worker: time for an interrupt of the driver to arrive
 
 
 # max_retries=0: the runner relaunches instead of Ray's task retries, which count a memory-
@@ -381,6 +384,7 @@ class _Runner:
         self.started: dict[str, float] = {}
         self.tasks: dict[str, StageContext] = {}  # the submitted evaluations'
         self.relaunches: dict[str, int] = {}
+        self.interrupted = threading.Event()  # Ctrl-C or SIGTERM while a pre-training held us
         self.pretrain_callbacks: list[Any] | None = None
         self.tuned = next(s.name for s in stages if s.kind == "pretrain")
 
@@ -478,7 +482,8 @@ class _Runner:
         )
         print(f"[pipeline] {stage.name}: FAILED: {message}", flush=True)
 
-    def run_pretrain(self, stage: Stage) -> None:
+    def run_pretrain(self, stage: Stage, running: dict[ray.ObjectRef, Stage]) -> None:
+        """Pre-train (Ray Train's fit() holds this thread), collecting `running` meanwhile."""
         job = absolute_locations(pretrain_job(self.cfg, stage))
         job.parent_run_id = self.parent.run_id
         self.started[stage.name] = time.monotonic()
@@ -487,7 +492,8 @@ class _Runner:
         # its scheduler reads one loss curve per trial.
         callbacks = self.pretrain_callbacks if stage.name == self.tuned else None
         try:
-            result = run_pretraining(job, callbacks, tags=self.stage_tags(stage))
+            with self.collecting(running):
+                result = run_pretraining(job, callbacks, tags=self.stage_tags(stage))
         except Exception as exc:  # reported, and the pipeline goes on
             self.fail(stage, exc)
             return
@@ -498,6 +504,35 @@ class _Runner:
             files={}, values={"checkpoint": result.checkpoint_uri}, metrics=dict(metrics)
         )
         self.finish(stage, {"data": job.data}, out, result.run_id)
+
+    @contextlib.contextmanager
+    def collecting(self, running: dict[ray.ObjectRef, Stage]) -> Iterator[None]:
+        """Collect the evaluations in `running` as they end, from a second thread, while this
+        one is held (by a pre-training): a result is recorded when it is ready, not hours
+        later (a driver that dies meanwhile would lose it), and a lost worker's stage is
+        launched again at once. Only that thread touches the runner's state until it is
+        stopped; the stages this makes ready wait for the held thread."""
+        stop = threading.Event()
+
+        def collect_until_stopped() -> None:
+            try:
+                while running and not stop.is_set():
+                    ended, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+                    for ref in ended:
+                        self.collect(ref, running.pop(ref), running)
+            except Exception:  # Ray going down with the driver (Ctrl-C): the loop ends
+                log.debug("collecting stopped:\n%s", traceback.format_exc())
+
+        collector = threading.Thread(target=collect_until_stopped, name="dupr-collect")
+        collector.start()
+        try:
+            yield
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (dupr_platform.cli)
+            self.interrupted.set()
+            raise
+        finally:
+            stop.set()
+            collector.join()
 
     def launch(self, stage: Stage) -> ray.ObjectRef:
         # A stage with a resume state (a fine-tuning's) continues the MLflow run that saved it.
@@ -572,7 +607,7 @@ class _Runner:
                     self.fail(stage, exc)
             if pretrain is not None and not (alone and running):
                 pending.remove(pretrain)
-                self.run_pretrain(pretrain)
+                self.run_pretrain(pretrain, running)
                 # What finished meanwhile, then the stages this pre-training made ready.
                 if running:
                     done, _ = ray.wait(list(running), num_returns=len(running), timeout=0)
@@ -626,6 +661,11 @@ class _Runner:
         try:
             out = ray.get(ref)
         except LOST_WORKER as exc:
+            # Ctrl-C reaches the stage's worker too: a worker lost as the driver is interrupted
+            # is left to the driver, which ends the stage's run KILLED (the main thread's
+            # KeyboardInterrupt lands in this wait; the collecting thread sees `interrupted`).
+            if self.interrupted.wait(RELAUNCH_AFTER_S):
+                return
             if not self.relaunch(stage, exc, running):
                 times = self.relaunches.get(stage.name, 0)
                 self.fail(stage, exc, f" (after {times} relaunches)" if times else "")
