@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -342,14 +343,28 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
 
 
 @contextlib.contextmanager
-def ray_worker_node(head: RayHead, env: dict, log_path: Path, num_cpus: int = 1) -> Iterator[None]:
-    """Another node of `head`'s cluster, started with `env`; stopped through its group."""
+def ray_worker_node(
+    head: RayHead, env: dict, log_path: Path, num_cpus: int = 1
+) -> Iterator[subprocess.Popen]:
+    """Another node of `head`'s cluster, started with `env`; stopped through its group.
+    Yields its `ray start` process, the leader of that group (the node's raylet and workers).
+
+    Its own temp dir, as on a machine of its own: nodes that share one also share the session's
+    log folder, and each node's log monitor then forwards every worker's output (and a node that
+    joins later replays it from the start)."""
+    temp_dir = tempfile.mkdtemp(prefix="rayw")
     node = _ray_start(
-        [f"--address={head.gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}"],
+        [
+            f"--address={head.gcs}",
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={num_cpus}",
+            f"--temp-dir={temp_dir}",
+        ],
         env,
         log_path,
     )
     try:
-        yield
+        yield node
     finally:
         _stop(node)
+        shutil.rmtree(temp_dir, ignore_errors=True)

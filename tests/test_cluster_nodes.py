@@ -1,21 +1,28 @@
-"""A cluster node without credentials is found in preflight, by the variable's name.
+"""The main job on a cluster of `ray start` processes, connected through RAY_ADDRESS.
 
-Credentials never travel through Ray: every node brings its own. Here a two-node cluster of
-`ray start` processes (a head with the credentials, a second node without) meets an S3 server
-that checks signatures; the main job, connected through RAY_ADDRESS, must stop before anything
-is scheduled, with one line naming the node and the missing variables, never their values.
+- A node without credentials is found in preflight, by the variable's name. Credentials never
+  travel through Ray: every node brings its own. A head with the credentials and a second node
+  without meet an S3 server that checks signatures; the job must stop before anything is
+  scheduled, with one line naming the node and the missing variables, never their values.
+- A node lost during a detection fine-tuning: the driver launches the stage again, it waits
+  for a node that fits it (a replacement joins), and resumes from its latest checkpoint.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
 import ray
+from mlflow.tracking import MlflowClient
 
-from drivers import PIPELINE, run
+from drivers import PIPELINE, Driver, run
+from dupr.data import bundled_image_folder
 from helpers import TOY_PIPELINE
 from services import ray_worker_node
 
@@ -69,3 +76,52 @@ def test_a_node_without_credentials_fails_preflight(ray_head, s3_iam_server, tmp
     assert line.startswith("error: node ") and f"storage 's3://{s3_iam_server.bucket}/runs'" in line
     assert "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY set here but not on that node" in line
     assert s3_iam_server.secret_key not in output and s3_iam_server.access_key not in output
+
+
+def test_an_evaluation_whose_node_dies_resumes_on_another(ray_head, tmp_path):
+    """The fine-tuning asks for 3 CPUs, which only the worker node has (the head has 2): its
+    node is killed (the whole process group of its `ray start`: raylet and workers) once the
+    fine-tuning has checkpointed, and a replacement node joins, as an autoscaler would add it."""
+    storage, tracking = tmp_path / "storage", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [
+        PIPELINE,
+        f"storage={storage}",
+        f"tracking_uri={tracking}",
+        f"pretrain.data={bundled_image_folder(64)}",
+        *TOY_PIPELINE,
+        "baselines.random=false",
+        "stages=[pretrain,convert,detection]",
+        "eval.resources.cpus=3",
+        "eval.detection.iterations=24",
+        "eval.detection.checkpoint_minutes=0.05",
+        "eval.detection.log_every=1",
+    ]
+    env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs}
+    resume_state = "stages/detection-*/resume/finetune.pt"
+    with ray_worker_node(ray_head, ray_head.env, tmp_path / "lost.log", num_cpus=3) as lost:
+        _nodes_up(ray_head, 2)
+        driver = Driver(args, tmp_path / "driver.txt", env=env)
+        driver.wait_for(lambda: any(storage.glob(resume_state)), 400, "fine-tuning checkpoint")
+        os.killpg(lost.pid, signal.SIGKILL)
+        lost.wait(timeout=30)
+    with ray_worker_node(ray_head, ray_head.env, tmp_path / "replacement.log", num_cpus=3):
+        status = driver.wait(400)
+        driver.stop()
+    output = driver.output()
+    assert status == 0, output[-4000:]
+    # Ray says NodeDiedError, or WorkerCrashedError where the worker's loss was noticed first.
+    lost_line = r"detection/\S+/dupr: lost its worker \((NodeDiedError|WorkerCrashedError): "
+    assert re.search(lost_line, output), output[-4000:]
+    assert "launched again (1 of 3)" in output
+    # Each line once: a node that joins does not replay what the others' workers printed.
+    shown = [line for line in output.splitlines() if line.startswith("[")]
+    assert len(shown) == len(set(shown)), output[-4000:]
+    resumed = re.findall(r"resuming the fine-tuning after iteration (\d+)", output)
+    assert len(resumed) == 1 and 0 < int(resumed[0]) < 24, output[-4000:]
+    client = MlflowClient(tracking)
+    runs = client.search_runs([client.get_experiment_by_name("dupr").experiment_id])
+    (detection,) = [r for r in runs if r.data.tags.get("dupr.stage", "").startswith("detection")]
+    assert detection.info.status == "FINISHED"
+    assert detection.data.tags["dupr.stage_attempt"] == "2"
+    history = client.get_metric_history(detection.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, 25))  # none lost, none twice
