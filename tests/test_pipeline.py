@@ -281,8 +281,8 @@ def test_an_evaluation_whose_worker_dies_is_launched_again_then_fails(
 
 def test_a_stage_continues_its_mlflow_run_unless_it_was_deleted(tmp_path):
     """What a rerun does with the run named beside a fine-tuning's resume state: continues it,
-    though a setting outside the stage's key (checkpoint_minutes) changed; a new run if the
-    user deleted it."""
+    though settings outside the stage's key (checkpoint_minutes, log_every) changed, without
+    the earlier invocation's launch count; a new run if the user deleted it."""
     from dupr_platform import pipeline
     from dupr_platform.tracking import RunLogger
 
@@ -292,12 +292,15 @@ def test_a_stage_continues_its_mlflow_run_unless_it_was_deleted(tmp_path):
     parent = RunLogger.start(tracking, cfg["experiment"], "toy-continue")
     runner = pipeline._Runner(cfg, build_stages(cfg), parent)
     first = runner.child_run(stage, cache_hit=False)
+    first.set_tag(pipeline.ATTEMPT_TAG, 2)  # that invocation launched it again
     first.end("KILLED")
-    stage.config["checkpoint_minutes"] = 1.0
+    stage.config.update(checkpoint_minutes=1.0, log_every=1)
     again = runner.child_run(stage, cache_hit=False, run_id=first.run_id)
     client = MlflowClient(tracking)
     assert again.run_id == first.run_id
-    assert client.get_run(again.run_id).info.status == "RUNNING"
+    continued = client.get_run(again.run_id)
+    assert continued.info.status == "RUNNING"
+    assert pipeline.ATTEMPT_TAG not in continued.data.tags
     again.end("KILLED")
     client.delete_run(first.run_id)
     new = runner.child_run(stage, cache_hit=False, run_id=first.run_id)

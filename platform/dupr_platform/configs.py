@@ -38,7 +38,13 @@ from dupr.config import (
 )
 from dupr.evaluation.detectors import DETECTORS
 from dupr.evaluation.finetune import DetectionConfig
-from dupr_platform.ray_pretrain import PretrainJob, PretrainSettings, RunLocation, check_uris
+from dupr_platform.ray_pretrain import (
+    EXECUTION_ONLY,
+    PretrainJob,
+    PretrainSettings,
+    RunLocation,
+    check_uris,
+)
 from dupr_platform.storage import AWS_CREDENTIALS, check_no_password
 
 STAGE_KINDS = (
@@ -136,10 +142,10 @@ def _detection_eval_schema() -> type:
         [
             ("detectors", list[str], field(default_factory=lambda: ["faster_rcnn_c4"])),
             ("voc_metric", bool, field(default=True)),
-            ("log_every", int, field(default=10)),
+            ("log_every", int, field(default=10, metadata=EXECUTION_ONLY)),
             # Minutes between the fine-tuning's checkpoints (and one at its end, if it ran
-            # longer), from which a rerun resumes; not part of the stage's key.
-            ("checkpoint_minutes", float, field(default=10.0)),
+            # longer), from which a rerun resumes.
+            ("checkpoint_minutes", float, field(default=10.0, metadata=EXECUTION_ONLY)),
             *recipe,
         ],
         namespace={"__doc__": _detection_eval_schema.__doc__, "__module__": __name__},

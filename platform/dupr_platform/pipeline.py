@@ -48,7 +48,7 @@ from dupr.data.folder import ImageDecodeError
 from dupr.io import markdown_table
 from dupr_platform import console, convert_stage, eval_stages, report, smoke, software
 from dupr_platform.cluster import COMPUTE_PRIORITY, check_nodes, forwarded_env, start_ray
-from dupr_platform.configs import selected_kinds, validate_pipeline
+from dupr_platform.configs import DetectionEvalConfig, selected_kinds, validate_pipeline
 from dupr_platform.failures import UnrecoverableError
 from dupr_platform.progress import format_duration
 from dupr_platform.ray_pretrain import (
@@ -63,7 +63,6 @@ from dupr_platform.ray_pretrain import (
 )
 from dupr_platform.recovery import driving
 from dupr_platform.stages import (
-    EXECUTION_ONLY,
     RESUME_DIR,
     Ref,
     Stage,
@@ -228,6 +227,7 @@ def _seed_stages(cfg: dict[str, Any], suffix: str) -> list[Stage]:
                     "detection",
                     {**base, "detector": detector, **_without(ev["detection"], "detectors")},
                     {"backbone": weights, **det_data},
+                    execution_only=frozenset(execution_only_fields(DetectionEvalConfig)),
                 )
             )
     for stage in stages:
@@ -355,7 +355,9 @@ LOST_WORKER = (
     ray.exceptions.NodeDiedError,
     ray.exceptions.OutOfMemoryError,
 )
-ATTEMPT_TAG = "dupr.stage_attempt"  # on a stage's run that was launched again: 2, 3, ...
+# On a stage's run that this invocation launched again: 2, 3, ...; a rerun that continues the
+# run drops it until it launches the stage again.
+ATTEMPT_TAG = "dupr.stage_attempt"
 RELAUNCH_AFTER_S = 2.0  # after a lost worker: time for an interrupt of the driver to arrive
 
 
@@ -409,6 +411,7 @@ class _Runner:
             f"{self.parent.run_id}:{stage.name}",
             tags={"mlflow.runName": stage.name, **self.stage_tags(stage, cache_hit)},
             parent_run_id=self.parent.run_id,
+            stale_tags=(ATTEMPT_TAG,),  # counts the launches of one invocation
         )
         try:
             run = start(run_id=run_id)
@@ -419,8 +422,7 @@ class _Runner:
             run = start()
         # Settings that may change between a run and its continuation are not params (MLflow's
         # are immutable); stage.json has them.
-        defining = {k: v for k, v in stage.config.items() if k not in EXECUTION_ONLY}
-        run.log_params({"stage": defining, "inputs": _shown_inputs(stage)})
+        run.log_params({"stage": stage.defining_config(), "inputs": _shown_inputs(stage)})
         run.log_dict({"config": stage.config, "inputs": _shown_inputs(stage)}, "stage.json")
         return run
 

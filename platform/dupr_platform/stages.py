@@ -32,9 +32,6 @@ RESUME_DIR = "resume"
 # Beside that state: the MLflow run it belongs to, which a rerun continues (one run per stage,
 # as pre-training has one run per job).
 RESUME_RUN = f"{RESUME_DIR}/run.json"
-# Settings that change how a stage runs, not what it produces: left out of its key, so that
-# changing them keeps its cache and its resume state.
-EXECUTION_ONLY = frozenset({"checkpoint_minutes"})
 
 
 @dataclass(frozen=True)
@@ -52,12 +49,21 @@ class Stage:
     config: dict[str, Any]
     inputs: dict[str, str | Ref | None] = field(default_factory=dict)
     resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    # The config's settings that change how the stage runs, not what it produces (its
+    # schema's EXECUTION_ONLY fields): outside its key, so that changing them keeps its cache
+    # and its resume state, and outside its MLflow params, so that a continued run may change
+    # them.
+    execution_only: frozenset[str] = frozenset()
     key: str = ""  # filled by `assign_keys`
 
     @property
     def folder(self) -> str:
         """The stage's output folder, relative to the storage root."""
         return f"{STAGES_DIR}/{self.name.replace('/', '-')}-{self.key}"
+
+    def defining_config(self) -> dict[str, Any]:
+        """The config that decides what the stage produces: its key's part, its params."""
+        return {k: v for k, v in self.config.items() if k not in self.execution_only}
 
     def upstream(self) -> list[str]:
         return sorted({v.stage for v in self.inputs.values() if isinstance(v, Ref)})
@@ -88,7 +94,7 @@ def assign_keys(stages: list[Stage]) -> dict[str, Stage]:
                 inputs[name] = {"stage_key": by_name[value.stage].key, "output": value.output}
             else:
                 inputs[name] = value
-        config = {k: v for k, v in stage.config.items() if k not in EXECUTION_ONLY}
+        config = stage.defining_config()
         digest = hashlib.sha256(
             _canonical(
                 {"name": stage.name, "kind": stage.kind, "config": config, "inputs": inputs}

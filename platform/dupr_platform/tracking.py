@@ -31,7 +31,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -309,10 +309,12 @@ class RunLogger:
         tags: Mapping[str, Any] | None = None,
         run_id: str | None = None,
         parent_run_id: str | None = None,
+        stale_tags: Iterable[str] = (),
     ) -> RunLogger:
         """Continue ``run_id``, else the live run tagged ``dupr.run_key == run_name``, else create.
 
         A restarted driver or worker passing the same ``run_name`` resumes the same run id.
+        A continued run loses ``stale_tags`` (the caller's tags that describe one invocation).
         """
         shown = scrub_secrets(tracking_uri)
         client = MlflowClient(tracking_uri)
@@ -333,7 +335,7 @@ class RunLogger:
             if resumed:
                 client.update_run(rid, status="RUNNING")
                 # Alive again: what a crash cleanup or an earlier failure wrote no longer holds.
-                for stale in (CONTINUED_BY_TAG, ERROR_TAG):
+                for stale in (CONTINUED_BY_TAG, ERROR_TAG, *stale_tags):
                     if stale in run.data.tags:
                         client.delete_tag(rid, stale)
             extra = redact(dict(tags or {}))
