@@ -4,6 +4,8 @@
   travel through Ray: every node brings its own. A head with the credentials and a second node
   without meet an S3 server that checks signatures; the job must stop before anything is
   scheduled, with one line naming the node and the missing variables, never their values.
+- A task or training worker that asks more than any one node has (though the cluster's total
+  has it) would wait forever: preflight names the setting, exit status 2.
 - A node lost during a detection fine-tuning: the driver launches the stage again, it waits
   for a node that fits it (a replacement joins), and resumes from its latest checkpoint.
 """
@@ -21,7 +23,7 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
-from drivers import PIPELINE, Driver, run
+from drivers import PIPELINE, Driver, files_under, run
 from dupr.data import bundled_image_folder
 from helpers import TOY_PIPELINE
 from services import ray_worker_node
@@ -78,6 +80,31 @@ def test_a_node_without_credentials_fails_preflight(ray_head, s3_iam_server, tmp
     assert s3_iam_server.secret_key not in output and s3_iam_server.access_key not in output
 
 
+def test_what_no_single_node_has_fails_preflight(ray_head, tmp_path):
+    """Two nodes of 2 CPUs: 4 in all, but a stage or a training worker asking 3 fits none."""
+    base = [
+        PIPELINE,
+        f"storage={tmp_path / 'storage'}",
+        f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"pretrain.data={bundled_image_folder(64)}",
+        *TOY_PIPELINE,
+    ]
+    env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs}
+    expected = {
+        "eval.resources.cpus=3": "error: eval.resources: stage spatial/dupr needs 3 CPU on one "
+        "node, the Ray cluster's largest node has 2",
+        "pretrain.cpus_per_worker=3": "error: pretrain.cpus_per_worker=3: needs 3 CPUs on one "
+        "node, the Ray cluster's largest node has 2",
+    }
+    with ray_worker_node(ray_head, ray_head.env, tmp_path / "node.log", num_cpus=2):
+        _nodes_up(ray_head, 2)
+        for i, (setting, line) in enumerate(expected.items()):
+            status, output = run([*base, setting], tmp_path / f"{i}.txt", timeout=300, env=env)
+            shown = [x for x in output.splitlines() if x.strip() and "Ray's own" not in x]
+            assert status == 2 and shown == [line], output[-4000:]
+    assert not files_under(tmp_path / "storage")  # nothing ran (preflight's probe is gone)
+
+
 def test_an_evaluation_whose_node_dies_resumes_on_another(ray_head, tmp_path):
     """The fine-tuning asks for 3 CPUs, which only the worker node has (the head has 2): its
     node is killed (the whole process group of its `ray start`: raylet and workers) once the
@@ -104,6 +131,9 @@ def test_an_evaluation_whose_node_dies_resumes_on_another(ray_head, tmp_path):
         driver.wait_for(lambda: any(storage.glob(resume_state)), 400, "fine-tuning checkpoint")
         os.killpg(lost.pid, signal.SIGKILL)
         lost.wait(timeout=30)
+    # Relaunched, the stage waits: no node left has 3 CPUs, and the console says so.
+    waits = "detection/faster_rcnn_fpn/dupr: waits for a node with 3 CPU (no node of the"
+    driver.wait_for(lambda: waits in driver.output(), 120, "the waiting stage's line")
     with ray_worker_node(ray_head, ray_head.env, tmp_path / "replacement.log", num_cpus=3):
         status = driver.wait(400)
         driver.stop()
@@ -111,7 +141,9 @@ def test_an_evaluation_whose_node_dies_resumes_on_another(ray_head, tmp_path):
     assert status == 0, output[-4000:]
     # Ray says NodeDiedError, or WorkerCrashedError where the worker's loss was noticed first.
     lost_line = r"detection/\S+/dupr: lost its worker \((NodeDiedError|WorkerCrashedError): "
-    assert re.search(lost_line, output), output[-4000:]
+    (relaunched,) = [line for line in output.splitlines() if re.search(lost_line, line)]
+    assert relaunched.endswith("launched again (1 of 3)")
+    assert output.index(relaunched) < output.index(waits), output[-4000:]
     assert "launched again (1 of 3)" in output
     # Each line once: a node that joins does not replay what the others' workers printed.
     shown = [line for line in output.splitlines() if line.startswith("[")]

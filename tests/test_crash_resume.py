@@ -115,7 +115,6 @@ def test_pipeline_resumes_after_its_driver_is_killed(tmp_path):
     _ctrl_c(first)
     running = [r for r in _all_runs(tracking, "crash") if r.info.status == "RUNNING"]
     assert not running, [r.data.tags.get("mlflow.runName") for r in running]
-    # The random backbone's probe runs beside the pre-training and may have finished.
     assert not any(storage.glob("stages/pretrain-*/_COMPLETE.json"))
 
     # 2. Resumes pre-training; killed once the detection fine-tuning has a checkpoint.

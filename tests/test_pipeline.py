@@ -328,7 +328,8 @@ def test_seeds_and_the_mocov2_baseline_give_results_with_intervals(local_ray, tm
     assert moco["model.beta"].strip("[]()") == "0.0, 0.0, 0.0, 0.0" and moco["seed"] == "1"
 
     # While a pre-training held the driver, the evaluations that ended were recorded then (a
-    # driver dying later keeps them), not once it was over.
+    # driver dying later keeps them), not once it was over, and those they made ready (a
+    # conversion's evaluations) were launched then, in what the pre-training left free.
     client = MlflowClient(tracking)
     runs = client.search_runs(
         [client.get_run(result.parent_run_id).info.experiment_id],
@@ -342,6 +343,13 @@ def test_seeds_and_the_mocov2_baseline_give_results_with_intervals(local_ray, tm
         and any(start < r.info.end_time < end for start, end in held)
     ]
     assert len(held) == 4 and during, [(r.info.run_name, r.info.end_time) for r in runs]
+    launched = [
+        r.info.run_name
+        for r in runs
+        if "pretrain" not in r.info.run_name
+        and any(start < r.info.start_time < end for start, end in held)
+    ]
+    assert launched, [(r.info.run_name, r.info.start_time, r.info.end_time) for r in runs]
 
     out = capsys.readouterr().out
     assert "Mean [95% interval] over 2 seed(s)" in out

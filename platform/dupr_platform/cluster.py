@@ -12,6 +12,8 @@
 - `check_nodes` runs the storage and tracking checks on every other node of a connected cluster
   before anything is scheduled there, so a node without credentials fails in preflight with
   one line that names the missing variable, never its value.
+- `largest_node`: what one task or training worker can get at most. A task never spans nodes,
+  so one that asks more than any node has waits forever, though the cluster's total has it.
 """
 
 from __future__ import annotations
@@ -179,3 +181,13 @@ def check_nodes(storage_uri: str, tracking_uri: str) -> None:
                 else ""
             )
             raise ConfigError(f"node {address}: {found['problems'][0]}{lacking}")
+
+
+def largest_node() -> dict[str, float]:
+    """The most of each resource (CPU, GPU, ...) that one alive node of the cluster has."""
+    most: dict[str, float] = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            for name, amount in node.get("Resources", {}).items():
+                most[name] = max(most.get(name, 0.0), float(amount))
+    return most

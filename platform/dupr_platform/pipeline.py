@@ -47,7 +47,13 @@ from dupr.config import (
 from dupr.data.folder import ImageDecodeError
 from dupr.io import markdown_table
 from dupr_platform import console, convert_stage, eval_stages, report, smoke, software
-from dupr_platform.cluster import COMPUTE_PRIORITY, check_nodes, forwarded_env, start_ray
+from dupr_platform.cluster import (
+    COMPUTE_PRIORITY,
+    check_nodes,
+    forwarded_env,
+    largest_node,
+    start_ray,
+)
 from dupr_platform.configs import DetectionEvalConfig, selected_kinds, validate_pipeline
 from dupr_platform.failures import UnrecoverableError
 from dupr_platform.progress import format_duration
@@ -266,16 +272,18 @@ def resolve_gpus(stages: list[Stage]) -> None:
 
 
 def preflight_resources(cfg: dict[str, Any], stages: list[Stage], job: PretrainJob | None) -> None:
-    """The connected cluster can ever run each stage (a task that can never be placed hangs)."""
+    """The connected cluster can ever run each stage: some node has what it asks for (a task
+    that no node can place hangs)."""
     if job is not None:
-        preflight_cluster(job)
-    total = ray.cluster_resources()
+        with field_prefix("pretrain."):
+            preflight_cluster(job)
+    largest = largest_node()
     for stage in stages:
         for resource, amount in stage.resources.items():
-            if amount > total.get(resource, 0):
+            if amount > largest.get(resource, 0):
                 raise ConfigError(
-                    f"eval.resources: stage {stage.name} needs {amount:g} {resource}, "
-                    f"the Ray cluster has {total.get(resource, 0):g}"
+                    f"eval.resources: stage {stage.name} needs {amount:g} {resource} on one "
+                    f"node, the Ray cluster's largest node has {largest.get(resource, 0):g}"
                 )
 
 
@@ -359,6 +367,7 @@ LOST_WORKER = (
 # run drops it until it launches the stage again.
 ATTEMPT_TAG = "dupr.stage_attempt"
 RELAUNCH_AFTER_S = 2.0  # after a lost worker: time for an interrupt of the driver to arrive
+WAIT_CHECK_S = 10.0  # how often the runner looks for stages that no alive node can place
 
 
 # max_retries=0: the runner relaunches instead of Ray's task retries, which count a memory-
@@ -386,6 +395,8 @@ class _Runner:
         self.started: dict[str, float] = {}
         self.tasks: dict[str, StageContext] = {}  # the submitted evaluations'
         self.relaunches: dict[str, int] = {}
+        self.waiting: dict[str, str] = {}  # what each running stage waits for, as last said
+        self.checked_waiting = 0.0
         self.interrupted = threading.Event()  # Ctrl-C or SIGTERM while a pre-training held us
         self.pretrain_callbacks: list[Any] | None = None
         self.tuned = next(s.name for s in stages if s.kind == "pretrain")
@@ -484,8 +495,15 @@ class _Runner:
         )
         print(f"[pipeline] {stage.name}: FAILED: {message}", flush=True)
 
-    def run_pretrain(self, stage: Stage, running: dict[ray.ObjectRef, Stage]) -> None:
-        """Pre-train (Ray Train's fit() holds this thread), collecting `running` meanwhile."""
+    def run_pretrain(
+        self,
+        stage: Stage,
+        pending: list[Stage],
+        running: dict[ray.ObjectRef, Stage],
+        spare: dict[str, float] | None,
+    ) -> None:
+        """Pre-train (Ray Train's fit() holds this thread); meanwhile collect `running` and
+        launch the evaluations this makes ready in what the pre-training leaves `spare`."""
         job = absolute_locations(pretrain_job(self.cfg, stage))
         job.parent_run_id = self.parent.run_id
         self.started[stage.name] = time.monotonic()
@@ -494,7 +512,7 @@ class _Runner:
         # its scheduler reads one loss curve per trial.
         callbacks = self.pretrain_callbacks if stage.name == self.tuned else None
         try:
-            with self.collecting(running):
+            with self.collecting(pending, running, spare):
                 result = run_pretraining(job, callbacks, tags=self.stage_tags(stage))
         except Exception as exc:  # reported, and the pipeline goes on
             self.fail(stage, exc)
@@ -508,20 +526,35 @@ class _Runner:
         self.finish(stage, {"data": job.data}, out, result.run_id)
 
     @contextlib.contextmanager
-    def collecting(self, running: dict[ray.ObjectRef, Stage]) -> Iterator[None]:
+    def collecting(
+        self,
+        pending: list[Stage],
+        running: dict[ray.ObjectRef, Stage],
+        spare: dict[str, float] | None,
+    ) -> Iterator[None]:
         """Collect the evaluations in `running` as they end, from a second thread, while this
         one is held (by a pre-training): a result is recorded when it is ready, not hours
-        later (a driver that dies meanwhile would lose it), and a lost worker's stage is
-        launched again at once. Only that thread touches the runner's state until it is
-        stopped; the stages this makes ready wait for the held thread."""
+        later (a driver that dies meanwhile would lose it), a lost worker's stage is launched
+        again at once, and the evaluations that become ready are launched in `spare` (None:
+        none is; a smoke run's pre-training runs alone), which an ended stage gives its
+        resources back to. Only that thread touches the runner's state until it is stopped."""
         stop = threading.Event()
 
         def collect_until_stopped() -> None:
+            nonlocal spare
             try:
                 while running and not stop.is_set():
                     ended, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+                    self.note_waiting(running)
                     for ref in ended:
-                        self.collect(ref, running.pop(ref), running)
+                        stage = running.pop(ref)
+                        self.collect(ref, stage, running)
+                        if spare is None or stage in running.values():  # launched again
+                            continue
+                        asks = self.asks(stage, spare)
+                        spare = {k: spare[k] + asks[k] for k in spare}
+                        if not (stop.is_set() or self.interrupted.is_set()):
+                            spare = self.launch_ready(pending, running, spare)
             except Exception:  # Ray going down with the driver (Ctrl-C): the loop ends
                 log.debug("collecting stopped:\n%s", traceback.format_exc())
 
@@ -592,24 +625,12 @@ class _Runner:
             # Only what the pre-training leaves free: queued, they could take the cores or GPUs
             # its workers wait for. Conversions (others wait on them) go first, then the long
             # detection fine-tunings.
-            evaluations = [] if alone else [s for s in ready if s.kind != "pretrain"]
             spare = self.spare(pretrain) if pretrain is not None else None
-            for stage in sorted(
-                evaluations, key=lambda s: LAUNCH_ORDER.get(s.kind, len(LAUNCH_ORDER))
-            ):
-                if spare is not None:
-                    asks = {k: stage.resources.get(k, 1.0 if k == "CPU" else 0.0) for k in spare}
-                    if any(asks[k] > spare[k] for k in spare):
-                        continue  # after the pre-training
-                    spare = {k: spare[k] - asks[k] for k in spare}
-                pending.remove(stage)
-                try:
-                    running[self.launch(stage)] = stage
-                except Exception as exc:
-                    self.fail(stage, exc)
+            if not alone:
+                spare = self.launch_ready(pending, running, spare)
             if pretrain is not None and not (alone and running):
                 pending.remove(pretrain)
-                self.run_pretrain(pretrain, running)
+                self.run_pretrain(pretrain, pending, running, None if alone else spare)
                 # What finished meanwhile, then the stages this pre-training made ready.
                 if running:
                     done, _ = ray.wait(list(running), num_returns=len(running), timeout=0)
@@ -622,7 +643,8 @@ class _Runner:
                 ):
                     break  # nothing can make progress (upstream neither done nor failed)
                 continue
-            finished, _ = ray.wait(list(running), num_returns=1, timeout=30.0)
+            finished, _ = ray.wait(list(running), num_returns=1, timeout=WAIT_CHECK_S)
+            self.note_waiting(running)
             if not finished:
                 if time.monotonic() - last_beat > 60:
                     last_beat = time.monotonic()
@@ -633,6 +655,51 @@ class _Runner:
                     print(f"[pipeline] running: {names}", flush=True)
                 continue
             self.collect(finished[0], running.pop(finished[0]), running)
+
+    def launch_ready(
+        self,
+        pending: list[Stage],
+        running: dict[ray.ObjectRef, Stage],
+        spare: dict[str, float] | None,
+    ) -> dict[str, float] | None:
+        """Launch the ready evaluations into `running`: all of them, or those that fit in
+        `spare` (what a pre-training leaves free); what is left of `spare`."""
+        evaluations = [s for s in self.ready(pending) if s.kind != "pretrain"]
+        for stage in sorted(evaluations, key=lambda s: LAUNCH_ORDER.get(s.kind, len(LAUNCH_ORDER))):
+            if spare is not None:
+                asks = self.asks(stage, spare)
+                if any(asks[k] > spare[k] for k in spare):
+                    continue  # once resources are given back, or after the pre-training
+                spare = {k: spare[k] - asks[k] for k in spare}
+            pending.remove(stage)
+            try:
+                running[self.launch(stage)] = stage
+            except Exception as exc:
+                self.fail(stage, exc)
+        return spare
+
+    @staticmethod
+    def asks(stage: Stage, spare: dict[str, float]) -> dict[str, float]:
+        """What `stage` takes of each resource in `spare` (a CPU unless it says otherwise)."""
+        return {k: stage.resources.get(k, 1.0 if k == "CPU" else 0.0) for k in spare}
+
+    def note_waiting(self, running: dict[ray.ObjectRef, Stage]) -> None:
+        """Say (once) that a running stage waits because no alive node has what it asks: a
+        node was lost, and until one that fits joins (an autoscaler's, or one the user
+        starts), the stage cannot be placed. Every WAIT_CHECK_S at most."""
+        if time.monotonic() - self.checked_waiting < WAIT_CHECK_S:
+            return
+        self.checked_waiting = time.monotonic()
+        largest = largest_node()
+        for stage in list(running.values()):
+            lacking = [f"{v:g} {k}" for k, v in stage.resources.items() if v > largest.get(k, 0)]
+            waits = f"waits for a node with {' and '.join(lacking)}" if lacking else ""
+            if waits and self.waiting.get(stage.name) != waits:
+                print(
+                    f"[pipeline] {stage.name}: {waits} (no node of the cluster has them now)",
+                    flush=True,
+                )
+            self.waiting[stage.name] = waits
 
     def spare(self, pretrain: Stage) -> dict[str, float]:
         """The CPUs and GPUs free now beyond what `pretrain` will take."""

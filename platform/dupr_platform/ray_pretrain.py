@@ -51,7 +51,13 @@ from dupr.model import DUPR
 from dupr.train import BatchLoader, TrainState, build_state, compile_model, rng_state, train
 from dupr.views import TwoViews
 from dupr_platform import software
-from dupr_platform.cluster import COMPUTE_PRIORITY, check_nodes, forwarded_env, start_ray
+from dupr_platform.cluster import (
+    COMPUTE_PRIORITY,
+    check_nodes,
+    forwarded_env,
+    largest_node,
+    start_ray,
+)
 from dupr_platform.environment import environment
 from dupr_platform.failures import CheckpointLedger, StopOnUnrecoverable, UnrecoverableError
 from dupr_platform.progress import Progress
@@ -563,6 +569,19 @@ def preflight_cluster(job: PretrainJob) -> None:
             f"num_workers={job.num_workers} × gpus_per_worker={job.gpus_per_worker}: "
             f"needs {need_gpu:g} GPUs, the Ray cluster has {total.get('GPU', 0):g}"
         )
+    # Each training worker (and each Ray Data decoder) runs on one node.
+    largest = largest_node()
+    per_task = {"cpus_per_worker": ("CPU", job.cpus_per_worker)}
+    if job.use_gpu:
+        per_task["gpus_per_worker"] = ("GPU", job.gpus_per_worker)
+    if job.data_loader == "ray":
+        per_task["ray_data_cpus_per_decoder"] = ("CPU", job.ray_data_cpus_per_decoder)
+    for name, (resource, amount) in per_task.items():
+        if amount > largest.get(resource, 0):
+            raise ConfigError(
+                f"{name}={amount:g}: needs {amount:g} {resource}s on one node, the Ray "
+                f"cluster's largest node has {largest.get(resource, 0):g}"
+            )
 
 
 def absolute_locations(job: PretrainJob) -> PretrainJob:
