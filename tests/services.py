@@ -340,6 +340,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
         yield RayHead(address, f"127.0.0.1:{port}", env, temp_dir)
     finally:
         _stop(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)  # its session logs: read by then
 
 
 @contextlib.contextmanager
