@@ -125,18 +125,22 @@ def test_an_evaluation_whose_node_dies_resumes_on_another(ray_head, tmp_path):
     ]
     env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs}
     resume_state = "stages/detection-*/resume/finetune.pt"
-    with ray_worker_node(ray_head, ray_head.env, tmp_path / "lost.log", num_cpus=3) as lost:
-        _nodes_up(ray_head, 2)
-        driver = Driver(args, tmp_path / "driver.txt", env=env)
-        driver.wait_for(lambda: any(storage.glob(resume_state)), 400, "fine-tuning checkpoint")
-        os.killpg(lost.pid, signal.SIGKILL)
-        lost.wait(timeout=30)
-    # Relaunched, the stage waits: no node left has 3 CPUs, and the console says so.
     waits = "detection/faster_rcnn_fpn/dupr: waits for a node with 3 CPU (no node of the"
-    driver.wait_for(lambda: waits in driver.output(), 120, "the waiting stage's line")
-    with ray_worker_node(ray_head, ray_head.env, tmp_path / "replacement.log", num_cpus=3):
-        status = driver.wait(400)
-        driver.stop()
+    driver = None
+    try:
+        with ray_worker_node(ray_head, ray_head.env, tmp_path / "lost.log", num_cpus=3) as lost:
+            _nodes_up(ray_head, 2)
+            driver = Driver(args, tmp_path / "driver.txt", env=env)
+            driver.wait_for(lambda: any(storage.glob(resume_state)), 400, "a checkpoint")
+            os.killpg(lost.pid, signal.SIGKILL)
+            lost.wait(timeout=30)
+        # Relaunched, the stage waits: no node left has 3 CPUs, and the console says so.
+        driver.wait_for(lambda: waits in driver.output(), 120, "the waiting stage's line")
+        with ray_worker_node(ray_head, ray_head.env, tmp_path / "replacement.log", num_cpus=3):
+            status = driver.wait(400)
+    finally:
+        if driver is not None:
+            driver.stop()
     output = driver.output()
     assert status == 0, output[-4000:]
     # Ray says NodeDiedError, or WorkerCrashedError where the worker's loss was noticed first.
@@ -144,7 +148,6 @@ def test_an_evaluation_whose_node_dies_resumes_on_another(ray_head, tmp_path):
     (relaunched,) = [line for line in output.splitlines() if re.search(lost_line, line)]
     assert relaunched.endswith("launched again (1 of 3)")
     assert output.index(relaunched) < output.index(waits), output[-4000:]
-    assert "launched again (1 of 3)" in output
     # Each line once: a node that joins does not replay what the others' workers printed.
     shown = [line for line in output.splitlines() if line.startswith("[")]
     assert len(shown) == len(set(shown)), output[-4000:]
