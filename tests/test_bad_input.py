@@ -79,6 +79,7 @@ PIPELINE_CASES = [
     ("pretrain.max_failures=-1", "pretrain.max_failures=-1"),
     ("pretrain.keep_checkpoints=0", "pretrain.keep_checkpoints=0"),
     ("pretrain.log_every=0", "pretrain.log_every=0"),
+    ("pretrain.worker_group_start_minutes=0", "pretrain.worker_group_start_minutes=0"),
     ("pretrain.label=random", "pretrain.label='random'"),
     ("pretrain.label=a/b", "pretrain.label='a/b'"),
     ("eval.max_failures=-1", "eval.max_failures=-1"),

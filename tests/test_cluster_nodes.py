@@ -6,6 +6,9 @@
   scheduled, with one line naming the node and the missing variables, never their values.
 - A task or training worker that asks more than any one node has (though the cluster's total
   has it) would wait forever: preflight names the setting, exit status 2.
+- A node lost during a pre-training, with none to replace it: Ray Train waits
+  `pretrain.worker_group_start_minutes` for one, then the job ends with one line; once a node
+  joins, the same command resumes from the latest checkpoint.
 - A node lost during a detection fine-tuning: the driver launches the stage again, it waits
   for a node that fits it (a replacement joins), and resumes from its latest checkpoint.
 """
@@ -160,3 +163,60 @@ def test_an_evaluation_whose_node_dies_resumes_on_another(ray_head, tmp_path):
     assert detection.data.tags["dupr.stage_attempt"] == "2"
     history = client.get_metric_history(detection.info.run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(1, 25))  # none lost, none twice
+
+
+def test_a_pretraining_whose_node_is_not_replaced_fails_then_resumes(ray_head, tmp_path):
+    """The training worker asks for 3 CPUs, which only the worker node has; that node is killed
+    after the first checkpoint. Ray Train waits 6 s (not its default minute) for a node, once
+    (controller_failure_limit=0); then a node joins and the rerun continues the run."""
+    storage, tracking = tmp_path / "storage", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [
+        PIPELINE,
+        f"storage={storage}",
+        f"tracking_uri={tracking}",
+        f"pretrain.data={bundled_image_folder(64)}",
+        *TOY_PIPELINE,
+        "stages=[pretrain]",
+        "baselines.random=false",
+        "pretrain.method.optim.epochs=4",
+        "pretrain.cpus_per_worker=3",
+        "pretrain.controller_failure_limit=0",
+        "pretrain.worker_group_start_minutes=0.1",
+    ]
+    env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs}
+    driver = None
+    try:
+        with ray_worker_node(ray_head, ray_head.env, tmp_path / "lost.log", num_cpus=3) as lost:
+            _nodes_up(ray_head, 2)
+            driver = Driver(args, tmp_path / "first.txt", env=env)
+            snapshot = "**/checkpoint_manager_snapshot.json"
+            driver.wait_for(
+                lambda: any("checkpoint_epoch=" in p.read_text() for p in storage.glob(snapshot)),
+                300,
+                "a checkpoint",
+            )
+            os.killpg(lost.pid, signal.SIGKILL)
+            lost.wait(timeout=30)
+            started = time.monotonic()
+        status = driver.wait(300)
+        waited = time.monotonic() - started
+    finally:
+        if driver is not None:
+            driver.stop()
+    output = driver.output()
+    assert status == 1, output[-4000:]
+    assert "[pipeline] pretrain: FAILED: The worker group startup timed out after 6.0 s" in output
+    assert "Traceback" not in output
+    assert waited < 50, waited  # Ray's own default would have waited a minute
+
+    with ray_worker_node(ray_head, ray_head.env, tmp_path / "replacement.log", num_cpus=3):
+        _nodes_up(ray_head, 2)
+        status, output = run(args, tmp_path / "second.txt", timeout=300, env=env)
+    assert status == 0, output[-4000:]
+    client = MlflowClient(tracking)
+    runs = client.search_runs([client.get_experiment_by_name("dupr").experiment_id])
+    (pretrain,) = [r for r in runs if r.data.tags.get("dupr.stage") == "pretrain"]
+    assert pretrain.info.status == "FINISHED"
+    assert int(pretrain.data.tags["dupr.resumed_at_step"]) > 0
+    steps = sorted(m.step for m in client.get_metric_history(pretrain.info.run_id, "loss"))
+    assert steps == list(range(1, 33))  # no gap, no duplicate

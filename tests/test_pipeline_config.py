@@ -202,6 +202,7 @@ def test_keys_change_exactly_where_the_inputs_change(tmp_path):
             tmp_path,
             "pretrain.max_failures=9",
             "pretrain.log_every=3",
+            "pretrain.worker_group_start_minutes=15",
             "eval.detection.checkpoint_minutes=1",
             "eval.detection.log_every=1",
             "eval.max_failures=0",

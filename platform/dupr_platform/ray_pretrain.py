@@ -94,6 +94,9 @@ STATE_FILE = "state.pt"
 # controller; a value already in the environment wins.
 TRAIN_POLL_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 TRAIN_POLL_INTERVAL_S = "0.5"
+# `worker_group_start_minutes`, handed to the controller the same way; a value already in the
+# environment wins here too (Ray's timeout message tells the user to set it).
+WORKER_GROUP_START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 # Field metadata: the field changes how a run executes (retries, logging, CPUs), not the
@@ -130,6 +133,10 @@ class PretrainSettings:
     max_failures: int = field(default=3, metadata=EXECUTION_ONLY)
     # Ray's default is unlimited: a lost node would hang the run.
     controller_failure_limit: int = field(default=3, metadata=EXECUTION_ONLY)
+    # How long Ray Train waits for the cluster to place the worker group (at the start, and
+    # after a worker or node was lost) before that counts against controller_failure_limit.
+    # Ray's default, 1 minute, is shorter than an autoscaler takes to replace a GPU node.
+    worker_group_start_minutes: float = field(default=1.0, metadata=EXECUTION_ONLY)
     keep_checkpoints: int = field(default=2, metadata=EXECUTION_ONLY)
     log_every: int = field(default=10, metadata=EXECUTION_ONLY)
     # Report the step time, peak memory and (on a CPU) FLOPs per step as `profile/*` metrics
@@ -145,6 +152,7 @@ class PretrainSettings:
         for name in ("loader_workers", "max_failures", "controller_failure_limit"):
             check_int(name, getattr(self, name), low=0)
         check_number("cpus_per_worker", self.cpus_per_worker, above=0)
+        check_number("worker_group_start_minutes", self.worker_group_start_minutes, above=0)
         check_number("ray_data_cpus_per_decoder", self.ray_data_cpus_per_decoder, above=0)
         check_bool("profile", self.profile)
         if self.use_gpu:
@@ -694,8 +702,14 @@ def run_pretraining(
         ),
     )
     try:
+        # Ray Train's controller reads both from the driver's environment.
         with environment(
-            {TRAIN_POLL_INTERVAL: os.environ.get(TRAIN_POLL_INTERVAL, TRAIN_POLL_INTERVAL_S)}
+            {
+                TRAIN_POLL_INTERVAL: os.environ.get(TRAIN_POLL_INTERVAL, TRAIN_POLL_INTERVAL_S),
+                WORKER_GROUP_START_TIMEOUT: os.environ.get(
+                    WORKER_GROUP_START_TIMEOUT, f"{60.0 * job.worker_group_start_minutes:g}"
+                ),
+            }
         ):
             result = trainer.fit()
         if result.error:
