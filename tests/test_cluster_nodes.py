@@ -53,6 +53,18 @@ def _nodes_up(head, count: int) -> None:
     raise AssertionError("the second node did not join")
 
 
+def _pipeline(tmp_path, *extra: str) -> list[str]:
+    """The main job at toy scale, with its storage and MLflow store in tmp_path."""
+    return [
+        PIPELINE,
+        f"storage={tmp_path / 'storage'}",
+        f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"pretrain.data={bundled_image_folder(64)}",
+        *TOY_PIPELINE,
+        *extra,
+    ]
+
+
 def test_a_node_without_credentials_fails_preflight(ray_head, s3_iam_server, tmp_path):
     assert not ray.is_initialized()
     settings = {"AWS_ENDPOINT_URL": s3_iam_server.endpoint_url, "AWS_REGION": "us-east-1"}
@@ -85,13 +97,7 @@ def test_a_node_without_credentials_fails_preflight(ray_head, s3_iam_server, tmp
 
 def test_what_no_single_node_has_fails_preflight(ray_head, tmp_path):
     """Two nodes of 2 CPUs: 4 in all, but a stage or a training worker asking 3 fits none."""
-    base = [
-        PIPELINE,
-        f"storage={tmp_path / 'storage'}",
-        f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        f"pretrain.data={bundled_image_folder(64)}",
-        *TOY_PIPELINE,
-    ]
+    base = _pipeline(tmp_path)
     env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs}
     expected = {
         "eval.resources.cpus=3": "error: eval.resources: stage spatial/dupr needs 3 CPU on one "
@@ -113,19 +119,15 @@ def test_an_evaluation_whose_node_dies_resumes_on_another(ray_head, tmp_path):
     node is killed (the whole process group of its `ray start`: raylet and workers) once the
     fine-tuning has checkpointed, and a replacement node joins, as an autoscaler would add it."""
     storage, tracking = tmp_path / "storage", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = [
-        PIPELINE,
-        f"storage={storage}",
-        f"tracking_uri={tracking}",
-        f"pretrain.data={bundled_image_folder(64)}",
-        *TOY_PIPELINE,
+    args = _pipeline(
+        tmp_path,
         "baselines.random=false",
         "stages=[pretrain,convert,detection]",
         "eval.resources.cpus=3",
         "eval.detection.iterations=24",
         "eval.detection.checkpoint_minutes=0.05",
         "eval.detection.log_every=1",
-    ]
+    )
     env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs}
     resume_state = "stages/detection-*/resume/finetune.pt"
     waits = "detection/faster_rcnn_fpn/dupr: waits for a node with 3 CPU (no node of the"
@@ -170,19 +172,15 @@ def test_a_pretraining_whose_node_is_not_replaced_fails_then_resumes(ray_head, t
     after the first checkpoint. Ray Train waits 6 s (not its default minute) for a node, once
     (controller_failure_limit=0); then a node joins and the rerun continues the run."""
     storage, tracking = tmp_path / "storage", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = [
-        PIPELINE,
-        f"storage={storage}",
-        f"tracking_uri={tracking}",
-        f"pretrain.data={bundled_image_folder(64)}",
-        *TOY_PIPELINE,
+    args = _pipeline(
+        tmp_path,
         "stages=[pretrain]",
         "baselines.random=false",
         "pretrain.method.optim.epochs=4",
         "pretrain.cpus_per_worker=3",
         "pretrain.controller_failure_limit=0",
         "pretrain.worker_group_start_minutes=0.1",
-    ]
+    )
     env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs}
     driver = None
     try:
