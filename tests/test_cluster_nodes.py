@@ -10,7 +10,8 @@
   `pretrain.worker_group_start_minutes` for one, then the job ends with one line; once a node
   joins, the same command resumes from the latest checkpoint.
 - A node lost during a detection fine-tuning: the driver launches the stage again, it waits
-  for a node that fits it (a replacement joins), and resumes from its latest checkpoint.
+  for a node that fits it (a replacement joins), and resumes from its latest checkpoint; the
+  killed stage's scratch folder on the node's disk is removed.
 """
 
 from __future__ import annotations
@@ -131,17 +132,23 @@ def test_an_evaluation_whose_node_dies_resumes_on_another(ray_head, tmp_path):
     env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs}
     resume_state = "stages/detection-*/resume/finetune.pt"
     waits = "detection/faster_rcnn_fpn/dupr: waits for a node with 3 CPU (no node of the"
+    # Both nodes' temp folder: one disk, as a node's replacement on the same machine has.
+    node_tmp = tmp_path / "node-tmp"
+    node_tmp.mkdir()
+    node_env = {**ray_head.env, "TMPDIR": str(node_tmp)}
     driver = None
     try:
-        with ray_worker_node(ray_head, ray_head.env, tmp_path / "lost.log", num_cpus=3) as lost:
+        with ray_worker_node(ray_head, node_env, tmp_path / "lost.log", num_cpus=3) as lost:
             _nodes_up(ray_head, 2)
             driver = Driver(args, tmp_path / "driver.txt", env=env)
             driver.wait_for(lambda: any(storage.glob(resume_state)), 400, "a checkpoint")
             os.killpg(lost.pid, signal.SIGKILL)
             lost.wait(timeout=30)
+        # The killed stage's scratch folder is left behind, for the next stage there to remove.
+        assert list(node_tmp.glob("dupr-stage-*"))
         # Relaunched, the stage waits: no node left has 3 CPUs, and the console says so.
         driver.wait_for(lambda: waits in driver.output(), 120, "the waiting stage's line")
-        with ray_worker_node(ray_head, ray_head.env, tmp_path / "replacement.log", num_cpus=3):
+        with ray_worker_node(ray_head, node_env, tmp_path / "replacement.log", num_cpus=3):
             status = driver.wait(400)
     finally:
         if driver is not None:
@@ -165,6 +172,7 @@ def test_an_evaluation_whose_node_dies_resumes_on_another(ray_head, tmp_path):
     assert detection.data.tags["dupr.stage_attempt"] == "2"
     history = client.get_metric_history(detection.info.run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(1, 25))  # none lost, none twice
+    assert not list(node_tmp.glob("dupr-*"))  # the orphan went with the resumed stage
 
 
 def test_a_pretraining_whose_node_is_not_replaced_fails_then_resumes(ray_head, tmp_path):

@@ -24,7 +24,6 @@ import functools
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 import traceback
@@ -68,6 +67,7 @@ from dupr_platform.ray_pretrain import (
     run_pretraining,
 )
 from dupr_platform.recovery import driving
+from dupr_platform.scratch import scratch_folder
 from dupr_platform.stages import (
     RESUME_DIR,
     Ref,
@@ -333,21 +333,21 @@ def run_stage(ctx: StageContext) -> StageOutput:
     """Run the body, copy its folder to the stage's storage folder, log its artifacts."""
     from mlflow.tracking import MlflowClient
 
-    with tempfile.TemporaryDirectory(prefix="dupr-stage-") as tmp:
+    with scratch_folder("dupr-stage-") as tmp:
         if ctx.profile and ctx.kind != "detection":  # a fine-tuning measures its own steps
             device = eval_stages.stage_device(ctx)
             with smoke.profiled(device) as measured:
-                result = BODIES[ctx.kind](ctx, Path(tmp))
+                result = BODIES[ctx.kind](ctx, tmp)
             result.metrics.update(measured)
         else:
-            result = BODIES[ctx.kind](ctx, Path(tmp))
+            result = BODIES[ctx.kind](ctx, tmp)
         open_storage(ctx.storage_uri).upload(tmp, ctx.folder)
         client = MlflowClient(ctx.tracking_uri)
         # 0 unless Ray's low worker priority applied (see cluster.COMPUTE_PRIORITY).
         client.set_tag(ctx.run_id, "dupr.worker_niceness", str(os.nice(0)))
         client.set_tag(ctx.run_id, software.TAG, software.summary())  # this worker's
         for name in result.artifacts:
-            client.log_artifact(ctx.run_id, os.path.join(tmp, name))
+            client.log_artifact(ctx.run_id, str(tmp / name))
     return result
 
 

@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -62,6 +61,7 @@ from dupr_platform.environment import environment
 from dupr_platform.failures import CheckpointLedger, StopOnUnrecoverable, UnrecoverableError
 from dupr_platform.progress import Progress
 from dupr_platform.ray_data import RayDataLoader, count_images, two_view_dataset
+from dupr_platform.scratch import scratch_folder
 from dupr_platform.shards import INDEX_NAME, ParquetImageDataset, ShardError, prepare_shards
 from dupr_platform.smoke import (
     PeakMemory,
@@ -369,12 +369,12 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report(summary, checkpoint=None)
             return
         logger.commit()  # sent in the background while the state is serialised
-        with tempfile.TemporaryDirectory() as d:
+        with scratch_folder("dupr-checkpoint-") as d:
             payload = s.state_dict()
             del payload["rng"]
             payload["rng_per_rank"] = rngs
-            torch.save(payload, Path(d) / STATE_FILE)
-            (Path(d) / "meta.json").write_text(json.dumps(summary))
+            torch.save(payload, d / STATE_FILE)
+            (d / "meta.json").write_text(json.dumps(summary))
             # Metrics reach MLflow before the checkpoint counts: a crash in between resumes from
             # the previous checkpoint and the logger skips the steps MLflow already has.
             logger.flush()
