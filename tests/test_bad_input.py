@@ -83,6 +83,7 @@ PIPELINE_CASES = [
     ("pretrain.label=random", "pretrain.label='random'"),
     ("pretrain.label=a/b", "pretrain.label='a/b'"),
     ("eval.max_failures=-1", "eval.max_failures=-1"),
+    ("eval.node_wait_minutes=0", "eval.node_wait_minutes=0"),
     ("eval.spatial.roi_size=0", "eval.spatial.roi_size=0"),
     ("eval.spatial.rois_per_box=0", "eval.spatial.rois_per_box=0"),
     ("eval.spatial.level=4", "eval.spatial.level=4"),

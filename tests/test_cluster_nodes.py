@@ -6,6 +6,8 @@
   scheduled, with one line naming the node and the missing variables, never their values.
 - A task or training worker that asks more than any one node has (though the cluster's total
   has it) would wait forever: preflight names the setting, exit status 2.
+- A node lost during a detection fine-tuning, with none to replace it: the stage waits
+  `eval.node_wait_minutes` for one, then fails; once a node joins, the rerun resumes it.
 - A node lost during a pre-training, with none to replace it: Ray Train waits
   `pretrain.worker_group_start_minutes` for one, then the job ends with one line; once a node
   joins, the same command resumes from the latest checkpoint.
@@ -173,6 +175,67 @@ def test_an_evaluation_whose_node_dies_resumes_on_another(ray_head, tmp_path):
     history = client.get_metric_history(detection.info.run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(1, 25))  # none lost, none twice
     assert not list(node_tmp.glob("dupr-*"))  # the orphan went with the resumed stage
+
+
+def test_an_evaluation_whose_node_is_not_replaced_fails_then_resumes(ray_head, tmp_path):
+    """As above, but no node joins while the relaunched fine-tuning waits: after
+    eval.node_wait_minutes (6 s here, 15 min by default) it fails, the job ends, and once a node
+    joins the same command resumes the fine-tuning from its checkpoint."""
+    storage, tracking = tmp_path / "storage", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = _pipeline(
+        tmp_path,
+        "baselines.random=false",
+        "stages=[pretrain,convert,detection]",
+        "eval.resources.cpus=3",
+        "eval.node_wait_minutes=0.1",
+        "eval.detection.iterations=12",
+        "eval.detection.checkpoint_minutes=0.05",
+        "eval.detection.log_every=1",
+    )
+    env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs}
+    driver = None
+    try:
+        with ray_worker_node(ray_head, ray_head.env, tmp_path / "lost.log", num_cpus=3) as lost:
+            _nodes_up(ray_head, 2)
+            driver = Driver(args, tmp_path / "first.txt", env=env)
+            resume_state = "stages/detection-*/resume/finetune.pt"
+            driver.wait_for(lambda: any(storage.glob(resume_state)), 400, "a checkpoint")
+            os.killpg(lost.pid, signal.SIGKILL)
+            lost.wait(timeout=30)
+            started = time.monotonic()
+        status = driver.wait(300)
+        waited = time.monotonic() - started
+    finally:
+        if driver is not None:
+            driver.stop()
+    output = driver.output()
+    assert status == 1, output[-4000:]
+    failed = (
+        "[pipeline] detection/faster_rcnn_fpn/dupr: FAILED: NodeWaitTimeout: no node with 3 CPU "
+        "joined within 0.1 min (eval.node_wait_minutes)"
+    )
+    assert failed in output.splitlines(), output[-4000:]
+    assert "Traceback" not in output
+    # The relaunch, a check every 10 s that sees it wait, the 6 s, and the next check.
+    assert waited < 60, waited
+
+    with ray_worker_node(ray_head, ray_head.env, tmp_path / "replacement.log", num_cpus=3):
+        _nodes_up(ray_head, 2)
+        status, output = run(args, tmp_path / "second.txt", timeout=400, env=env)
+    assert status == 0, output[-4000:]
+    resumed = re.findall(r"resuming the fine-tuning after iteration (\d+)", output)
+    assert len(resumed) == 1 and 0 < int(resumed[0]) < 12, output[-4000:]
+    client = MlflowClient(tracking)
+    runs = client.search_runs([client.get_experiment_by_name("dupr").experiment_id])
+    (detection,) = [
+        r
+        for r in runs
+        if r.data.tags.get("dupr.stage", "").startswith("detection")
+        and r.data.tags.get("dupr.cache_hit") == "false"
+    ]
+    assert detection.info.status == "FINISHED"
+    history = client.get_metric_history(detection.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, 13))  # none lost, none twice
 
 
 def test_a_pretraining_whose_node_is_not_replaced_fails_then_resumes(ray_head, tmp_path):

@@ -206,6 +206,7 @@ def test_keys_change_exactly_where_the_inputs_change(tmp_path):
             "eval.detection.checkpoint_minutes=1",
             "eval.detection.log_every=1",
             "eval.max_failures=0",
+            "eval.node_wait_minutes=1",
         )
     )
     assert {s.name: s.key for s in same} == base

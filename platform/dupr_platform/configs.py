@@ -216,6 +216,10 @@ class EvalConfig:
     # monitor killed (dupr_platform.pipeline.LOST_WORKER); a fine-tuning resumes from its
     # checkpoint. Not part of any stage's key.
     max_failures: int = 3
+    # How long an evaluation that no alive node can place (its node was lost) waits for one
+    # that fits, an autoscaler's replacement or one the user starts, before it fails; the rerun
+    # then resumes it. Like pretrain.worker_group_start_minutes. Not part of any stage's key.
+    node_wait_minutes: float = 15.0
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     detection: DetectionEvalConfig = field(default_factory=DetectionEvalConfig)  # type: ignore[valid-type]
     spatial: SpatialConfig = field(default_factory=SpatialConfig)
@@ -625,6 +629,7 @@ def _validate_eval(ev: Any) -> None:
     gpus = ev.resources.gpus
     check_number("resources.cpus", ev.resources.cpus, above=0)
     check_int("max_failures", ev.max_failures, low=0)
+    check_number("node_wait_minutes", ev.node_wait_minutes, above=0)
     if gpus != "auto":
         check_number("resources.gpus", gpus, at_least=0)
     _check_detection_data(ev.data.detection, ev.detection.detectors)

@@ -366,6 +366,12 @@ LOST_WORKER = (
 # On a stage's run that this invocation launched again: 2, 3, ...; a rerun that continues the
 # run drops it until it launches the stage again.
 ATTEMPT_TAG = "dupr.stage_attempt"
+
+
+class NodeWaitTimeout(RuntimeError):
+    """No node that can place a relaunched evaluation joined within `eval.node_wait_minutes`."""
+
+
 RELAUNCH_AFTER_S = 2.0  # after a lost worker: time for an interrupt of the driver to arrive
 WAIT_CHECK_S = 10.0  # how often the runner looks for stages that no alive node can place
 
@@ -395,7 +401,8 @@ class _Runner:
         self.started: dict[str, float] = {}
         self.tasks: dict[str, StageContext] = {}  # the submitted evaluations'
         self.relaunches: dict[str, int] = {}
-        self.waiting: dict[str, str] = {}  # what each running stage waits for, as last said
+        # What each running stage waits for, as last said, and since when (monotonic time).
+        self.waiting: dict[str, tuple[str, float]] = {}
         self.checked_waiting = 0.0
         self.interrupted = threading.Event()  # Ctrl-C or SIGTERM while a pre-training held us
         self.pretrain_callbacks: list[Any] | None = None
@@ -545,16 +552,20 @@ class _Runner:
             try:
                 while running and not stop.is_set():
                     ended, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
-                    self.note_waiting(running)
+                    gone = []  # the stages that gave their resources back
                     for ref in ended:
                         stage = running.pop(ref)
                         self.collect(ref, stage, running)
-                        if spare is None or stage in running.values():  # launched again
-                            continue
+                        if stage not in running.values():  # else launched again
+                            gone.append(stage)
+                    gone += self.note_waiting(running)
+                    if spare is None or not gone:
+                        continue
+                    for stage in gone:
                         asks = self.asks(stage, spare)
                         spare = {k: spare[k] + asks[k] for k in spare}
-                        if not (stop.is_set() or self.interrupted.is_set()):
-                            spare = self.launch_ready(pending, running, spare)
+                    if not (stop.is_set() or self.interrupted.is_set()):
+                        spare = self.launch_ready(pending, running, spare)
             except Exception:  # Ray going down with the driver (Ctrl-C): the loop ends
                 log.debug("collecting stopped:\n%s", traceback.format_exc())
 
@@ -644,17 +655,16 @@ class _Runner:
                     break  # nothing can make progress (upstream neither done nor failed)
                 continue
             finished, _ = ray.wait(list(running), num_returns=1, timeout=WAIT_CHECK_S)
+            if finished:
+                self.collect(finished[0], running.pop(finished[0]), running)
             self.note_waiting(running)
-            if not finished:
-                if time.monotonic() - last_beat > 60:
-                    last_beat = time.monotonic()
-                    names = ", ".join(
-                        f"{s.name} ({format_duration(time.monotonic() - self.started[s.name])})"
-                        for s in running.values()
-                    )
-                    print(f"[pipeline] running: {names}", flush=True)
-                continue
-            self.collect(finished[0], running.pop(finished[0]), running)
+            if not finished and running and time.monotonic() - last_beat > 60:
+                last_beat = time.monotonic()
+                names = ", ".join(
+                    f"{s.name} ({format_duration(time.monotonic() - self.started[s.name])})"
+                    for s in running.values()
+                )
+                print(f"[pipeline] running: {names}", flush=True)
 
     def launch_ready(
         self,
@@ -683,23 +693,44 @@ class _Runner:
         """What `stage` takes of each resource in `spare` (a CPU unless it says otherwise)."""
         return {k: stage.resources.get(k, 1.0 if k == "CPU" else 0.0) for k in spare}
 
-    def note_waiting(self, running: dict[ray.ObjectRef, Stage]) -> None:
+    def note_waiting(self, running: dict[ray.ObjectRef, Stage]) -> list[Stage]:
         """Say (once) that a running stage waits because no alive node has what it asks: a
         node was lost, and until one that fits joins (an autoscaler's, or one the user
-        starts), the stage cannot be placed. Every WAIT_CHECK_S at most."""
-        if time.monotonic() - self.checked_waiting < WAIT_CHECK_S:
-            return
-        self.checked_waiting = time.monotonic()
+        starts), the stage cannot be placed. After `eval.node_wait_minutes` of that, the stage
+        leaves `running` as failed (the rerun resumes it); those stages. Every WAIT_CHECK_S at
+        most."""
+        now = time.monotonic()
+        if now - self.checked_waiting < WAIT_CHECK_S:
+            return []
+        self.checked_waiting = now
         largest = largest_node()
-        for stage in list(running.values()):
-            lacking = [f"{v:g} {k}" for k, v in stage.resources.items() if v > largest.get(k, 0)]
-            waits = f"waits for a node with {' and '.join(lacking)}" if lacking else ""
-            if waits and self.waiting.get(stage.name) != waits:
+        limit_s = 60.0 * float(self.cfg["eval"]["node_wait_minutes"])
+        given_up = []
+        for ref, stage in list(running.items()):
+            lacking = " and ".join(
+                f"{v:g} {k}" for k, v in stage.resources.items() if v > largest.get(k, 0)
+            )
+            if not lacking:
+                self.waiting.pop(stage.name, None)
+                continue
+            said, since = self.waiting.get(stage.name, ("", now))
+            if said != lacking:
                 print(
-                    f"[pipeline] {stage.name}: {waits} (no node of the cluster has them now)",
+                    f"[pipeline] {stage.name}: waits for a node with {lacking} "
+                    "(no node of the cluster has them now)",
                     flush=True,
                 )
-            self.waiting[stage.name] = waits
+            self.waiting[stage.name] = (lacking, since)
+            if now - since >= limit_s:
+                # Not yet placed, Ray drops the task; placed since the check (a node joined just
+                # now), it is interrupted as by Ctrl-C. Its checkpoint stays for the rerun.
+                ray.cancel(ref)
+                del running[ref]
+                del self.waiting[stage.name]
+                minutes = f"{limit_s / 60:g} min (eval.node_wait_minutes)"
+                self.fail(stage, NodeWaitTimeout(f"no node with {lacking} joined within {minutes}"))
+                given_up.append(stage)
+        return given_up
 
     def spare(self, pretrain: Stage) -> dict[str, float]:
         """The CPUs and GPUs free now beyond what `pretrain` will take."""
