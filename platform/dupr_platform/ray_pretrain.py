@@ -7,7 +7,8 @@ function (`train_worker`) is the plain `dupr.train` loop with three hooks:
 - after every epoch, rank 0 writes the complete training state (model with memory banks,
   optimizer, schedule, scaler, epoch/step, every rank's random generators) into a checkpoint
   directory and `ray.train.report`s it; Ray uploads it to the run's storage and only then
-  counts it, so a crash mid-write never produces a broken "latest";
+  counts it, so a crash mid-write never produces a broken "latest". The upload runs beside
+  the next epoch (`report_checkpoint`); the last one before fit() returns;
 - metrics are buffered by rank 0 and committed to MLflow just before that checkpoint is
   reported; a resumed run skips the steps MLflow already holds, so every step is logged
   exactly once whatever the moment of the failure;
@@ -18,6 +19,7 @@ function (`train_worker`) is the plain `dupr.train` loop with three hooks:
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -31,6 +33,7 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
+from ray.train import CheckpointUploadMode
 from ray.train.torch import TorchTrainer
 
 from dupr.config import (
@@ -272,6 +275,13 @@ def _gather_rng_states() -> list[dict[str, Any]]:
 
 def train_worker(config: dict[str, Any]) -> None:
     """Per-worker function of the TorchTrainer: the dupr/ loop plus checkpoint and log hooks."""
+    # Where rank 0 writes each checkpoint before Ray uploads it (and then removes it); a worker
+    # killed meanwhile leaves it to the next worker on the node (dupr_platform.scratch).
+    with scratch_folder("dupr-checkpoints-") as checkpoints:
+        _train(config, checkpoints)
+
+
+def _train(config: dict[str, Any], checkpoints: Path) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = DUPRConfig.from_dict(config["method"])
@@ -369,21 +379,18 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report(summary, checkpoint=None)
             return
         logger.commit()  # sent in the background while the state is serialised
-        with scratch_folder("dupr-checkpoint-") as d:
-            payload = s.state_dict()
-            del payload["rng"]
-            payload["rng_per_rank"] = rngs
-            torch.save(payload, d / STATE_FILE)
-            (d / "meta.json").write_text(json.dumps(summary))
-            # Metrics reach MLflow before the checkpoint counts: a crash in between resumes from
-            # the previous checkpoint and the logger skips the steps MLflow already has.
-            logger.flush()
-            with unrecoverable_if_storage_is_down(config["storage"]):
-                ray.train.report(
-                    summary,
-                    checkpoint=ray.train.Checkpoint.from_directory(d),
-                    checkpoint_dir_name=f"checkpoint_epoch={s.epoch:04d}",
-                )
+        d = checkpoints / f"checkpoint_epoch={s.epoch:04d}"
+        d.mkdir()
+        payload = s.state_dict()
+        del payload["rng"]
+        payload["rng_per_rank"] = rngs
+        torch.save(payload, d / STATE_FILE)
+        (d / "meta.json").write_text(json.dumps(summary))
+        # Metrics reach MLflow before the checkpoint counts: a crash in between resumes from
+        # the previous checkpoint and the logger skips the steps MLflow already has.
+        logger.flush()
+        # The last is waited for, so that fit() returns with it counted.
+        report_checkpoint(summary, d, config["storage"], wait=s.epoch == cfg.optim.epochs)
 
     steps_before = state.step
     try:
@@ -424,6 +431,32 @@ def _first_line(exc: BaseException) -> str:
 
 def _own_message(line: str) -> bool:
     return not line.startswith(("Caught ", "Original Traceback", "File "))
+
+
+def report_checkpoint(metrics: dict[str, Any], folder: Path, storage: str, wait: bool) -> None:
+    """Report the checkpoint written in `folder` to Ray Train, which uploads it to `storage`
+    (in the background unless `wait`), counts it once uploaded (in report order), then
+    removes `folder`. The upload runs beside the next epoch: a paper-scale state is 625 MB,
+    seconds for which every GPU would wait at its next all-reduce
+    (benchmarks/checkpoint_stall.py)."""
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(folder),
+        checkpoint_dir_name=folder.name,
+        checkpoint_upload_mode=CheckpointUploadMode.SYNC if wait else CheckpointUploadMode.ASYNC,
+        delete_local_checkpoint_after_upload=True,
+        checkpoint_upload_fn=functools.partial(upload_checkpoint, storage),
+    )
+
+
+def upload_checkpoint(
+    storage: str, checkpoint: ray.train.Checkpoint, name: str
+) -> ray.train.Checkpoint:
+    """Ray's own upload (pyarrow), with a store that is down made an `UnrecoverableError`: also
+    in Ray's background upload thread, whose errors end the worker like its own. (`get_storage`
+    is a Ray DeveloperAPI; tests/test_storage_outage.py follows it across upgrades.)"""
+    with unrecoverable_if_storage_is_down(storage):
+        return ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, name)
 
 
 @contextlib.contextmanager
