@@ -24,6 +24,7 @@ import functools
 import json
 import logging
 import os
+import re
 import threading
 import time
 import traceback
@@ -612,7 +613,9 @@ class _Runner:
             return False
         self.relaunches[stage.name] = done + 1
         self.loggers[stage.name].set_tag(ATTEMPT_TAG, done + 2)
-        cause = _one_line(exc).rstrip(".")
+        # Ray's first two sentences say what happened and where (the node's IP, its memory
+        # use); the rest, how to look into it, is in Ray's own output (its log file).
+        cause = " ".join(re.split(r"(?<=\.)\s+", _one_line(exc))[:2]).rstrip(".")
         print(
             f"[pipeline] {stage.name}: lost its worker ({cause}); launched again "
             f"({done + 1} of {limit})",
