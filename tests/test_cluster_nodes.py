@@ -68,6 +68,36 @@ def _pipeline(tmp_path, *extra: str) -> list[str]:
     ]
 
 
+def _lose_its_node(ray_head, tmp_path, args: list[str], ready, what: str) -> tuple[int, str, float]:
+    """Run `args` on the head and a 3-CPU node; kill that node (its `ray start`, raylet and
+    workers) once `ready()`, and let no node replace it. (exit status, console output,
+    seconds from the kill to the driver's end)."""
+    env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs}
+    driver = None
+    try:
+        with ray_worker_node(ray_head, ray_head.env, tmp_path / "lost.log", num_cpus=3) as lost:
+            _nodes_up(ray_head, 2)
+            driver = Driver(args, tmp_path / "first.txt", env=env)
+            driver.wait_for(ready, 400, what)
+            os.killpg(lost.pid, signal.SIGKILL)
+            lost.wait(timeout=30)
+            lost_at = time.monotonic()
+        status = driver.wait(300)
+        waited = time.monotonic() - lost_at
+    finally:
+        if driver is not None:
+            driver.stop()
+    return status, driver.output(), waited
+
+
+def _rerun_on_a_new_node(ray_head, tmp_path, args: list[str]) -> tuple[int, str]:
+    """The same command again, once a 3-CPU node has joined: (exit status, console output)."""
+    env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs}
+    with ray_worker_node(ray_head, ray_head.env, tmp_path / "replacement.log", num_cpus=3):
+        _nodes_up(ray_head, 2)
+        return run(args, tmp_path / "second.txt", timeout=400, env=env)
+
+
 def test_a_node_without_credentials_fails_preflight(ray_head, s3_iam_server, tmp_path):
     assert not ray.is_initialized()
     settings = {"AWS_ENDPOINT_URL": s3_iam_server.endpoint_url, "AWS_REGION": "us-east-1"}
@@ -193,23 +223,10 @@ def test_an_evaluation_whose_node_is_not_replaced_fails_then_resumes(ray_head, t
         "eval.detection.checkpoint_minutes=0.05",
         "eval.detection.log_every=1",
     )
-    env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs}
-    driver = None
-    try:
-        with ray_worker_node(ray_head, ray_head.env, tmp_path / "lost.log", num_cpus=3) as lost:
-            _nodes_up(ray_head, 2)
-            driver = Driver(args, tmp_path / "first.txt", env=env)
-            resume_state = "stages/detection-*/resume/finetune.pt"
-            driver.wait_for(lambda: any(storage.glob(resume_state)), 400, "a checkpoint")
-            os.killpg(lost.pid, signal.SIGKILL)
-            lost.wait(timeout=30)
-            started = time.monotonic()
-        status = driver.wait(300)
-        waited = time.monotonic() - started
-    finally:
-        if driver is not None:
-            driver.stop()
-    output = driver.output()
+    resume_state = "stages/detection-*/resume/finetune.pt"
+    status, output, waited = _lose_its_node(
+        ray_head, tmp_path, args, lambda: any(storage.glob(resume_state)), "a checkpoint"
+    )
     assert status == 1, output[-4000:]
     failed = (
         "[pipeline] detection/faster_rcnn_fpn/dupr: FAILED: NodeWaitTimeout: no node with 3 CPU "
@@ -220,9 +237,7 @@ def test_an_evaluation_whose_node_is_not_replaced_fails_then_resumes(ray_head, t
     # The relaunch, a check every 10 s that sees it wait, the 6 s, and the next check.
     assert waited < 60, waited
 
-    with ray_worker_node(ray_head, ray_head.env, tmp_path / "replacement.log", num_cpus=3):
-        _nodes_up(ray_head, 2)
-        status, output = run(args, tmp_path / "second.txt", timeout=400, env=env)
+    status, output = _rerun_on_a_new_node(ray_head, tmp_path, args)
     assert status == 0, output[-4000:]
     resumed = re.findall(r"resuming the fine-tuning after iteration (\d+)", output)
     assert len(resumed) == 1 and 0 < int(resumed[0]) < 12, output[-4000:]
@@ -253,35 +268,20 @@ def test_a_pretraining_whose_node_is_not_replaced_fails_then_resumes(ray_head, t
         "pretrain.controller_failure_limit=0",
         "pretrain.worker_group_start_minutes=0.1",
     )
-    env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs}
-    driver = None
-    try:
-        with ray_worker_node(ray_head, ray_head.env, tmp_path / "lost.log", num_cpus=3) as lost:
-            _nodes_up(ray_head, 2)
-            driver = Driver(args, tmp_path / "first.txt", env=env)
-            snapshot = "**/checkpoint_manager_snapshot.json"
-            driver.wait_for(
-                lambda: any("checkpoint_epoch=" in p.read_text() for p in storage.glob(snapshot)),
-                300,
-                "a checkpoint",
-            )
-            os.killpg(lost.pid, signal.SIGKILL)
-            lost.wait(timeout=30)
-            started = time.monotonic()
-        status = driver.wait(300)
-        waited = time.monotonic() - started
-    finally:
-        if driver is not None:
-            driver.stop()
-    output = driver.output()
+    snapshot = "**/checkpoint_manager_snapshot.json"
+    status, output, waited = _lose_its_node(
+        ray_head,
+        tmp_path,
+        args,
+        lambda: any("checkpoint_epoch=" in p.read_text() for p in storage.glob(snapshot)),
+        "a checkpoint",
+    )
     assert status == 1, output[-4000:]
     assert "[pipeline] pretrain: FAILED: The worker group startup timed out after 6.0 s" in output
     assert "Traceback" not in output
     assert waited < 50, waited  # Ray's own default would have waited a minute
 
-    with ray_worker_node(ray_head, ray_head.env, tmp_path / "replacement.log", num_cpus=3):
-        _nodes_up(ray_head, 2)
-        status, output = run(args, tmp_path / "second.txt", timeout=300, env=env)
+    status, output = _rerun_on_a_new_node(ray_head, tmp_path, args)
     assert status == 0, output[-4000:]
     client = MlflowClient(tracking)
     runs = client.search_runs([client.get_experiment_by_name("dupr").experiment_id])
