@@ -68,6 +68,14 @@ def _pipeline(tmp_path, *extra: str) -> list[str]:
     ]
 
 
+def _node_env(ray_head, tmp_path) -> dict[str, str]:
+    """A worker node's environment: its temp folder on the disk that a node replacing it on the
+    same machine finds (where the killed workers' scratch folders are left)."""
+    node_tmp = tmp_path / "node-tmp"
+    node_tmp.mkdir(exist_ok=True)
+    return {**ray_head.env, "TMPDIR": str(node_tmp)}
+
+
 def _lose_its_node(ray_head, tmp_path, args: list[str], ready, what: str) -> tuple[int, str, float]:
     """Run `args` on the head and a 3-CPU node; kill that node (its `ray start`, raylet and
     workers) once `ready()`, and let no node replace it. (exit status, console output,
@@ -75,7 +83,9 @@ def _lose_its_node(ray_head, tmp_path, args: list[str], ready, what: str) -> tup
     env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs}
     driver = None
     try:
-        with ray_worker_node(ray_head, ray_head.env, tmp_path / "lost.log", num_cpus=3) as lost:
+        with ray_worker_node(
+            ray_head, _node_env(ray_head, tmp_path), tmp_path / "lost.log", 3
+        ) as lost:
             _nodes_up(ray_head, 2)
             driver = Driver(args, tmp_path / "first.txt", env=env)
             driver.wait_for(ready, 400, what)
@@ -93,7 +103,7 @@ def _lose_its_node(ray_head, tmp_path, args: list[str], ready, what: str) -> tup
 def _rerun_on_a_new_node(ray_head, tmp_path, args: list[str]) -> tuple[int, str]:
     """The same command again, once a 3-CPU node has joined: (exit status, console output)."""
     env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs}
-    with ray_worker_node(ray_head, ray_head.env, tmp_path / "replacement.log", num_cpus=3):
+    with ray_worker_node(ray_head, _node_env(ray_head, tmp_path), tmp_path / "replacement.log", 3):
         _nodes_up(ray_head, 2)
         return run(args, tmp_path / "second.txt", timeout=400, env=env)
 
@@ -164,10 +174,7 @@ def test_an_evaluation_whose_node_dies_resumes_on_another(ray_head, tmp_path):
     env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs}
     resume_state = "stages/detection-*/resume/finetune.pt"
     waits = "detection/faster_rcnn_fpn/dupr: waits for a node with 3 CPU (no node of the"
-    # Both nodes' temp folder: one disk, as a node's replacement on the same machine has.
-    node_tmp = tmp_path / "node-tmp"
-    node_tmp.mkdir()
-    node_env = {**ray_head.env, "TMPDIR": str(node_tmp)}
+    node_env, node_tmp = _node_env(ray_head, tmp_path), tmp_path / "node-tmp"
     driver = None
     try:
         with ray_worker_node(ray_head, node_env, tmp_path / "lost.log", num_cpus=3) as lost:
@@ -280,9 +287,12 @@ def test_a_pretraining_whose_node_is_not_replaced_fails_then_resumes(ray_head, t
     assert "[pipeline] pretrain: FAILED: The worker group startup timed out after 6.0 s" in output
     assert "Traceback" not in output
     assert waited < 50, waited  # Ray's own default would have waited a minute
+    # The killed worker's checkpoint scratch folder, left behind.
+    assert list((tmp_path / "node-tmp").glob("dupr-checkpoints-*"))
 
     status, output = _rerun_on_a_new_node(ray_head, tmp_path, args)
     assert status == 0, output[-4000:]
+    assert not list((tmp_path / "node-tmp").glob("dupr-*"))  # removed by the rerun's worker
     client = MlflowClient(tracking)
     runs = client.search_runs([client.get_experiment_by_name("dupr").experiment_id])
     (pretrain,) = [r for r in runs if r.data.tags.get("dupr.stage") == "pretrain"]
