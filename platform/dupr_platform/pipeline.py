@@ -367,14 +367,12 @@ LOST_WORKER = (
 # On a stage's run that this invocation launched again: 2, 3, ...; a rerun that continues the
 # run drops it until it launches the stage again.
 ATTEMPT_TAG = "dupr.stage_attempt"
+RELAUNCH_AFTER_S = 2.0  # after a lost worker: time for an interrupt of the driver to arrive
+WAIT_CHECK_S = 10.0  # how often the runner looks for stages that no alive node can place
 
 
 class NodeWaitTimeout(RuntimeError):
     """No node that can place a relaunched evaluation joined within `eval.node_wait_minutes`."""
-
-
-RELAUNCH_AFTER_S = 2.0  # after a lost worker: time for an interrupt of the driver to arrive
-WAIT_CHECK_S = 10.0  # how often the runner looks for stages that no alive node can place
 
 
 # max_retries=0: the runner relaunches instead of Ray's task retries, which count a memory-
