@@ -68,6 +68,21 @@ def _pipeline(tmp_path, *extra: str) -> list[str]:
     ]
 
 
+def _fine_tuning_on_the_node(tmp_path, iterations: int, *extra: str) -> list[str]:
+    """Pre-train, convert, then a fine-tuning of `iterations` that asks for 3 CPUs, which only
+    the worker node has (the head has 2), and checkpoints every 3 s."""
+    return _pipeline(
+        tmp_path,
+        "baselines.random=false",
+        "stages=[pretrain,convert,detection]",
+        "eval.resources.cpus=3",
+        f"eval.detection.iterations={iterations}",
+        "eval.detection.checkpoint_minutes=0.05",
+        "eval.detection.log_every=1",
+        *extra,
+    )
+
+
 def _node_env(ray_head, tmp_path) -> dict[str, str]:
     """A worker node's environment: its temp folder on the disk that a node replacing it on the
     same machine finds (where the killed workers' scratch folders are left)."""
@@ -162,15 +177,7 @@ def test_an_evaluation_whose_node_dies_resumes_on_another(ray_head, tmp_path):
     node is killed (the whole process group of its `ray start`: raylet and workers) once the
     fine-tuning has checkpointed, and a replacement node joins, as an autoscaler would add it."""
     storage, tracking = tmp_path / "storage", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = _pipeline(
-        tmp_path,
-        "baselines.random=false",
-        "stages=[pretrain,convert,detection]",
-        "eval.resources.cpus=3",
-        "eval.detection.iterations=24",
-        "eval.detection.checkpoint_minutes=0.05",
-        "eval.detection.log_every=1",
-    )
+    args = _fine_tuning_on_the_node(tmp_path, 24)
     env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs}
     resume_state = "stages/detection-*/resume/finetune.pt"
     waits = "detection/faster_rcnn_fpn/dupr: waits for a node with 3 CPU (no node of the"
@@ -220,16 +227,7 @@ def test_an_evaluation_whose_node_is_not_replaced_fails_then_resumes(ray_head, t
     eval.node_wait_minutes (6 s here, 15 min by default) it fails, the job ends, and once a node
     joins the same command resumes the fine-tuning from its checkpoint."""
     storage, tracking = tmp_path / "storage", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = _pipeline(
-        tmp_path,
-        "baselines.random=false",
-        "stages=[pretrain,convert,detection]",
-        "eval.resources.cpus=3",
-        "eval.node_wait_minutes=0.1",
-        "eval.detection.iterations=12",
-        "eval.detection.checkpoint_minutes=0.05",
-        "eval.detection.log_every=1",
-    )
+    args = _fine_tuning_on_the_node(tmp_path, 12, "eval.node_wait_minutes=0.1")
     resume_state = "stages/detection-*/resume/finetune.pt"
     status, output, waited = _lose_its_node(
         ray_head, tmp_path, args, lambda: any(storage.glob(resume_state)), "a checkpoint"
