@@ -191,7 +191,7 @@ def test_an_evaluation_whose_node_dies_resumes_on_another(ray_head, tmp_path):
             os.killpg(lost.pid, signal.SIGKILL)
             lost.wait(timeout=30)
         # The killed stage's scratch folder is left behind, for the next stage there to remove.
-        assert list(node_tmp.glob("dupr-stage-*"))
+        assert list(node_tmp.glob("dupr-scratch-stage-*"))
         # Relaunched, the stage waits: no node left has 3 CPUs, and the console says so.
         driver.wait_for(lambda: waits in driver.output(), 120, "the waiting stage's line")
         with ray_worker_node(ray_head, node_env, tmp_path / "replacement.log", num_cpus=3):
@@ -286,7 +286,7 @@ def test_a_pretraining_whose_node_is_not_replaced_fails_then_resumes(ray_head, t
     assert "Traceback" not in output
     assert waited < 50, waited  # Ray's own default would have waited a minute
     # The killed worker's checkpoint scratch folder, left behind.
-    assert list((tmp_path / "node-tmp").glob("dupr-checkpoints-*"))
+    assert list((tmp_path / "node-tmp").glob("dupr-scratch-checkpoints-*"))
 
     status, output = _rerun_on_a_new_node(ray_head, tmp_path, args)
     assert status == 0, output[-4000:]

@@ -334,7 +334,7 @@ def run_stage(ctx: StageContext) -> StageOutput:
     """Run the body, copy its folder to the stage's storage folder, log its artifacts."""
     from mlflow.tracking import MlflowClient
 
-    with scratch_folder("dupr-stage-") as tmp:
+    with scratch_folder("stage") as tmp:
         if ctx.profile and ctx.kind != "detection":  # a fine-tuning measures its own steps
             device = eval_stages.stage_device(ctx)
             with smoke.profiled(device) as measured:

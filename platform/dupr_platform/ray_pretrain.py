@@ -277,7 +277,7 @@ def train_worker(config: dict[str, Any]) -> None:
     """Per-worker function of the TorchTrainer: the dupr/ loop plus checkpoint and log hooks."""
     # Where rank 0 writes each checkpoint before Ray uploads it (and then removes it); a worker
     # killed meanwhile leaves it to the next worker on the node (dupr_platform.scratch).
-    with scratch_folder("dupr-checkpoints-") as checkpoints:
+    with scratch_folder("checkpoints") as checkpoints:
         _train(config, checkpoints)
 
 

@@ -8,7 +8,8 @@ checkpoint: more) would pile up on the nodes that live on.
 
 So each folder is locked (`flock`) by the process that made it, for as long as it is in use;
 the kernel releases the lock when the process dies, however it dies. Whoever makes the next
-folder of the same kind on that node removes the unlocked ones: the orphans.
+scratch folder on that node, of any kind, removes the unlocked ones: the orphans. (Of any
+kind: a node that lost a pre-training worker may run only evaluations afterwards.)
 """
 
 from __future__ import annotations
@@ -21,13 +22,18 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+# Every scratch folder's name starts so; the kind follows (`dupr-scratch-stage-...`). Other
+# folders of the project (the local stack's `dupr-stack-...`) are never locked: not swept.
+PREFIX = "dupr-scratch-"
+
 
 @contextlib.contextmanager
-def scratch_folder(prefix: str) -> Iterator[Path]:
-    """A new folder in the system's temp folder, removed when the block ends; the orphans
-    of earlier `prefix` folders on this node (their process died) are removed first."""
+def scratch_folder(kind: str) -> Iterator[Path]:
+    """A new folder `dupr-scratch-{kind}-*` in the system's temp folder, removed when the block
+    ends; the orphans of earlier scratch folders on this node (their process died) are removed
+    first."""
     while True:
-        path = Path(tempfile.mkdtemp(prefix=prefix))
+        path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{kind}-"))
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:  # another process's sweep took it for an orphan
@@ -37,18 +43,18 @@ def scratch_folder(prefix: str) -> Iterator[Path]:
             break
         os.close(fd)
     try:
-        remove_orphans(prefix, keep=path)
+        remove_orphans(keep=path)
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
         os.close(fd)
 
 
-def remove_orphans(prefix: str, keep: Path | None = None) -> list[Path]:
-    """Remove the `prefix` folders in the temp folder that no living process holds; the
+def remove_orphans(keep: Path | None = None) -> list[Path]:
+    """Remove the scratch folders in the temp folder that no living process holds; the
     removed ones."""
     removed = []
-    for path in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+    for path in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
         if path == keep or not path.is_dir() or path.is_symlink():
             continue
         try:
