@@ -279,6 +279,50 @@ def test_an_evaluation_whose_worker_dies_is_launched_again_then_fails(
     assert run.data.tags["dupr.stage_attempt"] == "3"
 
 
+def test_evaluations_beside_a_pretraining_fit_the_cluster_as_it_is_now(
+    local_ray, tmp_path, monkeypatch
+):
+    """What the pre-training leaves free (`spare`) is counted once and given back by each
+    stage that ends; after a node is lost that count is too much. The evaluations launched
+    beside a pre-training also fit what the alive nodes have beyond the pre-training's and the
+    running evaluations' (here a ledger of 10 CPUs, as before a loss, on a 2-CPU cluster): else
+    they would take what the pre-training's restarted workers wait for."""
+    import ray
+
+    from dupr_platform import pipeline
+    from dupr_platform.tracking import RunLogger
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = toy_config("toy-shrunk", str(tmp_path / "storage"), tracking)
+    stages = build_stages(cfg)
+    pipeline.resolve_gpus(stages)
+    parent = RunLogger.start(tracking, cfg["experiment"], "toy-shrunk")
+    runner = pipeline._Runner(cfg, stages, parent)
+    monkeypatch.setattr(pipeline._Runner, "submit", staticmethod(lambda *_: ray.put(None)))
+    pretrain = next(s for s in stages if s.kind == "pretrain")
+    assert runner.spare(pretrain) == {"CPU": 1.0, "GPU": 0.0}  # 2 CPUs, less its 1
+    pending = [s for s in stages if s.kind != "pretrain"]  # the random backbone's are ready
+    running: dict = {}
+
+    spare = runner.launch_ready(pending, running, {"CPU": 10.0, "GPU": 0.0})
+    assert [s.name for s in running.values()] == ["detection/faster_rcnn_fpn/random"]
+    assert spare == {"CPU": 9.0, "GPU": 0.0}
+    assert runner.launch_ready(pending, running, spare) == spare  # nothing more fits now
+
+    # The fine-tuning ends and gives its CPU back: the next one fits in its place.
+    ended = running.popitem()[1]
+    spare = {"CPU": spare["CPU"] + ended.resources["CPU"], "GPU": 0.0}
+    spare = runner.launch_ready(pending, running, spare)
+    assert len(running) == 1 and spare == {"CPU": 9.0, "GPU": 0.0}
+    # And where the count is the smaller, it decides: nothing launched with none spare.
+    running.clear()
+    before = len(pending)
+    assert runner.launch_ready(pending, running, {"CPU": 0.0, "GPU": 0.0})["CPU"] == 0.0
+    assert len(pending) == before and not running
+    for run in runner.loggers.values():
+        run.end("KILLED")
+
+
 def test_a_stage_continues_its_mlflow_run_unless_it_was_deleted(tmp_path):
     """What a rerun does with the run named beside a fine-tuning's resume state: continues it,
     though settings outside the stage's key (checkpoint_minutes, log_every) changed, without

@@ -403,6 +403,7 @@ class _Runner:
         # What each running stage waits for, as last said, and since when (monotonic time).
         self.waiting: dict[str, tuple[str, float]] = {}
         self.checked_waiting = 0.0
+        self.pretrain_need: dict[str, float] = {}  # the CPUs and GPUs of the pre-training at hand
         self.interrupted = threading.Event()  # Ctrl-C or SIGTERM while a pre-training held us
         self.pretrain_callbacks: list[Any] | None = None
         self.tuned = next(s.name for s in stages if s.kind == "pretrain")
@@ -674,14 +675,17 @@ class _Runner:
         spare: dict[str, float] | None,
     ) -> dict[str, float] | None:
         """Launch the ready evaluations into `running`: all of them, or those that fit in
-        `spare` (what a pre-training leaves free); what is left of `spare`."""
+        `spare` (what a pre-training leaves free) and in the cluster as it is now; what is
+        left of `spare`."""
         evaluations = [s for s in self.ready(pending) if s.kind != "pretrain"]
+        room = self.room(running) if spare is not None and evaluations else {}
         for stage in sorted(evaluations, key=lambda s: LAUNCH_ORDER.get(s.kind, len(LAUNCH_ORDER))):
             if spare is not None:
                 asks = self.asks(stage, spare)
-                if any(asks[k] > spare[k] for k in spare):
+                if any(asks[k] > min(spare[k], room[k]) for k in spare):
                     continue  # once resources are given back, or after the pre-training
                 spare = {k: spare[k] - asks[k] for k in spare}
+                room = {k: room[k] - asks[k] for k in room}
             pending.remove(stage)
             try:
                 running[self.launch(stage)] = stage
@@ -693,6 +697,18 @@ class _Runner:
     def asks(stage: Stage, spare: dict[str, float]) -> dict[str, float]:
         """What `stage` takes of each resource in `spare` (a CPU unless it says otherwise)."""
         return {k: stage.resources.get(k, 1.0 if k == "CPU" else 0.0) for k in spare}
+
+    def room(self, running: dict[ray.ObjectRef, Stage]) -> dict[str, float]:
+        """The CPUs and GPUs of the cluster's alive nodes beyond the pre-training's and the
+        running evaluations'. `spare` counts what ended stages give back, which is right while
+        the cluster keeps its size; after a node is lost it is too much: evaluations launched
+        into it would take what the pre-training's restarted workers wait for."""
+        total = ray.cluster_resources()
+        room = {k: total.get(k, 0.0) - self.pretrain_need.get(k, 0.0) for k in ("CPU", "GPU")}
+        for stage in running.values():
+            asks = self.asks(stage, room)
+            room = {k: room[k] - asks[k] for k in room}
+        return room
 
     def note_waiting(self, running: dict[ray.ObjectRef, Stage]) -> list[Stage]:
         """Say (once) that a running stage waits because no alive node has what it asks: a
@@ -735,7 +751,7 @@ class _Runner:
 
     def spare(self, pretrain: Stage) -> dict[str, float]:
         """The CPUs and GPUs free now beyond what `pretrain` will take."""
-        need = pretraining_needs(pretrain_job(self.cfg, pretrain))
+        need = self.pretrain_need = pretraining_needs(pretrain_job(self.cfg, pretrain))
         free = ray.available_resources()
         return {k: free.get(k, 0.0) - need[k] for k in ("CPU", "GPU")}
 
