@@ -112,6 +112,9 @@ def run_cli(
     # exit status was 1 and the trials' MLflow runs stayed RUNNING (ray_pretrain._Trainer does
     # the same for Ray Train's handler).
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    # MLflow prints two lines ("View run ... at: URL") for each run it ends on a tracking
+    # server; the summary table links every stage's run already.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         cfg = load()
     except INPUT_ERRORS as err:
