@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from dupr_platform import tracking
+from dupr_platform.recovery import Heartbeat
 from dupr_platform.tracking import (
     REDACTED,
     RUN_KEY_TAG,
@@ -18,6 +20,8 @@ from dupr_platform.tracking import (
     TrackingError,
     check_tracking,
     flatten_params,
+    metric_rows,
+    metrics_from_rows,
     redact,
     redact_tree,
 )
@@ -210,6 +214,75 @@ def test_background_failure_surfaces_on_flush(mlflow_server):
     logger.commit()
     assert logger.last_step() == 1
     logger.end("KILLED")
+
+
+def test_metrics_wait_out_an_unreachable_server_and_travel_with_a_checkpoint(
+    mlflow_server, monkeypatch
+):
+    """While the server cannot be reached (here: a port with nothing on it, and no MLflow
+    retries), committed metrics are kept in order and tried again; `unsent` lists them for a
+    checkpoint, `flush` raises only after its patience, and once the server answers they go
+    through, each step once. A resumed writer `resend`s what a checkpoint carried."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(tracking, "RETRY_S", 0.2)
+    client = MlflowClient(mlflow_server.uri)
+    logger = RunLogger.start(mlflow_server.uri, _experiment(), "outage-run")
+    logger.client = MlflowClient(f"http://127.0.0.1:{free_port()}")  # the server is down
+    for step in (1, 2):
+        logger.log_metrics(step, {"loss": 1.0 / step})
+    logger.commit()
+    assert not logger.sent(timeout_s=30)  # returns once a try failed, not after 30 s
+    assert [m.step for m in logger.unsent()] == [1, 2]
+    with pytest.raises(TrackingError, match="unreachable .*; 2 metric values of run") as excinfo:
+        logger.flush(patience_s=0.5)
+    assert "\n" not in str(excinfo.value)
+    logger.log_metrics(3, {"loss": 0.3})  # training goes on meanwhile
+    logger.commit()
+    carried = json.loads(json.dumps(metric_rows(logger.unsent())))  # what a checkpoint carries
+    assert [m.step for m in metrics_from_rows(carried)] == [1, 2, 3]
+
+    logger.client = client  # the server is back
+    logger.flush(patience_s=60)
+    assert _steps(client, logger.run_id, "loss") == [1, 2, 3]
+    logger.end()
+
+    # A writer that dies while the server is down; the one that resumes from its checkpoint
+    # sends what the checkpoint carries.
+    lost = RunLogger.start(mlflow_server.uri, _experiment(), "outage-crash")
+    lost.client = MlflowClient(f"http://127.0.0.1:{free_port()}")
+    lost.log_metrics(1, {"loss": 1.0})
+    lost.commit()
+    assert not lost.sent(timeout_s=30)
+    carried = json.loads(json.dumps(metric_rows(lost.unsent())))
+    with pytest.raises(Exception):  # noqa: B017 (MLflow's or ours: the server is down)
+        lost.end("KILLED")
+    resumed = RunLogger.start(mlflow_server.uri, "", "", run_id=lost.run_id)
+    assert resumed.resend(metrics_from_rows(carried)) == 1
+    assert resumed.resend(metrics_from_rows(carried)) == 0  # queued already
+    resumed.end()
+    assert _steps(client, lost.run_id, "loss") == [1]
+
+
+def test_the_driver_says_once_that_tracking_is_unreachable_and_when_it_is_back(
+    mlflow_server, monkeypatch, capsys
+):
+    """The driver's heartbeat is what notices an outage first: one short line, not one per
+    beat, and one when a beat goes through again."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    run = RunLogger.start(mlflow_server.uri, _experiment(), "heartbeat-run")
+    heartbeat = Heartbeat(run, "pipeline", interval_s=0.1)
+    heartbeat.client = MlflowClient(f"http://127.0.0.1:{free_port()}")  # the server is down
+    time.sleep(1.0)
+    heartbeat.client = run.client
+    time.sleep(1.0)
+    heartbeat.stop()
+    run.end()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [
+        f"[pipeline] tracking {mlflow_server.uri}: unreachable ([Errno 111] Connection "
+        "refused); training goes on, its metrics are kept until the server is back",
+        f"[pipeline] tracking {mlflow_server.uri}: reachable again",
+    ]
 
 
 def test_restart_continues_same_run_exactly_once(mlflow_server):

@@ -40,6 +40,7 @@ from dupr.evaluation.object_probe import object_probe as probe_boxes
 from dupr.evaluation.spatial import iou_similarity, plot_iou_similarity
 from dupr.evaluation.voc_metrics import VOC_METRICS
 from dupr.photometric import normalise
+from dupr_platform import tracking
 from dupr_platform.configs import CLASSIFICATION_DATA, DETECTION_DATA, detection_recipe
 from dupr_platform.convert_stage import CONVERT_METRICS
 from dupr_platform.progress import Progress
@@ -52,7 +53,7 @@ from dupr_platform.smoke import (
 )
 from dupr_platform.stages import RESUME_DIR, RESUME_RUN, StageContext, StageOutput, local_input
 from dupr_platform.storage import open_storage, split_uri, uri_exists
-from dupr_platform.tracking import RunLogger
+from dupr_platform.tracking import RunLogger, metric_rows, metrics_from_rows
 
 RESUMED_TAG = "dupr.resumed_at_iteration"  # on a detection stage's run that resumed
 
@@ -178,17 +179,23 @@ def detection(ctx: StageContext, out: Path) -> StageOutput:
             flush=True,
         )
         logger.set_tag(RESUMED_TAG, resume["iteration"])
+        # What the tracking server had not taken when the state was saved (it was down).
+        logger.resend(metrics_from_rows(resume.pop("unsent_metrics", [])))
 
     saved_run: list[str] = []
 
     def save(state: dict[str, Any]) -> None:
         # The losses up to this checkpoint go to MLflow now, not after hours, and before the
         # checkpoint counts, as in pre-training (dupr_platform.tracking): a run that resumes
-        # from it (this one relaunched, or a rerun's) starts after them, with no gap.
-        logger.commit()  # sent in the background while the state is serialised
+        # from it (this one relaunched, or a rerun's) starts after them, with no gap. While
+        # the tracking server cannot be reached, the state carries what it has not taken.
+        logger.commit()
+        if logger.sent(tracking.SEND_WAIT_S):
+            logger.flush()  # raises if the server refused a batch
+        else:
+            state = {**state, "unsent_metrics": metric_rows(logger.unsent())}
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        logger.flush()
         if not saved_run:  # first: a state always names the run that a rerun continues
             storage.write_json(f"{ctx.folder}/{RESUME_RUN}", {"run_id": ctx.run_id})
             saved_run.append(ctx.run_id)
@@ -202,33 +209,34 @@ def detection(ctx: StageContext, out: Path) -> StageOutput:
         logger.log_metrics(iteration, {f"train/{k}": v for k, v in losses.items()})
         progress.update(iteration, {"loss": losses.get("loss", float("nan"))})
 
-    try:
-        with flops_counted(device if memory else None) as flops:
-            finetune(
-                model,
-                train_set,
-                cfg,
-                device,
-                on_log=on_log,
-                log_every=c.get("log_every", 10),
-                resume=resume,
-                on_checkpoint=None if ctx.profile else save,
-                checkpoint_every_s=60.0 * c["checkpoint_minutes"],
-            )
-        measured = {}
-        if memory is not None:
-            measured = profile_metrics(
-                device,
-                cfg.batch_size,
-                memory.stop(),
-                timer.step_s(),
-                flops.get("total"),
-                cfg.iterations,
-            )
-        metrics = evaluate(model, val_set, device, voc=c.get("voc_metric", True)) | measured
-        logger.commit()
-    finally:
-        logger.flush()
+    with flops_counted(device if memory else None) as flops:
+        finetune(
+            model,
+            train_set,
+            cfg,
+            device,
+            on_log=on_log,
+            log_every=c.get("log_every", 10),
+            resume=resume,
+            on_checkpoint=None if ctx.profile else save,
+            checkpoint_every_s=60.0 * c["checkpoint_minutes"],
+        )
+    measured = {}
+    if memory is not None:
+        measured = profile_metrics(
+            device,
+            cfg.batch_size,
+            memory.stop(),
+            timer.step_s(),
+            flops.get("total"),
+            cfg.iterations,
+        )
+    metrics = evaluate(model, val_set, device, voc=c.get("voc_metric", True)) | measured
+    logger.commit()
+    # The driver ends the run once this returns: every iteration must be in MLflow by then.
+    # (After a failure nothing needs sending: what the last checkpoint counts was sent or is
+    # carried by it, and a resume trains the later iterations again.)
+    logger.flush(patience_s=tracking.PATIENCE_S)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return StageOutput(
         files={"metrics": "metrics.json", "data": "data.json"},

@@ -52,7 +52,7 @@ from dupr.data.two_views import UndecodableDataError, build_loader, check_epoch_
 from dupr.model import DUPR
 from dupr.train import BatchLoader, TrainState, build_state, compile_model, rng_state, train
 from dupr.views import TwoViews
-from dupr_platform import software
+from dupr_platform import software, tracking
 from dupr_platform.cluster import (
     COMPUTE_PRIORITY,
     check_nodes,
@@ -83,11 +83,21 @@ from dupr_platform.storage import (
     ray_storage_args,
 )
 from dupr_platform.text import one_line
-from dupr_platform.tracking import ERROR_TAG, TRACKING_CREDENTIALS, RunLogger, check_tracking
+from dupr_platform.tracking import (
+    ERROR_TAG,
+    TRACKING_CREDENTIALS,
+    RunLogger,
+    check_tracking,
+    metric_rows,
+    metrics_from_rows,
+)
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+# The metrics of the steps up to a checkpoint that the tracking server had not taken when it
+# was written (it could not be reached): a resume sends them.
+UNSENT_FILE = "unsent_metrics.json"
 
 # How often Ray Train's controller polls its workers (Ray's default: every 2 s). Starting a
 # run and noticing its end each wait for polls: at 0.5 s a 3-step pre-training took about 4 s
@@ -327,9 +337,12 @@ def _train(config: dict[str, Any], checkpoints: Path) -> None:
     state = build_state(model, cfg.optim, len(loader), device)
 
     checkpoint = ray.train.get_checkpoint()
+    unsent = []  # the metrics a checkpoint carries (their tracking server was unreachable)
     if checkpoint:
         with unrecoverable_if_storage_is_down(config["storage"]), checkpoint.as_directory() as d:
             saved = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=False)
+            if (Path(d) / UNSENT_FILE).exists():
+                unsent = metrics_from_rows(json.loads((Path(d) / UNSENT_FILE).read_text()))
         rngs = saved.pop("rng_per_rank")
         saved["rng"] = rngs[rank] if len(rngs) == world else rngs[0]
         state.load_state_dict(saved)
@@ -344,6 +357,7 @@ def _train(config: dict[str, Any], checkpoints: Path) -> None:
         )
         if checkpoint:  # visible in the UI: this run continued from a checkpoint at that step
             logger.set_tag("dupr.resumed_at_step", str(state.step))
+            logger.resend(unsent)
         # What the throughput numbers were measured on (a resumed run records its last start).
         logger.set_tag("dupr.world_size", str(world))
         logger.set_tag(
@@ -387,8 +401,13 @@ def _train(config: dict[str, Any], checkpoints: Path) -> None:
         torch.save(payload, d / STATE_FILE)
         (d / "meta.json").write_text(json.dumps(summary))
         # Metrics reach MLflow before the checkpoint counts: a crash in between resumes from
-        # the previous checkpoint and the logger skips the steps MLflow already has.
-        logger.flush()
+        # the previous checkpoint and the logger skips the steps MLflow already has. While
+        # the tracking server cannot be reached, training goes on: the checkpoint carries
+        # what it has not taken, and the logger keeps trying.
+        if logger.sent(tracking.SEND_WAIT_S):
+            logger.flush()  # raises if the server refused a batch
+        else:
+            (d / UNSENT_FILE).write_text(json.dumps(metric_rows(logger.unsent())))
         # The last is waited for, so that fit() returns with it counted.
         report_checkpoint(summary, d, config["storage"], wait=s.epoch == cfg.optim.epochs)
 
@@ -419,9 +438,11 @@ def _train(config: dict[str, Any], checkpoints: Path) -> None:
     except (UndecodableDataError, ShardError) as exc:
         # The data itself is broken (or gone): every restart would fail the same way.
         raise UnrecoverableError(f"data {config['data']}: {_first_line(exc)}") from None
-    finally:
-        if logger:
-            logger.flush()
+    # The driver ends the run once the workers return: every step must be in MLflow by then.
+    # (After a failure nothing needs sending: what the last checkpoint counts was sent or is
+    # carried by it, and the later steps are trained again.)
+    if logger:
+        logger.flush(patience_s=tracking.PATIENCE_S)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -32,7 +32,8 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from dupr_platform.tracking import CONTINUED_BY_TAG, PARENT_TAG, RunLogger
+from dupr_platform.storage import scrub_secrets
+from dupr_platform.tracking import CONTINUED_BY_TAG, PARENT_TAG, RunLogger, unreachable_reason
 
 _log = logging.getLogger(__name__)
 
@@ -80,8 +81,9 @@ def driver_is_gone(tags: dict[str, str], now: float | None = None) -> bool:
 class Heartbeat:
     """Tags `run` as owned by this process and refreshes its heartbeat until `stop`."""
 
-    def __init__(self, run: RunLogger, interval_s: float = HEARTBEAT_S) -> None:
+    def __init__(self, run: RunLogger, where: str, interval_s: float = HEARTBEAT_S) -> None:
         self.client, self.run_id, self.interval_s = run.client, run.run_id, interval_s
+        self.where, self.shown = where, scrub_secrets(run.tracking_uri)  # the console's words
         self._stop = threading.Event()
         self._beat()
         self.client.set_tag(self.run_id, DRIVER_TAG, driver_identity())
@@ -92,11 +94,24 @@ class Heartbeat:
         self.client.set_tag(self.run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
 
     def _loop(self) -> None:
+        down = False
         while not self._stop.wait(self.interval_s):
             try:
                 self._beat()
             except Exception as exc:  # a missed beat is not worth a crash
-                _log.warning("heartbeat of run %s failed: %s", self.run_id, exc)
+                _log.debug("heartbeat of run %s failed", self.run_id, exc_info=True)
+                if not down:  # said once an outage: the trainings go on meanwhile
+                    print(
+                        f"[{self.where}] tracking {self.shown}: unreachable "
+                        f"({unreachable_reason(exc)}); training goes on, its metrics are "
+                        "kept until the server is back",
+                        flush=True,
+                    )
+                down = True
+                continue
+            if down:
+                print(f"[{self.where}] tracking {self.shown}: reachable again", flush=True)
+            down = False
 
     def stop(self) -> None:
         self._stop.set()
@@ -168,7 +183,7 @@ def _close(client: MlflowClient, run_id: str, status: str, continued_by: str) ->
 def driving(run: RunLogger, pipeline_tag: str, name: str, where: str) -> Iterator[None]:
     """While this driver owns `run`: a heartbeat, the runs of a dead predecessor closed
     first, and on an exception the run ended FAILED (KILLED after Ctrl-C or SIGTERM)."""
-    heartbeat = Heartbeat(run)
+    heartbeat = Heartbeat(run, where)
     try:
         closed = close_orphans(run, pipeline_tag, name)
         if closed:

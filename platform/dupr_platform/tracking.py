@@ -16,6 +16,14 @@ returns; a crash in the short window between ``commit`` and the background send 
 steps, which is why :meth:`RunLogger.end` flushes and callers that cannot accept that window
 call ``flush()`` right after ``commit()``.
 
+Why the sender keeps what it could not send: a tracking server that restarts (an upgrade, a
+rescheduled pod) or is down for longer than MLflow's own retries (about 4 minutes per call)
+must not end a pre-training of days. The committed metrics stay in order in memory and are
+tried again every ``RETRY_S`` until the server answers; :meth:`RunLogger.unsent` lists them,
+so that a checkpoint can carry them, and :meth:`RunLogger.resend` queues them again after a
+resume. An error the server gives for the request itself (a bad metric name, a deleted run)
+is not retried: the batch is dropped and :meth:`flush` raises.
+
 Secrets never reach MLflow: params, tags and logged dicts/texts go through :func:`redact`.
 """
 
@@ -25,7 +33,7 @@ import contextlib
 import functools
 import logging
 import os
-import queue
+import re
 import tempfile
 import threading
 import time
@@ -57,8 +65,11 @@ __all__ = [
     "TrackingError",
     "check_tracking",
     "flatten_params",
+    "metric_rows",
+    "metrics_from_rows",
     "redact",
     "redact_tree",
+    "unreachable_reason",
 ]
 
 _log = logging.getLogger(__name__)
@@ -72,6 +83,22 @@ MAX_PARAMS_PER_BATCH = 100
 MAX_TAGS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAM_VALUE = 6000
+RETRY_S = 10.0  # between tries of a batch that the tracking server could not take
+SEND_WAIT_S = 30.0  # at a checkpoint, for the metrics up to it to reach the server
+# At the end of a training, how long it waits for a tracking server that cannot be reached (a
+# restart, a maintenance) before it fails; the rerun sends what its last checkpoint carries.
+PATIENCE_S = 15 * 60.0
+# MLflow's error codes for a request the server understood and refused: retrying cannot help.
+REFUSED = frozenset(
+    {
+        "BAD_REQUEST",
+        "INVALID_PARAMETER_VALUE",
+        "INVALID_STATE",
+        "PERMISSION_DENIED",
+        "RESOURCE_DOES_NOT_EXIST",
+        "UNAUTHENTICATED",
+    }
+)
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
 # The credential variables of an MLflow server (names only ever shown, never values).
 TRACKING_CREDENTIALS = (
@@ -159,6 +186,18 @@ def redact_tree(obj: Any) -> Any:
 
 # Tracking errors become MLflow tags and console lines: short ones.
 _one_line = functools.partial(one_line, limit=300, cut_mark="...")
+
+
+def unreachable_reason(exc: BaseException) -> str:
+    """Why a call to the tracking server failed, short: the socket's error where MLflow's
+    message wraps one in its URL and urllib3's retry report, else the message's line."""
+    message = str(exc)
+    errno = re.search(r"\[Errno -?\d+\] [^\"'()]+", message)
+    if errno:
+        return errno.group(0).strip()
+    if "timed out" in message.lower():
+        return "no answer (timed out)"
+    return _one_line(exc)
 
 
 def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -290,9 +329,14 @@ class RunLogger:
         self._shown = scrub_secrets(tracking_uri)
         self._floors: dict[str, int] = dict(floors)  # largest step recorded per metric
         self._buffer: dict[tuple[str, int], Metric] = {}
-        self._errors: list[str] = []
+        self._errors: list[str] = []  # refused batches, raised by flush()
         self._ended = False
-        self._queue: queue.Queue[list[Metric] | None] = queue.Queue()
+        # Committed and not yet taken by the server, in order; the sender's state. All under
+        # `_sending`, which the sender notifies when a batch went through or failed.
+        self._sending = threading.Condition()
+        self._unsent: list[Metric] = []
+        self._unreachable = ""  # why the last try failed, while the server cannot be reached
+        self._closed = False
         self._thread = threading.Thread(
             target=self._send_loop, name=f"mlflow-metrics-{run_id[:8]}", daemon=True
         )
@@ -411,7 +455,26 @@ class RunLogger:
         for m in batch:
             self._floors[m.key] = max(m.step, self._floors.get(m.key, m.step))
         if batch:
-            self._queue.put(batch)
+            with self._sending:
+                self._unsent.extend(batch)
+                self._sending.notify_all()
+        return len(batch)
+
+    def unsent(self) -> list[Metric]:
+        """The committed metrics the server has not taken yet (a checkpoint keeps them)."""
+        with self._sending:
+            return list(self._unsent)
+
+    def resend(self, metrics: Iterable[Metric]) -> int:
+        """Queue metrics that an earlier writer of this run had committed and not sent (a
+        checkpoint's), before any new ones; those the server has are dropped. How many."""
+        self._check_open()
+        batch = [m for m in metrics if m.step > self._floors.get(m.key, -(2**63))]
+        for m in batch:
+            self._floors[m.key] = max(m.step, self._floors.get(m.key, m.step))
+        with self._sending:
+            self._unsent[:0] = batch
+            self._sending.notify_all()
         return len(batch)
 
     def discard(self) -> int:
@@ -420,9 +483,38 @@ class RunLogger:
         self._buffer.clear()
         return dropped
 
-    def flush(self) -> None:
-        """Wait until every committed batch is sent; raise if any batch failed."""
-        self._queue.join()
+    def sent(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for the committed metrics to reach the server, less while it
+        cannot be reached; whether they all did."""
+        deadline = time.monotonic() + timeout_s
+        with self._sending:
+            while self._unsent and not self._unreachable:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._sending.wait(remaining)
+            return not self._unsent
+
+    def flush(self, patience_s: float = 0.0) -> None:
+        """Wait until every committed metric is sent; raise if a batch was refused, or if the
+        server has not been reachable for `patience_s` (counted from its first failed try
+        here; MLflow's client has retried each try for minutes already)."""
+        deadline = None
+        with self._sending:
+            while self._unsent:
+                if not self._unreachable:
+                    deadline = None
+                    self._sending.wait()
+                    continue
+                if deadline is None:
+                    deadline = time.monotonic() + patience_s
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TrackingError(
+                        f"tracking {self._shown!r}: unreachable ({self._unreachable}); "
+                        f"{len(self._unsent)} metric values of run {self.run_id} not sent"
+                    )
+                self._sending.wait(remaining)
         if self._errors:
             errors, self._errors = self._errors, []
             raise TrackingError(
@@ -438,18 +530,40 @@ class RunLogger:
 
     def _send_loop(self) -> None:
         while True:
-            batch = self._queue.get()
-            try:
-                if batch is None:
+            with self._sending:
+                while not self._unsent and not self._closed:
+                    self._sending.wait()
+                if self._closed and (not self._unsent or self._unreachable):
                     return
-                for chunk in _chunks(batch, MAX_METRICS_PER_BATCH):
-                    self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
-            except Exception as exc:  # recorded, raised by flush(); the loop must survive
-                message = _one_line(exc)
-                self._errors.append(message)
-                _log.warning("tracking %s: metric batch failed: %s", self._shown, message)
-            finally:
-                self._queue.task_done()
+                chunk = self._unsent[:MAX_METRICS_PER_BATCH]
+            try:
+                self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+                failed = ""
+            except Exception as exc:  # the loop must survive
+                failed = unreachable_reason(exc)
+                if getattr(exc, "error_code", None) in REFUSED:  # dropped; flush() raises
+                    failed = _one_line(exc)
+                    self._errors.append(failed)
+                    _log.warning("tracking %s: metric batch refused: %s", self._shown, failed)
+                    failed = ""
+            with self._sending:
+                if failed:
+                    if not self._unreachable:
+                        _log.warning(
+                            "tracking %s: metrics not sent (%s); kept, and tried again every %g s",
+                            self._shown,
+                            failed,
+                            RETRY_S,
+                        )
+                    self._unreachable = failed
+                    self._sending.notify_all()
+                    self._sending.wait(RETRY_S)  # or until end() closes the logger
+                    continue
+                del self._unsent[: len(chunk)]
+                if self._unreachable:
+                    _log.warning("tracking %s: reachable again; sending", self._shown)
+                    self._unreachable = ""
+                self._sending.notify_all()
 
     # -- artifacts ---------------------------------------------------------------------------
 
@@ -480,10 +594,12 @@ class RunLogger:
         else:
             self.discard()
         self._ended = True
-        self._queue.put(None)
         try:
             self.flush()
         finally:
+            with self._sending:
+                self._closed = True
+                self._sending.notify_all()
             self._thread.join()
             self.client.set_terminated(self.run_id, status=status)
 
@@ -496,6 +612,16 @@ class RunLogger:
     def _check_open(self) -> None:
         if self._ended:
             raise TrackingError(f"run {self.run_id}: already ended")
+
+
+def metric_rows(metrics: Iterable[Metric]) -> list[list[Any]]:
+    """`metrics` (a logger's unsent ones) as plain rows, for a checkpoint to carry."""
+    return [[m.key, m.value, m.timestamp, m.step] for m in metrics]
+
+
+def metrics_from_rows(rows: Iterable[Sequence[Any]]) -> list[Metric]:
+    """The metrics `metric_rows` gave."""
+    return [Metric(str(k), float(v), int(t), int(s)) for k, v, t, s in rows]
 
 
 def _short(value: str, limit: int = 80) -> str:
