@@ -467,15 +467,11 @@ class RunLogger:
 
     def resend(self, metrics: Iterable[Metric]) -> int:
         """Queue metrics that an earlier writer of this run had committed and not sent (a
-        checkpoint's), before any new ones; those the server has are dropped. How many."""
+        checkpoint's); those the server has are dropped. How many. Called before the first
+        step is logged: they are committed as if they were its own."""
         self._check_open()
-        batch = [m for m in metrics if m.step > self._floors.get(m.key, -(2**63))]
-        for m in batch:
-            self._floors[m.key] = max(m.step, self._floors.get(m.key, m.step))
-        with self._sending:
-            self._unsent[:0] = batch
-            self._sending.notify_all()
-        return len(batch)
+        self._buffer.update({(m.key, m.step): m for m in metrics})
+        return self.commit()
 
     def discard(self) -> int:
         """Drop the buffered steps (their checkpoint was not written); returns how many."""
