@@ -1,10 +1,11 @@
 """The MLflow tracking server goes away mid-run and comes back (a restart, a rescheduled pod).
 
 The server (a real `mlflow server` process with its SQLite store) is stopped after the first
-pre-training checkpoint and started again on the same port 30 s later; MLflow's client does
-not retry (its own retries would ride out 4 minutes), so the outage is one the platform must
-handle. The main job must go on training meanwhile, its checkpoints carrying the metrics the
-server did not take, and finish, with its run FINISHED and every step of the loss once.
+pre-training checkpoint and started again on the same port 30 s later, then once more while a
+detection fine-tuning runs. MLflow's client does not retry (its own retries ride out about 4
+minutes), so each outage is one the platform must handle. The main job must train on
+meanwhile, its checkpoints carrying the metrics the server did not take, and finish, with
+both runs FINISHED and every step once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from drivers import PIPELINE, PROJECT_LINE, Driver
@@ -65,7 +67,11 @@ def _checkpointed(storage: Path) -> bool:
     )
 
 
-def test_a_tracking_server_restart_mid_pretraining_is_ridden_out(tmp_path):
+def _saved_since(storage: Path, pattern: str, since_ns: int) -> bool:
+    return any(p.stat().st_mtime_ns > since_ns for p in storage.glob(pattern))
+
+
+def test_tracking_server_restarts_mid_pretraining_and_mid_fine_tuning_are_ridden_out(tmp_path):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = _serve(tmp_path, port)
@@ -78,9 +84,13 @@ def test_a_tracking_server_restart_mid_pretraining_is_ridden_out(tmp_path):
         f"pretrain.data={bundled_image_folder(64)}",
         *TOY_PIPELINE,
         "pretrain.method.optim.epochs=4",  # 8 steps per epoch
-        "stages=[pretrain]",
+        "stages=[pretrain,convert,detection]",
         "baselines.random=false",
+        "eval.detection.iterations=16",
+        "eval.detection.checkpoint_minutes=0.05",  # every 3 s
+        "eval.detection.log_every=1",
     ]
+    resume_state = "stages/detection-*/resume/finetune.pt"
     # MLflow's client retries a call for about 4 minutes; with no retries, a 30 s outage
     # stands for a longer one.
     env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
@@ -90,30 +100,42 @@ def test_a_tracking_server_restart_mid_pretraining_is_ridden_out(tmp_path):
         _stop(server)
         time.sleep(30)
         server = _serve(tmp_path, port)
-        status = driver.wait(400)
-    finally:
-        driver.stop()
+        driver.wait_for(lambda: any(storage.glob(resume_state)), 300, "fine-tuning checkpoint")
         _stop(server)
-    output = driver.output()
-    assert status == 0, output[-4000:]
-    assert "Traceback" not in output
-    # Said once, in one short line, and again when the server is back.
-    down = [line for line in output.splitlines() if "unreachable" in line]
-    assert down == [
-        f"[pipeline] tracking {uri}: unreachable ([Errno 111] Connection refused); training "
-        "goes on, its metrics are kept until the server is back"
-    ], output[-4000:]
-    strangers = [line for line in output.splitlines() if line and not PROJECT_LINE.match(line)]
-    assert not strangers, strangers  # nor MLflow's "View run" lines of a tracking server
-    # Trained on while the server was down: a checkpoint carried what it had not taken.
-    assert list(storage.rglob("unsent_metrics.json")), output[-4000:]
-    client = MlflowClient(uri)
-    server = _serve(tmp_path, port)
-    try:
+        down_since = time.time_ns()
+        # The fine-tuning saves its state meanwhile, with the losses the server did not take.
+        driver.wait_for(lambda: _saved_since(storage, resume_state, down_since), 60, "a save")
+        (state,) = storage.glob(resume_state)
+        assert torch.load(state, weights_only=True)["unsent_metrics"]
+        time.sleep(20)
+        server = _serve(tmp_path, port)
+        status = driver.wait(400)
+        output = driver.output()
+        assert status == 0, output[-4000:]
+        assert "Traceback" not in output
+        # Said in one short line an outage (the driver's heartbeat saw one or both).
+        down = [line for line in output.splitlines() if "unreachable" in line]
+        assert 1 <= len(down) <= 2 and set(down) == {
+            f"[pipeline] tracking {uri}: unreachable ([Errno 111] Connection refused); "
+            "training goes on, its metrics are kept until the server is back"
+        }, output[-4000:]
+        lines = output.splitlines()
+        strangers = [line for line in lines if line and not PROJECT_LINE.match(line)]
+        assert not strangers, strangers  # nor MLflow's "View run" lines of a tracking server
+        # The pre-training trained on while the server was down: a checkpoint carried what
+        # the server had not taken.
+        assert list(storage.rglob("unsent_metrics.json")), output[-4000:]
+        client = MlflowClient(uri)
         runs = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
         (pretrain,) = [r for r in runs if r.data.tags.get("dupr.stage") == "pretrain"]
-        assert pretrain.info.status == "FINISHED"
+        (detection,) = [
+            r for r in runs if r.data.tags.get("dupr.stage", "").startswith("detection")
+        ]
+        assert pretrain.info.status == detection.info.status == "FINISHED"
         steps = sorted(m.step for m in client.get_metric_history(pretrain.info.run_id, "loss"))
-        assert steps == list(range(1, 33)), steps
+        assert steps == list(range(1, 33)), steps  # every step once
+        history = client.get_metric_history(detection.info.run_id, "train/loss")
+        assert sorted(m.step for m in history) == list(range(1, 17))
     finally:
+        driver.stop()
         _stop(server)
