@@ -224,6 +224,40 @@ def s3_iam_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IamS3Ser
         _stop(proc)
 
 
+def start_mlflow_server(
+    workdir: Path, port: int, artifacts: str, env: dict[str, str], timeout_s: float
+) -> subprocess.Popen:
+    """`mlflow server` on `port` over the SQLite store in `workdir` (its log there too, added
+    to by a restart); up when this returns. Stop it with `_stop`."""
+    log_path = workdir / "server.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{workdir / 'mlflow.db'}",
+        "--artifacts-destination",
+        artifacts,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", proc, timeout_s, log_path)
+    except BaseException:
+        _stop(proc)
+        raise
+    return proc
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(
     s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory
@@ -234,7 +268,6 @@ def mlflow_server(
     """
     make_bucket(s3_server.endpoint_url, MLFLOW_BUCKET)
     workdir = tmp_path_factory.mktemp("mlflow-server")
-    log_path = workdir / "server.log"
     port = free_port()
     env = _clean_env() | {
         "AWS_ACCESS_KEY_ID": FAKE_KEY,
@@ -242,34 +275,13 @@ def mlflow_server(
         "AWS_DEFAULT_REGION": REGION,
         "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url,
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{workdir / 'mlflow.db'}",
-        "--artifacts-destination",
-        f"s3://{MLFLOW_BUCKET}/",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    uri = f"http://127.0.0.1:{port}"
+    proc = start_mlflow_server(workdir, port, f"s3://{MLFLOW_BUCKET}/", env, 90)
     try:
-        _wait_http(f"{uri}/health", proc, 90, log_path)
         yield MlflowServer(
-            uri=uri,
+            uri=f"http://127.0.0.1:{port}",
             s3_endpoint_url=s3_server.endpoint_url,
             artifact_bucket=MLFLOW_BUCKET,
-            log_path=log_path,
+            log_path=workdir / "server.log",
         )
     finally:
         _stop(proc)

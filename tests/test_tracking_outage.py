@@ -11,7 +11,6 @@ both runs FINISHED and every step once.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,42 +21,15 @@ from mlflow.tracking import MlflowClient
 from drivers import PIPELINE, PROJECT_LINE, Driver
 from dupr.data import bundled_image_folder
 from helpers import TOY_PIPELINE
-from services import _clean_env, _stop, _wait_http, free_port
+from services import _clean_env, _stop, free_port, start_mlflow_server
 
 # Starts an MLflow server of its own (twice) and a driver process that starts Ray.
 pytestmark = pytest.mark.slow
 
 
 def _serve(workdir: Path, port: int) -> subprocess.Popen:
-    """`mlflow server` on `port` over the store in `workdir`; up when this returns."""
-    log_path = workdir / "server.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{workdir / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(workdir / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            cmd,
-            env=_clean_env(),
-            cwd=workdir,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    _wait_http(f"http://127.0.0.1:{port}/health", proc, 180, log_path)
-    return proc
+    """`mlflow server` on `port` over the store in `workdir` (kept across restarts)."""
+    return start_mlflow_server(workdir, port, str(workdir / "artifacts"), _clean_env(), 180)
 
 
 def _checkpointed(storage: Path) -> bool:
