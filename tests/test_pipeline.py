@@ -279,6 +279,56 @@ def test_an_evaluation_whose_worker_dies_is_launched_again_then_fails(
     assert run.data.tags["dupr.stage_attempt"] == "3"
 
 
+def test_a_stage_that_ends_while_tracking_is_unreachable_stays_done(
+    local_ray, tmp_path, monkeypatch, capsys
+):
+    """An evaluation that ends while the tracking server cannot be reached (here: its run's
+    client pointed at a port with nothing on it, no MLflow retries) is done: its outputs are
+    marked complete first. Its run is ended once the server answers again within the
+    patience; after it, one line says the run could not be ended, and the driver goes on."""
+    import threading
+
+    import ray
+
+    from dupr_platform import pipeline, tracking
+    from dupr_platform.stages import StageOutput, read_marker
+    from dupr_platform.tracking import RunLogger
+    from services import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(tracking, "RETRY_S", 0.1)
+    monkeypatch.setattr(tracking, "PATIENCE_S", 3.0)
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = toy_config("toy-untracked", str(tmp_path / "storage"), tracking_uri)
+    stages = build_stages(cfg)
+    pipeline.resolve_gpus(stages)
+    parent = RunLogger.start(tracking_uri, cfg["experiment"], "toy-untracked")
+    runner = pipeline._Runner(cfg, stages, parent)
+    done = StageOutput(files={}, values={}, metrics={"accuracy": 0.5})
+    monkeypatch.setattr(pipeline._Runner, "submit", staticmethod(lambda *_: ray.put(done)))
+    first, second = [s for s in stages if s.kind != "pretrain" and not s.upstream()][:2]
+    running: dict = {}
+    for stage, back_after_s in ((first, 0.5), (second, None)):
+        ref = runner.launch(stage)
+        run = runner.loggers[stage.name]
+        live, run.client = run.client, MlflowClient(f"http://127.0.0.1:{free_port()}")
+        if back_after_s is not None:  # the server answers again within the patience
+            threading.Timer(back_after_s, lambda r=run, c=live: setattr(r, "client", c)).start()
+        runner.collect(ref, stage, running)
+        assert runner.reports[stage.name].status == "done"
+        assert read_marker(runner.storage, stage) is not None
+
+    client = MlflowClient(tracking_uri)
+    ended = client.get_run(runner.reports[first.name].run_id)
+    assert ended.info.status == "FINISHED" and "dupr.outputs" in ended.data.tags
+    lines = [line for line in capsys.readouterr().out.splitlines() if "could not" in line]
+    assert lines == [
+        f"[pipeline] {second.name}: its MLflow run {runner.reports[second.name].run_id} could "
+        "not be ended ([Errno 111] Connection refused); the stage's outputs are complete"
+    ]
+    parent.end()
+
+
 def test_evaluations_beside_a_pretraining_fit_the_cluster_as_it_is_now(
     local_ray, tmp_path, monkeypatch
 ):

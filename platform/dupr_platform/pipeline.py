@@ -46,7 +46,7 @@ from dupr.config import (
 )
 from dupr.data.folder import ImageDecodeError
 from dupr.io import markdown_table
-from dupr_platform import console, convert_stage, eval_stages, report, smoke, software
+from dupr_platform import console, convert_stage, eval_stages, report, smoke, software, tracking
 from dupr_platform.cluster import (
     COMPUTE_PRIORITY,
     check_nodes,
@@ -88,7 +88,9 @@ from dupr_platform.tracking import (
     RunLogger,
     TrackingError,
     check_tracking,
+    patiently,
     redact_tree,
+    unreachable_reason,
 )
 
 log = logging.getLogger(__name__)
@@ -797,9 +799,19 @@ class _Runner:
             self.loggers[stage.name] = run
             self.fail(stage, exc)
             return
-        run.log_metrics(0, out.metrics)
-        run.set_tag("dupr.outputs", _short_json(self.records[stage.name]["outputs"]))
-        run.end("FINISHED")
+        # The stage is complete (its marker is written); what follows records it in MLflow,
+        # waiting for a tracking server that cannot be reached, and never undoes it.
+        outputs = _short_json(self.records[stage.name]["outputs"])
+        try:
+            run.log_metrics(0, out.metrics)
+            patiently(lambda: run.set_tag("dupr.outputs", outputs), tracking.PATIENCE_S)
+            run.end("FINISHED", patience_s=tracking.PATIENCE_S)
+        except Exception as exc:
+            print(
+                f"[pipeline] {stage.name}: its MLflow run {run.run_id} could not be ended "
+                f"({unreachable_reason(exc)}); the stage's outputs are complete",
+                flush=True,
+            )
 
 
 def plan_stages(

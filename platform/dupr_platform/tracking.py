@@ -39,7 +39,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -67,6 +67,7 @@ __all__ = [
     "flatten_params",
     "metric_rows",
     "metrics_from_rows",
+    "patiently",
     "redact",
     "redact_tree",
     "unreachable_reason",
@@ -578,9 +579,10 @@ class RunLogger:
 
     # -- end -----------------------------------------------------------------------------------
 
-    def end(self, status: str = "FINISHED") -> None:
+    def end(self, status: str = "FINISHED", patience_s: float = 0.0) -> None:
         """Flush and close the run. FINISHED commits what is buffered; FAILED/KILLED drop it
-        (a resume will recompute those steps from the last checkpoint)."""
+        (a resume will recompute those steps from the last checkpoint). `patience_s`: as for
+        `flush`."""
         if status not in _STATUSES:
             raise TrackingError(f"run status {status!r}: expected one of {', '.join(_STATUSES)}")
         if self._ended:
@@ -591,7 +593,7 @@ class RunLogger:
             self.discard()
         self._ended = True
         try:
-            self.flush()
+            self.flush(patience_s)
         finally:
             with self._sending:
                 self._closed = True
@@ -608,6 +610,20 @@ class RunLogger:
     def _check_open(self) -> None:
         if self._ended:
             raise TrackingError(f"run {self.run_id}: already ended")
+
+
+def patiently(call: Callable[[], T], patience_s: float = PATIENCE_S) -> T:
+    """`call()` (one MLflow call), tried again every RETRY_S while the tracking server cannot
+    be reached, for up to `patience_s` beyond MLflow's own retries; a refusal is raised at
+    once."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            if getattr(exc, "error_code", None) in REFUSED or time.monotonic() > deadline:
+                raise
+        time.sleep(RETRY_S)
 
 
 def metric_rows(metrics: Iterable[Metric]) -> list[list[Any]]:
