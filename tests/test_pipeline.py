@@ -42,6 +42,21 @@ def toy_config(name: str, storage: str, tracking: str, *extra: str) -> dict:
     return compose(CONFIGS, "pretrain_and_eval", overrides)
 
 
+def toy_runner(tmp_path: Path, name: str, *extra: str):
+    """The pipeline's runner over the toy study's stages (SQLite tracking in tmp_path, outside
+    run_pipeline), for tests that drive its launches and collections one by one: (runner,
+    its stages, the SQLite tracking URI)."""
+    from dupr_platform import pipeline
+    from dupr_platform.tracking import RunLogger
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = toy_config(name, str(tmp_path / "storage"), tracking, *extra)
+    stages = build_stages(cfg)
+    pipeline.resolve_gpus(stages)
+    parent = RunLogger.start(tracking, cfg["experiment"], name)
+    return pipeline._Runner(cfg, stages, parent), stages, tracking
+
+
 def children(client: MlflowClient, parent_id: str) -> dict[str, object]:
     exp = client.get_run(parent_id).info.experiment_id
     runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")
@@ -253,15 +268,9 @@ def test_an_evaluation_whose_worker_dies_is_launched_again_then_fails(
     import ray
 
     from dupr_platform import pipeline
-    from dupr_platform.tracking import RunLogger
 
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = toy_config("toy-lost", str(tmp_path / "storage"), tracking, "eval.max_failures=2")
-    stages = build_stages(cfg)
-    pipeline.resolve_gpus(stages)
+    runner, stages, tracking = toy_runner(tmp_path, "toy-lost", "eval.max_failures=2")
     stage = next(s for s in stages if s.kind != "pretrain" and not s.upstream())
-    parent = RunLogger.start(tracking, cfg["experiment"], "toy-lost")
-    runner = pipeline._Runner(cfg, stages, parent)
     crash = ray.remote(max_retries=0)(lambda: os.kill(os.getpid(), signal.SIGKILL))
     monkeypatch.setattr(pipeline._Runner, "submit", staticmethod(lambda *_: crash.remote()))
     monkeypatch.setattr(pipeline, "RELAUNCH_AFTER_S", 0.0)
@@ -292,18 +301,12 @@ def test_a_stage_that_ends_while_tracking_is_unreachable_stays_done(
 
     from dupr_platform import pipeline, tracking
     from dupr_platform.stages import StageOutput, read_marker
-    from dupr_platform.tracking import RunLogger
     from services import free_port
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setattr(tracking, "RETRY_S", 0.1)
     monkeypatch.setattr(tracking, "PATIENCE_S", 3.0)
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = toy_config("toy-untracked", str(tmp_path / "storage"), tracking_uri)
-    stages = build_stages(cfg)
-    pipeline.resolve_gpus(stages)
-    parent = RunLogger.start(tracking_uri, cfg["experiment"], "toy-untracked")
-    runner = pipeline._Runner(cfg, stages, parent)
+    runner, stages, tracking_uri = toy_runner(tmp_path, "toy-untracked")
     done = StageOutput(files={}, values={}, metrics={"accuracy": 0.5})
     monkeypatch.setattr(pipeline._Runner, "submit", staticmethod(lambda *_: ray.put(done)))
     first, second = [s for s in stages if s.kind != "pretrain" and not s.upstream()][:2]
@@ -326,7 +329,7 @@ def test_a_stage_that_ends_while_tracking_is_unreachable_stays_done(
         f"[pipeline] {second.name}: its MLflow run {runner.reports[second.name].run_id} could "
         "not be ended ([Errno 111] Connection refused); the stage's outputs are complete"
     ]
-    parent.end()
+    runner.parent.end()
 
 
 def test_evaluations_beside_a_pretraining_fit_the_cluster_as_it_is_now(
@@ -340,14 +343,8 @@ def test_evaluations_beside_a_pretraining_fit_the_cluster_as_it_is_now(
     import ray
 
     from dupr_platform import pipeline
-    from dupr_platform.tracking import RunLogger
 
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = toy_config("toy-shrunk", str(tmp_path / "storage"), tracking)
-    stages = build_stages(cfg)
-    pipeline.resolve_gpus(stages)
-    parent = RunLogger.start(tracking, cfg["experiment"], "toy-shrunk")
-    runner = pipeline._Runner(cfg, stages, parent)
+    runner, stages, _ = toy_runner(tmp_path, "toy-shrunk")
     monkeypatch.setattr(pipeline._Runner, "submit", staticmethod(lambda *_: ray.put(None)))
     pretrain = next(s for s in stages if s.kind == "pretrain")
     assert runner.spare(pretrain) == {"CPU": 1.0, "GPU": 0.0}  # 2 CPUs, less its 1
