@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +28,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -81,6 +83,22 @@ def silent_endpoint() -> Iterator[str]:
         sock.bind(("127.0.0.1", 0))
         sock.listen(16)
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+class OutageClient:
+    """An MlflowClient during an outage: its calls go to a port with nothing on it (MLflow's
+    real error for a server that cannot be reached) until `back` is set, then to `live`."""
+
+    def __init__(self, live: Any, back: threading.Event) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.live, self.back = live, back
+        self.down = MlflowClient(f"http://127.0.0.1:{free_port()}")
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **kw: getattr(self.live if self.back.is_set() else self.down, name)(
+            *a, **kw
+        )
 
 
 def s3_client(endpoint: str, key: str = FAKE_KEY, secret: str = FAKE_SECRET, service: str = "s3"):

@@ -5,6 +5,7 @@ import os
 import pickle
 import shutil
 import signal
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -325,10 +326,64 @@ def test_a_stage_that_ends_while_tracking_is_unreachable_stays_done(
     ended = client.get_run(runner.reports[first.name].run_id)
     assert ended.info.status == "FINISHED" and "dupr.outputs" in ended.data.tags
     lines = [line for line in capsys.readouterr().out.splitlines() if "could not" in line]
+    unended = runner.reports[second.name].run_id
     assert lines == [
-        f"[pipeline] {second.name}: its MLflow run {runner.reports[second.name].run_id} could "
-        "not be ended ([Errno 111] Connection refused); the stage's outputs are complete"
+        f"[pipeline] {second.name}: its MLflow run {unended} could not be ended ([Errno 111] "
+        "Connection refused); the stage's outputs are complete"
     ]
+    runner.parent.end()
+
+    # The driver exits; the next invocation's `close_orphans` ends that run KILLED. The stage
+    # is complete: its cache hit ends the run FINISHED, with its outputs.
+    client.set_tag(unended, tracking.CONTINUED_BY_TAG, "0" * 32)
+    client.set_terminated(unended, "KILLED")
+    rerun, _, _ = toy_runner(tmp_path, "toy-untracked")
+    rerun.record_cache_hit(second, read_marker(rerun.storage, second))
+    closed = client.get_run(unended)
+    assert closed.info.status == "FINISHED" and "dupr.outputs" in closed.data.tags
+    assert tracking.CONTINUED_BY_TAG not in closed.data.tags
+    rerun.parent.end()
+
+
+def test_a_stage_launched_or_failed_while_tracking_is_unreachable_waits_for_it(
+    local_ray, tmp_path, monkeypatch, capsys
+):
+    """Launching a stage opens its MLflow run: while the tracking server cannot be reached,
+    the launch waits for it (here 1 s) instead of failing the stage. A stage that fails
+    while the server stays unreachable past the patience is FAILED, in one line that says
+    its run could not be ended; the driver goes on."""
+    import threading
+
+    import ray
+
+    from dupr_platform import pipeline, tracking
+    from services import OutageClient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(tracking, "RETRY_S", 0.1)
+    monkeypatch.setattr(tracking, "PATIENCE_S", 1.0)
+    runner, stages, tracking_uri = toy_runner(tmp_path, "toy-launch-unreachable")
+    monkeypatch.setattr(pipeline._Runner, "submit", staticmethod(lambda *_: ray.put(None)))
+    back = threading.Event()
+    live = tracking.MlflowClient
+    monkeypatch.setattr(tracking, "MlflowClient", lambda uri: OutageClient(live(uri), back))
+    stage = next(s for s in stages if s.kind != "pretrain" and not s.upstream())
+    threading.Timer(0.5, back.set).start()
+    began = time.monotonic()
+    runner.launch(stage)
+    assert time.monotonic() - began >= 0.5
+    run_id = runner.loggers[stage.name].run_id
+    assert live(tracking_uri).get_run(run_id).info.status == "RUNNING"
+
+    back.clear()  # down again, for longer than the patience
+    runner.fail(stage, RuntimeError("CUDA error: an illegal memory access"))
+    assert runner.reports[stage.name].status == "failed"
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if "FAILED" in x]
+    assert line == (
+        f"[pipeline] {stage.name}: FAILED: RuntimeError: CUDA error: an illegal memory access "
+        f"(its MLflow run {run_id} could not be ended: [Errno 111] Connection refused)"
+    )
+    back.set()
     runner.parent.end()
 
 

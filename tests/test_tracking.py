@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -254,13 +255,68 @@ def test_metrics_wait_out_an_unreachable_server_and_travel_with_a_checkpoint(
     lost.commit()
     assert not lost.sent(timeout_s=30)
     carried = json.loads(json.dumps(metric_rows(lost.unsent())))
-    with pytest.raises(Exception):  # noqa: B017 (MLflow's or ours: the server is down)
-        lost.end("KILLED")
+    lost.abandon("KILLED")  # on the way out: no waiting, and no error of its own
     resumed = RunLogger.start(mlflow_server.uri, "", "", run_id=lost.run_id)
     assert resumed.resend(metrics_from_rows(carried)) == 1
     assert resumed.resend(metrics_from_rows(carried)) == 0  # queued already
     resumed.end()
     assert _steps(client, lost.run_id, "loss") == [1]
+
+
+def test_a_writer_that_starts_during_an_outage_waits_for_the_server(
+    mlflow_server, monkeypatch, tmp_path
+):
+    """A worker restarted (or a stage launched) while the tracking server cannot be reached
+    opens its run, and makes its calls, once the server is back: each waits up to the
+    logger's patience. A request the server refuses, or an error of another kind, is raised
+    at once. On the way out of a failure, `abandon` waits for nothing: not for MLflow's own
+    retries (on here), and an error of its own is not raised."""
+    from mlflow.exceptions import MlflowException
+
+    from services import OutageClient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(tracking, "RETRY_S", 0.1)
+    client = MlflowClient(mlflow_server.uri)
+    first = RunLogger.start(mlflow_server.uri, _experiment(), "restarted")
+    first.log_metrics(1, {"loss": 1.0})
+    first.end("KILLED")  # the worker that died
+
+    back = threading.Event()
+    live = tracking.MlflowClient
+    monkeypatch.setattr(tracking, "MlflowClient", lambda uri: OutageClient(live(uri), back))
+    threading.Timer(1.0, back.set).start()
+    began = time.monotonic()
+    resumed = RunLogger.start(mlflow_server.uri, "", "", run_id=first.run_id, patience_s=60)
+    assert time.monotonic() - began >= 1.0
+    assert resumed.run_id == first.run_id and resumed.patience_s == 60
+    back.clear()  # down again
+    threading.Timer(0.5, back.set).start()
+    resumed.set_tag("dupr.resumed_at_step", "8")
+    assert client.get_run(first.run_id).data.tags["dupr.resumed_at_step"] == "8"
+    assert client.get_run(first.run_id).info.status == "RUNNING"
+
+    # Past its patience, a call fails with MLflow's error; a refusal or another error at once.
+    back.clear()
+    began = time.monotonic()
+    with pytest.raises(MlflowException, match="Connection refused"):
+        tracking.patiently(lambda: resumed.client.get_run(first.run_id), 0.3)
+    assert 0.3 <= time.monotonic() - began < 10
+    began = time.monotonic()
+    with pytest.raises(MlflowException) as refused:
+        tracking.patiently(lambda: client.get_run("0" * 32), 60)
+    assert refused.value.error_code == "RESOURCE_DOES_NOT_EXIST"
+    with pytest.raises(FileNotFoundError):
+        tracking.patiently(lambda: (tmp_path / "missing.txt").read_text(), 60)
+    assert time.monotonic() - began < 10
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")  # MLflow's retries: minutes
+    resumed.log_metrics(9, {"loss": 0.5})
+    resumed.commit()
+    began = time.monotonic()
+    resumed.abandon("FAILED", "boom")
+    assert time.monotonic() - began < 15
+    assert client.get_run(first.run_id).info.status == "RUNNING"  # it could not be told
 
 
 def test_the_driver_says_once_that_tracking_is_unreachable_and_when_it_is_back(

@@ -344,7 +344,7 @@ class _NoTracking:
     def commit(self) -> None:
         pass
 
-    def flush(self, patience_s: float = 0.0) -> None:
+    def flush(self) -> None:
         pass
 
 

@@ -236,7 +236,7 @@ def detection(ctx: StageContext, out: Path) -> StageOutput:
     # The driver ends the run once this returns: every iteration must be in MLflow by then.
     # (After a failure nothing needs sending: what the last checkpoint counts was sent or is
     # carried by it, and a resume trains the later iterations again.)
-    logger.flush(patience_s=tracking.PATIENCE_S)
+    logger.flush()  # waits for a tracking server that cannot be reached (tracking.PATIENCE_S)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return StageOutput(
         files={"metrics": "metrics.json", "data": "data.json"},

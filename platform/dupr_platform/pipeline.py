@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -84,6 +85,7 @@ from dupr_platform.stages import (
 from dupr_platform.storage import check_storage, open_storage
 from dupr_platform.text import one_line
 from dupr_platform.tracking import (
+    CONTINUED_BY_TAG,
     ERROR_TAG,
     RunLogger,
     TrackingError,
@@ -334,8 +336,6 @@ BODIES: dict[str, Callable[[StageContext, Path], StageOutput]] = {
 
 def run_stage(ctx: StageContext) -> StageOutput:
     """Run the body, copy its folder to the stage's storage folder, log its artifacts."""
-    from mlflow.tracking import MlflowClient
-
     with scratch_folder("stage") as tmp:
         if ctx.profile and ctx.kind != "detection":  # a fine-tuning measures its own steps
             device = eval_stages.stage_device(ctx)
@@ -345,12 +345,20 @@ def run_stage(ctx: StageContext) -> StageOutput:
         else:
             result = BODIES[ctx.kind](ctx, tmp)
         open_storage(ctx.storage_uri).upload(tmp, ctx.folder)
+        # The body's run is the driver's: its tags and artifacts, not its status. They wait for
+        # a tracking server that cannot be reached, as the driver's calls do.
         client = MlflowClient(ctx.tracking_uri)
-        # 0 unless Ray's low worker priority applied (see cluster.COMPUTE_PRIORITY).
-        client.set_tag(ctx.run_id, "dupr.worker_niceness", str(os.nice(0)))
-        client.set_tag(ctx.run_id, software.TAG, software.summary())  # this worker's
-        for name in result.artifacts:
-            client.log_artifact(ctx.run_id, str(tmp / name))
+        calls: list[Callable[[], Any]] = [
+            # 0 unless Ray's low worker priority applied (see cluster.COMPUTE_PRIORITY).
+            functools.partial(client.set_tag, ctx.run_id, "dupr.worker_niceness", os.nice(0)),
+            functools.partial(client.set_tag, ctx.run_id, software.TAG, software.summary()),
+            *(
+                functools.partial(client.log_artifact, ctx.run_id, str(tmp / name))
+                for name in result.artifacts
+            ),
+        ]
+        for call in calls:
+            patiently(call, tracking.PATIENCE_S)
     return result
 
 
@@ -447,6 +455,7 @@ class _Runner:
         return run
 
     def record_cache_hit(self, stage: Stage, record: dict[str, Any]) -> None:
+        self.end_completed_run(record)
         run = self.child_run(stage, cache_hit=True)
         run.set_tag("dupr.cached_from_run", record.get("run_id", ""))
         run.set_tag("dupr.outputs", _short_json(record["outputs"]))
@@ -455,6 +464,27 @@ class _Runner:
         self.records[stage.name] = record
         self.reports[stage.name] = StageReport(stage.name, "cached", record["metrics"], run.run_id)
         print(f"[pipeline] {stage.name}: cache hit ({stage.folder})", flush=True)
+
+    def end_completed_run(self, record: dict[str, Any]) -> None:
+        """The run that completed a stage (its marker's) FINISHED, with its outputs: its driver
+        died, or lost the tracking server for good, between writing the marker and ending
+        the run (and `recovery.close_orphans` may have ended it KILLED since)."""
+        client, run_id = self.parent.client, str(record.get("run_id") or "")
+        try:
+            run = client.get_run(run_id) if run_id else None
+        except MlflowException:
+            return  # deleted for good, or another tracking server's
+        if run is None or run.info.status == "FINISHED" or run.info.lifecycle_stage == "deleted":
+            return
+        try:
+            client.set_tag(run_id, "dupr.outputs", _short_json(record["outputs"]))
+            if CONTINUED_BY_TAG in run.data.tags:  # nothing of it was left to carry on
+                client.delete_tag(run_id, CONTINUED_BY_TAG)
+            client.set_terminated(run_id, status="FINISHED")
+        except MlflowException as exc:
+            log.warning("MLflow run %s not ended (%s)", run_id, unreachable_reason(exc))
+            return
+        log.info("MLflow run %s: %s, its stage complete; ended FINISHED", run_id, run.info.status)
 
     # -- execution -----------------------------------------------------------------------------
 
@@ -490,8 +520,12 @@ class _Runner:
         log.debug("stage %s failed:\n%s", stage.name, "".join(traceback.format_exception(exc)))
         run = self.loggers.pop(stage.name, None)
         if run is not None:
-            run.set_tag(ERROR_TAG, message[:5000])
-            run.end("FAILED")
+            try:  # waits for a tracking server that cannot be reached, then says so
+                run.set_tag(ERROR_TAG, message[:5000])
+                run.end("FAILED")
+            except Exception as why:
+                message += f" (its MLflow run {run.run_id} could not be ended: "
+                message += f"{unreachable_reason(why)})"
         seconds = time.monotonic() - self.started.get(stage.name, time.monotonic())
         self.reports[stage.name] = StageReport(
             stage.name,
@@ -801,11 +835,10 @@ class _Runner:
             return
         # The stage is complete (its marker is written); what follows records it in MLflow,
         # waiting for a tracking server that cannot be reached, and never undoes it.
-        outputs = _short_json(self.records[stage.name]["outputs"])
         try:
             run.log_metrics(0, out.metrics)
-            patiently(lambda: run.set_tag("dupr.outputs", outputs), tracking.PATIENCE_S)
-            run.end("FINISHED", patience_s=tracking.PATIENCE_S)
+            run.set_tag("dupr.outputs", _short_json(self.records[stage.name]["outputs"]))
+            run.end("FINISHED")
         except Exception as exc:
             print(
                 f"[pipeline] {stage.name}: its MLflow run {run.run_id} could not be ended "
@@ -909,7 +942,7 @@ def run_pipeline(
             runner.run(to_run)
         except BaseException as exc:  # the stage runs still open end with the parent
             for run in runner.loggers.values():
-                run.end("FAILED" if isinstance(exc, Exception) else "KILLED")
+                run.abandon("FAILED" if isinstance(exc, Exception) else "KILLED")
             raise
         for stage in to_run:
             runner.reports.setdefault(stage.name, StageReport(stage.name, "skipped"))

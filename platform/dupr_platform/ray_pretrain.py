@@ -84,7 +84,6 @@ from dupr_platform.storage import (
 )
 from dupr_platform.text import one_line
 from dupr_platform.tracking import (
-    ERROR_TAG,
     TRACKING_CREDENTIALS,
     RunLogger,
     check_tracking,
@@ -442,7 +441,7 @@ def _train(config: dict[str, Any], checkpoints: Path) -> None:
     # (After a failure nothing needs sending: what the last checkpoint counts was sent or is
     # carried by it, and the later steps are trained again.)
     if logger:
-        logger.flush(patience_s=tracking.PATIENCE_S)
+        logger.flush()  # waits for a tracking server that cannot be reached (tracking.PATIENCE_S)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -775,8 +774,7 @@ def run_pretraining(
             if interrupted
             else failure_message(exc, storage, job.name, _ledger_latest(ledger))
         )
-        logger.set_tag(ERROR_TAG, message)
-        logger.end("KILLED" if interrupted else "FAILED")
+        logger.abandon("KILLED" if interrupted else "FAILED", message)
         if interrupted:
             raise
         raise UnrecoverableError(message) from None

@@ -195,6 +195,6 @@ def driving(run: RunLogger, pipeline_tag: str, name: str, where: str) -> Iterato
         yield
     except BaseException as exc:
         heartbeat.stop()
-        run.end("FAILED" if isinstance(exc, Exception) else "KILLED")
+        run.abandon("FAILED" if isinstance(exc, Exception) else "KILLED")
         raise
     heartbeat.stop()

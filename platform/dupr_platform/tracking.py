@@ -24,6 +24,11 @@ so that a checkpoint can carry them, and :meth:`RunLogger.resend` queues them ag
 resume. An error the server gives for the request itself (a bad metric name, a deleted run)
 is not retried: the batch is dropped and :meth:`flush` raises.
 
+The logger's other calls (opening the run, params, tags, artifacts, ending it) wait for such a
+server as well, for up to ``PATIENCE_S`` beyond MLflow's retries (:func:`patiently`), so that a
+driver launching a stage or a worker restarting during an outage carries on once it is over.
+On the way out after a failure or an interrupt, :meth:`RunLogger.abandon` does not wait.
+
 Secrets never reach MLflow: params, tags and logged dicts/texts go through :func:`redact`.
 """
 
@@ -43,6 +48,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+import requests
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -86,8 +92,8 @@ MAX_METRICS_PER_BATCH = 1000
 MAX_PARAM_VALUE = 6000
 RETRY_S = 10.0  # between tries of a batch that the tracking server could not take
 SEND_WAIT_S = 30.0  # at a checkpoint, for the metrics up to it to reach the server
-# At the end of a training, how long it waits for a tracking server that cannot be reached (a
-# restart, a maintenance) before it fails; the rerun sends what its last checkpoint carries.
+# How long a logger's calls wait for a tracking server that cannot be reached (a restart, a
+# maintenance) before they fail; a training's rerun sends what its last checkpoint carries.
 PATIENCE_S = 15 * 60.0
 # MLflow's error codes for a request the server understood and refused: retrying cannot help.
 REFUSED = frozenset(
@@ -95,10 +101,20 @@ REFUSED = frozenset(
         "BAD_REQUEST",
         "INVALID_PARAMETER_VALUE",
         "INVALID_STATE",
+        "MALFORMED_REQUEST",
         "PERMISSION_DENIED",
+        "RESOURCE_ALREADY_EXISTS",
         "RESOURCE_DOES_NOT_EXIST",
         "UNAUTHENTICATED",
     }
+)
+# What a call to a server that cannot be reached raises once MLflow's retries are spent (or
+# its HTTP client, for an artifact): worth trying again later, unlike other errors.
+_UNREACHABLE = (
+    ConnectionError,
+    TimeoutError,
+    requests.exceptions.ConnectionError,
+    requests.exceptions.Timeout,
 )
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
 # The credential variables of an MLflow server (names only ever shown, never values).
@@ -321,8 +337,9 @@ class RunLogger:
         experiment_id: str,
         resumed: bool,
         floors: Mapping[str, int],
+        patience_s: float = PATIENCE_S,
     ) -> None:
-        self.client = client
+        self._mlflow = _Patient(client, patience_s)  # the logger's calls: wait for the server
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.experiment_id = experiment_id
@@ -343,6 +360,20 @@ class RunLogger:
         )
         self._thread.start()
 
+    @property
+    def client(self) -> MlflowClient:
+        """MLflow's client of the run: a call fails once MLflow's own retries are spent."""
+        return self._mlflow.client
+
+    @client.setter
+    def client(self, client: MlflowClient) -> None:
+        self._mlflow.client = client
+
+    @property
+    def patience_s(self) -> float:
+        """How long the logger's calls wait for a tracking server that cannot be reached."""
+        return self._mlflow.patience_s
+
     # -- construction ------------------------------------------------------------------------
 
     @classmethod
@@ -355,14 +386,18 @@ class RunLogger:
         run_id: str | None = None,
         parent_run_id: str | None = None,
         stale_tags: Iterable[str] = (),
+        patience_s: float | None = None,
     ) -> RunLogger:
         """Continue ``run_id``, else the live run tagged ``dupr.run_key == run_name``, else create.
 
         A restarted driver or worker passing the same ``run_name`` resumes the same run id.
         A continued run loses ``stale_tags`` (the caller's tags that describe one invocation).
+        ``patience_s`` (default ``PATIENCE_S``): how long this and the logger's later calls
+        wait for a tracking server that cannot be reached.
         """
         shown = scrub_secrets(tracking_uri)
-        client = MlflowClient(tracking_uri)
+        patience_s = PATIENCE_S if patience_s is None else patience_s
+        client = _Patient(MlflowClient(tracking_uri), patience_s)
         try:
             resumed = True
             if run_id:
@@ -401,7 +436,9 @@ class RunLogger:
             raise TrackingError(f"tracking {shown!r}: {_one_line(exc)}") from None
         if resumed:
             _log.info("tracking %s: continuing run %s (%s)", shown, rid, run_name)
-        return cls(client, tracking_uri, rid, run.info.experiment_id, resumed, floors)
+        return cls(
+            client.client, tracking_uri, rid, run.info.experiment_id, resumed, floors, patience_s
+        )
 
     # -- params and tags ---------------------------------------------------------------------
 
@@ -411,7 +448,7 @@ class RunLogger:
         A different value for an existing param is refused: MLflow params are immutable.
         """
         flat = {k: v[:MAX_PARAM_VALUE] for k, v in redact(flatten_params(params)).items()}
-        existing = self.client.get_run(self.run_id).data.params
+        existing = self._mlflow.get_run(self.run_id).data.params
         new: list[Param] = []
         for key, value in flat.items():
             if key not in existing:
@@ -422,15 +459,15 @@ class RunLogger:
                     f"refusing to change it to {_short(value)!r} (use a new run name)"
                 )
         for chunk in _chunks(new, MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=chunk, synchronous=True)
+            self._mlflow.log_batch(self.run_id, params=chunk, synchronous=True)
 
     def set_tag(self, key: str, value: Any) -> None:
-        self.client.set_tag(self.run_id, key, redact({key: value})[key])
+        self._mlflow.set_tag(self.run_id, key, redact({key: value})[key])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Redacted, in batches; tags, unlike params, may change when a run is continued."""
         for chunk in _chunks([RunTag(k, v) for k, v in redact(dict(tags)).items()], 100):
-            self.client.log_batch(self.run_id, tags=chunk, synchronous=True)
+            self._mlflow.log_batch(self.run_id, tags=chunk, synchronous=True)
 
     # -- metrics -----------------------------------------------------------------------------
 
@@ -492,10 +529,11 @@ class RunLogger:
                 self._sending.wait(remaining)
             return not self._unsent
 
-    def flush(self, patience_s: float = 0.0) -> None:
+    def flush(self, patience_s: float | None = None) -> None:
         """Wait until every committed metric is sent; raise if a batch was refused, or if the
-        server has not been reachable for `patience_s` (counted from its first failed try
-        here; MLflow's client has retried each try for minutes already)."""
+        server has not been reachable for `patience_s` (default: the logger's; counted from
+        its first failed try here, MLflow's client has retried each try for minutes)."""
+        patience_s = self.patience_s if patience_s is None else patience_s
         deadline = None
         with self._sending:
             while self._unsent:
@@ -522,7 +560,7 @@ class RunLogger:
     def last_step(self, key: str = "loss") -> int | None:
         """Largest step recorded on the server for metric ``key`` (after sending queued ones)."""
         self.flush()
-        history = self.client.get_metric_history(self.run_id, key)
+        history = self._mlflow.get_metric_history(self.run_id, key)
         return max((m.step for m in history), default=None)
 
     def _send_loop(self) -> None:
@@ -569,20 +607,19 @@ class RunLogger:
     ) -> None:
         if not os.path.exists(local_path):
             raise TrackingError(f"artifact {os.fspath(local_path)!r}: no such file or folder")
-        self.client.log_artifact(self.run_id, os.fspath(local_path), artifact_path)
+        self._mlflow.log_artifact(self.run_id, os.fspath(local_path), artifact_path)
 
     def log_dict(self, dictionary: Mapping[str, Any], artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, redact_tree(dict(dictionary)), artifact_file)
+        self._mlflow.log_dict(self.run_id, redact_tree(dict(dictionary)), artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, scrub_secrets(text), artifact_file)
+        self._mlflow.log_text(self.run_id, scrub_secrets(text), artifact_file)
 
     # -- end -----------------------------------------------------------------------------------
 
-    def end(self, status: str = "FINISHED", patience_s: float = 0.0) -> None:
+    def end(self, status: str = "FINISHED") -> None:
         """Flush and close the run. FINISHED commits what is buffered; FAILED/KILLED drop it
-        (a resume will recompute those steps from the last checkpoint). `patience_s`: as for
-        `flush`."""
+        (a resume will recompute those steps from the last checkpoint)."""
         if status not in _STATUSES:
             raise TrackingError(f"run status {status!r}: expected one of {', '.join(_STATUSES)}")
         if self._ended:
@@ -593,37 +630,86 @@ class RunLogger:
             self.discard()
         self._ended = True
         try:
-            self.flush(patience_s)
+            self.flush()
         finally:
             with self._sending:
                 self._closed = True
                 self._sending.notify_all()
             self._thread.join()
-            self.client.set_terminated(self.run_id, status=status)
+            self._mlflow.set_terminated(self.run_id, status=status)
+
+    def abandon(self, status: str, error: str = "") -> None:
+        """End the run FAILED or KILLED on the way out of a failure or an interrupt, `error` as
+        its ``dupr.error`` tag. Nothing is waited for: not the metrics in flight (what a
+        checkpoint counts was sent or is carried by it; the rest is trained again), nor a
+        tracking server that cannot be reached (no MLflow retries, 5 s a call). An error of
+        its own is logged, never raised: it must not hide the one that ends the process."""
+        if status not in _STATUSES[1:]:
+            raise TrackingError(f"run status {status!r}: expected FAILED or KILLED")
+        if self._ended:
+            return
+        self.discard()
+        self._ended = True
+        with self._sending:  # the sender stops after its call in flight
+            self._closed = True
+            self._sending.notify_all()
+        self._mlflow.patience_s = 0.0
+        try:
+            with _fail_fast_http():
+                if error:
+                    self.set_tag(ERROR_TAG, error)
+                self._mlflow.set_terminated(self.run_id, status=status)
+        except Exception as exc:
+            _log.warning(
+                "tracking %s: run %s not ended %s (%s)",
+                self._shown,
+                self.run_id,
+                status,
+                unreachable_reason(exc),
+            )
 
     def __enter__(self) -> RunLogger:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.end("FAILED" if exc_type else "FINISHED")
+        if exc_type:
+            self.abandon("FAILED")
+        else:
+            self.end("FINISHED")
 
     def _check_open(self) -> None:
         if self._ended:
             raise TrackingError(f"run {self.run_id}: already ended")
 
 
-def patiently(call: Callable[[], T], patience_s: float = PATIENCE_S) -> T:
+def patiently(call: Callable[[], T], patience_s: float) -> T:
     """`call()` (one MLflow call), tried again every RETRY_S while the tracking server cannot
-    be reached, for up to `patience_s` beyond MLflow's own retries; a refusal is raised at
-    once."""
+    be reached, for up to `patience_s` beyond MLflow's own retries; any other error (a
+    refusal, a missing file) is raised at once."""
     deadline = time.monotonic() + patience_s
     while True:
         try:
             return call()
-        except Exception as exc:
-            if getattr(exc, "error_code", None) in REFUSED or time.monotonic() > deadline:
+        except MlflowException as exc:
+            if exc.error_code in REFUSED or time.monotonic() > deadline:
+                raise
+        except _UNREACHABLE:
+            if time.monotonic() > deadline:
                 raise
         time.sleep(RETRY_S)
+
+
+class _Patient:
+    """An MlflowClient whose calls are each made `patiently`: the logger's, and its start's."""
+
+    def __init__(self, client: MlflowClient, patience_s: float) -> None:
+        self.client, self.patience_s = client, patience_s
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        getattr(self.client, name)  # an AttributeError now, not on a try
+        return lambda *a, **kw: patiently(
+            lambda: getattr(self.client, name)(*a, **kw), self.patience_s
+        )
 
 
 def metric_rows(metrics: Iterable[Metric]) -> list[list[Any]]:
@@ -640,7 +726,7 @@ def _short(value: str, limit: int = 80) -> str:
     return value if len(value) <= limit else value[: limit - 3] + "..."
 
 
-def _experiment_id(client: MlflowClient, name: str, shown: str) -> str:
+def _experiment_id(client: _Patient, name: str, shown: str) -> str:
     """Get or create the experiment (tolerating a concurrent creator)."""
     exp = client.get_experiment_by_name(name)
     if exp is None:
@@ -660,7 +746,7 @@ def _experiment_id(client: MlflowClient, name: str, shown: str) -> str:
     return exp.experiment_id
 
 
-def _find_run(client: MlflowClient, experiment_id: str, run_name: str, shown: str) -> Any:
+def _find_run(client: _Patient, experiment_id: str, run_name: str, shown: str) -> Any:
     """The newest non-deleted run tagged with this run key, or None."""
     quote = "'" if "'" not in run_name else '"'
     if quote in run_name:
@@ -676,7 +762,7 @@ def _find_run(client: MlflowClient, experiment_id: str, run_name: str, shown: st
     return runs[0] if runs else None
 
 
-def _get_live_run(client: MlflowClient, run_id: str, shown: str) -> Any:
+def _get_live_run(client: _Patient, run_id: str, shown: str) -> Any:
     run = client.get_run(run_id)
     if run.info.lifecycle_stage == "deleted":
         raise TrackingError(f"tracking {shown!r}: run {run_id} is deleted")
