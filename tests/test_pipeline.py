@@ -425,6 +425,52 @@ def test_evaluations_beside_a_pretraining_fit_the_cluster_as_it_is_now(
         run.end("KILLED")
 
 
+def test_a_lost_evaluation_waits_for_room_beside_a_pretraining(
+    local_ray, tmp_path, monkeypatch, capsys
+):
+    """An evaluation beside a pre-training whose worker is lost (a real one, killed) is
+    launched again once the cluster as it is now has room for it beside the pre-training's
+    workers, not at once: after a lost node those restart and wait for the same resources.
+    Here the pre-training needs the whole 2-CPU cluster, then 1 CPU (a node joined), then
+    the stage runs."""
+    import ray
+
+    from dupr_platform import pipeline
+    from dupr_platform.stages import StageOutput
+
+    runner, stages, _ = toy_runner(tmp_path, "toy-held")
+    stage = next(s for s in stages if s.kind != "pretrain" and not s.upstream())
+    crash = ray.remote(max_retries=0)(lambda: os.kill(os.getpid(), signal.SIGKILL))
+    done = StageOutput(files={}, values={}, metrics={"accuracy": 0.5})
+    tasks = iter([crash.remote, lambda: ray.put(done)])
+    monkeypatch.setattr(pipeline._Runner, "submit", staticmethod(lambda *_: next(tasks)()))
+    monkeypatch.setattr(pipeline, "RELAUNCH_AFTER_S", 0.0)
+    runner.pretrain_need = {"CPU": 2.0, "GPU": 0.0}
+
+    def until(condition, what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.1)
+
+    running = {runner.launch(stage): stage}
+    with runner.collecting([], running, {"CPU": 0.0, "GPU": 0.0}):
+        until(lambda: runner.held == [stage], "the relaunch held")
+        time.sleep(2.0)
+        assert not running and runner.held == [stage]  # no room: not launched
+        runner.pretrain_need = {"CPU": 1.0, "GPU": 0.0}  # a node joined: room for 1 CPU
+        until(lambda: stage.name in runner.reports, "the stage launched again and collected")
+    assert runner.reports[stage.name].status == "done" and runner.held is None
+    lines = [x for x in capsys.readouterr().out.splitlines() if stage.name in x]
+    assert lines[1].startswith(f"[pipeline] {stage.name}: lost its worker (WorkerCrashedError")
+    assert lines[1].endswith(
+        "to be launched again (1 of 3) once the cluster has room for it beside the pre-training"
+    )
+    assert lines[2] == f"[pipeline] {stage.name}: launched again"
+    assert lines[3].startswith(f"[pipeline] {stage.name}: done in ")
+    runner.parent.end()
+
+
 def test_a_stage_continues_its_mlflow_run_unless_it_was_deleted(tmp_path):
     """What a rerun does with the run named beside a fine-tuning's resume state: continues it,
     though settings outside the stage's key (checkpoint_minutes, log_every) changed, without

@@ -414,6 +414,9 @@ class _Runner:
         self.waiting: dict[str, tuple[str, float]] = {}
         self.checked_waiting = 0.0
         self.pretrain_need: dict[str, float] = {}  # the CPUs and GPUs of the pre-training at hand
+        # Beside a pre-training ([] while one runs, else None): the evaluations that lost their
+        # worker and wait for room in the cluster as it is now to be launched again.
+        self.held: list[Stage] | None = None
         self.interrupted = threading.Event()  # Ctrl-C or SIGTERM while a pre-training held us
         self.pretrain_callbacks: list[Any] | None = None
         self.tuned = next(s.name for s in stages if s.kind == "pretrain")
@@ -578,15 +581,20 @@ class _Runner:
         """Collect the evaluations in `running` as they end, from a second thread, while this
         one is held (by a pre-training): a result is recorded when it is ready, not hours
         later (a driver that dies meanwhile would lose it), a lost worker's stage is launched
-        again at once, and the evaluations that become ready are launched in `spare` (None:
+        again once the cluster as it is now has room for it (`relaunch`), and the evaluations that become ready are launched in `spare` (None:
         none is; a smoke run's pre-training runs alone), which an ended stage gives its
         resources back to. Only that thread touches the runner's state until it is stopped."""
         stop = threading.Event()
+        self.held = None if spare is None else []
 
         def collect_until_stopped() -> None:
             nonlocal spare
             try:
-                while running and not stop.is_set():
+                while (running or self.held) and not stop.is_set():
+                    self.release_held(running)
+                    if not running:
+                        stop.wait(1.0)
+                        continue
                     ended, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
                     gone = []  # the stages that gave their resources back
                     for ref in ended:
@@ -615,6 +623,9 @@ class _Runner:
         finally:
             stop.set()
             collector.join()
+            if not self.interrupted.is_set():  # the pre-training has ended: all of them now
+                self.release_held(running, room=False)
+            self.held = None
 
     def launch(self, stage: Stage) -> ray.ObjectRef:
         # A stage with a resume state (a fine-tuning's) continues the MLflow run that saved it.
@@ -651,13 +662,38 @@ class _Runner:
         # Ray's first two sentences say what happened and where (the node's IP, its memory
         # use); the rest, how to look into it, is in Ray's own output (its log file).
         cause = " ".join(re.split(r"(?<=\.)\s+", _one_line(exc))[:2]).rstrip(".")
+        again = f"({done + 1} of {limit})"
+        # After a lost node, the pre-training's restarted workers wait for its resources too:
+        # launched at once, the stage could take them (Ray places whichever asked first), and
+        # the pre-training would wait for it, hours for a fine-tuning, or time out.
+        if self.held is not None and not self.fits(stage, self.room(running)):
+            self.held.append(stage)
+            print(
+                f"[pipeline] {stage.name}: lost its worker ({cause}); to be launched again "
+                f"{again} once the cluster has room for it beside the pre-training",
+                flush=True,
+            )
+            return True
         print(
-            f"[pipeline] {stage.name}: lost its worker ({cause}); launched again "
-            f"({done + 1} of {limit})",
+            f"[pipeline] {stage.name}: lost its worker ({cause}); launched again {again}",
             flush=True,
         )
         running[self.submit(stage, self.tasks[stage.name])] = stage
         return True
+
+    def release_held(self, running: dict[ray.ObjectRef, Stage], room: bool = True) -> None:
+        """Launch the held relaunches that fit the cluster's room now (all: `room=False`)."""
+        held = self.held or []
+        for stage in list(held):
+            if room and not self.fits(stage, self.room(running)):
+                continue
+            held.remove(stage)
+            print(f"[pipeline] {stage.name}: launched again", flush=True)
+            running[self.submit(stage, self.tasks[stage.name])] = stage
+
+    def fits(self, stage: Stage, room: dict[str, float]) -> bool:
+        asks = self.asks(stage, room)
+        return all(asks[k] <= room[k] for k in room)
 
     def run(self, plan: list[Stage]) -> None:
         pending = list(plan)
