@@ -564,7 +564,7 @@ class _Runner:
             self.fail(stage, exc)
             return
         # The run's last value of each metric (loss, accuracies, throughput) and Ray's counters.
-        metrics = MlflowClient(job.tracking_uri).get_run(result.run_id).data.metrics
+        metrics = self.parent.patient_client.get_run(result.run_id).data.metrics
         metrics.update({k: float(v) for k, v in result.metrics.items() if _is_number(v)})
         out = StageOutput(
             files={}, values={"checkpoint": result.checkpoint_uri}, metrics=dict(metrics)
@@ -1061,7 +1061,8 @@ def summary_table(result: PipelineResult, cfg: dict[str, Any]) -> str:
     uri = cfg["tracking_uri"]
     experiment_id = None  # every stage run is in the pipeline's experiment: one lookup
     if uri.startswith(("http://", "https://")):
-        experiment = MlflowClient(uri).get_experiment_by_name(cfg["experiment"])
+        by_name = functools.partial(MlflowClient(uri).get_experiment_by_name, cfg["experiment"])
+        experiment = patiently(by_name, tracking.PATIENCE_S)
         experiment_id = experiment.experiment_id if experiment else None
     rows = []
     for r in result.reports:

@@ -442,10 +442,11 @@ def _run_trials(
     table, best = log_table(sweep_run, grid, rows, sw["metric"], sw["mode"])
     if best is not None:  # the best row's own trial run is tagged too
         key = next(t.key for t in trials if t.label == best)
-        for run in sweep_run.client.search_runs(
+        client = sweep_run.patient_client
+        for run in client.search_runs(
             [sweep_run.experiment_id], f"tags.`dupr.run_key` = '{name}:{key}'"
         ):
-            sweep_run.client.set_tag(run.info.run_id, "dupr.best", "true")
+            client.set_tag(run.info.run_id, "dupr.best", "true")
     print(table, flush=True)
     return SweepResult(name, sweep_run.run_id, rows, table)
 
@@ -560,7 +561,7 @@ def log_table(
             line[f"{c}/ci95_high"] = e.high if e.has_interval else ""
         writer.writerow(line)
     run.log_text(buffer.getvalue(), "sweep_table.csv")
-    run.client.log_table(
+    run.patient_client.log_table(
         run.run_id,
         data={c: [r.get(c) for r in rows] for c in ["label", *columns, "status"]},
         artifact_file="sweep_table.json",

@@ -339,7 +339,9 @@ class RunLogger:
         floors: Mapping[str, int],
         patience_s: float = PATIENCE_S,
     ) -> None:
-        self._mlflow = _Patient(client, patience_s)  # the logger's calls: wait for the server
+        # MLflow's client whose every call waits out an unreachable server (`patiently`): the
+        # logger's own calls, and its users' beyond the logger's methods.
+        self.patient_client = _Patient(client, patience_s)
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.experiment_id = experiment_id
@@ -363,16 +365,16 @@ class RunLogger:
     @property
     def client(self) -> MlflowClient:
         """MLflow's client of the run: a call fails once MLflow's own retries are spent."""
-        return self._mlflow.client
+        return self.patient_client.client
 
     @client.setter
     def client(self, client: MlflowClient) -> None:
-        self._mlflow.client = client
+        self.patient_client.client = client
 
     @property
     def patience_s(self) -> float:
         """How long the logger's calls wait for a tracking server that cannot be reached."""
-        return self._mlflow.patience_s
+        return self.patient_client.patience_s
 
     # -- construction ------------------------------------------------------------------------
 
@@ -448,7 +450,7 @@ class RunLogger:
         A different value for an existing param is refused: MLflow params are immutable.
         """
         flat = {k: v[:MAX_PARAM_VALUE] for k, v in redact(flatten_params(params)).items()}
-        existing = self._mlflow.get_run(self.run_id).data.params
+        existing = self.patient_client.get_run(self.run_id).data.params
         new: list[Param] = []
         for key, value in flat.items():
             if key not in existing:
@@ -459,15 +461,15 @@ class RunLogger:
                     f"refusing to change it to {_short(value)!r} (use a new run name)"
                 )
         for chunk in _chunks(new, MAX_PARAMS_PER_BATCH):
-            self._mlflow.log_batch(self.run_id, params=chunk, synchronous=True)
+            self.patient_client.log_batch(self.run_id, params=chunk, synchronous=True)
 
     def set_tag(self, key: str, value: Any) -> None:
-        self._mlflow.set_tag(self.run_id, key, redact({key: value})[key])
+        self.patient_client.set_tag(self.run_id, key, redact({key: value})[key])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Redacted, in batches; tags, unlike params, may change when a run is continued."""
         for chunk in _chunks([RunTag(k, v) for k, v in redact(dict(tags)).items()], 100):
-            self._mlflow.log_batch(self.run_id, tags=chunk, synchronous=True)
+            self.patient_client.log_batch(self.run_id, tags=chunk, synchronous=True)
 
     # -- metrics -----------------------------------------------------------------------------
 
@@ -560,7 +562,7 @@ class RunLogger:
     def last_step(self, key: str = "loss") -> int | None:
         """Largest step recorded on the server for metric ``key`` (after sending queued ones)."""
         self.flush()
-        history = self._mlflow.get_metric_history(self.run_id, key)
+        history = self.patient_client.get_metric_history(self.run_id, key)
         return max((m.step for m in history), default=None)
 
     def _send_loop(self) -> None:
@@ -607,13 +609,13 @@ class RunLogger:
     ) -> None:
         if not os.path.exists(local_path):
             raise TrackingError(f"artifact {os.fspath(local_path)!r}: no such file or folder")
-        self._mlflow.log_artifact(self.run_id, os.fspath(local_path), artifact_path)
+        self.patient_client.log_artifact(self.run_id, os.fspath(local_path), artifact_path)
 
     def log_dict(self, dictionary: Mapping[str, Any], artifact_file: str) -> None:
-        self._mlflow.log_dict(self.run_id, redact_tree(dict(dictionary)), artifact_file)
+        self.patient_client.log_dict(self.run_id, redact_tree(dict(dictionary)), artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._mlflow.log_text(self.run_id, scrub_secrets(text), artifact_file)
+        self.patient_client.log_text(self.run_id, scrub_secrets(text), artifact_file)
 
     # -- end -----------------------------------------------------------------------------------
 
@@ -636,7 +638,7 @@ class RunLogger:
                 self._closed = True
                 self._sending.notify_all()
             self._thread.join()
-            self._mlflow.set_terminated(self.run_id, status=status)
+            self.patient_client.set_terminated(self.run_id, status=status)
 
     def abandon(self, status: str, error: str = "") -> None:
         """End the run FAILED or KILLED on the way out of a failure or an interrupt, `error` as
@@ -653,12 +655,12 @@ class RunLogger:
         with self._sending:  # the sender stops after its call in flight
             self._closed = True
             self._sending.notify_all()
-        self._mlflow.patience_s = 0.0
+        self.patient_client.patience_s = 0.0
         try:
             with _fail_fast_http():
                 if error:
                     self.set_tag(ERROR_TAG, error)
-                self._mlflow.set_terminated(self.run_id, status=status)
+                self.patient_client.set_terminated(self.run_id, status=status)
         except Exception as exc:
             _log.warning(
                 "tracking %s: run %s not ended %s (%s)",
@@ -700,7 +702,7 @@ def patiently(call: Callable[[], T], patience_s: float) -> T:
 
 
 class _Patient:
-    """An MlflowClient whose calls are each made `patiently`: the logger's, and its start's."""
+    """An MlflowClient whose calls are each made `patiently` (`RunLogger.patient_client`)."""
 
     def __init__(self, client: MlflowClient, patience_s: float) -> None:
         self.client, self.patience_s = client, patience_s
