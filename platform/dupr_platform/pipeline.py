@@ -87,8 +87,8 @@ from dupr_platform.text import one_line
 from dupr_platform.tracking import (
     CONTINUED_BY_TAG,
     ERROR_TAG,
+    RunGone,
     RunLogger,
-    TrackingError,
     check_tracking,
     patiently,
     redact_tree,
@@ -446,9 +446,7 @@ class _Runner:
         )
         try:
             run = start(run_id=run_id)
-        except TrackingError as exc:
-            if run_id is None:
-                raise
+        except RunGone as exc:  # deleted (not unreachable: a new run would wait all again)
             log.warning("%s: not continuing MLflow run %s (%s)", stage.name, run_id, exc)
             run = start()
         # Settings that may change between a run and its continuation are not params (MLflow's

@@ -67,6 +67,7 @@ __all__ = [
     "ERROR_TAG",
     "REDACTED",
     "RUN_KEY_TAG",
+    "RunGone",
     "RunLogger",
     "TrackingError",
     "check_tracking",
@@ -142,6 +143,10 @@ T = TypeVar("T")
 
 class TrackingError(ValueError):
     """A tracking URI, server or run problem, phrased as one line for the user."""
+
+
+class RunGone(TrackingError):
+    """The run to continue is deleted, or the tracking server has no such run."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,7 +440,10 @@ class RunLogger:
                 if (history := client.get_metric_history(rid, key))
             }
         except MlflowException as exc:
-            raise TrackingError(f"tracking {shown!r}: {_one_line(exc)}") from None
+            gone = run_id and exc.error_code == "RESOURCE_DOES_NOT_EXIST"
+            raise (RunGone if gone else TrackingError)(
+                f"tracking {shown!r}: {_one_line(exc)}"
+            ) from None
         if resumed:
             _log.info("tracking %s: continuing run %s (%s)", shown, rid, run_name)
         return cls(
@@ -767,5 +775,5 @@ def _find_run(client: _Patient, experiment_id: str, run_name: str, shown: str) -
 def _get_live_run(client: _Patient, run_id: str, shown: str) -> Any:
     run = client.get_run(run_id)
     if run.info.lifecycle_stage == "deleted":
-        raise TrackingError(f"tracking {shown!r}: run {run_id} is deleted")
+        raise RunGone(f"tracking {shown!r}: run {run_id} is deleted")
     return run
