@@ -579,9 +579,10 @@ class _Runner:
         """Collect the evaluations in `running` as they end, from a second thread, while this
         one is held (by a pre-training): a result is recorded when it is ready, not hours
         later (a driver that dies meanwhile would lose it), a lost worker's stage is launched
-        again once the cluster as it is now has room for it (`relaunch`), and the evaluations that become ready are launched in `spare` (None:
-        none is; a smoke run's pre-training runs alone), which an ended stage gives its
-        resources back to. Only that thread touches the runner's state until it is stopped."""
+        again once the cluster as it is now has room for it (`relaunch`), and the evaluations
+        that become ready are launched in `spare` (None: none is; a smoke run's pre-training
+        runs alone), which an ended stage gives its resources back to. Only that thread
+        touches the runner's state until it is stopped."""
         stop = threading.Event()
         self.held = None if spare is None else []
 
@@ -650,7 +651,8 @@ class _Runner:
         self, stage: Stage, exc: BaseException, running: dict[ray.ObjectRef, Stage]
     ) -> bool:
         """Launch `stage` again after its worker or node was lost (`LOST_WORKER`), in the same
-        MLflow run; False once it was relaunched `eval.max_failures` times."""
+        MLflow run (beside a pre-training, once the cluster has room for it: `held`); False
+        once it was relaunched `eval.max_failures` times."""
         done = self.relaunches.get(stage.name, 0)
         limit = int(self.cfg["eval"]["max_failures"])
         if done >= limit:
