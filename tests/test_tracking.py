@@ -310,6 +310,18 @@ def test_a_writer_that_starts_during_an_outage_waits_for_the_server(
         tracking.patiently(lambda: (tmp_path / "missing.txt").read_text(), 60)
     assert time.monotonic() - began < 10
 
+    # Ending a run whose metrics cannot be sent: the error once the patience is spent, and
+    # no second wait to end it.
+    back.set()
+    impatient = RunLogger.start(mlflow_server.uri, _experiment(), "impatient", patience_s=0.3)
+    impatient.client = live(f"http://127.0.0.1:{free_port()}")
+    impatient.log_metrics(1, {"loss": 1.0})
+    began = time.monotonic()
+    with pytest.raises(TrackingError, match="unreachable"):
+        impatient.end()
+    assert time.monotonic() - began < 10
+    back.clear()
+
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")  # MLflow's retries: minutes
     resumed.log_metrics(9, {"loss": 0.5})
     resumed.commit()

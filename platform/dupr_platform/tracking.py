@@ -641,12 +641,24 @@ class RunLogger:
         self._ended = True
         try:
             self.flush()
-        finally:
-            with self._sending:
-                self._closed = True
-                self._sending.notify_all()
+        except BaseException:
+            # The server refused a batch, or stayed away past the patience: the run is ended
+            # if it answers now, with no more waiting, and the error stands.
+            self._stop_sender(join=False)
+            with contextlib.suppress(Exception), _fail_fast_http():
+                self.client.set_terminated(self.run_id, status=status)
+            raise
+        self._stop_sender(join=True)
+        self.patient_client.set_terminated(self.run_id, status=status)
+
+    def _stop_sender(self, join: bool) -> None:
+        """The sender ends once nothing is left to send, or at once while the server cannot
+        be reached; `join`: wait for that (else it stops after its call in flight)."""
+        with self._sending:
+            self._closed = True
+            self._sending.notify_all()
+        if join:
             self._thread.join()
-            self.patient_client.set_terminated(self.run_id, status=status)
 
     def abandon(self, status: str, error: str = "") -> None:
         """End the run FAILED or KILLED on the way out of a failure or an interrupt, `error` as
@@ -660,9 +672,7 @@ class RunLogger:
             return
         self.discard()
         self._ended = True
-        with self._sending:  # the sender stops after its call in flight
-            self._closed = True
-            self._sending.notify_all()
+        self._stop_sender(join=False)
         self.patient_client.patience_s = 0.0
         try:
             with _fail_fast_http():
