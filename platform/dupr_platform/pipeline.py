@@ -35,7 +35,6 @@ from typing import Any
 
 import ray
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dupr.config import (
@@ -47,7 +46,7 @@ from dupr.config import (
 )
 from dupr.data.folder import ImageDecodeError
 from dupr.io import markdown_table
-from dupr_platform import console, convert_stage, eval_stages, report, smoke, software, tracking
+from dupr_platform import console, convert_stage, eval_stages, report, smoke, software
 from dupr_platform.cluster import (
     COMPUTE_PRIORITY,
     check_nodes,
@@ -90,7 +89,7 @@ from dupr_platform.tracking import (
     RunGone,
     RunLogger,
     check_tracking,
-    patiently,
+    patient_client,
     redact_tree,
     unreachable_reason,
 )
@@ -347,18 +346,12 @@ def run_stage(ctx: StageContext) -> StageOutput:
         open_storage(ctx.storage_uri).upload(tmp, ctx.folder)
         # The body's run is the driver's: its tags and artifacts, not its status. They wait for
         # a tracking server that cannot be reached, as the driver's calls do.
-        client = MlflowClient(ctx.tracking_uri)
-        calls: list[Callable[[], Any]] = [
-            # 0 unless Ray's low worker priority applied (see cluster.COMPUTE_PRIORITY).
-            functools.partial(client.set_tag, ctx.run_id, "dupr.worker_niceness", os.nice(0)),
-            functools.partial(client.set_tag, ctx.run_id, software.TAG, software.summary()),
-            *(
-                functools.partial(client.log_artifact, ctx.run_id, str(tmp / name))
-                for name in result.artifacts
-            ),
-        ]
-        for call in calls:
-            patiently(call, tracking.PATIENCE_S)
+        client = patient_client(ctx.tracking_uri)
+        # 0 unless Ray's low worker priority applied (see cluster.COMPUTE_PRIORITY).
+        client.set_tag(ctx.run_id, "dupr.worker_niceness", str(os.nice(0)))
+        client.set_tag(ctx.run_id, software.TAG, software.summary())  # this worker's
+        for name in result.artifacts:
+            client.log_artifact(ctx.run_id, str(tmp / name))
     return result
 
 
@@ -1061,8 +1054,7 @@ def summary_table(result: PipelineResult, cfg: dict[str, Any]) -> str:
     uri = cfg["tracking_uri"]
     experiment_id = None  # every stage run is in the pipeline's experiment: one lookup
     if uri.startswith(("http://", "https://")):
-        by_name = functools.partial(MlflowClient(uri).get_experiment_by_name, cfg["experiment"])
-        experiment = patiently(by_name, tracking.PATIENCE_S)
+        experiment = patient_client(uri).get_experiment_by_name(cfg["experiment"])
         experiment_id = experiment.experiment_id if experiment else None
     rows = []
     for r in result.reports:

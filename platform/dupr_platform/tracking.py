@@ -74,6 +74,7 @@ __all__ = [
     "flatten_params",
     "metric_rows",
     "metrics_from_rows",
+    "patient_client",
     "patiently",
     "redact",
     "redact_tree",
@@ -730,6 +731,12 @@ class _Patient:
         return lambda *a, **kw: patiently(
             lambda: getattr(self.client, name)(*a, **kw), self.patience_s
         )
+
+
+def patient_client(tracking_uri: str) -> _Patient:
+    """MLflow's client of `tracking_uri` whose calls wait out an unreachable server for up to
+    PATIENCE_S, for calls outside a RunLogger (a stage worker's tags on the driver's run)."""
+    return _Patient(MlflowClient(tracking_uri), PATIENCE_S)
 
 
 def metric_rows(metrics: Iterable[Metric]) -> list[list[Any]]:
