@@ -402,9 +402,9 @@ def test_evaluations_beside_a_pretraining_fit_the_cluster_as_it_is_now(
     runner, stages, _ = toy_runner(tmp_path, "toy-shrunk")
     monkeypatch.setattr(pipeline._Runner, "submit", staticmethod(lambda *_: ray.put(None)))
     pretrain = next(s for s in stages if s.kind == "pretrain")
-    assert runner.spare(pretrain) == {"CPU": 1.0, "GPU": 0.0}  # 2 CPUs, less its 1
-    pending = [s for s in stages if s.kind != "pretrain"]  # the random backbone's are ready
     running: dict = {}
+    assert runner.spare(pretrain, running) == {"CPU": 1.0, "GPU": 0.0}  # 2 CPUs, less its 1
+    pending = [s for s in stages if s.kind != "pretrain"]  # the random backbone's are ready
 
     spare = runner.launch_ready(pending, running, {"CPU": 10.0, "GPU": 0.0})
     assert [s.name for s in running.values()] == ["detection/faster_rcnn_fpn/random"]
@@ -423,6 +423,49 @@ def test_evaluations_beside_a_pretraining_fit_the_cluster_as_it_is_now(
     assert len(pending) == before and not running
     for run in runner.loggers.values():
         run.end("KILLED")
+
+
+def test_trials_at_once_launch_evaluations_only_into_room_no_other_pretraining_needs(
+    local_ray, tmp_path, monkeypatch
+):
+    """Two pipelines sharing the cluster (a sweep's trials at once, `SharedClaims` in a real
+    actor): each states its pre-training's needs before Ray places its workers, and launches
+    an evaluation beside its own pre-training only where neither pre-training needs the room.
+    Ray's count of what is free does not see a pre-training not yet placed: each would launch
+    into the CPU the other's workers then wait for."""
+    import ray
+
+    from dupr_platform import pipeline
+    from dupr_platform.claims import SharedClaims
+
+    monkeypatch.setattr(pipeline._Runner, "submit", staticmethod(lambda *_: ray.put(None)))
+    claims = SharedClaims.create("dupr-claims:test")
+    (a, stages, _), (b, _, _) = (toy_runner(tmp_path / x, f"toy-{x}") for x in "ab")
+    a.claims = b.claims = SharedClaims.named("dupr-claims:test")
+    a.owner, b.owner = "sweep:a", "sweep:b"
+    pretrain = next(s for s in stages if s.kind == "pretrain")
+    pending = [s for s in stages if s.kind != "pretrain"]  # the random backbone's are ready
+    running: dict = {}
+    spare_a = a.spare(pretrain, running)
+    assert b.spare(pretrain, {}) == spare_a == {"CPU": 1.0, "GPU": 0.0}  # Ray: 1 CPU free
+    assert claims.others("sweep:a") == {"CPU": 1.0, "GPU": 0.0}  # b's pre-training, unplaced
+    assert a.launch_ready(pending, running, spare_a) == spare_a and not running
+
+    # b's pre-training ends: its CPU is a's to launch into.
+    b.pretrain_need = {}
+    b.publish({})
+    spare_a = a.launch_ready(pending, running, spare_a)
+    assert [s.name for s in running.values()] == ["detection/faster_rcnn_fpn/random"]
+    assert claims.others("sweep:b") == {"CPU": 2.0, "GPU": 0.0} and spare_a["CPU"] == 0.0
+    # b, pre-training again, is told the same: no room beside a's pre-training and evaluation.
+    assert b.spare(pretrain, {})["CPU"] == 1.0  # Ray's count: the evaluation is not placed
+    assert not b.claim(pending[0], {})
+    claims.forget("sweep:a")
+    assert b.claim(pending[0], {}) and claims.others("sweep:a") == {"CPU": 2.0, "GPU": 0.0}
+    for run in a.loggers.values():
+        run.end("KILLED")
+    a.parent.end()
+    b.parent.end()
 
 
 def test_a_lost_evaluation_waits_for_room_beside_a_pretraining(

@@ -47,6 +47,7 @@ from dupr.config import (
 from dupr.data.folder import ImageDecodeError
 from dupr.io import markdown_table
 from dupr_platform import console, convert_stage, eval_stages, report, smoke, software
+from dupr_platform.claims import KINDS, Claims, SharedClaims, add
 from dupr_platform.cluster import (
     COMPUTE_PRIORITY,
     check_nodes,
@@ -392,7 +393,14 @@ def _stage_task(ctx: StageContext) -> StageOutput:
 
 
 class _Runner:
-    def __init__(self, cfg: dict[str, Any], stages: list[Stage], parent: RunLogger) -> None:
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        stages: list[Stage],
+        parent: RunLogger,
+        claims: Claims | SharedClaims | None = None,
+        owner: str | None = None,
+    ) -> None:
         self.cfg = cfg
         self.stages = {s.name: s for s in stages}
         self.storage = open_storage(cfg["storage"])
@@ -407,6 +415,11 @@ class _Runner:
         self.waiting: dict[str, tuple[str, float]] = {}
         self.checked_waiting = 0.0
         self.pretrain_need: dict[str, float] = {}  # the CPUs and GPUs of the pre-training at hand
+        # What this pipeline holds of the cluster, beside what other pipelines sharing it hold
+        # (a sweep's trials share the driver's), under `owner`; last stated: `published`.
+        self.claims = claims or Claims()
+        self.owner = owner or parent.run_id
+        self.published: dict[str, float] | None = None
         # Beside a pre-training ([] while one runs, else None): the evaluations that lost their
         # worker and wait for room in the cluster as it is now to be launched again.
         self.held: list[Stage] | None = None
@@ -554,6 +567,9 @@ class _Runner:
         except Exception as exc:  # reported, and the pipeline goes on
             self.fail(stage, exc)
             return
+        finally:
+            self.pretrain_need = {}  # its workers' resources are given back
+            self.publish(running)
         # The run's last value of each metric (loss, accuracies, throughput) and Ray's counters.
         metrics = self.parent.patient_client.get_run(result.run_id).data.metrics
         metrics.update({k: float(v) for k, v in result.metrics.items() if _is_number(v)})
@@ -583,6 +599,7 @@ class _Runner:
             nonlocal spare
             try:
                 while (running or self.held) and not stop.is_set():
+                    self.publish(running)
                     self.release_held(running)
                     if not running:
                         stop.wait(1.0)
@@ -598,7 +615,7 @@ class _Runner:
                     if spare is None or not gone:
                         continue
                     for stage in gone:
-                        asks = self.asks(stage, spare)
+                        asks = self.asks(stage)
                         spare = {k: spare[k] + asks[k] for k in spare}
                     if not (stop.is_set() or self.interrupted.is_set()):
                         spare = self.launch_ready(pending, running, spare)
@@ -659,7 +676,7 @@ class _Runner:
         # After a lost node, the pre-training's restarted workers wait for its resources too:
         # launched at once, the stage could take them (Ray places whichever asked first), and
         # the pre-training would wait for it, hours for a fine-tuning, or time out.
-        if self.held is not None and not self.fits(stage, self.room(running)):
+        if self.held is not None and not self.claim(stage, running):
             self.held.append(stage)
             print(
                 f"[pipeline] {stage.name}: lost its worker ({cause}); to be launched again "
@@ -678,15 +695,11 @@ class _Runner:
         """Launch the held relaunches that fit the cluster's room now (all: `room=False`)."""
         held = self.held or []
         for stage in list(held):
-            if room and not self.fits(stage, self.room(running)):
+            if room and not self.claim(stage, running):
                 continue
             held.remove(stage)
             print(f"[pipeline] {stage.name}: launched again", flush=True)
             running[self.submit(stage, self.tasks[stage.name])] = stage
-
-    def fits(self, stage: Stage, room: dict[str, float]) -> bool:
-        asks = self.asks(stage, room)
-        return all(asks[k] <= room[k] for k in room)
 
     def run(self, plan: list[Stage]) -> None:
         pending = list(plan)
@@ -703,9 +716,10 @@ class _Runner:
             # Only what the pre-training leaves free: queued, they could take the cores or GPUs
             # its workers wait for. Conversions (others wait on them) go first, then the long
             # detection fine-tunings.
-            spare = self.spare(pretrain) if pretrain is not None else None
+            spare = self.spare(pretrain, running) if pretrain is not None else None
             if not alone:
                 spare = self.launch_ready(pending, running, spare)
+            self.publish(running)
             if pretrain is not None and not (alone and running):
                 pending.remove(pretrain)
                 self.run_pretrain(pretrain, pending, running, None if alone else spare)
@@ -740,17 +754,15 @@ class _Runner:
         spare: dict[str, float] | None,
     ) -> dict[str, float] | None:
         """Launch the ready evaluations into `running`: all of them, or those that fit in
-        `spare` (what a pre-training leaves free) and in the cluster as it is now; what is
-        left of `spare`."""
+        `spare` (what a pre-training leaves free) and in the cluster as it is now (`claim`);
+        what is left of `spare`."""
         evaluations = [s for s in self.ready(pending) if s.kind != "pretrain"]
-        room = self.room(running) if spare is not None and evaluations else {}
         for stage in sorted(evaluations, key=lambda s: LAUNCH_ORDER.get(s.kind, len(LAUNCH_ORDER))):
             if spare is not None:
-                asks = self.asks(stage, spare)
-                if any(asks[k] > min(spare[k], room[k]) for k in spare):
+                asks = self.asks(stage)
+                if any(asks[k] > spare[k] for k in spare) or not self.claim(stage, running):
                     continue  # once resources are given back, or after the pre-training
                 spare = {k: spare[k] - asks[k] for k in spare}
-                room = {k: room[k] - asks[k] for k in room}
             pending.remove(stage)
             try:
                 running[self.launch(stage)] = stage
@@ -759,21 +771,39 @@ class _Runner:
         return spare
 
     @staticmethod
-    def asks(stage: Stage, spare: dict[str, float]) -> dict[str, float]:
-        """What `stage` takes of each resource in `spare` (a CPU unless it says otherwise)."""
-        return {k: stage.resources.get(k, 1.0 if k == "CPU" else 0.0) for k in spare}
+    def asks(stage: Stage) -> dict[str, float]:
+        """What `stage` takes of the CPUs and GPUs (a CPU unless it says otherwise)."""
+        return {k: stage.resources.get(k, 1.0 if k == "CPU" else 0.0) for k in KINDS}
 
-    def room(self, running: dict[ray.ObjectRef, Stage]) -> dict[str, float]:
-        """The CPUs and GPUs of the cluster's alive nodes beyond the pre-training's and the
-        running evaluations'. `spare` counts what ended stages give back, which is right while
-        the cluster keeps its size; after a node is lost it is too much: evaluations launched
-        into it would take what the pre-training's restarted workers wait for."""
-        total = ray.cluster_resources()
-        room = {k: total.get(k, 0.0) - self.pretrain_need.get(k, 0.0) for k in ("CPU", "GPU")}
+    def holding(self, running: dict[ray.ObjectRef, Stage]) -> dict[str, float]:
+        """What this pipeline holds of the cluster, or is about to: its pre-training's workers
+        while one runs, and its running (or queued) evaluations."""
+        held = dict(self.pretrain_need)
         for stage in running.values():
-            asks = self.asks(stage, room)
-            room = {k: room[k] - asks[k] for k in room}
-        return room
+            held = add(held, self.asks(stage))
+        return held
+
+    def claim(self, stage: Stage, running: dict[ray.ObjectRef, Stage]) -> bool:
+        """Whether `stage` fits in the CPUs and GPUs of the cluster's alive nodes beside what
+        this pipeline holds and what other pipelines sharing the cluster hold (a sweep's other
+        trials, their pre-trainings included before Ray places them); if it does, it is counted
+        as held. `spare` counts what ended stages give back, which is right while the cluster
+        keeps its size and nobody else launches; after a node is lost, or beside other trials,
+        it is too much: evaluations launched into it would take what a pre-training's
+        (restarted) workers wait for."""
+        holding = add(self.holding(running), self.asks(stage))
+        if not self.claims.claim(self.owner, holding, ray.cluster_resources()):
+            return False
+        self.published = holding
+        return True
+
+    def publish(self, running: dict[ray.ObjectRef, Stage]) -> None:
+        """State what this pipeline holds now (a pre-training begun or ended, a stage ended),
+        for the other pipelines' `claim`."""
+        holding = self.holding(running)
+        if holding != self.published:
+            self.claims.hold(self.owner, holding)
+            self.published = holding
 
     def note_waiting(self, running: dict[ray.ObjectRef, Stage]) -> list[Stage]:
         """Say (once) that a running stage waits because no alive node has what it asks: a
@@ -814,11 +844,12 @@ class _Runner:
                 given_up.append(stage)
         return given_up
 
-    def spare(self, pretrain: Stage) -> dict[str, float]:
-        """The CPUs and GPUs free now beyond what `pretrain` will take."""
+    def spare(self, pretrain: Stage, running: dict[ray.ObjectRef, Stage]) -> dict[str, float]:
+        """The CPUs and GPUs free now beyond what `pretrain` will take (held from now on)."""
         need = self.pretrain_need = pretraining_needs(pretrain_job(self.cfg, pretrain))
+        self.publish(running)
         free = ray.available_resources()
-        return {k: free.get(k, 0.0) - need[k] for k in ("CPU", "GPU")}
+        return {k: free.get(k, 0.0) - need[k] for k in KINDS}
 
     def ready(self, pending: list[Stage]) -> list[Stage]:
         """The pending stages whose upstream is complete; those with a failed upstream leave
@@ -911,12 +942,15 @@ def run_pipeline(
     params: dict[str, Any] | None = None,
     pretrain_callbacks: list[Any] | None = None,
     print_summary: bool = True,
+    claims: SharedClaims | None = None,
 ) -> PipelineResult:
     """Check, then run the study on the connected (or a local) Ray cluster.
 
     A sweep runs one pipeline per trial: `parent_run_id` nests this pipeline's MLflow run under
     the sweep's, `run_key` makes a retried trial continue its run, `params` add the trial's
-    grid value and `pretrain_callbacks` reach the pre-training's TorchTrainer (Tune reports).
+    grid value, `pretrain_callbacks` reach the pre-training's TorchTrainer (Tune reports) and
+    `claims` (the sweep's, under `run_key`) keeps the trials that run at once from launching
+    evaluations into the same room.
     A trial leaves its `PipelineResult.summary` to the sweep's driver to print
     (`print_summary=False`): Ray forwards a worker's stdout asynchronously, and the last lines
     of a trial that ends just before its driver can be lost.
@@ -951,7 +985,7 @@ def run_pipeline(
         tags={"mlflow.runName": run_name or cfg["name"], PIPELINE_TAG: cfg["name"]},
         parent_run_id=parent_run_id,
     )
-    runner = _Runner(cfg, stages, parent)
+    runner = _Runner(cfg, stages, parent, claims, run_key)
     runner.pretrain_callbacks = pretrain_callbacks
     with driving(parent, PIPELINE_TAG, cfg["name"], "pipeline"):
         parent.log_params({**cfg, **(params or {})})
@@ -973,6 +1007,9 @@ def run_pipeline(
             for run in runner.loggers.values():
                 run.abandon("FAILED" if isinstance(exc, Exception) else "KILLED")
             raise
+        finally:
+            with contextlib.suppress(Exception):  # Ray going down with the driver
+                runner.claims.forget(runner.owner)
         for stage in to_run:
             runner.reports.setdefault(stage.name, StageReport(stage.name, "skipped"))
         result = PipelineResult(

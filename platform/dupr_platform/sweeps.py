@@ -28,6 +28,7 @@ import io
 import json
 import math
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from dupr.config import BASELINES, ConfigError, DUPRConfig, baseline_method
 from dupr.evaluation.stats import estimate, paired_difference
 from dupr.io import markdown_table
 from dupr_platform import console
+from dupr_platform.claims import SharedClaims
 from dupr_platform.cluster import check_nodes, credentials_withheld, start_ray
 from dupr_platform.configs import (
     PipelineConfig,
@@ -220,11 +222,12 @@ def trial_fn(config: dict[str, Any]) -> None:
     result = run_pipeline(
         config["cfg"],
         parent_run_id=config["sweep_run_id"],
-        run_key=f"{config['sweep']}:{config['key']}",
+        run_key=trial_run_key(config),
         run_name=config["label"],
         params={"grid": {"label": config["label"], **config["overrides"]}},
         pretrain_callbacks=callbacks,
         print_summary=False,  # the driver prints it from the result (`_TrialSummaries`)
+        claims=SharedClaims.named(config["claims"]),
     )
     if not result.ok:
         failed = [r for r in result.reports if r.error]
@@ -253,6 +256,31 @@ def trial_fn(config: dict[str, Any]) -> None:
 
 FAILED_METRIC = "trial_error"  # in a trial's result: it failed and must not be retried
 SUMMARY = "pipeline_summary"  # in a trial's last result: what its pipeline would have printed
+
+
+def trial_run_key(config: dict[str, Any]) -> str:
+    """A trial's pipeline run key (a retried trial continues its run) and its name in the
+    sweep's claims."""
+    return f"{config['sweep']}:{config['key']}"
+
+
+def _trial_claims(claims: SharedClaims, cpus: float) -> Any:
+    """A Tune callback, on the driver: each running trial's own CPUs (its pipeline's driver)
+    held in the sweep's claims, and a trial that ends or fails (its pipeline could not say so)
+    holding nothing."""
+    from ray import tune
+
+    class _TrialClaims(tune.Callback):
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any):
+            claims.hold(f"{trial_run_key(trial.config)} (trial)", {"CPU": cpus})
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any):
+            for owner in (trial_run_key(trial.config), f"{trial_run_key(trial.config)} (trial)"):
+                claims.forget(owner)
+
+        on_trial_error = on_trial_recover = on_trial_complete
+
+    return _TrialClaims()
 
 
 def _trial_summaries() -> Any:
@@ -368,6 +396,8 @@ def _run_trials(
 
     outcomes: dict[str, tuple[str, dict[str, float], str]] = {}
     if todo:
+        # What the trials running at once hold of the cluster; the actor ends with this driver.
+        claims = SharedClaims.create(f"dupr-claims:{name}:{uuid.uuid4().hex[:8]}")
         scheduler = None
         if sw["early_stopping"]:
             epochs = max(t.cfg["pretrain"]["method"]["optim"]["epochs"] for t in trials)
@@ -387,7 +417,7 @@ def _run_trials(
                 },
             ),
             param_space=tune.grid_search(
-                [_trial_config(t, name, sweep_run.run_id, sw) for t in todo]
+                [_trial_config(t, name, sweep_run.run_id, sw, claims) for t in todo]
             ),
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=int(sw["max_concurrent_trials"]), scheduler=scheduler
@@ -396,7 +426,7 @@ def _run_trials(
                 name=f"{name}-{time.strftime('%Y%m%dT%H%M%S')}",
                 **ray_storage_args(open_storage(store.uri_for("tune"))),
                 failure_config=tune.FailureConfig(max_failures=int(sw["trial_retries"])),
-                callbacks=[_trial_summaries()],
+                callbacks=[_trial_summaries(), _trial_claims(claims, float(sw["trial_cpus"]))],
                 verbose=0,
             ),
         )
@@ -451,8 +481,11 @@ def _run_trials(
     return SweepResult(name, sweep_run.run_id, rows, table)
 
 
-def _trial_config(trial: Trial, sweep: str, run_id: str, sw: dict[str, Any]) -> dict[str, Any]:
+def _trial_config(
+    trial: Trial, sweep: str, run_id: str, sw: dict[str, Any], claims: SharedClaims
+) -> dict[str, Any]:
     return {
+        "claims": claims.name,
         "cfg": trial.cfg,
         "key": trial.key,
         "label": trial.label,
