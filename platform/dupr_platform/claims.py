@@ -11,7 +11,8 @@ So each pipeline states what it holds (its pre-training's needs while one runs, 
 evaluations) in one `Claims`, and takes room for an evaluation with `claim`: one call that
 checks it against everybody's holdings and counts it, so two pipelines cannot take the same
 room. A plain pipeline keeps its own `Claims`; a sweep's driver keeps one in a Ray actor for its
-trials (`SharedClaims`), with the trial actors' own CPUs in it.
+trials (`SharedClaims`), with the trial actors' own CPUs in it. Pipelines started apart (two
+`ray job submit`s on one cluster) keep one each, as Ray's count alone did before.
 """
 
 from __future__ import annotations
