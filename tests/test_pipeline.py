@@ -425,6 +425,13 @@ def test_evaluations_beside_a_pretraining_fit_the_cluster_as_it_is_now(
         run.end("KILLED")
 
 
+def until(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
 def test_trials_at_once_launch_evaluations_only_into_room_no_other_pretraining_needs(
     local_ray, tmp_path, monkeypatch
 ):
@@ -432,40 +439,74 @@ def test_trials_at_once_launch_evaluations_only_into_room_no_other_pretraining_n
     actor): each states its pre-training's needs before Ray places its workers, and launches
     an evaluation beside its own pre-training only where neither pre-training needs the room.
     Ray's count of what is free does not see a pre-training not yet placed: each would launch
-    into the CPU the other's workers then wait for."""
+    into the CPU the other's workers then wait for. When the other's pre-training ends, the
+    evaluation is launched (tried again every WAIT_CHECK_S while its own pre-training runs)."""
     import ray
 
     from dupr_platform import pipeline
     from dupr_platform.claims import SharedClaims
+    from dupr_platform.stages import StageOutput
 
-    monkeypatch.setattr(pipeline._Runner, "submit", staticmethod(lambda *_: ray.put(None)))
+    done = ray.put(StageOutput(files={}, values={}, metrics={"accuracy": 0.5}))
+    monkeypatch.setattr(pipeline._Runner, "submit", staticmethod(lambda *_: done))
+    monkeypatch.setattr(pipeline, "WAIT_CHECK_S", 0.5)
     claims = SharedClaims.create("dupr-claims:test")
     (a, stages, _), (b, _, _) = (toy_runner(tmp_path / x, f"toy-{x}") for x in "ab")
     a.claims = b.claims = SharedClaims.named("dupr-claims:test")
     a.owner, b.owner = "sweep:a", "sweep:b"
     pretrain = next(s for s in stages if s.kind == "pretrain")
     pending = [s for s in stages if s.kind != "pretrain"]  # the random backbone's are ready
+    first = "detection/faster_rcnn_fpn/random"
     running: dict = {}
     spare_a = a.spare(pretrain, running)
     assert b.spare(pretrain, {}) == spare_a == {"CPU": 1.0, "GPU": 0.0}  # Ray: 1 CPU free
     assert claims.others("sweep:a") == {"CPU": 1.0, "GPU": 0.0}  # b's pre-training, unplaced
     assert a.launch_ready(pending, running, spare_a) == spare_a and not running
 
-    # b's pre-training ends: its CPU is a's to launch into.
-    b.pretrain_need = {}
-    b.publish({})
-    spare_a = a.launch_ready(pending, running, spare_a)
-    assert [s.name for s in running.values()] == ["detection/faster_rcnn_fpn/random"]
-    assert claims.others("sweep:b") == {"CPU": 2.0, "GPU": 0.0} and spare_a["CPU"] == 0.0
-    # b, pre-training again, is told the same: no room beside a's pre-training and evaluation.
-    assert b.spare(pretrain, {})["CPU"] == 1.0  # Ray's count: the evaluation is not placed
-    assert not b.claim(pending[0], {})
+    with a.collecting(pending, running, spare_a):  # a pre-trains
+        time.sleep(1.5)
+        assert first not in a.reports  # tried again, and still no room
+        b.pretrain_need = {}  # b's pre-training ends: its CPU is a's to launch into
+        b.publish({})
+        until(lambda: first in a.reports, "a's evaluation launched and collected")
+    assert a.reports[first].status == "done"
+    # A trial that ends (or fails: the sweep's driver does it) holds nothing.
     claims.forget("sweep:a")
+    b.spare(pretrain, {})
     assert b.claim(pending[0], {}) and claims.others("sweep:a") == {"CPU": 2.0, "GPU": 0.0}
-    for run in a.loggers.values():
+    for runner in (a, b):
+        runner.parent.end()
+
+
+def test_an_evaluation_leaves_a_waiting_pretraining_its_room(local_ray, tmp_path, monkeypatch):
+    """A pipeline started apart (a second `ray job submit`) whose pre-training's workers wait
+    to be placed: Ray counts their CPUs as free, and an evaluation launched into them beside
+    this pipeline's pre-training would take them first. It waits until that placement group
+    is placed or gone."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from dupr_platform import pipeline
+
+    monkeypatch.setattr(pipeline._Runner, "submit", staticmethod(lambda *_: ray.put(None)))
+    runner, stages, _ = toy_runner(tmp_path, "toy-apart")
+    pretrain = next(s for s in stages if s.kind == "pretrain")
+    pending = [s for s in stages if s.kind != "pretrain"]
+    running: dict = {}
+    spare = runner.spare(pretrain, running)  # 1 of the 2 CPUs
+    placed = ray.remote(num_cpus=1)(lambda: time.sleep(60)).remote()  # its pre-training
+    until(lambda: ray.available_resources().get("CPU", 0.0) == 1.0, "its worker placed")
+    other = placement_group([{"CPU": 2.0}])  # the other job's pre-training: waits
+    until(lambda: ray.util.placement_group_table(other)["state"] == "PENDING", "pending")
+    assert runner.launch_ready(pending, running, spare) == spare and not running
+    remove_placement_group(other)  # the other job was stopped
+    until(lambda: ray.util.placement_group_table(other)["state"] == "REMOVED", "removed")
+    runner.launch_ready(pending, running, spare)
+    assert [s.name for s in running.values()] == ["detection/faster_rcnn_fpn/random"]
+    ray.cancel(placed, force=True)
+    for run in runner.loggers.values():
         run.end("KILLED")
-    a.parent.end()
-    b.parent.end()
+    runner.parent.end()
 
 
 def test_a_lost_evaluation_waits_for_room_beside_a_pretraining(
@@ -489,12 +530,6 @@ def test_a_lost_evaluation_waits_for_room_beside_a_pretraining(
     monkeypatch.setattr(pipeline._Runner, "submit", staticmethod(lambda *_: next(tasks)()))
     monkeypatch.setattr(pipeline, "RELAUNCH_AFTER_S", 0.0)
     runner.pretrain_need = {"CPU": 2.0, "GPU": 0.0}
-
-    def until(condition, what: str) -> None:
-        deadline = time.monotonic() + 60
-        while not condition():
-            assert time.monotonic() < deadline, what
-            time.sleep(0.1)
 
     running = {runner.launch(stage): stage}
     with runner.collecting([], running, {"CPU": 0.0, "GPU": 0.0}):

@@ -12,7 +12,9 @@ evaluations) in one `Claims`, and takes room for an evaluation with `claim`: one
 checks it against everybody's holdings and counts it, so two pipelines cannot take the same
 room. A plain pipeline keeps its own `Claims`; a sweep's driver keeps one in a Ray actor for its
 trials (`SharedClaims`), with the trial actors' own CPUs in it. Pipelines started apart (two
-`ray job submit`s on one cluster) keep one each, as Ray's count alone did before.
+`ray job submit`s on one cluster) keep one each; what they see of each other is Ray's: a
+pre-training whose workers wait to be placed (`room_beside_waiting`), not one in the seconds
+before Ray Train asks for them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,19 @@ KINDS = ("CPU", "GPU")
 
 def add(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in KINDS}
+
+
+def room_beside_waiting() -> dict[str, float]:
+    """The CPUs and GPUs free now less what the placement groups that wait to be placed ask:
+    Ray counts those as free, though a pre-training's workers (another job's: a pipeline
+    started apart) wait for them."""
+    free = ray.available_resources()
+    room = {k: free.get(k, 0.0) for k in KINDS}
+    for group in ray.util.placement_group_table().values():
+        if group["state"] == "PENDING":
+            for bundle in group["bundles"].values():
+                room = {k: room[k] - float(bundle.get(k, 0.0)) for k in KINDS}
+    return room
 
 
 class Claims:

@@ -47,7 +47,7 @@ from dupr.config import (
 from dupr.data.folder import ImageDecodeError
 from dupr.io import markdown_table
 from dupr_platform import console, convert_stage, eval_stages, report, smoke, software
-from dupr_platform.claims import KINDS, Claims, SharedClaims, add
+from dupr_platform.claims import KINDS, Claims, SharedClaims, add, room_beside_waiting
 from dupr_platform.cluster import (
     COMPUTE_PRIORITY,
     check_nodes,
@@ -590,34 +590,46 @@ class _Runner:
         later (a driver that dies meanwhile would lose it), a lost worker's stage is launched
         again once the cluster as it is now has room for it (`relaunch`), and the evaluations
         that become ready are launched in `spare` (None: none is; a smoke run's pre-training
-        runs alone), which an ended stage gives its resources back to. Only that thread
-        touches the runner's state until it is stopped."""
+        runs alone), which an ended stage gives its resources back to, and where they `claim`
+        room; one that did not fit is tried again as stages end and every WAIT_CHECK_S (other
+        pipelines give room back too). Only that thread touches the runner's state until it is
+        stopped."""
         stop = threading.Event()
         self.held = None if spare is None else []
 
         def collect_until_stopped() -> None:
             nonlocal spare
+            tried = time.monotonic()
             try:
-                while (running or self.held) and not stop.is_set():
+                while not stop.is_set():
                     self.publish(running)
                     self.release_held(running)
-                    if not running:
-                        stop.wait(1.0)
-                        continue
-                    ended, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+                    # Ready evaluations that did not fit: tried again as this pipeline's
+                    # stages end and every WAIT_CHECK_S (as other pipelines give room back).
+                    waiting = spare is not None and any(
+                        s.kind != "pretrain" for s in self.ready(pending)
+                    )
+                    if not (running or self.held or waiting):
+                        break
                     gone = []  # the stages that gave their resources back
-                    for ref in ended:
-                        stage = running.pop(ref)
-                        self.collect(ref, stage, running)
-                        if stage not in running.values():  # else launched again
-                            gone.append(stage)
-                    gone += self.note_waiting(running)
-                    if spare is None or not gone:
+                    if running:
+                        ended, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+                        for ref in ended:
+                            stage = running.pop(ref)
+                            self.collect(ref, stage, running)
+                            if stage not in running.values():  # else launched again
+                                gone.append(stage)
+                        gone += self.note_waiting(running)
+                    else:
+                        stop.wait(1.0)
+                    if spare is None:
                         continue
                     for stage in gone:
                         asks = self.asks(stage)
                         spare = {k: spare[k] + asks[k] for k in spare}
-                    if not (stop.is_set() or self.interrupted.is_set()):
+                    again = time.monotonic() - tried >= WAIT_CHECK_S
+                    if (gone or again) and not (stop.is_set() or self.interrupted.is_set()):
+                        tried = time.monotonic()
                         spare = self.launch_ready(pending, running, spare)
             except Exception:  # Ray going down with the driver (Ctrl-C): the loop ends
                 log.debug("collecting stopped:\n%s", traceback.format_exc())
@@ -786,12 +798,16 @@ class _Runner:
     def claim(self, stage: Stage, running: dict[ray.ObjectRef, Stage]) -> bool:
         """Whether `stage` fits in the CPUs and GPUs of the cluster's alive nodes beside what
         this pipeline holds and what other pipelines sharing the cluster hold (a sweep's other
-        trials, their pre-trainings included before Ray places them); if it does, it is counted
-        as held. `spare` counts what ended stages give back, which is right while the cluster
-        keeps its size and nobody else launches; after a node is lost, or beside other trials,
-        it is too much: evaluations launched into it would take what a pre-training's
-        (restarted) workers wait for."""
-        holding = add(self.holding(running), self.asks(stage))
+        trials, their pre-trainings included before Ray places them), and in what is free now
+        beyond the placement groups that wait (another job's pre-training); if it does, it is
+        counted as held. `spare` counts what ended stages give back, which is right while the
+        cluster keeps its size and nobody else launches; after a node is lost, or beside other
+        pipelines, it is too much: evaluations launched into it would take what a
+        pre-training's (restarted) workers wait for."""
+        asks = self.asks(stage)
+        if any(asks[k] > v for k, v in room_beside_waiting().items()):
+            return False
+        holding = add(self.holding(running), asks)
         if not self.claims.claim(self.owner, holding, ray.cluster_resources()):
             return False
         self.published = holding
