@@ -388,7 +388,7 @@ def test_a_stage_launched_or_failed_while_tracking_is_unreachable_waits_for_it(
 
 
 def test_evaluations_beside_a_pretraining_fit_the_cluster_as_it_is_now(
-    local_ray, tmp_path, monkeypatch
+    local_ray, tmp_path, monkeypatch, capsys
 ):
     """What the pre-training leaves free (`spare`) is counted once and given back by each
     stage that ends; after a node is lost that count is too much. The evaluations launched
@@ -410,6 +410,12 @@ def test_evaluations_beside_a_pretraining_fit_the_cluster_as_it_is_now(
     assert [s.name for s in running.values()] == ["detection/faster_rcnn_fpn/random"]
     assert spare == {"CPU": 9.0, "GPU": 0.0}
     assert runner.launch_ready(pending, running, spare) == spare  # nothing more fits now
+    # What waits beside the pre-training is said once, though it is tried again and again.
+    (said,) = [x for x in capsys.readouterr().out.splitlines() if "to launch" in x]
+    assert said == (
+        "[pipeline] to launch once there is room beside the pre-training: spatial/random "
+        "(1 CPU), correspondence/random (1 CPU), object_probe/random (1 CPU), probe/random (1 CPU)"
+    )
 
     # The fine-tuning ends and gives its CPU back: the next one fits in its place.
     ended = running.popitem()[1]
@@ -547,6 +553,86 @@ def test_a_lost_evaluation_waits_for_room_beside_a_pretraining(
     assert lines[2] == f"[pipeline] {stage.name}: launched again"
     assert lines[3].startswith(f"[pipeline] {stage.name}: done in ")
     runner.parent.end()
+
+
+def test_a_stage_is_timed_on_its_worker_and_its_wait_said_apart(
+    local_ray, tmp_path, monkeypatch, capsys
+):
+    """A stage's run time is its own (measured on its worker), not the time since the driver
+    submitted it: queued behind others for its CPU, a 30-s probe took minutes by the driver's
+    clock. The wait to start is said beside it once it is worth saying."""
+    import ray
+
+    from dupr_platform import pipeline
+    from dupr_platform.stages import StageOutput
+
+    runner, stages, _ = toy_runner(tmp_path, "toy-timed")
+    ran = StageOutput(files={}, values={}, metrics={"accuracy": 0.5}, seconds=31.0)
+    monkeypatch.setattr(pipeline._Runner, "submit", staticmethod(lambda *_: ray.put(ran)))
+    first, second = [s for s in stages if s.kind != "pretrain" and not s.upstream()][:2]
+    for stage, submitted_s_ago in ((first, 31.5), (second, 125.0)):
+        ref = runner.launch(stage)
+        runner.started[stage.name] -= submitted_s_ago
+        runner.collect(ref, stage, {})
+        assert runner.reports[stage.name].seconds == 31.0
+    lines = [x for x in capsys.readouterr().out.splitlines() if ": done in" in x]
+    assert lines == [
+        f"[pipeline] {first.name}: done in 31s",
+        f"[pipeline] {second.name}: done in 31s (waited 1m34s to start)",
+    ]
+    runner.parent.end()
+
+
+RUNNING_LINE = """
+import time, types
+import ray
+from dupr_platform.cluster import start_ray, stop_ray
+from dupr_platform.pipeline import _Runner
+
+start_ray("test")  # as the main job does: its own instance, with Ray's dashboard
+hold = ray.remote(num_cpus=ray.cluster_resources()["CPU"])(lambda: time.sleep(120))
+running = {
+    hold.options(name=name).remote(): types.SimpleNamespace(name=name)
+    for name in ("probe/a", "probe/b")  # b is queued: a holds every CPU
+}
+submitted = time.monotonic() - 20
+runner = types.SimpleNamespace(started={"probe/a": submitted, "probe/b": submitted})
+deadline = time.monotonic() + 60
+while not (line := _Runner.running_line(runner, running)).startswith("running: probe/a"):
+    assert time.monotonic() < deadline, line
+    time.sleep(0.2)
+print("line:", line)
+for ref in running:
+    ray.cancel(ref, force=True)
+stop_ray()
+"""
+
+
+def test_the_running_line_tells_running_stages_from_queued_ones(local_ray, tmp_path):
+    """The driver's minute-by-minute line: the stages that run, how long they have run, and
+    apart from them those still queued for their resources (Ray's state API, which the main
+    job's own Ray instance serves); where that API is off (this module's Ray instance has
+    no dashboard), every submitted stage with its time since submission."""
+    import re
+    import types
+
+    import ray
+
+    from drivers import run
+    from dupr_platform import pipeline
+
+    status, output = run(["-c", RUNNING_LINE], tmp_path / "out.txt", timeout=180)
+    assert status == 0, output[-4000:]
+    (line,) = [x[len("line: ") :] for x in output.splitlines() if x.startswith("line: ")]
+    found = re.fullmatch(r"running: probe/a \((\d+)s\); queued: probe/b \((\d+)s\)", line)
+    assert found, line
+    assert int(found[1]) < 20 <= int(found[2])
+
+    submitted = time.monotonic() - 65
+    runner = types.SimpleNamespace(started={"probe/a": submitted})
+    task = ray.remote(lambda: None).remote()
+    line = pipeline._Runner.running_line(runner, {task: types.SimpleNamespace(name="probe/a")})
+    assert re.fullmatch(r"running: probe/a \(1m0[5-9]s\)", line), line
 
 
 def test_a_stage_continues_its_mlflow_run_unless_it_was_deleted(tmp_path):

@@ -14,6 +14,8 @@
   one line that names the missing variable, never its value.
 - `largest_node`: what one task or training worker can get at most. A task never spans nodes,
   so one that asks more than any node has waits forever, though the cluster's total has it.
+- `task_starts`: which of a driver's submitted tasks run, and since when, as opposed to those
+  still queued for their resources (Ray's state API).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import ray
@@ -34,6 +36,8 @@ from dupr_platform.environment import environment
 from dupr_platform.ports import free_port
 from dupr_platform.storage import AWS_CREDENTIALS, aws_settings, check_storage, open_storage
 from dupr_platform.tracking import TRACKING_CREDENTIALS, check_tracking
+
+log = logging.getLogger(__name__)
 
 # Ray starts its worker processes at niceness 15 (RAY_worker_niceness), so that its own control
 # processes stay responsive. A training worker at 15 yields the CPU to every normal-priority
@@ -191,3 +195,35 @@ def largest_node() -> dict[str, float]:
             for name, amount in node.get("Resources", {}).items():
                 most[name] = max(most.get(name, 0.0), float(amount))
     return most
+
+
+def task_starts(refs: Iterable[ray.ObjectRef]) -> dict[ray.ObjectRef, float] | None:
+    """When each task of `refs` that runs now started (epoch seconds; a task queued for its
+    resources or a worker is left out), from Ray's state API; None where that cannot say (a
+    cluster started without its dashboard, or one that does not answer within seconds)."""
+    from ray.util.state import list_tasks
+
+    by_id = {ref.task_id().hex(): ref for ref in refs}
+    context = ray.get_runtime_context()
+    try:
+        tasks = list_tasks(
+            # This driver's cluster: unnamed, the state API looks for one on the machine and
+            # gives up where it finds several (two pipelines' own local instances).
+            address=context.gcs_address,
+            filters=[
+                ("job_id", "=", context.get_job_id()),
+                ("state", "=", "RUNNING"),
+            ],
+            detail=True,  # for start_time_ms
+            limit=10_000,
+            timeout=5,
+            raise_on_missing_output=False,
+        )
+    except Exception as exc:  # no dashboard, or it did not answer: not worth stopping for
+        log.debug("Ray's state API: %s", exc)
+        return None
+    return {
+        by_id[t.task_id]: t.start_time_ms / 1000.0
+        for t in tasks
+        if t.task_id in by_id and t.start_time_ms
+    }

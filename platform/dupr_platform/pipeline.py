@@ -54,6 +54,7 @@ from dupr_platform.cluster import (
     forwarded_env,
     largest_node,
     start_ray,
+    task_starts,
 )
 from dupr_platform.configs import DetectionEvalConfig, selected_kinds, validate_pipeline
 from dupr_platform.failures import UnrecoverableError
@@ -336,6 +337,7 @@ BODIES: dict[str, Callable[[StageContext, Path], StageOutput]] = {
 
 def run_stage(ctx: StageContext) -> StageOutput:
     """Run the body, copy its folder to the stage's storage folder, log its artifacts."""
+    began = time.monotonic()
     with scratch_folder("stage") as tmp:
         if ctx.profile and ctx.kind != "detection":  # a fine-tuning measures its own steps
             device = eval_stages.stage_device(ctx)
@@ -353,6 +355,7 @@ def run_stage(ctx: StageContext) -> StageOutput:
         client.set_tag(ctx.run_id, software.TAG, software.summary())  # this worker's
         for name in result.artifacts:
             client.log_artifact(ctx.run_id, str(tmp / name))
+    result.seconds = time.monotonic() - began
     return result
 
 
@@ -373,6 +376,7 @@ LOST_WORKER = (
 ATTEMPT_TAG = "dupr.stage_attempt"
 RELAUNCH_AFTER_S = 2.0  # after a lost worker: time for an interrupt of the driver to arrive
 WAIT_CHECK_S = 10.0  # how often the runner looks for stages that no alive node can place
+SHOWN_WAIT_S = 10.0  # a stage's wait to start said beside its run time from this long on
 
 
 class NodeWaitTimeout(RuntimeError):
@@ -423,6 +427,7 @@ class _Runner:
         # Beside a pre-training ([] while one runs, else None): the evaluations that lost their
         # worker and wait for room in the cluster as it is now to be launched again.
         self.held: list[Stage] | None = None
+        self.said_refused: set[str] = set()  # the ready evaluations said to wait for room
         self.interrupted = threading.Event()  # Ctrl-C or SIGTERM while a pre-training held us
         self.pretrain_callbacks: list[Any] | None = None
         self.tuned = next(s.name for s in stages if s.kind == "pretrain")
@@ -518,9 +523,12 @@ class _Runner:
         record = write_marker(self.storage, stage, inputs, outputs, out.metrics, run_id)
         self.storage.delete(f"{stage.folder}/{RESUME_DIR}", recursive=True)  # complete now
         self.records[stage.name] = record
-        seconds = time.monotonic() - self.started[stage.name]
+        since_submitted = time.monotonic() - self.started[stage.name]
+        seconds = out.seconds or since_submitted
         self.reports[stage.name] = StageReport(stage.name, "done", out.metrics, run_id, seconds)
-        print(f"[pipeline] {stage.name}: done in {format_duration(seconds)}", flush=True)
+        waited = since_submitted - seconds  # for its resources, or a worker to start
+        shown = f" (waited {format_duration(waited)} to start)" if waited >= SHOWN_WAIT_S else ""
+        print(f"[pipeline] {stage.name}: done in {format_duration(seconds)}{shown}", flush=True)
 
     def fail(self, stage: Stage, exc: BaseException, note: str = "") -> None:
         message = _one_line(exc) + note
@@ -700,6 +708,7 @@ class _Runner:
             f"[pipeline] {stage.name}: lost its worker ({cause}); launched again {again}",
             flush=True,
         )
+        self.started[stage.name] = time.monotonic()
         running[self.submit(stage, self.tasks[stage.name])] = stage
         return True
 
@@ -711,6 +720,7 @@ class _Runner:
                 continue
             held.remove(stage)
             print(f"[pipeline] {stage.name}: launched again", flush=True)
+            self.started[stage.name] = time.monotonic()
             running[self.submit(stage, self.tasks[stage.name])] = stage
 
     def run(self, plan: list[Stage]) -> None:
@@ -753,11 +763,26 @@ class _Runner:
             self.note_waiting(running)
             if not finished and running and time.monotonic() - last_beat > 60:
                 last_beat = time.monotonic()
-                names = ", ".join(
-                    f"{s.name} ({format_duration(time.monotonic() - self.started[s.name])})"
-                    for s in running.values()
-                )
-                print(f"[pipeline] running: {names}", flush=True)
+                print(f"[pipeline] {self.running_line(running)}", flush=True)
+
+    def running_line(self, running: dict[ray.ObjectRef, Stage]) -> str:
+        """`running: A (4m07s), B (20s); queued: C (2m27s)`: how long each stage has run, or
+        has waited for its resources (or a worker) since it was submitted. Where Ray cannot
+        say which run (`task_starts`), all are listed as running since their submission."""
+        now, wall = time.monotonic(), time.time()
+        starts = task_starts(running)
+        runs, queued = [], []
+        for ref, stage in running.items():
+            submitted = format_duration(now - self.started[stage.name])
+            if starts is None:
+                runs.append(f"{stage.name} ({submitted})")
+            elif ref in starts:
+                runs.append(f"{stage.name} ({format_duration(wall - starts[ref])})")
+            else:
+                queued.append(f"{stage.name} ({submitted})")
+        parts = [f"running: {', '.join(runs)}"] if runs else []
+        parts += [f"queued: {', '.join(queued)}"] if queued else []
+        return "; ".join(parts)
 
     def launch_ready(
         self,
@@ -769,17 +794,28 @@ class _Runner:
         `spare` (what a pre-training leaves free) and in the cluster as it is now (`claim`);
         what is left of `spare`."""
         evaluations = [s for s in self.ready(pending) if s.kind != "pretrain"]
+        refused = []
         for stage in sorted(evaluations, key=lambda s: LAUNCH_ORDER.get(s.kind, len(LAUNCH_ORDER))):
             if spare is not None:
                 asks = self.asks(stage)
                 if any(asks[k] > spare[k] for k in spare) or not self.claim(stage, running):
-                    continue  # once resources are given back, or after the pre-training
+                    refused.append(stage)  # once resources are given back, or after it
+                    continue
                 spare = {k: spare[k] - asks[k] for k in spare}
             pending.remove(stage)
             try:
                 running[self.launch(stage)] = stage
             except Exception as exc:
                 self.fail(stage, exc)
+        # Said once per stage: a pre-training's console is quiet about what waits beside it.
+        unsaid = [s for s in refused if s.name not in self.said_refused]
+        if unsaid:
+            self.said_refused.update(s.name for s in unsaid)
+            names = ", ".join(f"{s.name} ({_resources(s)})" for s in unsaid)
+            print(
+                f"[pipeline] to launch once there is room beside the pre-training: {names}",
+                flush=True,
+            )
         return spare
 
     @staticmethod

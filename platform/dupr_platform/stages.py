@@ -188,6 +188,9 @@ class StageOutput:
     metrics: dict[str, float]
     values: dict[str, str] = field(default_factory=dict)  # outputs that are not files
     artifacts: list[str] = field(default_factory=list)  # file names to log to the MLflow run
+    # How long it ran on its worker (`run_stage`): the driver's time since it submitted the
+    # stage adds the wait for its resources. 0: not measured.
+    seconds: float = 0.0
 
 
 def local_input(uri: str) -> str:
