@@ -303,9 +303,10 @@ class StageReport:
     status: str  # "done", "cached", "failed", "skipped", "not selected"
     metrics: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # its run (on its worker, for an evaluation)
     error: str = ""
     retryable: bool = True  # False: a retry cannot fix it (see dupr_platform.failures)
+    waited: float = 0.0  # from its submission to its start: its resources, or a worker
 
 
 @dataclass
@@ -525,8 +526,10 @@ class _Runner:
         self.records[stage.name] = record
         since_submitted = time.monotonic() - self.started[stage.name]
         seconds = out.seconds or since_submitted
-        self.reports[stage.name] = StageReport(stage.name, "done", out.metrics, run_id, seconds)
-        waited = since_submitted - seconds  # for its resources, or a worker to start
+        waited = since_submitted - seconds
+        self.reports[stage.name] = StageReport(
+            stage.name, "done", out.metrics, run_id, seconds, waited=waited
+        )
         shown = f" (waited {format_duration(waited)} to start)" if waited >= SHOWN_WAIT_S else ""
         print(f"[pipeline] {stage.name}: done in {format_duration(seconds)}{shown}", flush=True)
 
@@ -947,8 +950,11 @@ class _Runner:
             return
         # The stage is complete (its marker is written); what follows records it in MLflow,
         # waiting for a tracking server that cannot be reached, and never undoes it.
+        report = self.reports[stage.name]
+        # The run's own duration in MLflow counts from its launch, its wait to start included.
+        took = {"stage/seconds": report.seconds, "stage/waited_seconds": report.waited}
         try:
-            run.log_metrics(0, out.metrics)
+            run.log_metrics(0, {**out.metrics, **took})
             run.set_tag("dupr.outputs", _short_json(self.records[stage.name]["outputs"]))
             run.end("FINISHED")
         except Exception as exc:
