@@ -526,7 +526,7 @@ class _Runner:
         self.records[stage.name] = record
         since_submitted = time.monotonic() - self.started[stage.name]
         seconds = out.seconds or since_submitted
-        waited = since_submitted - seconds
+        waited = max(0.0, since_submitted - seconds)  # its worker's clock may run apart
         self.reports[stage.name] = StageReport(
             stage.name, "done", out.metrics, run_id, seconds, waited=waited
         )
