@@ -1,6 +1,8 @@
 """The whole pre-train → convert → evaluate pipeline at toy scale on a real local Ray instance,
 with stage outputs on a real S3 server (moto) and tracking on a real MLflow server process."""
 
+import contextlib
+import io
 import os
 import pickle
 import shutil
@@ -482,6 +484,86 @@ def test_trials_at_once_launch_evaluations_only_into_room_no_other_pretraining_n
     assert b.claim(pending[0], {}) and claims.others("sweep:a") == {"CPU": 2.0, "GPU": 0.0}
     for runner in (a, b):
         runner.parent.end()
+
+
+def test_trials_at_once_start_their_pretrainings_in_turn(local_ray, tmp_path):
+    """Two pipelines sharing the cluster (a sweep's trials at once: Ray tasks, one
+    `SharedClaims`) whose pre-trainings each need the whole cluster. The second waits for the
+    first in the claims, not in Ray: there Ray Train counts every `worker_group_start_minutes`
+    of waiting as a failure and ends the run once `controller_failure_limit` is spent (here
+    after 3 s), where a paper-scale pre-training holds the GPUs for days."""
+    import ray
+
+    from dupr_platform.claims import SharedClaims
+
+    claims = SharedClaims.create("dupr-claims:turns")  # kept: the actor ends with its handle
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(tracking).search_experiments()  # the store made once, as by a sweep's driver
+    configs = [
+        toy_config(
+            f"toy-{x}",
+            str(tmp_path / "storage"),
+            tracking,
+            "stages=[pretrain]",
+            "pretrain.cpus_per_worker=2",
+            "pretrain.worker_group_start_minutes=0.05",
+            "pretrain.controller_failure_limit=0",
+        )
+        for x in "ab"
+    ]
+
+    @ray.remote(num_cpus=0)
+    def trial(cfg: dict, label: str) -> tuple:
+        with contextlib.redirect_stdout(io.StringIO()) as console:
+            result = run_pipeline(
+                cfg,
+                run_key=f"turns:{label}",
+                claims=SharedClaims.named("dupr-claims:turns"),
+                print_summary=False,
+                console_tag=f"trial {label}",  # as a sweep's trials say which one speaks
+            )
+        (report,) = [r for r in result.reports if r.name.startswith("pretrain")]
+        return report.status, report.error, report.seconds, report.waited, console.getvalue()
+
+    reports = ray.get([trial.remote(cfg, x) for cfg, x in zip(configs, "ab")])
+    assert [r[:2] for r in reports] == [("done", "")] * 2, reports
+    first, second = sorted(reports, key=lambda r: r[3])
+    assert first[3] < 5 and second[3] > 0.5 * first[2], reports  # in turn, not side by side
+    assert "waits to start" not in first[4]
+    tag = "[trial a]" if "[trial a] pretrain: pre-training" in second[4] else "[trial b]"
+    assert all(x.startswith(tag) for x in second[4].splitlines() if x.startswith("[")), second[4]
+    (said,) = [x for x in second[4].splitlines() if "waits to start" in x]
+    assert said == (
+        f"{tag} pretrain: waits to start until the pipelines sharing the cluster leave "
+        "room for its 2 CPU (they hold 2 CPU of the cluster's 2 CPU)"
+    )
+    assert claims.others("nobody") == {"CPU": 0.0, "GPU": 0.0}  # both gave everything back
+
+
+def test_pretrainings_start_in_the_order_they_asked_where_they_fit():
+    """`Claims.start`: a pre-training starts where it fits beside what the others hold, less
+    the needs of those that asked after it; one that asked later does not pass one that waits
+    (it would keep it waiting for as long as it runs); one alone starts whatever the cluster
+    has now (after a lost node Ray Train waits for a new one)."""
+    from dupr_platform.claims import Claims
+
+    claims, total = Claims(), {"CPU": 4.0, "GPU": 0.0}
+    for owner, cpus in [("a", 2.0), ("b", 4.0), ("c", 2.0)]:
+        claims.hold(owner, {"CPU": cpus})  # as `_Runner.spare` publishes it, then asks
+        claims.want(owner, {"CPU": cpus})
+    assert claims.start("a", total) is None  # b and c asked after it
+    assert claims.start("b", total) == {"CPU": 2.0, "GPU": 0.0}  # a's workers
+    assert claims.start("c", total) == {"CPU": 6.0, "GPU": 0.0}  # a's, and b's before it
+    claims.forget("a")  # a's pipeline ended
+    assert claims.start("c", total) is not None and claims.start("b", total) is None
+    assert claims.start("c", total) == {"CPU": 4.0, "GPU": 0.0}
+    claims.forget("b")
+    claims.hold("c", {"CPU": 8.0})
+    assert claims.start("c", total) is None  # alone: larger than the cluster is now
+    assert claims.start("d", total) is None  # never asked: nothing to wait for
+    claims.want("d", {"CPU": 1.0})
+    claims.forget_wait("d")  # it failed, or was interrupted, while it waited
+    assert not claims.waiting
 
 
 def test_an_evaluation_leaves_a_waiting_pretraining_its_room(local_ray, tmp_path, monkeypatch):

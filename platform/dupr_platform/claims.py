@@ -10,7 +10,10 @@ pre-trainings then wait for, hours for a fine-tuning.
 So each pipeline states what it holds (its pre-training's needs while one runs, and its running
 evaluations) in one `Claims`, and takes room for an evaluation with `claim`: one call that
 checks it against everybody's holdings and counts it, so two pipelines cannot take the same
-room. A plain pipeline keeps its own `Claims`; a sweep's driver keeps one in a Ray actor for its
+room. A pre-training starts only once the others leave room for it (`start`), in the order
+they asked (`want`): waiting in Ray instead, its workers would count each
+`worker_group_start_minutes` as a failure of the run, and a trial's pre-training that waits
+for another's (days at paper scale) would fail. A plain pipeline keeps its own `Claims`; a sweep's driver keeps one in a Ray actor for its
 trials (`SharedClaims`), with the trial actors' own CPUs in it. Pipelines started apart (two
 `ray job submit`s on one cluster) keep one each; what they see of each other is Ray's: a
 pre-training whose workers wait to be placed (`room_beside_waiting`), not one in the seconds
@@ -48,6 +51,9 @@ class Claims:
 
     def __init__(self) -> None:
         self.held: dict[str, dict[str, float]] = {}
+        # The pre-trainings that wait to start, in the order they asked, with their needs
+        # (which their owners' holdings already count).
+        self.waiting: dict[str, dict[str, float]] = {}
 
     def hold(self, owner: str, holding: dict[str, float]) -> None:
         """Set what `owner` holds now, whether or not it fits: a pre-training's workers start
@@ -64,6 +70,33 @@ class Claims:
         self.hold(owner, holding)
         return True
 
+    def want(self, owner: str, need: dict[str, float]) -> None:
+        """`owner`'s pre-training waits to start with `need` (held by `owner` from now on):
+        in line after those that asked before."""
+        self.waiting[owner] = {k: float(need.get(k, 0.0)) for k in KINDS}
+
+    def start(self, owner: str, total: dict[str, float]) -> dict[str, float] | None:
+        """Whether `owner`'s pre-training may start: None if so (it leaves the line), else
+        what the others hold. It may where its need fits in `total` beside what the others
+        hold but the needs of pre-trainings that asked after it (they wait for it); or where
+        they hold nothing of that (a cluster that lost a node: Ray Train waits for one)."""
+        need = self.waiting.get(owner)
+        if need is None:
+            return None
+        after = list(self.waiting)[list(self.waiting).index(owner) + 1 :]
+        busy = self.others(owner)
+        for later in after:
+            busy = {k: busy[k] - self.waiting[later][k] for k in KINDS}
+        fits = all(busy[k] + need[k] <= total.get(k, 0.0) for k in KINDS)
+        if not (fits or all(v <= 0 for v in busy.values())):
+            return busy
+        del self.waiting[owner]
+        return None
+
+    def forget_wait(self, owner: str) -> None:
+        """`owner`'s pre-training no longer waits to start (it failed, or was interrupted)."""
+        self.waiting.pop(owner, None)
+
     def others(self, owner: str) -> dict[str, float]:
         """What everybody but `owner` holds."""
         total = dict.fromkeys(KINDS, 0.0)
@@ -75,6 +108,7 @@ class Claims:
     def forget(self, owner: str) -> None:
         """`owner` ended (or its trial failed and Tune starts it again): it holds nothing."""
         self.held.pop(owner, None)
+        self.waiting.pop(owner, None)
 
 
 class SharedClaims:

@@ -28,7 +28,7 @@ import re
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -378,6 +378,7 @@ ATTEMPT_TAG = "dupr.stage_attempt"
 RELAUNCH_AFTER_S = 2.0  # after a lost worker: time for an interrupt of the driver to arrive
 WAIT_CHECK_S = 10.0  # how often the runner looks for stages that no alive node can place
 SHOWN_WAIT_S = 10.0  # a stage's wait to start said beside its run time from this long on
+START_CHECK_S = 2.0  # how often a pre-training that waits to start asks again (`Claims.start`)
 
 
 class NodeWaitTimeout(RuntimeError):
@@ -405,8 +406,10 @@ class _Runner:
         parent: RunLogger,
         claims: Claims | SharedClaims | None = None,
         owner: str | None = None,
+        tag: str = "pipeline",
     ) -> None:
         self.cfg = cfg
+        self.tag = tag  # its console lines' `[pipeline]`, or a sweep trial's `[trial 0.3]`
         self.stages = {s.name: s for s in stages}
         self.storage = open_storage(cfg["storage"])
         self.parent = parent
@@ -476,7 +479,7 @@ class _Runner:
         run.end("FINISHED")
         self.records[stage.name] = record
         self.reports[stage.name] = StageReport(stage.name, "cached", record["metrics"], run.run_id)
-        print(f"[pipeline] {stage.name}: cache hit ({stage.folder})", flush=True)
+        print(f"[{self.tag}] {stage.name}: cache hit ({stage.folder})", flush=True)
 
     def end_completed_run(self, record: dict[str, Any]) -> None:
         """The run that completed a stage (its marker's) FINISHED, with its outputs: its driver
@@ -531,7 +534,7 @@ class _Runner:
             stage.name, "done", out.metrics, run_id, seconds, waited=waited
         )
         shown = f" (waited {format_duration(waited)} to start)" if waited >= SHOWN_WAIT_S else ""
-        print(f"[pipeline] {stage.name}: done in {format_duration(seconds)}{shown}", flush=True)
+        print(f"[{self.tag}] {stage.name}: done in {format_duration(seconds)}{shown}", flush=True)
 
     def fail(self, stage: Stage, exc: BaseException, note: str = "") -> None:
         message = _one_line(exc) + note
@@ -554,7 +557,7 @@ class _Runner:
             message,
             retryable=not _retry_cannot_fix(exc),
         )
-        print(f"[pipeline] {stage.name}: FAILED: {message}", flush=True)
+        print(f"[{self.tag}] {stage.name}: FAILED: {message}", flush=True)
 
     def run_pretrain(
         self,
@@ -568,26 +571,48 @@ class _Runner:
         job = absolute_locations(pretrain_job(self.cfg, stage))
         job.parent_run_id = self.parent.run_id
         self.started[stage.name] = time.monotonic()
-        print(f"[pipeline] {stage.name}: pre-training ({job.name})", flush=True)
         # A sweep's Tune callbacks follow the model's pre-training (the first seed's) only:
         # its scheduler reads one loss curve per trial.
         callbacks = self.pretrain_callbacks if stage.name == self.tuned else None
         try:
             with self.collecting(pending, running, spare):
+                self.wait_to_start(stage)
+                began = time.monotonic()
+                print(f"[{self.tag}] {stage.name}: pre-training ({job.name})", flush=True)
                 result = run_pretraining(job, callbacks, tags=self.stage_tags(stage))
         except Exception as exc:  # reported, and the pipeline goes on
             self.fail(stage, exc)
             return
         finally:
+            self.claims.forget_wait(self.owner)
             self.pretrain_need = {}  # its workers' resources are given back
             self.publish(running)
         # The run's last value of each metric (loss, accuracies, throughput) and Ray's counters.
         metrics = self.parent.patient_client.get_run(result.run_id).data.metrics
         metrics.update({k: float(v) for k, v in result.metrics.items() if _is_number(v)})
         out = StageOutput(
-            files={}, values={"checkpoint": result.checkpoint_uri}, metrics=dict(metrics)
+            files={},
+            values={"checkpoint": result.checkpoint_uri},
+            metrics=dict(metrics),
+            seconds=time.monotonic() - began,
         )
         self.finish(stage, {"data": job.data}, out, result.run_id)
+
+    def wait_to_start(self, stage: Stage) -> None:
+        """Wait until the other pipelines sharing the cluster (a sweep's other trials) leave
+        room for `stage`'s pre-training (`Claims.start`; said once): here, not in Ray, where
+        each `worker_group_start_minutes` of waiting counts as a failure of the run."""
+        said = False
+        while (busy := self.claims.start(self.owner, ray.cluster_resources())) is not None:
+            if not said:
+                said = True
+                print(
+                    f"[{self.tag}] {stage.name}: waits to start until the pipelines sharing the "
+                    f"cluster leave room for its {_amounts(self.pretrain_need)} (they hold "
+                    f"{_amounts(busy)} of the cluster's {_amounts(ray.cluster_resources())})",
+                    flush=True,
+                )
+            time.sleep(START_CHECK_S)
 
     @contextlib.contextmanager
     def collecting(
@@ -665,7 +690,7 @@ class _Runner:
         self.loggers[stage.name] = run
         ctx = self.tasks[stage.name] = self.context(stage, run.run_id)
         self.started[stage.name] = time.monotonic()
-        print(f"[pipeline] {stage.name}: submitted ({_resources(stage)})", flush=True)
+        print(f"[{self.tag}] {stage.name}: submitted ({_resources(stage)})", flush=True)
         return self.submit(stage, ctx)
 
     @staticmethod
@@ -702,13 +727,13 @@ class _Runner:
         if self.held is not None and not self.claim(stage, running):
             self.held.append(stage)
             print(
-                f"[pipeline] {stage.name}: lost its worker ({cause}); to be launched again "
+                f"[{self.tag}] {stage.name}: lost its worker ({cause}); to be launched again "
                 f"{again} once the cluster has room for it beside the pre-training",
                 flush=True,
             )
             return True
         print(
-            f"[pipeline] {stage.name}: lost its worker ({cause}); launched again {again}",
+            f"[{self.tag}] {stage.name}: lost its worker ({cause}); launched again {again}",
             flush=True,
         )
         self.started[stage.name] = time.monotonic()
@@ -722,7 +747,7 @@ class _Runner:
             if room and not self.claim(stage, running):
                 continue
             held.remove(stage)
-            print(f"[pipeline] {stage.name}: launched again", flush=True)
+            print(f"[{self.tag}] {stage.name}: launched again", flush=True)
             self.started[stage.name] = time.monotonic()
             running[self.submit(stage, self.tasks[stage.name])] = stage
 
@@ -766,7 +791,7 @@ class _Runner:
             self.note_waiting(running)
             if not finished and running and time.monotonic() - last_beat > 60:
                 last_beat = time.monotonic()
-                print(f"[pipeline] {self.running_line(running)}", flush=True)
+                print(f"[{self.tag}] {self.running_line(running)}", flush=True)
 
     def running_line(self, running: dict[ray.ObjectRef, Stage]) -> str:
         """`running: A (4m07s), B (20s); queued: C (2m27s)`: how long each stage has run, or
@@ -816,7 +841,7 @@ class _Runner:
             self.said_refused.update(s.name for s in unsaid)
             names = ", ".join(f"{s.name} ({_resources(s)})" for s in unsaid)
             print(
-                f"[pipeline] to launch once there is room beside the pre-training: {names}",
+                f"[{self.tag}] to launch once there is room beside the pre-training: {names}",
                 flush=True,
             )
         return spare
@@ -883,7 +908,7 @@ class _Runner:
             said, since = self.waiting.get(stage.name, ("", now))
             if said != lacking:
                 print(
-                    f"[pipeline] {stage.name}: waits for a node with {lacking} "
+                    f"[{self.tag}] {stage.name}: waits for a node with {lacking} "
                     "(no node of the cluster has them now)",
                     flush=True,
                 )
@@ -903,6 +928,7 @@ class _Runner:
         """The CPUs and GPUs free now beyond what `pretrain` will take (held from now on)."""
         need = self.pretrain_need = pretraining_needs(pretrain_job(self.cfg, pretrain))
         self.publish(running)
+        self.claims.want(self.owner, need)  # in line to start (`wait_to_start`)
         free = ray.available_resources()
         return {k: free.get(k, 0.0) - need[k] for k in KINDS}
 
@@ -959,7 +985,7 @@ class _Runner:
             run.end("FINISHED")
         except Exception as exc:
             print(
-                f"[pipeline] {stage.name}: its MLflow run {run.run_id} could not be ended "
+                f"[{self.tag}] {stage.name}: its MLflow run {run.run_id} could not be ended "
                 f"({unreachable_reason(exc)}); the stage's outputs are complete",
                 flush=True,
             )
@@ -1001,6 +1027,7 @@ def run_pipeline(
     pretrain_callbacks: list[Any] | None = None,
     print_summary: bool = True,
     claims: SharedClaims | None = None,
+    console_tag: str = "pipeline",
 ) -> PipelineResult:
     """Check, then run the study on the connected (or a local) Ray cluster.
 
@@ -1008,7 +1035,8 @@ def run_pipeline(
     the sweep's, `run_key` makes a retried trial continue its run, `params` add the trial's
     grid value, `pretrain_callbacks` reach the pre-training's TorchTrainer (Tune reports) and
     `claims` (the sweep's, under `run_key`) keeps the trials that run at once from launching
-    evaluations into the same room.
+    evaluations into the same room, and `console_tag` tells their console lines apart
+    (`[trial 0.3] pretrain: done in 21s`).
     A trial leaves its `PipelineResult.summary` to the sweep's driver to print
     (`print_summary=False`): Ray forwards a worker's stdout asynchronously, and the last lines
     of a trial that ends just before its driver can be lost.
@@ -1043,15 +1071,15 @@ def run_pipeline(
         tags={"mlflow.runName": run_name or cfg["name"], PIPELINE_TAG: cfg["name"]},
         parent_run_id=parent_run_id,
     )
-    runner = _Runner(cfg, stages, parent, claims, run_key)
+    runner = _Runner(cfg, stages, parent, claims, run_key, console_tag)
     runner.pretrain_callbacks = pretrain_callbacks
-    with driving(parent, PIPELINE_TAG, cfg["name"], "pipeline"):
+    with driving(parent, PIPELINE_TAG, cfg["name"], console_tag):
         parent.log_params({**cfg, **(params or {})})
         parent.log_dict(redact_tree(cfg), "config/resolved.json")
         parent.set_tag(software.TAG, software.summary())
         parent.log_text(software.installed(), software.ARTIFACT)
         print(
-            f"[pipeline] {cfg['name']}: {len(to_run)} stages to run, {len(hits)} cached, "
+            f"[{console_tag}] {cfg['name']}: {len(to_run)} stages to run, {len(hits)} cached, "
             f"{len(unselected)} not selected; MLflow parent run {parent.run_id}",
             flush=True,
         )
@@ -1084,7 +1112,8 @@ def run_pipeline(
         if results:  # its captions as the pipeline's own lines, its tables as they are
             shown += [""]
             shown += [
-                f"[pipeline] {x}" if x and not x.startswith("|") else x for x in results.split("\n")
+                f"[{console_tag}] {x}" if x and not x.startswith("|") else x
+                for x in results.split("\n")
             ]
         result.summary = "\n".join(shown)
         if print_summary:
@@ -1229,7 +1258,12 @@ def _retry_cannot_fix(exc: BaseException) -> bool:
 
 
 def _resources(stage: Stage) -> str:
-    return ", ".join(f"{v:g} {k}" for k, v in stage.resources.items() if v)
+    return _amounts(stage.resources, list(stage.resources))
+
+
+def _amounts(amounts: dict[str, float], kinds: Sequence[str] = KINDS) -> str:
+    """`2 CPU, 1 GPU`: the non-zero amounts of `kinds`."""
+    return ", ".join(f"{amounts[k]:g} {k}" for k in kinds if amounts.get(k))
 
 
 __all__ = [

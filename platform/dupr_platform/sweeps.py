@@ -228,6 +228,7 @@ def trial_fn(config: dict[str, Any]) -> None:
         pretrain_callbacks=callbacks,
         print_summary=False,  # the driver prints it from the result (`_TrialSummaries`)
         claims=SharedClaims.named(config["claims"]),
+        console_tag=f"trial {config['label']}",
     )
     if not result.ok:
         failed = [r for r in result.reports if r.error]
