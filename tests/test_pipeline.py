@@ -525,7 +525,12 @@ def test_trials_at_once_start_their_pretrainings_in_turn(local_ray, tmp_path):
         (report,) = [r for r in result.reports if r.name.startswith("pretrain")]
         return report.status, report.error, report.seconds, report.waited, console.getvalue()
 
-    reports = ray.get([trial.remote(cfg, x) for cfg, x in zip(configs, "ab")])
+    tasks = [trial.remote(cfg, x) for cfg, x in zip(configs, "ab", strict=True)]
+    # While one waits, an autoscaler is asked for room for its worker beside the 2-CPU node.
+    until(lambda: autoscaler_request() not in (None, []), "the waiting worker's room asked")
+    assert autoscaler_request() == [{"CPU": 2.0}, {"CPU": 2.0}]
+    reports = ray.get(tasks)
+    assert autoscaler_request() == []  # withdrawn: nothing waits
     assert [r[:2] for r in reports] == [("done", "")] * 2, reports
     first, second = sorted(reports, key=lambda r: r[3])
     assert first[3] < 5 and second[3] > 0.5 * first[2], reports  # in turn, not side by side
@@ -540,6 +545,16 @@ def test_trials_at_once_start_their_pretrainings_in_turn(local_ray, tmp_path):
     assert claims.others("nobody") == {"CPU": 0.0, "GPU": 0.0}  # both gave everything back
 
 
+def autoscaler_request() -> list | None:
+    """What Ray's autoscaler is asked to make room for (`request_resources`), as it reads it."""
+    import json
+
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    found = _internal_kv_get(b"autoscaler_resource_request")
+    return None if found is None else json.loads(found)
+
+
 def test_pretrainings_start_in_the_order_they_asked_where_they_fit():
     """`Claims.start`: a pre-training starts where it fits beside what the others hold, less
     the needs of those that asked after it; one that asked later does not pass one that waits
@@ -548,9 +563,10 @@ def test_pretrainings_start_in_the_order_they_asked_where_they_fit():
     from dupr_platform.claims import Claims
 
     claims, total = Claims(), {"CPU": 4.0, "GPU": 0.0}
-    for owner, cpus in [("a", 2.0), ("b", 4.0), ("c", 2.0)]:
-        claims.hold(owner, {"CPU": cpus})  # as `_Runner.spare` publishes it, then asks
-        claims.want(owner, {"CPU": cpus})
+    for owner, workers in [("a", 2), ("b", 4), ("c", 2)]:
+        claims.hold(owner, {"CPU": float(workers)})  # as `_Runner.spare` publishes it, then asks
+        claims.want(owner, [{"CPU": 1.0}] * workers)
+    assert claims.waiting_shapes() == [{"CPU": 1.0}] * 8
     assert claims.start("a", total) is None  # b and c asked after it
     assert claims.start("b", total) == {"CPU": 2.0, "GPU": 0.0}  # a's workers
     assert claims.start("c", total) == {"CPU": 6.0, "GPU": 0.0}  # a's, and b's before it
@@ -561,9 +577,9 @@ def test_pretrainings_start_in_the_order_they_asked_where_they_fit():
     claims.hold("c", {"CPU": 8.0})
     assert claims.start("c", total) is None  # alone: larger than the cluster is now
     assert claims.start("d", total) is None  # never asked: nothing to wait for
-    claims.want("d", {"CPU": 1.0})
+    claims.want("d", [{"CPU": 1.0}])
     claims.forget_wait("d")  # it failed, or was interrupted, while it waited
-    assert not claims.waiting
+    assert not claims.waiting and not claims.waiting_shapes()
 
 
 def test_an_evaluation_leaves_a_waiting_pretraining_its_room(local_ray, tmp_path, monkeypatch):

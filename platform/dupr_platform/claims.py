@@ -52,8 +52,9 @@ class Claims:
     def __init__(self) -> None:
         self.held: dict[str, dict[str, float]] = {}
         # The pre-trainings that wait to start, in the order they asked, with their needs
-        # (which their owners' holdings already count).
+        # (which their owners' holdings already count) and their workers' bundles.
         self.waiting: dict[str, dict[str, float]] = {}
+        self.shapes: dict[str, list[dict[str, float]]] = {}
 
     def hold(self, owner: str, holding: dict[str, float]) -> None:
         """Set what `owner` holds now, whether or not it fits: a pre-training's workers start
@@ -70,10 +71,15 @@ class Claims:
         self.hold(owner, holding)
         return True
 
-    def want(self, owner: str, need: dict[str, float]) -> None:
-        """`owner`'s pre-training waits to start with `need` (held by `owner` from now on):
-        in line after those that asked before."""
-        self.waiting[owner] = {k: float(need.get(k, 0.0)) for k in KINDS}
+    def want(self, owner: str, bundles: list[dict[str, float]]) -> None:
+        """`owner`'s pre-training waits to start with its workers' `bundles` (their sum held
+        by `owner` from now on): in line after those that asked before."""
+        self.waiting[owner] = {k: float(sum(b.get(k, 0.0) for b in bundles)) for k in KINDS}
+        self.shapes[owner] = list(bundles)
+
+    def waiting_shapes(self) -> list[dict[str, float]]:
+        """The bundles of every pre-training that waits to start, in line order."""
+        return [bundle for owner in self.waiting for bundle in self.shapes[owner]]
 
     def start(self, owner: str, total: dict[str, float]) -> dict[str, float] | None:
         """Whether `owner`'s pre-training may start: None if so (it leaves the line), else
@@ -90,12 +96,14 @@ class Claims:
         fits = all(busy[k] + need[k] <= total.get(k, 0.0) for k in KINDS)
         if not (fits or all(v <= 0 for v in busy.values())):
             return busy
-        del self.waiting[owner]
+        self.forget_wait(owner)
         return None
 
     def forget_wait(self, owner: str) -> None:
-        """`owner`'s pre-training no longer waits to start (it failed, or was interrupted)."""
+        """`owner`'s pre-training no longer waits to start (it started, failed, or was
+        interrupted)."""
         self.waiting.pop(owner, None)
+        self.shapes.pop(owner, None)
 
     def others(self, owner: str) -> dict[str, float]:
         """What everybody but `owner` holds."""
@@ -108,7 +116,7 @@ class Claims:
     def forget(self, owner: str) -> None:
         """`owner` ended (or its trial failed and Tune starts it again): it holds nothing."""
         self.held.pop(owner, None)
-        self.waiting.pop(owner, None)
+        self.forget_wait(owner)
 
 
 class SharedClaims:

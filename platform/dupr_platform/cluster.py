@@ -16,6 +16,8 @@
   so one that asks more than any node has waits forever, though the cluster's total has it.
 - `task_starts`: which of a driver's submitted tasks run, and since when, as opposed to those
   still queued for their resources (Ray's state API).
+- `ask_autoscaler`: room for work that waits outside Ray (a sweep trial's pre-training waiting
+  for its turn), which an autoscaler would not see otherwise.
 """
 
 from __future__ import annotations
@@ -195,6 +197,23 @@ def largest_node() -> dict[str, float]:
             for name, amount in node.get("Resources", {}).items():
                 most[name] = max(most.get(name, 0.0), float(amount))
     return most
+
+
+def ask_autoscaler(bundles: list[dict[str, float]]) -> None:
+    """Ask an autoscaler (the cluster launcher's) for room for `bundles` beside what the
+    cluster's nodes hold; `[]` withdraws the request. Ray's request states the cluster's
+    whole shape (bin-packed against the nodes' totals, not what is free), so it lists every
+    alive node's CPUs and GPUs too. Without an autoscaler nobody reads it."""
+    from ray.autoscaler.sdk import request_resources
+
+    if bundles:
+        nodes = [
+            {k: float(v) for k, v in n["Resources"].items() if k in ("CPU", "GPU") and v}
+            for n in ray.nodes()
+            if n.get("Alive")
+        ]
+        bundles = [node for node in nodes if node] + bundles
+    request_resources(bundles=bundles)
 
 
 def task_starts(refs: Iterable[ray.ObjectRef]) -> dict[ray.ObjectRef, float] | None:

@@ -50,6 +50,7 @@ from dupr_platform import console, convert_stage, eval_stages, report, smoke, so
 from dupr_platform.claims import KINDS, Claims, SharedClaims, add, room_beside_waiting
 from dupr_platform.cluster import (
     COMPUTE_PRIORITY,
+    ask_autoscaler,
     check_nodes,
     forwarded_env,
     largest_node,
@@ -66,6 +67,7 @@ from dupr_platform.ray_pretrain import (
     execution_only_fields,
     preflight_cluster,
     preflight_config,
+    pretraining_bundles,
     pretraining_needs,
     run_pretraining,
 )
@@ -584,7 +586,7 @@ class _Runner:
             self.fail(stage, exc)
             return
         finally:
-            self.claims.forget_wait(self.owner)
+            self.claims.forget_wait(self.owner)  # also where it failed before `wait_to_start`
             self.pretrain_need = {}  # its workers' resources are given back
             self.publish(running)
         # The run's last value of each metric (loss, accuracies, throughput) and Ray's counters.
@@ -601,18 +603,30 @@ class _Runner:
     def wait_to_start(self, stage: Stage) -> None:
         """Wait until the other pipelines sharing the cluster (a sweep's other trials) leave
         room for `stage`'s pre-training (`Claims.start`; said once): here, not in Ray, where
-        each `worker_group_start_minutes` of waiting counts as a failure of the run."""
-        said = False
-        while (busy := self.claims.start(self.owner, ray.cluster_resources())) is not None:
-            if not said:
-                said = True
-                print(
-                    f"[{self.tag}] {stage.name}: waits to start until the pipelines sharing the "
-                    f"cluster leave room for its {_amounts(self.pretrain_need)} (they hold "
-                    f"{_amounts(busy)} of the cluster's {_amounts(ray.cluster_resources())})",
-                    flush=True,
-                )
-            time.sleep(START_CHECK_S)
+        each `worker_group_start_minutes` of waiting counts as a failure of the run. Where
+        the cluster can grow, its autoscaler is asked for the waiting workers' room (Ray
+        Train's placement group would have asked), and the request is withdrawn once no
+        pre-training waits."""
+        said, asked = False, None
+        try:
+            while (busy := self.claims.start(self.owner, ray.cluster_resources())) is not None:
+                shapes = self.claims.waiting_shapes()
+                if shapes != asked:
+                    ask_autoscaler(asked := shapes)
+                if not said:
+                    said = True
+                    total = ray.cluster_resources()
+                    print(
+                        f"[{self.tag}] {stage.name}: waits to start until the pipelines sharing "
+                        f"the cluster leave room for its {_amounts(self.pretrain_need)} (they "
+                        f"hold {_amounts(busy)} of the cluster's {_amounts(total)})",
+                        flush=True,
+                    )
+                time.sleep(START_CHECK_S)
+        finally:
+            self.claims.forget_wait(self.owner)
+            if asked and not self.claims.waiting_shapes():
+                ask_autoscaler([])
 
     @contextlib.contextmanager
     def collecting(
@@ -926,9 +940,10 @@ class _Runner:
 
     def spare(self, pretrain: Stage, running: dict[ray.ObjectRef, Stage]) -> dict[str, float]:
         """The CPUs and GPUs free now beyond what `pretrain` will take (held from now on)."""
-        need = self.pretrain_need = pretraining_needs(pretrain_job(self.cfg, pretrain))
+        job = pretrain_job(self.cfg, pretrain)
+        need = self.pretrain_need = pretraining_needs(job)
         self.publish(running)
-        self.claims.want(self.owner, need)  # in line to start (`wait_to_start`)
+        self.claims.want(self.owner, pretraining_bundles(job))  # in line (`wait_to_start`)
         free = ray.available_resources()
         return {k: free.get(k, 0.0) - need[k] for k in KINDS}
 

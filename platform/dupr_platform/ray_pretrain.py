@@ -605,13 +605,22 @@ def preflight(job: PretrainJob) -> None:
     preflight_cluster(job)
 
 
-def pretraining_needs(job: PretrainJob) -> dict[str, float]:
-    """The CPUs and GPUs the job's workers (and Ray Data decoders) take from the cluster."""
-    need_cpu = job.num_workers * job.cpus_per_worker
+def pretraining_bundles(job: PretrainJob) -> list[dict[str, float]]:
+    """What the job's workers (Ray Train's placement group) and Ray Data decoders each take
+    from the cluster, one task or worker a bundle."""
+    worker = {"CPU": job.cpus_per_worker} | ({"GPU": job.gpus_per_worker} if job.use_gpu else {})
+    bundles = [worker] * job.num_workers
     if job.data_loader == "ray":
         # Decoding tasks, plus one whole CPU that Ray Data's Parquet listing task takes.
-        need_cpu += job.ray_data_decoders * job.ray_data_cpus_per_decoder + 1
-    return {"CPU": need_cpu, "GPU": job.num_workers * job.gpus_per_worker if job.use_gpu else 0}
+        bundles += [{"CPU": job.ray_data_cpus_per_decoder}] * job.ray_data_decoders
+        bundles += [{"CPU": 1.0}]
+    return bundles
+
+
+def pretraining_needs(job: PretrainJob) -> dict[str, float]:
+    """The CPUs and GPUs the job's workers (and Ray Data decoders) take from the cluster."""
+    bundles = pretraining_bundles(job)
+    return {k: float(sum(b.get(k, 0.0) for b in bundles)) for k in ("CPU", "GPU")}
 
 
 def preflight_cluster(job: PretrainJob) -> None:
