@@ -38,7 +38,7 @@ def main_of(script: str) -> Callable[[list[str]], int]:
 
 # The project's console lines: stage events, progress, the summary table, errors.
 PROJECT_LINE = re.compile(
-    r"^(\[(pipeline|sweep|pretrain [^\]]+|(convert|detection|spatial|correspondence|probe|object_probe)/"
+    r"^(\[(pipeline|sweep|trial [^\]]+|pretrain [^\]]+|(convert|detection|spatial|correspondence|probe|object_probe)/"
     r"[^\]]+)\] |\|[ -]|error: )"
 )
 

@@ -5,6 +5,7 @@ import contextlib
 import io
 import os
 import pickle
+import re
 import shutil
 import signal
 import time
@@ -538,11 +539,43 @@ def test_trials_at_once_start_their_pretrainings_in_turn(local_ray, tmp_path):
     tag = "[trial a]" if "[trial a] pretrain: pre-training" in second[4] else "[trial b]"
     assert all(x.startswith(tag) for x in second[4].splitlines() if x.startswith("[")), second[4]
     (said,) = [x for x in second[4].splitlines() if "waits to start" in x]
-    assert said == (
-        f"{tag} pretrain: waits to start until the pipelines sharing the cluster leave "
-        "room for its 2 CPU (they hold 2 CPU of the cluster's 2 CPU)"
-    )
+    assert re.fullmatch(
+        re.escape(f"{tag} pretrain: waits to start until the cluster has room for its 2 CPU (")
+        + r"(2 CPU|nothing) free now; the pipelines sharing it hold 2 CPU\)",
+        said,
+    ), said  # the other's workers placed by Ray, or about to be
     assert claims.others("nobody") == {"CPU": 0.0, "GPU": 0.0}  # both gave everything back
+
+
+def test_a_pretraining_waits_for_another_jobs_work_to_start(local_ray, tmp_path, capsys):
+    """A pipeline whose pre-training needs the whole cluster while another job's work holds
+    it (here a task on both CPUs for 12 s): it waits for room before Ray Train starts, which
+    would count every `worker_group_start_minutes` of waiting as a failure (3 s here, no
+    second try), and asks an autoscaler for its worker's room meanwhile."""
+    import ray
+
+    other = ray.remote(num_cpus=2)(lambda: time.sleep(12)).remote()
+    until(lambda: ray.available_resources().get("CPU", 0.0) == 0.0, "the other job placed")
+    cfg = toy_config(
+        "toy-busy",
+        str(tmp_path / "storage"),
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "stages=[pretrain]",
+        "pretrain.cpus_per_worker=2",
+        "pretrain.worker_group_start_minutes=0.05",
+        "pretrain.controller_failure_limit=0",
+    )
+    result = run_pipeline(cfg)
+    assert result.ok, result.summary
+    (report,) = [r for r in result.reports if r.name == "pretrain"]
+    assert report.waited > 5, report  # the other job's 12 s, less its head start
+    said = [x for x in capsys.readouterr().out.splitlines() if "waits to start" in x]
+    assert said == [
+        "[pipeline] pretrain: waits to start until the cluster has room for its 2 CPU "
+        "(nothing free now)"
+    ]
+    assert autoscaler_request() == []  # withdrawn once it started
+    assert ray.get(other) is None
 
 
 def autoscaler_request() -> list | None:
@@ -719,7 +752,6 @@ def test_the_running_line_tells_running_stages_from_queued_ones(local_ray, tmp_p
     apart from them those still queued for their resources (Ray's state API, which the main
     job's own Ray instance serves); where that API is off (this module's Ray instance has
     no dashboard), every submitted stage with its time since submission."""
-    import re
     import types
 
     import ray

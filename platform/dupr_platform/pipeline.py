@@ -601,25 +601,31 @@ class _Runner:
         self.finish(stage, {"data": job.data}, out, result.run_id)
 
     def wait_to_start(self, stage: Stage) -> None:
-        """Wait until the other pipelines sharing the cluster (a sweep's other trials) leave
-        room for `stage`'s pre-training (`Claims.start`; said once): here, not in Ray, where
-        each `worker_group_start_minutes` of waiting counts as a failure of the run. Where
-        the cluster can grow, its autoscaler is asked for the waiting workers' room (Ray
-        Train's placement group would have asked), and the request is withdrawn once no
-        pre-training waits."""
+        """Wait until the cluster has room for `stage`'s pre-training: free now beyond the
+        placement groups that wait (another job's pre-training), and in the claims beside
+        what the other pipelines sharing them hold or waited for before it (a sweep's other
+        trials, `Claims.start`). Here, not in Ray, where each `worker_group_start_minutes` of
+        waiting counts as a failure of the run. Said once. Where the cluster can grow, its
+        autoscaler is asked for the waiting workers' room (Ray Train's placement group would
+        have asked), and the request is withdrawn once no pre-training waits."""
         said, asked = False, None
         try:
-            while (busy := self.claims.start(self.owner, ray.cluster_resources())) is not None:
+            while True:
+                room = {k: max(0.0, v) for k, v in room_beside_waiting().items()}
+                fits = all(self.pretrain_need.get(k, 0.0) <= room[k] for k in KINDS)
+                if fits and self.claims.start(self.owner, ray.cluster_resources()) is None:
+                    return
                 shapes = self.claims.waiting_shapes()
                 if shapes != asked:
                     ask_autoscaler(asked := shapes)
                 if not said:
                     said = True
-                    total = ray.cluster_resources()
+                    others = self.claims.others(self.owner)
+                    held = f"; the pipelines sharing it hold {_amounts(others)}"
                     print(
-                        f"[{self.tag}] {stage.name}: waits to start until the pipelines sharing "
-                        f"the cluster leave room for its {_amounts(self.pretrain_need)} (they "
-                        f"hold {_amounts(busy)} of the cluster's {_amounts(total)})",
+                        f"[{self.tag}] {stage.name}: waits to start until the cluster has room "
+                        f"for its {_amounts(self.pretrain_need)} ({_amounts(room)} free now"
+                        f"{held if any(others.values()) else ''})",
                         flush=True,
                     )
                 time.sleep(START_CHECK_S)
@@ -1277,8 +1283,8 @@ def _resources(stage: Stage) -> str:
 
 
 def _amounts(amounts: dict[str, float], kinds: Sequence[str] = KINDS) -> str:
-    """`2 CPU, 1 GPU`: the non-zero amounts of `kinds`."""
-    return ", ".join(f"{amounts[k]:g} {k}" for k in kinds if amounts.get(k))
+    """`2 CPU, 1 GPU`: the amounts of `kinds` given (`nothing` if none)."""
+    return ", ".join(f"{amounts[k]:g} {k}" for k in kinds if amounts.get(k)) or "nothing"
 
 
 __all__ = [
