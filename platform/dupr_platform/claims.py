@@ -11,13 +11,13 @@ So each pipeline states what it holds (its pre-training's needs while one runs, 
 evaluations) in one `Claims`, and takes room for an evaluation with `claim`: one call that
 checks it against everybody's holdings and counts it, so two pipelines cannot take the same
 room. A pre-training starts only once the others leave room for it (`start`), in the order
-they asked (`want`): waiting in Ray instead, its workers would count each
-`worker_group_start_minutes` as a failure of the run, and a trial's pre-training that waits
-for another's (days at paper scale) would fail. A plain pipeline keeps its own `Claims`; a sweep's driver keeps one in a Ray actor for its
-trials (`SharedClaims`), with the trial actors' own CPUs in it. Pipelines started apart (two
-`ray job submit`s on one cluster) keep one each; what they see of each other is Ray's: a
-pre-training whose workers wait to be placed (`room_beside_waiting`), not one in the seconds
-before Ray Train asks for them.
+they asked (`want`): waiting in Ray instead, Ray Train counts each `worker_group_start_minutes`
+as a failure of the run, and a trial's pre-training that waits for another's (days at paper
+scale) would fail. A plain pipeline keeps its own `Claims`; a sweep's driver keeps one in a
+Ray actor for its trials (`SharedClaims`), with the trial actors' own CPUs in it. Pipelines
+started apart (two `ray job submit`s on one cluster) keep one each; what they see of each other
+is Ray's: what is free, and a pre-training whose workers wait to be placed
+(`room_beside_waiting`), not one in the seconds before Ray Train asks for them.
 """
 
 from __future__ import annotations
