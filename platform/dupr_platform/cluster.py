@@ -34,6 +34,7 @@ import ray
 
 from dupr.config import ConfigError
 from dupr_platform import console
+from dupr_platform.claims import KINDS
 from dupr_platform.environment import environment
 from dupr_platform.ports import free_port
 from dupr_platform.storage import AWS_CREDENTIALS, aws_settings, check_storage, open_storage
@@ -208,7 +209,7 @@ def ask_autoscaler(bundles: list[dict[str, float]]) -> None:
 
     if bundles:
         nodes = [
-            {k: float(v) for k, v in n["Resources"].items() if k in ("CPU", "GPU") and v}
+            {k: float(v) for k, v in n["Resources"].items() if k in KINDS and v}
             for n in ray.nodes()
             if n.get("Alive")
         ]

@@ -53,6 +53,7 @@ from dupr.model import DUPR
 from dupr.train import BatchLoader, TrainState, build_state, compile_model, rng_state, train
 from dupr.views import TwoViews
 from dupr_platform import software, tracking
+from dupr_platform.claims import KINDS
 from dupr_platform.cluster import (
     COMPUTE_PRIORITY,
     check_nodes,
@@ -620,7 +621,7 @@ def pretraining_bundles(job: PretrainJob) -> list[dict[str, float]]:
 def pretraining_needs(job: PretrainJob) -> dict[str, float]:
     """The CPUs and GPUs the job's workers (and Ray Data decoders) take from the cluster."""
     bundles = pretraining_bundles(job)
-    return {k: float(sum(b.get(k, 0.0) for b in bundles)) for k in ("CPU", "GPU")}
+    return {k: float(sum(b.get(k, 0.0) for b in bundles)) for k in KINDS}
 
 
 def preflight_cluster(job: PretrainJob) -> None:
