@@ -1,5 +1,7 @@
 """The console of the main job, and two main jobs on one machine at the same time.
 
+The two share one new MLflow store, as two jobs on the default `runs/mlflow.db` do.
+
 Each pipeline starts its own local Ray instance; two of them must not disturb each other (Ray
 Train's helpers of one must not find the other's instance: "Found multiple active Ray
 instances"). By default the console holds the project's lines only and Ray's output goes to
@@ -12,6 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from drivers import PIPELINE, PROJECT_LINE, Driver, files_under, ray_tmpdir
 from dupr.data import bundled_image_folder
@@ -26,7 +29,8 @@ def _args(tmp_path, name: str) -> list[str]:
         PIPELINE,
         f"name={name}",
         f"storage={tmp_path / name / 'storage'}",
-        f"tracking_uri=sqlite:///{tmp_path / name / 'mlflow.db'}",
+        # One store for both, new to both, as two jobs started on the default runs/mlflow.db.
+        f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         f"pretrain.data={bundled_image_folder(16)}",
         *TOY_PIPELINE,
         "pretrain.num_workers=1",
@@ -67,3 +71,12 @@ def test_two_pipelines_at_once_and_what_the_console_shows(tmp_path):
     assert "(TrainController pid=" in loud.output() or "INFO" in loud.output()
     for output in (quiet.output(), loud.output(), ray_lines):
         assert "Found multiple active Ray instances" not in output
+
+    # Both runs in the shared store, their artifacts beside it (not in ./mlruns of where the
+    # drivers ran).
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("dupr")
+    assert experiment.artifact_location == str(tmp_path / "mlartifacts" / "dupr")
+    parents = client.search_runs([experiment.experiment_id], "tags.`dupr.pipeline` != ''")
+    assert sorted(r.data.tags["dupr.pipeline"] for r in parents) == ["a", "b"]
+    assert (tmp_path / "mlartifacts" / "dupr" / parents[0].info.run_id / "artifacts").is_dir()

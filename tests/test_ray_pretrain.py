@@ -129,7 +129,7 @@ def test_rerun_after_a_crash_resumes_from_the_latest_checkpoint(local_ray, mlflo
     client = MlflowClient(mlflow_server.uri)
     runs = client.search_runs(
         [client.get_experiment_by_name("ray-tests").experiment_id],
-        "tags.`dupr.run_key` = 'crash-resume'",
+        f"tags.`dupr.run_key` = 'crash-resume in {tmp_path / 'store'}'",
     )
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
     logged = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss"))
@@ -147,11 +147,18 @@ def test_rerun_after_a_crash_resumes_from_the_latest_checkpoint(local_ray, mlflo
     assert kept == ["checkpoint_epoch=0003", "checkpoint_epoch=0004"], kept
     assert result.checkpoint_uri.endswith("checkpoint_epoch=0004")
 
-    # The interrupted-and-resumed run ends with the weights of an uninterrupted one.
-    job.name = "no-crash"
+    # The interrupted-and-resumed run ends with the weights of an uninterrupted one: its
+    # folder deleted, the same command starts over, in an MLflow run of its own (continuing
+    # the finished one would drop every new step at or below 24).
+    resumed_state = load_checkpoint_state(result.checkpoint_uri)["model"]
+    shutil.rmtree(snapshot.parent)
     straight = run_pretraining(job)
     assert (straight.epochs, straight.steps) == (4, 24)
-    resumed_state = load_checkpoint_state(result.checkpoint_uri)["model"]
+    assert straight.run_id != result.run_id
+    for run_id in (result.run_id, straight.run_id):
+        steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+        assert sorted(steps) == list(range(1, 25)), run_id
+    assert "dupr.resumed_at_step" not in client.get_run(straight.run_id).data.tags
     straight_state = load_checkpoint_state(straight.checkpoint_uri)["model"]
     assert resumed_state.keys() == straight_state.keys()
     for key, value in straight_state.items():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -140,6 +142,48 @@ def test_check_tracking_passes(mlflow_server, tmp_path, monkeypatch):
     check_tracking(mlflow_server.uri)
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
     assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+
+
+_OPEN_AT = """
+import sys, time
+from dupr_platform.tracking import RunLogger
+uri, at, name = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+time.sleep(max(0.0, at - time.time()))
+RunLogger.start(uri, "two-pipelines", name).end()
+"""
+
+
+def test_processes_opening_a_new_sqlite_store_at_once_all_get_their_runs(tmp_path):
+    """Two pipelines started together on the default `runs/mlflow.db`: each driver's first
+    call opens its run in a store none has created yet. MLflow creates a new store's tables
+    unlocked (`duplicate column name`, `table ... already exists` without the lock)."""
+    uri = f"sqlite:///{tmp_path}/runs/mlflow.db"
+    check_tracking(uri)  # the drivers' preflight: the folder, not the store
+    at = time.time() + 6.0  # after every process has imported MLflow
+    names = [f"pipeline-{i}" for i in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPEN_AT, uri, str(at), name],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name in names
+    ]
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert time.time() > at  # they did meet at the start line
+    for p, output in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, output[-3000:]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("two-pipelines")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags[RUN_KEY_TAG] for r in runs) == names
+    # Artifacts beside the store, not in ./mlruns of the directory a process ran in.
+    assert experiment.artifact_location == str(tmp_path / "runs" / "mlartifacts" / "two-pipelines")
 
 
 # -- RunLogger against the real server --------------------------------------------------------

@@ -92,6 +92,7 @@ from dupr_platform.tracking import (
     ERROR_TAG,
     RunGone,
     RunLogger,
+    absolute_tracking_uri,
     check_tracking,
     patient_client,
     redact_tree,
@@ -1229,10 +1230,7 @@ def _absolute(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg = dict(cfg)
     if "://" not in cfg["storage"]:
         cfg["storage"] = os.path.abspath(cfg["storage"])
-    prefix = "sqlite:///"
-    uri = cfg["tracking_uri"]
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        cfg["tracking_uri"] = prefix + os.path.abspath(uri[len(prefix) :])
+    cfg["tracking_uri"] = absolute_tracking_uri(cfg["tracking_uri"])
     cfg["eval"] = eval_stages.absolute_data(cfg["eval"])
     cfg["baselines"] = dict(cfg["baselines"])
     cfg["baselines"]["checkpoints"] = {

@@ -87,6 +87,7 @@ from dupr_platform.text import one_line
 from dupr_platform.tracking import (
     TRACKING_CREDENTIALS,
     RunLogger,
+    absolute_tracking_uri,
     check_tracking,
     metric_rows,
     metrics_from_rows,
@@ -668,9 +669,7 @@ def absolute_locations(job: PretrainJob) -> PretrainJob:
         job.data = str(Path(job.data).resolve())
     if "://" not in job.storage:
         job.storage = str(Path(job.storage).resolve())
-    prefix = "sqlite:///"
-    if job.tracking_uri.startswith(prefix) and not job.tracking_uri.startswith(prefix + "/"):
-        job.tracking_uri = prefix + str(Path(job.tracking_uri[len(prefix) :]).resolve())
+    job.tracking_uri = absolute_tracking_uri(job.tracking_uri)
     return job
 
 
@@ -693,8 +692,18 @@ def run_pretraining(
     preflight_cluster(job)
     storage = open_storage(job.storage)
 
+    resumes_from = latest_checkpoint(storage, job.name)
+    # The MLflow run of the checkpoints in this storage: another storage's pre-training of the
+    # same name (a colleague's on a shared tracking server, the same preset) has its own run.
+    # Without a checkpoint the pre-training starts over (its folder deleted), so a run of that
+    # key that holds metrics is an earlier attempt's: continuing it would drop the new steps.
     logger = RunLogger.start(
-        job.tracking_uri, job.experiment, job.name, tags=tags, parent_run_id=job.parent_run_id
+        job.tracking_uri,
+        job.experiment,
+        f"{job.name} in {storage.uri}",
+        tags={"mlflow.runName": job.name, **(tags or {})},
+        parent_run_id=job.parent_run_id,
+        starts_over=resumes_from is None,
     )
     # Params (immutable in MLflow) are what defines the weights; how the run executes may change
     # when it is continued after a crash (more loader processes, another parent pipeline run),
@@ -722,7 +731,6 @@ def run_pretraining(
         }
         num_images = count_images(job.data)
 
-    resumes_from = latest_checkpoint(storage, job.name)
     ledger = CheckpointLedger.remote(resumes_from)  # type: ignore[attr-defined]  # @ray.remote
     trainer = _Trainer(
         train_worker,

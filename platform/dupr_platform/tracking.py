@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+import filelock
 import requests
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -70,10 +71,12 @@ __all__ = [
     "RunGone",
     "RunLogger",
     "TrackingError",
+    "absolute_tracking_uri",
     "check_tracking",
     "flatten_params",
     "metric_rows",
     "metrics_from_rows",
+    "mlflow_client",
     "patient_client",
     "patiently",
     "redact",
@@ -312,11 +315,12 @@ def _fail_fast_http() -> Iterator[None]:
 
 
 def _check_sqlite(uri: str, shown: str) -> None:
-    if not uri.startswith("sqlite:///") or uri == "sqlite:///":
+    database = sqlite_database(uri)
+    if database is None or uri == SQLITE:
         raise TrackingError(
             f"tracking {shown!r}: expected sqlite:///relative.db or sqlite:////abs.db"
         )
-    folder = os.path.dirname(os.path.abspath(uri[len("sqlite:///") :])) or "."
+    folder = os.path.dirname(database)
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
@@ -395,24 +399,38 @@ class RunLogger:
         parent_run_id: str | None = None,
         stale_tags: Iterable[str] = (),
         patience_s: float | None = None,
+        starts_over: bool = False,
     ) -> RunLogger:
         """Continue ``run_id``, else the live run tagged ``dupr.run_key == run_name``, else create.
 
         A restarted driver or worker passing the same ``run_name`` resumes the same run id.
         A continued run loses ``stale_tags`` (the caller's tags that describe one invocation).
+        ``starts_over``: the caller computes from its first step again (no checkpoint), so a
+        found run that holds metrics is an earlier attempt's and is left as it is: a new run.
         ``patience_s`` (default ``PATIENCE_S``): how long this and the logger's later calls
         wait for a tracking server that cannot be reached.
         """
         shown = scrub_secrets(tracking_uri)
         patience_s = PATIENCE_S if patience_s is None else patience_s
-        client = _Patient(MlflowClient(tracking_uri), patience_s)
+        client = _Patient(mlflow_client(tracking_uri), patience_s)
         try:
             resumed = True
             if run_id:
                 run = _get_live_run(client, run_id, shown)
             else:
-                exp_id = _experiment_id(client, experiment, shown)
+                exp_id = _experiment_id(
+                    client, experiment, shown, local_artifacts(tracking_uri, experiment)
+                )
                 run = _find_run(client, exp_id, run_name, shown)
+                if run is not None and starts_over and run.data.metrics:
+                    _log.info(
+                        "tracking %s: run %s (%s) holds an earlier attempt's metrics; "
+                        "starting a new run",
+                        shown,
+                        run.info.run_id,
+                        run_name,
+                    )
+                    run = None
                 if run is None:
                     new_tags = {RUN_KEY_TAG: run_name}
                     if parent_run_id:
@@ -736,7 +754,56 @@ class _Patient:
 def patient_client(tracking_uri: str) -> _Patient:
     """MLflow's client of `tracking_uri` whose calls wait out an unreachable server for up to
     PATIENCE_S, for calls outside a RunLogger (a stage worker's tags on the driver's run)."""
-    return _Patient(MlflowClient(tracking_uri), PATIENCE_S)
+    return _Patient(mlflow_client(tracking_uri), PATIENCE_S)
+
+
+SQLITE = "sqlite:///"
+
+
+def sqlite_database(tracking_uri: str) -> str | None:
+    """The absolute path of a `sqlite:///` store's database file; None for other stores."""
+    if not tracking_uri.startswith(SQLITE):
+        return None
+    return os.path.abspath(tracking_uri[len(SQLITE) :].partition("?")[0])
+
+
+def absolute_tracking_uri(tracking_uri: str) -> str:
+    """`tracking_uri` with a SQLite store's path made absolute against this process's
+    directory (Ray tasks and workers run in others)."""
+    database = sqlite_database(tracking_uri)
+    if database is None:
+        return tracking_uri
+    query = tracking_uri.partition("?")[2]
+    return SQLITE + database + (f"?{query}" if query else "")
+
+
+def local_artifacts(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a SQLite store keeps its artifacts: beside the database
+    (`runs/mlartifacts/<experiment>`), so the store and its artifacts stay together. MLflow's
+    default is `./mlruns` of whichever directory the creating process runs in (a Ray job's
+    copy of the working directory, the checkout the tests run from). None otherwise: a
+    tracking server decides for itself."""
+    database = sqlite_database(tracking_uri)
+    if database is None:
+        return None
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return os.path.join(os.path.dirname(database), "mlartifacts", folder)
+
+
+def mlflow_client(tracking_uri: str) -> MlflowClient:
+    """MLflow's client of `tracking_uri`; a SQLite store is opened under a lock beside it.
+
+    MLflow 3.17 creates a fresh SQLite store's tables in the tracking store's constructor
+    without the lock it takes for its other stores, so two processes opening a new store at
+    once (two pipelines started together on the default `runs/mlflow.db`) fail with
+    `duplicate column name` or `table ... already exists`. The lock file sits beside the
+    database, the one place every process that opens it sees.
+    """
+    database = sqlite_database(tracking_uri)
+    if database is None:
+        return MlflowClient(tracking_uri)
+    with filelock.FileLock(database + ".lock"):
+        return MlflowClient(tracking_uri)  # creates the tables of a new store
 
 
 def metric_rows(metrics: Iterable[Metric]) -> list[list[Any]]:
@@ -753,12 +820,14 @@ def _short(value: str, limit: int = 80) -> str:
     return value if len(value) <= limit else value[: limit - 3] + "..."
 
 
-def _experiment_id(client: _Patient, name: str, shown: str) -> str:
+def _experiment_id(
+    client: _Patient, name: str, shown: str, artifact_location: str | None = None
+) -> str:
     """Get or create the experiment (tolerating a concurrent creator)."""
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, artifact_location=artifact_location)
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
