@@ -1,5 +1,6 @@
 """Small builders shared by the tests."""
 
+import time
 from pathlib import Path
 
 import torch
@@ -125,3 +126,20 @@ def stage_context(tmp_path, name: str, config: dict, inputs: dict):
         tracking_uri="sqlite:///unused.db",
         experiment="e",
     )
+
+
+def until(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def autoscaler_request() -> list | None:
+    """What Ray's autoscaler is asked to make room for (`request_resources`), as it reads it."""
+    import json
+
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    found = _internal_kv_get(b"autoscaler_resource_request")
+    return None if found is None else json.loads(found)

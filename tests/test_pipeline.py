@@ -23,7 +23,7 @@ from dupr_platform import software
 from dupr_platform.configs import compose
 from dupr_platform.pipeline import build_stages, run_pipeline
 from dupr_platform.storage import open_storage
-from helpers import TOY_PIPELINE
+from helpers import TOY_PIPELINE, autoscaler_request, until
 from services import list_keys, make_bucket
 
 # Starts a local Ray instance, an S3 and an MLflow server.
@@ -434,13 +434,6 @@ def test_evaluations_beside_a_pretraining_fit_the_cluster_as_it_is_now(
         run.end("KILLED")
 
 
-def until(condition, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
-
-
 def test_trials_at_once_launch_evaluations_only_into_room_no_other_pretraining_needs(
     local_ray, tmp_path, monkeypatch
 ):
@@ -576,16 +569,6 @@ def test_a_pretraining_waits_for_another_jobs_work_to_start(local_ray, tmp_path,
     ]
     assert autoscaler_request() == []  # withdrawn once it started
     assert ray.get(other) is None
-
-
-def autoscaler_request() -> list | None:
-    """What Ray's autoscaler is asked to make room for (`request_resources`), as it reads it."""
-    import json
-
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    found = _internal_kv_get(b"autoscaler_resource_request")
-    return None if found is None else json.loads(found)
 
 
 def test_pretrainings_start_in_the_order_they_asked_where_they_fit():

@@ -26,7 +26,7 @@ from dupr_platform.ray_pretrain import (
     run_pretraining,
 )
 from dupr_platform.shards import prepare_shards
-from helpers import tiny_job
+from helpers import TOY_PIPELINE, autoscaler_request, tiny_job, until
 from services import make_bucket
 
 
@@ -163,6 +163,40 @@ def test_rerun_after_a_crash_resumes_from_the_latest_checkpoint(local_ray, mlflo
     assert resumed_state.keys() == straight_state.keys()
     for key, value in straight_state.items():
         assert torch.allclose(resumed_state[key].float(), value.float(), atol=1e-6, rtol=0), key
+
+
+def test_a_pretraining_alone_waits_for_room_to_start(local_ray, tmp_path, capsys):
+    """`pipelines/pretrain.py` while another job's work holds the cluster (a task on both CPUs
+    for 12 s): it waits for room before Ray Train starts, which would count every
+    `worker_group_start_minutes` of waiting as a failure (3 s here, no second try), and asks an
+    autoscaler for its worker's room meanwhile."""
+    import ray
+
+    other = ray.remote(num_cpus=2)(lambda: time.sleep(12)).remote()
+    until(lambda: ray.available_resources().get("CPU", 0.0) == 0.0, "the other job placed")
+    began = time.monotonic()
+    args = [
+        "name=alone-busy",
+        f"data={bundled_image_folder(16)}",
+        f"storage={tmp_path / 'store'}",
+        f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "num_workers=1",
+        "cpus_per_worker=2",
+        "worker_group_start_minutes=0.05",
+        "controller_failure_limit=0",
+        *[arg.removeprefix("pretrain.") for arg in TOY_PIPELINE if arg.startswith("pretrain.")],
+    ]
+    assert main_of(PRETRAIN)(args) == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    assert time.monotonic() - began > 5  # the other job's 12 s, less its head start
+    said = [line for line in out.splitlines() if "waits to start" in line]
+    assert said == [
+        "pre-training alone-busy: waits to start until the cluster has room for its 2 CPU "
+        "(nothing free now)"
+    ]
+    assert "pre-training alone-busy: 1 epochs" in out
+    assert autoscaler_request() == []  # withdrawn once it started
+    assert ray.get(other) is None
 
 
 def test_preflight_rejects_bad_input_before_any_worker(

@@ -18,6 +18,8 @@
   still queued for their resources (Ray's state API).
 - `ask_autoscaler`: room for work that waits outside Ray (a sweep trial's pre-training waiting
   for its turn), which an autoscaler would not see otherwise.
+- `wait_for_room`: a pre-training starts once the cluster has room for its workers, not in
+  Ray, where each `worker_group_start_minutes` of waiting counts as a failure of the run.
 """
 
 from __future__ import annotations
@@ -27,14 +29,15 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import ray
 
 from dupr.config import ConfigError
 from dupr_platform import console
-from dupr_platform.claims import KINDS
+from dupr_platform.claims import KINDS, Claims, SharedClaims, room_beside_waiting
 from dupr_platform.environment import environment
 from dupr_platform.ports import free_port
 from dupr_platform.storage import AWS_CREDENTIALS, aws_settings, check_storage, open_storage
@@ -215,6 +218,47 @@ def ask_autoscaler(bundles: list[dict[str, float]]) -> None:
         ]
         bundles = [node for node in nodes if node] + bundles
     request_resources(bundles=bundles)
+
+
+START_CHECK_S = 2.0  # how often a pre-training that waits to start asks again (`Claims.start`)
+
+
+def wait_for_room(
+    claims: Claims | SharedClaims,
+    owner: str,
+    need: dict[str, float],
+    say: Callable[[dict[str, float]], None],
+) -> None:
+    """Return once the cluster has room for `owner`'s pre-training, which `need`s that much and
+    is in `claims`' line (`Claims.want`): free now beyond the placement groups that wait
+    (another job's pre-training), and in the claims beside what the others sharing them hold
+    or waited for before it (a sweep's other trials, `Claims.start`). Waiting in Ray instead,
+    Ray Train counts each `worker_group_start_minutes` as a failure of the run. `say(room)`
+    once, if it waits. Meanwhile an autoscaler is asked for the waiting workers' room (Ray
+    Train's placement group would have asked); the request is withdrawn once none waits."""
+    said, asked = False, None
+    try:
+        while True:
+            room = {k: max(0.0, v) for k, v in room_beside_waiting().items()}
+            fits = all(need.get(k, 0.0) <= room[k] for k in KINDS)
+            if fits and claims.start(owner, ray.cluster_resources()) is None:
+                return
+            shapes = claims.waiting_shapes()
+            if shapes != asked:
+                ask_autoscaler(asked := shapes)
+            if not said:
+                said = True
+                say(room)
+            time.sleep(START_CHECK_S)
+    finally:
+        claims.forget_wait(owner)
+        if asked and not claims.waiting_shapes():
+            ask_autoscaler([])
+
+
+def amounts(amounts: dict[str, float], kinds: Sequence[str] = KINDS) -> str:
+    """`2 CPU, 1 GPU`: the amounts of `kinds` given (`nothing` if none)."""
+    return ", ".join(f"{amounts[k]:g} {k}" for k in kinds if amounts.get(k)) or "nothing"
 
 
 def task_starts(refs: Iterable[ray.ObjectRef]) -> dict[ray.ObjectRef, float] | None:

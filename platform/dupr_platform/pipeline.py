@@ -28,7 +28,7 @@ import re
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,12 +50,13 @@ from dupr_platform import console, convert_stage, eval_stages, report, smoke, so
 from dupr_platform.claims import KINDS, Claims, SharedClaims, add, room_beside_waiting
 from dupr_platform.cluster import (
     COMPUTE_PRIORITY,
-    ask_autoscaler,
+    amounts,
     check_nodes,
     forwarded_env,
     largest_node,
     start_ray,
     task_starts,
+    wait_for_room,
 )
 from dupr_platform.configs import DetectionEvalConfig, selected_kinds, validate_pipeline
 from dupr_platform.failures import UnrecoverableError
@@ -381,7 +382,6 @@ ATTEMPT_TAG = "dupr.stage_attempt"
 RELAUNCH_AFTER_S = 2.0  # after a lost worker: time for an interrupt of the driver to arrive
 WAIT_CHECK_S = 10.0  # how often the runner looks for stages that no alive node can place
 SHOWN_WAIT_S = 10.0  # a stage's wait to start said beside its run time from this long on
-START_CHECK_S = 2.0  # how often a pre-training that waits to start asks again (`Claims.start`)
 
 
 class NodeWaitTimeout(RuntimeError):
@@ -582,7 +582,9 @@ class _Runner:
                 self.wait_to_start(stage)
                 began = time.monotonic()
                 print(f"[{self.tag}] {stage.name}: pre-training ({job.name})", flush=True)
-                result = run_pretraining(job, callbacks, tags=self.stage_tags(stage))
+                result = run_pretraining(
+                    job, callbacks, tags=self.stage_tags(stage), waits_for_room=False
+                )
         except Exception as exc:  # reported, and the pipeline goes on
             self.fail(stage, exc)
             return
@@ -602,38 +604,20 @@ class _Runner:
         self.finish(stage, {"data": job.data}, out, result.run_id)
 
     def wait_to_start(self, stage: Stage) -> None:
-        """Wait until the cluster has room for `stage`'s pre-training: free now beyond the
-        placement groups that wait (another job's pre-training), and in the claims beside
-        what the other pipelines sharing them hold or waited for before it (a sweep's other
-        trials, `Claims.start`). Here, not in Ray, where each `worker_group_start_minutes` of
-        waiting counts as a failure of the run. Said once. Where the cluster can grow, its
-        autoscaler is asked for the waiting workers' room (Ray Train's placement group would
-        have asked), and the request is withdrawn once no pre-training waits."""
-        said, asked = False, None
-        try:
-            while True:
-                room = {k: max(0.0, v) for k, v in room_beside_waiting().items()}
-                fits = all(self.pretrain_need.get(k, 0.0) <= room[k] for k in KINDS)
-                if fits and self.claims.start(self.owner, ray.cluster_resources()) is None:
-                    return
-                shapes = self.claims.waiting_shapes()
-                if shapes != asked:
-                    ask_autoscaler(asked := shapes)
-                if not said:
-                    said = True
-                    others = self.claims.others(self.owner)
-                    held = f"; the pipelines sharing it hold {_amounts(others)}"
-                    print(
-                        f"[{self.tag}] {stage.name}: waits to start until the cluster has room "
-                        f"for its {_amounts(self.pretrain_need)} ({_amounts(room)} free now"
-                        f"{held if any(others.values()) else ''})",
-                        flush=True,
-                    )
-                time.sleep(START_CHECK_S)
-        finally:
-            self.claims.forget_wait(self.owner)
-            if asked and not self.claims.waiting_shapes():
-                ask_autoscaler([])
+        """Wait until the cluster has room for `stage`'s pre-training (`wait_for_room`), in
+        the line of the pipelines that share this one's claims (a sweep's trials)."""
+
+        def say(room: dict[str, float]) -> None:
+            others = self.claims.others(self.owner)
+            held = f"; the pipelines sharing it hold {amounts(others)}"
+            print(
+                f"[{self.tag}] {stage.name}: waits to start until the cluster has room "
+                f"for its {amounts(self.pretrain_need)} ({amounts(room)} free now"
+                f"{held if any(others.values()) else ''})",
+                flush=True,
+            )
+
+        wait_for_room(self.claims, self.owner, self.pretrain_need, say)
 
     @contextlib.contextmanager
     def collecting(
@@ -1277,12 +1261,7 @@ def _retry_cannot_fix(exc: BaseException) -> bool:
 
 
 def _resources(stage: Stage) -> str:
-    return _amounts(stage.resources, list(stage.resources))
-
-
-def _amounts(amounts: dict[str, float], kinds: Sequence[str] = KINDS) -> str:
-    """`2 CPU, 1 GPU`: the amounts of `kinds` given (`nothing` if none)."""
-    return ", ".join(f"{amounts[k]:g} {k}" for k in kinds if amounts.get(k)) or "nothing"
+    return amounts(stage.resources, list(stage.resources))
 
 
 __all__ = [

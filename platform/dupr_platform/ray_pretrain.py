@@ -53,13 +53,15 @@ from dupr.model import DUPR
 from dupr.train import BatchLoader, TrainState, build_state, compile_model, rng_state, train
 from dupr.views import TwoViews
 from dupr_platform import software, tracking
-from dupr_platform.claims import KINDS
+from dupr_platform.claims import KINDS, Claims
 from dupr_platform.cluster import (
     COMPUTE_PRIORITY,
+    amounts,
     check_nodes,
     forwarded_env,
     largest_node,
     start_ray,
+    wait_for_room,
 )
 from dupr_platform.environment import environment
 from dupr_platform.failures import CheckpointLedger, StopOnUnrecoverable, UnrecoverableError
@@ -677,12 +679,15 @@ def run_pretraining(
     job: PretrainJob,
     callbacks: list[Any] | None = None,
     tags: dict[str, str] | None = None,
+    waits_for_room: bool = True,
 ) -> PretrainResult:
     """Pre-train on the connected Ray cluster (or a local one), resuming `job.name` if it exists.
 
     `callbacks` go to the trainer's RunConfig, e.g. Ray Tune's TuneReportCallback when the
     pre-training runs inside a Tune trial (each epoch's report then reaches Tune's scheduler).
-    `tags` are set on the MLflow run (a pipeline's stage tags).
+    `tags` are set on the MLflow run (a pipeline's stage tags). It starts once the cluster has
+    room for its workers (`wait_for_room`); a pipeline waits in its own line instead
+    (`waits_for_room=False`).
     """
     job = absolute_locations(job)
     assert job.data is not None  # absolute_locations set it
@@ -690,6 +695,20 @@ def run_pretraining(
     if start_ray(f"pretrain {job.name}"):
         check_nodes(job.storage, job.tracking_uri)
     preflight_cluster(job)
+    if waits_for_room:
+        need = pretraining_needs(job)
+        alone = Claims()  # no other pre-training shares this driver's line
+        alone.want(job.name, pretraining_bundles(job))
+        wait_for_room(
+            alone,
+            job.name,
+            need,
+            lambda room: print(
+                f"pre-training {job.name}: waits to start until the cluster has room for its "
+                f"{amounts(need)} ({amounts(room)} free now)",
+                flush=True,
+            ),
+        )
     storage = open_storage(job.storage)
 
     resumes_from = latest_checkpoint(storage, job.name)
