@@ -480,6 +480,49 @@ def test_trials_at_once_launch_evaluations_only_into_room_no_other_pretraining_n
         runner.parent.end()
 
 
+def test_a_trial_past_its_pretrainings_launches_beside_what_the_others_hold(
+    local_ray, tmp_path, monkeypatch, capsys
+):
+    """A sweep's trial whose pre-trainings are done (here: the random backbone's evaluations
+    alone) launches its evaluations where the other trials' claims leave room: not into the
+    CPUs of a pre-training that just started, whose workers Ray has not placed yet (they would
+    wait behind the evaluations, and Ray Train counts that as failures), but before one that
+    waits to start (it asked for room the evaluations give back within hours)."""
+    import threading
+
+    import ray
+
+    from dupr_platform import pipeline
+    from dupr_platform.claims import SharedClaims
+    from dupr_platform.stages import StageOutput
+
+    out = StageOutput(files={}, values={}, metrics={"accuracy": 0.5})
+    monkeypatch.setattr(pipeline._Runner, "submit", staticmethod(lambda *_: ray.put(out)))
+    monkeypatch.setattr(pipeline, "WAIT_CHECK_S", 0.5)
+    claims = SharedClaims.create("dupr-claims:past")  # kept: the actor ends with its handle
+    a, stages, _ = toy_runner(tmp_path, "toy-past")
+    a.claims, a.owner = SharedClaims.named("dupr-claims:past"), "sweep:a"
+    plan = [s for s in stages if s.name.endswith("/random")]
+    claims.hold("sweep:b", {"CPU": 2.0})  # b's pre-training started: Ray still shows 2 free
+    runs = threading.Thread(target=a.run, args=(plan,))
+    runs.start()
+    time.sleep(2.0)
+    assert not a.reports and ray.available_resources().get("CPU") == 2.0
+    claims.want("sweep:b", [{"CPU": 2.0}])  # b's pre-training waits to start instead
+    runs.join(timeout=60)
+    assert not runs.is_alive()
+    assert sorted(a.reports) == sorted(s.name for s in plan)
+    assert {r.status for r in a.reports.values()} == {"done"}
+    (said,) = [x for x in capsys.readouterr().out.splitlines() if "to launch once" in x]
+    assert said.startswith(
+        "[pipeline] to launch once there is room beside what the pipelines sharing the "
+        "cluster hold: "
+    ), said
+    for run in a.loggers.values():
+        run.end()
+    a.parent.end()
+
+
 def test_trials_at_once_start_their_pretrainings_in_turn(local_ray, tmp_path):
     """Two pipelines sharing the cluster (a sweep's trials at once: Ray tasks, one
     `SharedClaims`) whose pre-trainings each need the whole cluster. The second waits for the
@@ -596,6 +639,12 @@ def test_pretrainings_start_in_the_order_they_asked_where_they_fit():
     claims.want("d", [{"CPU": 1.0}])
     claims.forget_wait("d")  # it failed, or was interrupted, while it waited
     assert not claims.waiting and not claims.waiting_shapes()
+    # A pipeline past its pre-trainings claims room beside what the others hold, but before
+    # the needs of those that wait to start.
+    claims.want("c", [{"CPU": 8.0}])  # c holds 8 (its need), and waits
+    assert not claims.claim("e", {"CPU": 2.0}, total)
+    assert claims.claim("e", {"CPU": 2.0}, total, before_waiting=True)
+    assert claims.start("c", total) == {"CPU": 2.0, "GPU": 0.0}  # then c waits for e
 
 
 def test_an_evaluation_leaves_a_waiting_pretraining_its_room(local_ray, tmp_path, monkeypatch):

@@ -62,10 +62,22 @@ class Claims:
         fits."""
         self.held[owner] = {k: float(holding.get(k, 0.0)) for k in KINDS}
 
-    def claim(self, owner: str, holding: dict[str, float], total: dict[str, float]) -> bool:
+    def claim(
+        self,
+        owner: str,
+        holding: dict[str, float],
+        total: dict[str, float],
+        before_waiting: bool = False,
+    ) -> bool:
         """Set `owner`'s holding to `holding` if it fits in `total` (the alive nodes' CPUs and
-        GPUs) beside everybody else's; whether it did."""
+        GPUs) beside everybody else's; whether it did. `before_waiting`: beside what the others
+        hold but the needs of their pre-trainings that wait to start (the evaluations of a
+        pipeline past its pre-trainings go first; `start` then counts them)."""
         others = self.others(owner)
+        if before_waiting:
+            for waiter, need in self.waiting.items():
+                if waiter != owner:
+                    others = {k: others[k] - need[k] for k in KINDS}
         if any(others[k] + holding.get(k, 0.0) > total.get(k, 0.0) for k in KINDS):
             return False
         self.hold(owner, holding)

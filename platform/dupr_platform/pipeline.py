@@ -23,6 +23,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -771,9 +772,17 @@ class _Runner:
             # Only what the pre-training leaves free: queued, they could take the cores or GPUs
             # its workers wait for. Conversions (others wait on them) go first, then the long
             # detection fine-tunings.
-            spare = self.spare(pretrain, running) if pretrain is not None else None
+            if pretrain is not None:
+                spare = self.spare(pretrain, running)
+            elif isinstance(self.claims, SharedClaims):
+                # A sweep's trial past its pre-trainings: its evaluations take room the other
+                # trials' claims leave (not their waiting pre-trainings', which these go
+                # before), so none lands in what a pre-training that just started waits for.
+                spare = dict.fromkeys(KINDS, math.inf)
+            else:
+                spare = None  # the cluster's own queue decides
             if not alone:
-                spare = self.launch_ready(pending, running, spare)
+                spare = self.launch_ready(pending, running, spare, pretrain is None)
             self.publish(running)
             if pretrain is not None and not (alone and running):
                 pending.remove(pretrain)
@@ -789,6 +798,8 @@ class _Runner:
                     all(u in self.records for u in s.upstream()) for s in pending
                 ):
                     break  # nothing can make progress (upstream neither done nor failed)
+                if self.ready(pending):  # evaluations that wait for room
+                    time.sleep(WAIT_CHECK_S)
                 continue
             finished, _ = ray.wait(list(running), num_returns=1, timeout=WAIT_CHECK_S)
             if finished:
@@ -822,16 +833,24 @@ class _Runner:
         pending: list[Stage],
         running: dict[ray.ObjectRef, Stage],
         spare: dict[str, float] | None,
+        past_pretraining: bool = False,
     ) -> dict[str, float] | None:
         """Launch the ready evaluations into `running`: all of them, or those that fit in
         `spare` (what a pre-training leaves free) and in the cluster as it is now (`claim`);
-        what is left of `spare`."""
+        what is left of `spare`. Past its pre-trainings (`past_pretraining`) an evaluation
+        goes before the pre-trainings that wait in the shared line, and one that no node could
+        place is launched all the same (Ray holds it, `note_waiting` says so)."""
         evaluations = [s for s in self.ready(pending) if s.kind != "pretrain"]
         refused = []
+        largest = largest_node() if spare is not None and past_pretraining else {}
         for stage in sorted(evaluations, key=lambda s: LAUNCH_ORDER.get(s.kind, len(LAUNCH_ORDER))):
             if spare is not None:
                 asks = self.asks(stage)
-                if any(asks[k] > spare[k] for k in spare) or not self.claim(stage, running):
+                unplaceable = past_pretraining and any(asks[k] > largest.get(k, 0.0) for k in KINDS)
+                if not unplaceable and (
+                    any(asks[k] > spare[k] for k in spare)
+                    or not self.claim(stage, running, before_waiting=past_pretraining)
+                ):
                     refused.append(stage)  # once resources are given back, or after it
                     continue
                 spare = {k: spare[k] - asks[k] for k in spare}
@@ -845,10 +864,12 @@ class _Runner:
         if unsaid:
             self.said_refused.update(s.name for s in unsaid)
             names = ", ".join(f"{s.name} ({_resources(s)})" for s in unsaid)
-            print(
-                f"[{self.tag}] to launch once there is room beside the pre-training: {names}",
-                flush=True,
+            beside = (
+                "beside what the pipelines sharing the cluster hold"
+                if past_pretraining
+                else "beside the pre-training"
             )
+            print(f"[{self.tag}] to launch once there is room {beside}: {names}", flush=True)
         return spare
 
     @staticmethod
@@ -864,20 +885,24 @@ class _Runner:
             held = add(held, self.asks(stage))
         return held
 
-    def claim(self, stage: Stage, running: dict[ray.ObjectRef, Stage]) -> bool:
+    def claim(
+        self, stage: Stage, running: dict[ray.ObjectRef, Stage], before_waiting: bool = False
+    ) -> bool:
         """Whether `stage` fits in the CPUs and GPUs of the cluster's alive nodes beside what
         this pipeline holds and what other pipelines sharing the cluster hold (a sweep's other
-        trials, their pre-trainings included before Ray places them), and in what is free now
-        beyond the placement groups that wait (another job's pre-training); if it does, it is
-        counted as held. `spare` counts what ended stages give back, which is right while the
-        cluster keeps its size and nobody else launches; after a node is lost, or beside other
-        pipelines, it is too much: evaluations launched into it would take what a
-        pre-training's (restarted) workers wait for."""
+        trials, their pre-trainings included before Ray places them; `before_waiting`: but
+        those that wait to start), and in what is free now beyond the placement groups that
+        wait (another job's pre-training); if it does, it is counted as held. `spare` counts
+        what ended stages give back, which is right while the cluster keeps its size and nobody
+        else launches; after a node is lost, or beside other pipelines, it is too much:
+        evaluations launched into it would take what a pre-training's (restarted) workers wait
+        for."""
         asks = self.asks(stage)
         if any(asks[k] > v for k, v in room_beside_waiting().items()):
             return False
         holding = add(self.holding(running), asks)
-        if not self.claims.claim(self.owner, holding, ray.cluster_resources()):
+        total = ray.cluster_resources()
+        if not self.claims.claim(self.owner, holding, total, before_waiting):
             return False
         self.published = holding
         return True
