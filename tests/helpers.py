@@ -136,10 +136,27 @@ def until(condition, what: str, timeout: float = 60) -> None:
 
 
 def autoscaler_request() -> list | None:
-    """What Ray's autoscaler is asked to make room for (`request_resources`), as it reads it."""
+    """What Ray's autoscaler is asked to make room for (`request_resources`), as it reads it:
+    every requester's bundles, merged by Ray's autoscaling coordinator."""
     import json
 
     from ray.experimental.internal_kv import _internal_kv_get
 
     found = _internal_kv_get(b"autoscaler_resource_request")
     return None if found is None else json.loads(found)
+
+
+def waiting_requests() -> list[list[dict]]:
+    """The bundles that each pre-training waiting to start asks an autoscaler for, as Ray's
+    autoscaling coordinator holds them (the nodes' own shapes and Ray Train's left out)."""
+    import ray
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    requests = ray.get(
+        get_or_create_autoscaling_coordinator().__ray_call__.remote(
+            lambda self: {k: r.requested_resources for k, r in self._ongoing_reqs.items()}
+        )
+    )
+    return [bundles for k, bundles in requests.items() if k.startswith("dupr-waiting-")]

@@ -23,7 +23,7 @@ from dupr_platform import software
 from dupr_platform.configs import compose
 from dupr_platform.pipeline import build_stages, run_pipeline
 from dupr_platform.storage import open_storage
-from helpers import TOY_PIPELINE, autoscaler_request, until
+from helpers import TOY_PIPELINE, until, waiting_requests
 from services import list_keys, make_bucket
 
 # Starts a local Ray instance, an S3 and an MLflow server.
@@ -564,10 +564,10 @@ def test_trials_at_once_start_their_pretrainings_in_turn(local_ray, tmp_path):
 
     tasks = [trial.remote(cfg, x) for cfg, x in zip(configs, "ab", strict=True)]
     # While one waits, an autoscaler is asked for room for its worker beside the 2-CPU node.
-    until(lambda: autoscaler_request() not in (None, []), "the waiting worker's room asked")
-    assert autoscaler_request() == [{"CPU": 2.0}, {"CPU": 2.0}]
+    until(lambda: waiting_requests() != [], "the waiting worker's room asked")
+    assert waiting_requests() == [[{"CPU": 2.0}]]  # the line's, once
     reports = ray.get(tasks)
-    assert autoscaler_request() == []  # withdrawn: nothing waits
+    assert waiting_requests() == []  # withdrawn: nothing waits
     assert [r[:2] for r in reports] == [("done", "")] * 2, reports
     first, second = sorted(reports, key=lambda r: r[3])
     assert first[3] < 5 and second[3] > 0.5 * first[2], reports  # in turn, not side by side
@@ -610,7 +610,7 @@ def test_a_pretraining_waits_for_another_jobs_work_to_start(local_ray, tmp_path,
         "[pipeline] pretrain: waits to start until the cluster has room for its 2 CPU "
         "(nothing free now)"
     ]
-    assert autoscaler_request() == []  # withdrawn once it started
+    assert waiting_requests() == []  # withdrawn once it started
     assert ray.get(other) is None
 
 
@@ -625,7 +625,7 @@ def test_pretrainings_start_in_the_order_they_asked_where_they_fit():
     for owner, workers in [("a", 2), ("b", 4), ("c", 2)]:
         claims.hold(owner, {"CPU": float(workers)})  # as `_Runner.spare` publishes it, then asks
         claims.want(owner, [{"CPU": 1.0}] * workers)
-    assert claims.waiting_shapes() == [{"CPU": 1.0}] * 8
+    assert [len(claims.shape(owner)) for owner in "abcd"] == [2, 4, 2, 0]
     assert claims.start("a", total) is None  # b and c asked after it
     assert claims.start("b", total) == {"CPU": 2.0, "GPU": 0.0}  # a's workers
     assert claims.start("c", total) == {"CPU": 6.0, "GPU": 0.0}  # a's, and b's before it
@@ -638,7 +638,7 @@ def test_pretrainings_start_in_the_order_they_asked_where_they_fit():
     assert claims.start("d", total) is None  # never asked: nothing to wait for
     claims.want("d", [{"CPU": 1.0}])
     claims.forget_wait("d")  # it failed, or was interrupted, while it waited
-    assert not claims.waiting and not claims.waiting_shapes()
+    assert not claims.waiting and not claims.shape("d")
     # A pipeline past its pre-trainings claims room beside what the others hold, but before
     # the needs of those that wait to start.
     claims.want("c", [{"CPU": 8.0}])  # c holds 8 (its need), and waits
@@ -647,15 +647,39 @@ def test_pretrainings_start_in_the_order_they_asked_where_they_fit():
     assert claims.start("c", total) == {"CPU": 2.0, "GPU": 0.0}  # then c waits for e
 
 
+def test_the_start_line_holds_room_until_given_back_or_its_job_is_gone(local_ray):
+    """`StartLine`: a pre-training let start holds its room against every job's check until
+    it gives it back; the reservation of a job that ended (its driver killed before its
+    workers started) or that outlived its limit no longer counts."""
+    import ray
+
+    from dupr_platform.claims import StartLine
+
+    line, me = StartLine(), ray.get_runtime_context().get_job_id()
+    free = {"CPU": 2.0, "GPU": 0.0}
+    assert line.reserve("a", me, {"CPU": 2.0}, free, 60)
+    assert not line.reserve("b", me, {"CPU": 1.0}, free, 60)  # both saw 2 CPUs free
+    assert line.reserved() == {"CPU": 2.0, "GPU": 0.0}
+    line.release("a")
+    assert line.reserve("b", me, {"CPU": 1.0}, free, 60)
+    assert line.reserve("c", "ffff0000", {"CPU": 1.0}, free, 60)  # a job the cluster lacks
+    assert line.reserved() == {"CPU": 1.0, "GPU": 0.0}  # b's alone
+    line.release("b")
+    assert line.reserve("d", me, {"CPU": 2.0}, free, 0.0)  # past its limit at once
+    assert line.reserved() == {"CPU": 0.0, "GPU": 0.0}
+
+
 def test_an_evaluation_leaves_a_waiting_pretraining_its_room(local_ray, tmp_path, monkeypatch):
     """A pipeline started apart (a second `ray job submit`) whose pre-training's workers wait
     to be placed: Ray counts their CPUs as free, and an evaluation launched into them beside
     this pipeline's pre-training would take them first. It waits until that placement group
-    is placed or gone."""
+    is placed or gone, and the same for one let start whose workers Ray has not been asked
+    for yet (the cluster's `StartLine`)."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
     from dupr_platform import pipeline
+    from dupr_platform.claims import StartLine, free_beside_pending
 
     monkeypatch.setattr(pipeline._Runner, "submit", staticmethod(lambda *_: ray.put(None)))
     runner, stages, _ = toy_runner(tmp_path, "toy-apart")
@@ -670,6 +694,11 @@ def test_an_evaluation_leaves_a_waiting_pretraining_its_room(local_ray, tmp_path
     assert runner.launch_ready(pending, running, spare) == spare and not running
     remove_placement_group(other)  # the other job was stopped
     until(lambda: ray.util.placement_group_table(other)["state"] == "REMOVED", "removed")
+    # Another job's pre-training let start into that CPU, its workers not asked for yet.
+    key = StartLine.try_reserve({"CPU": 1.0}, free_beside_pending(), 60)
+    assert key is not None
+    assert runner.launch_ready(pending, running, spare) == spare and not running
+    StartLine.release_now(key)  # its worker placed: Ray counts it now
     runner.launch_ready(pending, running, spare)
     assert [s.name for s in running.values()] == ["detection/faster_rcnn_fpn/random"]
     ray.cancel(placed, force=True)

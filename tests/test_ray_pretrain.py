@@ -13,7 +13,7 @@ import ray.train
 import torch
 from mlflow.tracking import MlflowClient
 
-from drivers import PRETRAIN, ROOT, main_of
+from drivers import PRETRAIN, ROOT, Driver, main_of
 from dupr.data import bundled_image_folder
 from dupr_platform import software
 from dupr_platform.configs import compose, pretrain_job
@@ -26,7 +26,7 @@ from dupr_platform.ray_pretrain import (
     run_pretraining,
 )
 from dupr_platform.shards import prepare_shards
-from helpers import TOY_PIPELINE, autoscaler_request, tiny_job, until
+from helpers import TOY_PIPELINE, autoscaler_request, tiny_job, until, waiting_requests
 from services import make_bucket
 
 
@@ -165,38 +165,81 @@ def test_rerun_after_a_crash_resumes_from_the_latest_checkpoint(local_ray, mlflo
         assert torch.allclose(resumed_state[key].float(), value.float(), atol=1e-6, rtol=0), key
 
 
-def test_a_pretraining_alone_waits_for_room_to_start(local_ray, tmp_path, capsys):
-    """`pipelines/pretrain.py` while another job's work holds the cluster (a task on both CPUs
-    for 12 s): it waits for room before Ray Train starts, which would count every
+def test_two_jobs_waiting_for_the_same_room_start_in_turn(local_ray, tmp_path, capsys):
+    """`pipelines/pretrain.py` twice, as two `ray job submit`s (a driver process connected to
+    the cluster, and this process), while another job's work holds the cluster (a task on both
+    CPUs). Each waits for room before Ray Train starts, which would count every
     `worker_group_start_minutes` of waiting as a failure (3 s here, no second try), and asks an
-    autoscaler for its worker's room meanwhile."""
+    autoscaler for its worker's room meanwhile, beside the other's. When the room frees, both
+    see it: only one may start into it (the cluster's `StartLine`), or the other's worker
+    waits in Ray, which Ray Train asks for seconds after the check."""
     import ray
 
-    other = ray.remote(num_cpus=2)(lambda: time.sleep(12)).remote()
+    from dupr_platform.claims import StartLine
+
+    freed = tmp_path / "freed"
+
+    def hold() -> None:  # the other job's work, until both wait
+        while not freed.exists():
+            time.sleep(0.1)
+
+    other = ray.remote(num_cpus=2)(hold).remote()
     until(lambda: ray.available_resources().get("CPU", 0.0) == 0.0, "the other job placed")
-    began = time.monotonic()
-    args = [
-        "name=alone-busy",
-        f"data={bundled_image_folder(16)}",
-        f"storage={tmp_path / 'store'}",
-        f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "num_workers=1",
-        "cpus_per_worker=2",
-        "worker_group_start_minutes=0.05",
-        "controller_failure_limit=0",
-        *[arg.removeprefix("pretrain.") for arg in TOY_PIPELINE if arg.startswith("pretrain.")],
-    ]
-    assert main_of(PRETRAIN)(args) == 0, capsys.readouterr()
+
+    def args(name: str) -> list[str]:
+        return [
+            f"name={name}",
+            f"data={bundled_image_folder(16)}",
+            f"storage={tmp_path / 'store'}",
+            f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "num_workers=1",
+            "cpus_per_worker=2",
+            "worker_group_start_minutes=0.05",
+            "controller_failure_limit=0",
+            *[a.removeprefix("pretrain.") for a in TOY_PIPELINE if a.startswith("pretrain.")],
+        ]
+
+    apart = Driver(
+        [PRETRAIN, *args("apart")],
+        tmp_path / "apart.log",
+        env={"RAY_ADDRESS": ray.get_runtime_context().gcs_address},
+    )
+    both = [{"CPU": 2.0}] * 3  # the node's own 2 CPUs and each job's worker
+    asked: list = []  # the autoscaler's request each time it changes
+
+    def watch() -> None:  # frees the room once both jobs wait (or 60 s on), then watches on
+        deadline = time.monotonic() + 60
+        while not stop.wait(0.1):
+            if (request := autoscaler_request()) != (asked[-1] if asked else None):
+                asked.append(request)
+            if request == both or time.monotonic() > deadline:
+                freed.touch()
+
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch, daemon=True)
+    try:
+        apart.wait_for(lambda: "waits to start" in apart.output(), 60, "the driver waiting")
+        watcher.start()
+        assert main_of(PRETRAIN)(args("here")) == 0, capsys.readouterr()
+        assert apart.wait(120) == 0, apart.output()
+    finally:
+        stop.set()
+        freed.touch()
+        apart.stop()
+    watcher.join(timeout=10)
+    # Neither job's request replaced the other's; the one that started withdrew its own only.
+    assert both in asked and asked[asked.index(both) + 1] == both[:2], asked
+    assert waiting_requests() == []
     out = capsys.readouterr().out
-    assert time.monotonic() - began > 5  # the other job's 12 s, less its head start
     said = [line for line in out.splitlines() if "waits to start" in line]
     assert said == [
-        "pre-training alone-busy: waits to start until the cluster has room for its 2 CPU "
+        "pre-training here: waits to start until the cluster has room for its 2 CPU "
         "(nothing free now)"
     ]
-    assert "pre-training alone-busy: 1 epochs" in out
-    assert autoscaler_request() == []  # withdrawn once it started
+    assert "pre-training here: 1 epochs" in out
+    assert "pre-training apart: 1 epochs" in apart.output()
     assert ray.get(other) is None
+    assert StartLine.reserved_now() == {"CPU": 0.0, "GPU": 0.0}  # both given back
 
 
 def test_preflight_rejects_bad_input_before_any_worker(

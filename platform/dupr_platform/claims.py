@@ -16,12 +16,17 @@ as a failure of the run, and a trial's pre-training that waits for another's (da
 scale) would fail. A plain pipeline keeps its own `Claims`; a sweep's driver keeps one in a
 Ray actor for its trials (`SharedClaims`), with the trial actors' own CPUs in it. Pipelines
 started apart (two `ray job submit`s on one cluster) keep one each; what they see of each other
-is Ray's: what is free, and a pre-training whose workers wait to be placed
-(`room_beside_waiting`), not one in the seconds before Ray Train asks for them.
+is Ray's (what is free, and a pre-training whose workers wait to be placed) and the cluster's
+`StartLine`: the room of each pre-training let start whose workers Ray has not placed yet
+(`room_beside_waiting` counts both). Without it, two jobs that waited for the same room both
+saw it free and started, and the second's workers waited in Ray under Ray Train's start limits:
+Ray Train asks for its workers seconds after the check (the MLflow run, its controller).
 """
 
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Any
 
 import ray
@@ -33,7 +38,11 @@ def add(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in KINDS}
 
 
-def room_beside_waiting() -> dict[str, float]:
+def subtract(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: a.get(k, 0.0) - b.get(k, 0.0) for k in KINDS}
+
+
+def free_beside_pending() -> dict[str, float]:
     """The CPUs and GPUs free now less what the placement groups that wait to be placed ask:
     Ray counts those as free, though a pre-training's workers (another job's: a pipeline
     started apart) wait for them."""
@@ -44,6 +53,113 @@ def room_beside_waiting() -> dict[str, float]:
             for bundle in group["bundles"].values():
                 room = {k: room[k] - float(bundle.get(k, 0.0)) for k in KINDS}
     return room
+
+
+def room_beside_waiting() -> dict[str, float]:
+    """What is free now beyond the placement groups that wait and the room of the pre-trainings
+    let start whose workers Ray has not placed yet (`StartLine`, any job's)."""
+    return subtract(free_beside_pending(), StartLine.reserved_now())
+
+
+class StartLine:
+    """The room that pre-trainings of every job on the cluster were let start into (`reserve`)
+    and whose workers Ray has not placed yet: it is theirs against every job's check until Ray
+    places the workers (their first rank gives it back, `release`) or the pre-training ends.
+    One actor per cluster, detached, found by name from every job, with no CPU of its own. A
+    reservation lapses when its job's driver is gone (killed before it gave it back) or after
+    `lapse_s` (a trial actor killed while its sweep goes on)."""
+
+    # The name carries the version of these methods: the actor outlives the job that made it,
+    # and a job of a later release must not call one of an earlier release.
+    NAME, NAMESPACE = "dupr-start-line-1", "dupr"
+
+    def __init__(self) -> None:
+        # key -> (the reserving job's id, its need, when it lapses: time.time())
+        self.held: dict[str, tuple[str, dict[str, float], float]] = {}
+
+    def reserve(
+        self, key: str, job: str, need: dict[str, float], free: dict[str, float], lapse_s: float
+    ) -> bool:
+        """Reserve `need` for `key` if it fits in `free` (what the caller saw free beside the
+        pending placement groups) beside the others' reservations; whether it did. One call
+        to the actor, so two jobs cannot take the same room."""
+        room = subtract(free, self.reserved())
+        if any(need.get(k, 0.0) > room[k] for k in KINDS):
+            return False
+        self.held[key] = (job, {k: float(need.get(k, 0.0)) for k in KINDS}, time.time() + lapse_s)
+        return True
+
+    def release(self, key: str) -> None:
+        self.held.pop(key, None)
+
+    def reserved(self) -> dict[str, float]:
+        """The sum of the reservations that hold now."""
+        self._forget_lapsed()
+        total = dict.fromkeys(KINDS, 0.0)
+        for _, need, _ in self.held.values():
+            total = add(total, need)
+        return total
+
+    def _forget_lapsed(self) -> None:
+        if not self.held:
+            return
+        # The job table is Ray's internal API (Ray 2.60 is pinned); `ray.util.state.list_jobs`
+        # needs the dashboard, which a cluster may run without.
+        from ray._private.state import jobs
+
+        alive = {j["JobID"] for j in jobs() if not j["IsDead"]}
+        now = time.time()
+        self.held = {
+            key: (job, need, until)
+            for key, (job, need, until) in self.held.items()
+            if job in alive and until > now
+        }
+
+    @classmethod
+    def actor(cls, create: bool = False) -> Any:
+        """The cluster's line (created by the first pre-training that waits), or None."""
+        if create:
+            return (
+                ray.remote(num_cpus=0)(cls)
+                .options(
+                    name=cls.NAME,
+                    namespace=cls.NAMESPACE,
+                    lifetime="detached",
+                    get_if_exists=True,
+                )
+                .remote()
+            )
+        try:
+            return ray.get_actor(cls.NAME, namespace=cls.NAMESPACE)
+        except ValueError:  # no pre-training has waited on this cluster yet
+            return None
+
+    @classmethod
+    def reserved_now(cls) -> dict[str, float]:
+        line = cls.actor()
+        return dict.fromkeys(KINDS, 0.0) if line is None else ray.get(line.reserved.remote())
+
+    @classmethod
+    def try_reserve(
+        cls, need: dict[str, float], free: dict[str, float], lapse_s: float
+    ) -> str | None:
+        """A key for a reservation of `need` in the cluster's line, or None where it does not
+        fit beside the others'."""
+        key = uuid.uuid4().hex
+        line = cls.actor(create=True)
+        return key if ray.get(line.reserve.remote(key, _job(), need, free, lapse_s)) else None
+
+    @classmethod
+    def release_now(cls, key: str | None) -> None:
+        """Give `key`'s reservation back (its workers are placed, or its pre-training ended)."""
+        line = cls.actor() if key else None
+        if line is not None:
+            ray.get(line.release.remote(key))
+
+
+def _job() -> str:
+    """The id of the job this process works for (a trial actor's: its sweep's driver)."""
+    return ray.get_runtime_context().get_job_id()
 
 
 class Claims:
@@ -89,9 +205,9 @@ class Claims:
         self.waiting[owner] = {k: float(sum(b.get(k, 0.0) for b in bundles)) for k in KINDS}
         self.shapes[owner] = list(bundles)
 
-    def waiting_shapes(self) -> list[dict[str, float]]:
-        """The bundles of every pre-training that waits to start, in line order."""
-        return [bundle for owner in self.waiting for bundle in self.shapes[owner]]
+    def shape(self, owner: str) -> list[dict[str, float]]:
+        """The bundles of `owner`'s pre-training while it waits to start (`[]` otherwise)."""
+        return self.shapes.get(owner, [])
 
     def start(self, owner: str, total: dict[str, float]) -> dict[str, float] | None:
         """Whether `owner`'s pre-training may start: None if so (it leaves the line), else

@@ -19,7 +19,9 @@
 - `ask_autoscaler`: room for work that waits outside Ray (a sweep trial's pre-training waiting
   for its turn), which an autoscaler would not see otherwise.
 - `wait_for_room`: a pre-training starts once the cluster has room for its workers, not in
-  Ray, where each `worker_group_start_minutes` of waiting counts as a failure of the run.
+  Ray, where each `worker_group_start_minutes` of waiting counts as a failure of the run; the
+  room stays reserved for it in the cluster's `StartLine` until its workers are placed, so a
+  job that waited for the same room does not start into it meanwhile.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -37,7 +40,14 @@ import ray
 
 from dupr.config import ConfigError
 from dupr_platform import console
-from dupr_platform.claims import KINDS, Claims, SharedClaims, room_beside_waiting
+from dupr_platform.claims import (
+    KINDS,
+    Claims,
+    SharedClaims,
+    StartLine,
+    free_beside_pending,
+    subtract,
+)
 from dupr_platform.environment import environment
 from dupr_platform.ports import free_port
 from dupr_platform.storage import AWS_CREDENTIALS, aws_settings, check_storage, open_storage
@@ -203,21 +213,42 @@ def largest_node() -> dict[str, float]:
     return most
 
 
-def ask_autoscaler(bundles: list[dict[str, float]]) -> None:
-    """Ask an autoscaler (the cluster launcher's) for room for `bundles` beside what the
-    cluster's nodes hold; `[]` withdraws the request. Ray's request states the cluster's
-    whole shape (bin-packed against the nodes' totals, not what is free), so it lists every
-    alive node's CPUs and GPUs too. Without an autoscaler nobody reads it."""
-    from ray.autoscaler.sdk import request_resources
+WAITING_REQUEST_S = 60.0  # an autoscaler request lapses this long after it was last renewed
 
-    if bundles:
-        nodes = [
-            {k: float(v) for k, v in n["Resources"].items() if k in KINDS and v}
-            for n in ray.nodes()
-            if n.get("Alive")
+
+def ask_autoscaler(requester: str, bundles: list[dict[str, float]]) -> None:
+    """Ask an autoscaler (the cluster launcher's) for room for `bundles` beside what the
+    cluster's nodes hold, as `requester`; `[]` withdraws its request. Through Ray's autoscaling
+    coordinator, the detached actor that Ray Train and Ray Data ask through (internal in Ray
+    2.60, which is pinned): it merges every requester's bundles into Ray's one request per
+    cluster (`request_resources`) and sends that again every 20 s, so a request made directly
+    would replace the other jobs' and be replaced at its next tick. Ray's request states the
+    cluster's whole shape (bin-packed against the nodes' totals, not what is free), so the
+    alive nodes' CPUs and GPUs are asked too, under one requester that every waiting
+    pre-training renews (they exist: no node is added for them). A request lapses
+    WAITING_REQUEST_S after it was last made (its driver was killed). Without an autoscaler
+    nobody reads it."""
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    coordinator = get_or_create_autoscaling_coordinator()
+    if not bundles:
+        ray.get(coordinator.cancel_request.remote(requester))
+        return
+    nodes = [
+        {k: float(v) for k, v in n["Resources"].items() if k in KINDS and v}
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+    ray.get(
+        [
+            coordinator.request_resources.remote(
+                "dupr-cluster-nodes", [n for n in nodes if n], WAITING_REQUEST_S
+            ),
+            coordinator.request_resources.remote(requester, bundles, WAITING_REQUEST_S),
         ]
-        bundles = [node for node in nodes if node] + bundles
-    request_resources(bundles=bundles)
+    )
 
 
 START_CHECK_S = 2.0  # how often a pre-training that waits to start asks again (`Claims.start`)
@@ -228,32 +259,40 @@ def wait_for_room(
     owner: str,
     need: dict[str, float],
     say: Callable[[dict[str, float]], None],
-) -> None:
+    lapse_s: float,
+) -> str:
     """Return once the cluster has room for `owner`'s pre-training, which `need`s that much and
     is in `claims`' line (`Claims.want`): free now beyond the placement groups that wait
-    (another job's pre-training), and in the claims beside what the others sharing them hold
-    or waited for before it (a sweep's other trials, `Claims.start`). Waiting in Ray instead,
-    Ray Train counts each `worker_group_start_minutes` as a failure of the run. `say(room)`
-    once, if it waits. Meanwhile an autoscaler is asked for the waiting workers' room (Ray
-    Train's placement group would have asked); the request is withdrawn once none waits."""
-    said, asked = False, None
+    (another job's pre-training) and the room that other jobs' pre-trainings were let start
+    into (`StartLine`), and in the claims beside what the others sharing them hold or waited
+    for before it (a sweep's other trials, `Claims.start`). Waiting in Ray instead, Ray Train
+    counts each `worker_group_start_minutes` as a failure of the run. `say(room)` once, if it
+    waits. Meanwhile an autoscaler is asked for the waiting workers' room (Ray Train's
+    placement group would have asked), beside every other job's that waits.
+
+    The room is reserved in the cluster's `StartLine` (for `lapse_s` at most): the key
+    returned, which the pre-training's first worker, or its end, gives back
+    (`StartLine.release_now`)."""
+    said, requester = False, f"dupr-waiting-{uuid.uuid4().hex}"
     try:
         while True:
-            room = {k: max(0.0, v) for k, v in room_beside_waiting().items()}
-            fits = all(need.get(k, 0.0) <= room[k] for k in KINDS)
-            if fits and claims.start(owner, ray.cluster_resources()) is None:
-                return
-            shapes = claims.waiting_shapes()
-            if shapes != asked:
-                ask_autoscaler(asked := shapes)
+            free = free_beside_pending()
+            room = {k: max(0.0, v) for k, v in subtract(free, StartLine.reserved_now()).items()}
+            if all(need.get(k, 0.0) <= room[k] for k in KINDS):
+                key = StartLine.try_reserve(need, free, lapse_s)
+                if key is not None:
+                    if claims.start(owner, ray.cluster_resources()) is None:
+                        return key
+                    StartLine.release_now(key)
+            ask_autoscaler(requester, claims.shape(owner))  # renewed while it waits
             if not said:
                 said = True
                 say(room)
             time.sleep(START_CHECK_S)
     finally:
         claims.forget_wait(owner)
-        if asked and not claims.waiting_shapes():
-            ask_autoscaler([])
+        if said:
+            ask_autoscaler(requester, [])
 
 
 def amounts(amounts: dict[str, float], kinds: Sequence[str] = KINDS) -> str:

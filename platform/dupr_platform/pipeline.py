@@ -48,7 +48,14 @@ from dupr.config import (
 from dupr.data.folder import ImageDecodeError
 from dupr.io import markdown_table
 from dupr_platform import console, convert_stage, eval_stages, report, smoke, software
-from dupr_platform.claims import KINDS, Claims, SharedClaims, add, room_beside_waiting
+from dupr_platform.claims import (
+    KINDS,
+    Claims,
+    SharedClaims,
+    StartLine,
+    add,
+    room_beside_waiting,
+)
 from dupr_platform.cluster import (
     COMPUTE_PRIORITY,
     amounts,
@@ -72,6 +79,7 @@ from dupr_platform.ray_pretrain import (
     pretraining_bundles,
     pretraining_needs,
     run_pretraining,
+    start_lapse_s,
 )
 from dupr_platform.recovery import driving
 from dupr_platform.scratch import scratch_folder
@@ -578,19 +586,25 @@ class _Runner:
         # A sweep's Tune callbacks follow the model's pre-training (the first seed's) only:
         # its scheduler reads one loss curve per trial.
         callbacks = self.pretrain_callbacks if stage.name == self.tuned else None
+        reservation = None
         try:
             with self.collecting(pending, running, spare):
-                self.wait_to_start(stage)
+                reservation = self.wait_to_start(stage, job)
                 began = time.monotonic()
                 print(f"[{self.tag}] {stage.name}: pre-training ({job.name})", flush=True)
                 result = run_pretraining(
-                    job, callbacks, tags=self.stage_tags(stage), waits_for_room=False
+                    job,
+                    callbacks,
+                    tags=self.stage_tags(stage),
+                    waits_for_room=False,
+                    reservation=reservation,
                 )
         except Exception as exc:  # reported, and the pipeline goes on
             self.fail(stage, exc)
             return
         finally:
             self.claims.forget_wait(self.owner)  # also where it failed before `wait_to_start`
+            StartLine.release_now(reservation)  # also where it failed before `run_pretraining`
             self.pretrain_need = {}  # its workers' resources are given back
             self.publish(running)
         # The run's last value of each metric (loss, accuracies, throughput) and Ray's counters.
@@ -604,9 +618,10 @@ class _Runner:
         )
         self.finish(stage, {"data": job.data}, out, result.run_id)
 
-    def wait_to_start(self, stage: Stage) -> None:
-        """Wait until the cluster has room for `stage`'s pre-training (`wait_for_room`), in
-        the line of the pipelines that share this one's claims (a sweep's trials)."""
+    def wait_to_start(self, stage: Stage, job: PretrainJob) -> str:
+        """Wait until the cluster has room for `stage`'s pre-training `job` (`wait_for_room`),
+        in the line of the pipelines that share this one's claims (a sweep's trials); the key
+        of the room reserved for it."""
 
         def say(room: dict[str, float]) -> None:
             others = self.claims.others(self.owner)
@@ -618,7 +633,7 @@ class _Runner:
                 flush=True,
             )
 
-        wait_for_room(self.claims, self.owner, self.pretrain_need, say)
+        return wait_for_room(self.claims, self.owner, self.pretrain_need, say, start_lapse_s(job))
 
     @contextlib.contextmanager
     def collecting(

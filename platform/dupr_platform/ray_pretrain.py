@@ -53,7 +53,7 @@ from dupr.model import DUPR
 from dupr.train import BatchLoader, TrainState, build_state, compile_model, rng_state, train
 from dupr.views import TwoViews
 from dupr_platform import software, tracking
-from dupr_platform.claims import KINDS, Claims
+from dupr_platform.claims import KINDS, Claims, StartLine
 from dupr_platform.cluster import (
     COMPUTE_PRIORITY,
     amounts,
@@ -297,6 +297,8 @@ def train_worker(config: dict[str, Any]) -> None:
 def _train(config: dict[str, Any], checkpoints: Path) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if rank == 0:  # Ray has placed every worker: the room they hold is no longer reserved
+        StartLine.release_now(config.get("start_reservation"))
     cfg = DUPRConfig.from_dict(config["method"])
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
@@ -680,6 +682,7 @@ def run_pretraining(
     callbacks: list[Any] | None = None,
     tags: dict[str, str] | None = None,
     waits_for_room: bool = True,
+    reservation: str | None = None,
 ) -> PretrainResult:
     """Pre-train on the connected Ray cluster (or a local one), resuming `job.name` if it exists.
 
@@ -687,28 +690,51 @@ def run_pretraining(
     pre-training runs inside a Tune trial (each epoch's report then reaches Tune's scheduler).
     `tags` are set on the MLflow run (a pipeline's stage tags). It starts once the cluster has
     room for its workers (`wait_for_room`); a pipeline waits in its own line instead
-    (`waits_for_room=False`).
+    (`waits_for_room=False`) and hands over the room it `reservation` holds, which the first
+    worker gives back once Ray has placed them all, or this call when it ends.
     """
     job = absolute_locations(job)
     assert job.data is not None  # absolute_locations set it
-    preflight_config(job)
-    if start_ray(f"pretrain {job.name}"):
-        check_nodes(job.storage, job.tracking_uri)
-    preflight_cluster(job)
-    if waits_for_room:
-        need = pretraining_needs(job)
-        alone = Claims()  # no other pre-training shares this driver's line
-        alone.want(job.name, pretraining_bundles(job))
-        wait_for_room(
-            alone,
-            job.name,
-            need,
-            lambda room: print(
-                f"pre-training {job.name}: waits to start until the cluster has room for its "
-                f"{amounts(need)} ({amounts(room)} free now)",
-                flush=True,
-            ),
-        )
+    try:
+        preflight_config(job)
+        if start_ray(f"pretrain {job.name}"):
+            check_nodes(job.storage, job.tracking_uri)
+        preflight_cluster(job)
+        if waits_for_room:
+            need = pretraining_needs(job)
+            alone = Claims()  # no other pre-training shares this driver's line
+            alone.want(job.name, pretraining_bundles(job))
+            reservation = wait_for_room(
+                alone,
+                job.name,
+                need,
+                lambda room: print(
+                    f"pre-training {job.name}: waits to start until the cluster has room for "
+                    f"its {amounts(need)} ({amounts(room)} free now)",
+                    flush=True,
+                ),
+                start_lapse_s(job),
+            )
+        return _pretrain(job, callbacks, tags, reservation)
+    finally:
+        if ray.is_initialized():
+            StartLine.release_now(reservation)
+
+
+def start_lapse_s(job: PretrainJob) -> float:
+    """How long the room a pre-training was let start into stays reserved at most
+    (`StartLine`): Ray Train's start limit, and two minutes for what comes before it (the
+    MLflow run, the controller)."""
+    return 60.0 * job.worker_group_start_minutes + 120.0
+
+
+def _pretrain(
+    job: PretrainJob,
+    callbacks: list[Any] | None,
+    tags: dict[str, str] | None,
+    reservation: str | None,
+) -> PretrainResult:
+    assert job.data is not None  # absolute_locations set it
     storage = open_storage(job.storage)
 
     resumes_from = latest_checkpoint(storage, job.name)
@@ -768,6 +794,7 @@ def run_pretraining(
             "data_loader": job.data_loader,
             "num_images": num_images,
             "profile": job.profile,
+            "start_reservation": reservation,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.num_workers,
