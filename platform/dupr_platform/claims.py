@@ -25,6 +25,7 @@ Ray Train asks for its workers seconds after the check (the MLflow run, its cont
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from typing import Any
@@ -53,6 +54,12 @@ def free_beside_pending() -> dict[str, float]:
             for bundle in group["bundles"].values():
                 room = {k: room[k] - float(bundle.get(k, 0.0)) for k in KINDS}
     return room
+
+
+# Set by `cluster.start_ray` where a driver started its own local instance, and inherited by
+# the instance's processes: no other job runs there (a sweep's trials share their claims), so
+# the `StartLine` is not needed, and its actor process is not started.
+ONE_JOB_CLUSTER = "DUPR_ONE_JOB_CLUSTER"
 
 
 def room_beside_waiting() -> dict[str, float]:
@@ -136,7 +143,7 @@ class StartLine:
 
     @classmethod
     def reserved_now(cls) -> dict[str, float]:
-        line = cls.actor()
+        line = None if os.environ.get(ONE_JOB_CLUSTER) else cls.actor()
         return dict.fromkeys(KINDS, 0.0) if line is None else ray.get(line.reserved.remote())
 
     @classmethod
@@ -144,7 +151,9 @@ class StartLine:
         cls, need: dict[str, float], free: dict[str, float], lapse_s: float
     ) -> str | None:
         """A key for a reservation of `need` in the cluster's line, or None where it does not
-        fit beside the others'."""
+        fit beside the others'; `""` on a cluster of one job (nothing to reserve against)."""
+        if os.environ.get(ONE_JOB_CLUSTER):
+            return ""
         key = uuid.uuid4().hex
         line = cls.actor(create=True)
         return key if ray.get(line.reserve.remote(key, _job(), need, free, lapse_s)) else None

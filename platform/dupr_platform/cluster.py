@@ -42,6 +42,7 @@ from dupr.config import ConfigError
 from dupr_platform import console
 from dupr_platform.claims import (
     KINDS,
+    ONE_JOB_CLUSTER,
     Claims,
     SharedClaims,
     StartLine,
@@ -113,6 +114,7 @@ def stop_ray() -> None:
     if _started and ray.is_initialized():
         ray.shutdown()
     _started = False
+    os.environ.pop(ONE_JOB_CLUSTER, None)
 
 
 def start_ray(where: str) -> bool:
@@ -142,6 +144,7 @@ def start_ray(where: str) -> bool:
             # here; its process took about 4 s of a toy pipeline's 60 on 2 cores (noisy A/B).
             PREEMPTION_WATCHER: os.environ.get(PREEMPTION_WATCHER, "0"),
         }
+        os.environ[ONE_JOB_CLUSTER] = "1"  # kept: this driver's checks read it too
         # Inherited by the instance's processes, not kept in this one.
         with environment(own):
             ray.init(
