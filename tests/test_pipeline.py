@@ -565,7 +565,7 @@ def test_trials_at_once_start_their_pretrainings_in_turn(local_ray, tmp_path):
     tasks = [trial.remote(cfg, x) for cfg, x in zip(configs, "ab", strict=True)]
     # While one waits, an autoscaler is asked for room for its worker beside the 2-CPU node.
     until(lambda: waiting_requests() != [], "the waiting worker's room asked")
-    assert waiting_requests() == [[{"CPU": 2.0}]]  # the line's, once
+    assert waiting_requests() == [[{"CPU": 2.0}]]  # the waiting trial's worker alone
     reports = ray.get(tasks)
     assert waiting_requests() == []  # withdrawn: nothing waits
     assert [r[:2] for r in reports] == [("done", "")] * 2, reports
