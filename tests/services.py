@@ -34,6 +34,7 @@ import boto3
 import pytest
 
 from dupr_platform.ports import free_port
+from dupr_platform.stack import MLFLOW_SERVER_ENV
 
 FAKE_KEY = "testing-key"
 FAKE_SECRET = "testing-secret"
@@ -266,7 +267,12 @@ def start_mlflow_server(
     ]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            cmd, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            env=env | MLFLOW_SERVER_ENV,
+            cwd=workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", proc, timeout_s, log_path)
