@@ -34,13 +34,13 @@ demo: $(STAMP)
 
 # Lint (style, formatting, types), then the whole test suite but the `results` and `rehearsal`
 # tests. pytest exits 5 when it collects no test: that fails too. Two processes (pytest-xdist),
-# each taking whole modules (their module-scoped Ray instances and stacks stay one), longest
-# first (tests/conftest.py): alone, a test leaves about half of two cores idle while it waits on
-# drivers, servers and Ray; two at once cut the suite by about a third on 2 cores.
+# each taking whole modules (their module-scoped Ray instances and stacks stay one): alone, a
+# test left about half of two slow cores idle while it waited on drivers, servers and Ray; two
+# at once cut the suite by a quarter there (README, Tests).
 TEST_PROCESSES ?= 2
 test: system-deps lint
 	$(PY) -m pytest -m "not results and not rehearsal" \
-		-n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder
+		-n $(TEST_PROCESSES) --dist loadfile
 
 # The results checks (`results` marks them: tests/test_ranking.py): the demo's pre-training at 4x
 # its budget ranked above random initialisation by three evaluations, about 15 minutes of

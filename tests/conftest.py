@@ -67,42 +67,12 @@ def _fixtures_defined_in(path: Path) -> frozenset[str]:
 SERVICE_FIXTURES = _fixtures_defined_in(Path(__file__).with_name("services.py")) | {"local_ray"}
 
 
-# The modules that take minutes, the longest first (`--durations`, two at once on 2 cores).
-# `make test` hands whole modules to its two processes in collection order: these first, so
-# that no long module starts last and runs alone while the other process has nothing left. A
-# stale entry costs minutes of the suite's time, never a result.
-LONGEST_FIRST = (
-    "test_cluster_nodes.py",
-    "test_pipeline.py",
-    "test_crash_resume.py",
-    "test_stack.py",
-    "test_smoke.py",
-    "test_ray_pretrain.py",
-    "test_tracking_outage.py",
-    "test_sweep.py",
-    "test_job_submit.py",
-    "test_storage_outage.py",
-    "test_secrets.py",
-    "test_console.py",
-    "test_photometric.py",
-    "test_ray_data.py",
-    "test_learning.py",
-    "test_shards.py",
-)
-
-
-def _module_rank(item: pytest.Item) -> int:
-    name = item.path.name
-    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-
-
 @pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         # `fixturenames` is the closure: fixtures used through other fixtures count too.
         if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    items.sort(key=_module_rank)  # stable: within a module, and among the rest, the file order
 
 
 @pytest.fixture(autouse=True)
