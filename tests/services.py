@@ -314,6 +314,12 @@ def mlflow_server(
 BIN = Path(sys.executable).parent
 
 
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+        return True
+    return False
+
+
 def _ray_start(args: list[str], env: dict, log_path: Path) -> subprocess.Popen:
     with open(log_path, "ab") as log:
         return subprocess.Popen(
@@ -333,7 +339,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     RAY_AUTH_TOKEN, so it neither reads nor writes the user's ~/.ray/auth_token.
     """
     token = uuid.uuid4().hex
-    port, dashboard = free_port(), free_port()
+    port, dashboard, agent = free_port(), free_port(), free_port()
     env = {
         **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the head resolves `python`
@@ -351,6 +357,9 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
             f"--port={port}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
+            # The job agent's own port (Ray's default, 52365, is shared by every Ray instance on
+            # the machine: one that finds it taken serves no jobs: "No available agent").
+            f"--dashboard-agent-listen-port={agent}",
             "--num-cpus=2",
             f"--temp-dir={temp_dir}",
         ],
@@ -360,15 +369,15 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.monotonic() + 120
-        while True:
-            probe = subprocess.run(
+        while True:  # up once its job agent listens (`ray job submit` needs it) and jobs list
+            probe = _listening(agent) and subprocess.run(
                 [str(BIN / "ray"), "job", "list", "--address", address],
                 env=env,
                 capture_output=True,
                 text=True,
                 timeout=60,
             )
-            if probe.returncode == 0:
+            if probe and probe.returncode == 0:
                 break
             if head.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"Ray head did not come up: {log_path.read_text()[-2000:]}")
@@ -396,6 +405,7 @@ def ray_worker_node(
             "--node-ip-address=127.0.0.1",
             f"--num-cpus={num_cpus}",
             f"--temp-dir={temp_dir}",
+            f"--dashboard-agent-listen-port={free_port()}",  # not the head's (ray_head)
         ],
         env,
         log_path,

@@ -282,7 +282,17 @@ def test_a_pretraining_whose_node_is_not_replaced_fails_then_resumes(ray_head, t
         "a checkpoint",
     )
     assert status == 1, output[-4000:]
-    assert "[pipeline] pretrain: FAILED: The worker group startup timed out after 6.0 s" in output
+    # Ray Train starts the group again once, and either of its start failures ends the run: no
+    # node fits and it waits the 6 s; or, when Ray has not yet marked the lost node dead, a
+    # worker is placed there and fails to initialize. Which one comes depends on the load.
+    failed = [
+        line for line in output.splitlines() if line.startswith("[pipeline] pretrain: FAILED")
+    ]
+    causes = (
+        "The worker group startup timed out after 6.0 s",
+        "worker actors failed to initialize",
+    )
+    assert len(failed) == 1 and any(cause in failed[0] for cause in causes), output[-6000:]
     assert "Traceback" not in output
     assert waited < 50, waited  # Ray's own default would have waited a minute
     # The killed worker's checkpoint scratch folder, left behind.

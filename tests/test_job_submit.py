@@ -45,14 +45,7 @@ def _submit(head, submission_id: str, overrides: list[str]) -> None:
         *("--runtime-env-json", json.dumps(runtime_env)),
         *("--", "python", "pipelines/pretrain_and_eval.py", *overrides),
     ]
-    # A head that has just started may not have its job agent yet: Ray answers "No available
-    # agent to submit job, please try again later" (500) and creates no job, so try again.
-    deadline = time.monotonic() + 120
-    while True:
-        submit = _ray(head, *command, timeout=300)
-        if "No available agent" not in submit.stderr or time.monotonic() > deadline:
-            break
-        time.sleep(5)
+    submit = _ray(head, *command, timeout=300)
     assert submit.returncode == 0, submit.stderr[-3000:]
 
 

@@ -3,7 +3,6 @@
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -242,7 +241,6 @@ def train_fn(config: dict) -> None:
 
 
 def test_two_workers_see_every_image_once_per_epoch(local_ray, shards, tmp_path):
-    start = time.perf_counter()
     assert count_images(shards) == NUM_IMAGES
     ds = two_view_dataset(
         shards,
@@ -309,7 +307,6 @@ def test_two_workers_see_every_image_once_per_epoch(local_ray, shards, tmp_path)
         for i in (0, 13, 23):
             expected = reference[(epoch, i)]["view1"].sum().item()
             assert views[epoch][i] == pytest.approx(expected, abs=1e-4)
-    assert time.perf_counter() - start < 120
 
 
 def test_uint8_views_and_colour_choices_reach_the_training_step(local_ray, shards):

@@ -373,7 +373,15 @@ class Stack:
         ]
         record = self.spawn("ray-head", cmd, _node_env(self.services["s3"], secrets))
         gcs, url = f"{HOST}:{port}", f"http://{HOST}:{dashboard}"
-        _wait("the Ray head", lambda: _listening(port) and _http_ok(url), record, 120)
+        # Up once its job agent listens too: `ray job submit` before that gets Ray's "No
+        # available agent to submit job" (the agent starts after the dashboard).
+        agent = ports["dashboard-agent-listen-port"]
+        _wait(
+            "the Ray head",
+            lambda: _listening(port) and _http_ok(url) and _listening(agent),
+            record,
+            120,
+        )
         return self.update(
             "ray-head", gcs=gcs, dashboard=url, node_manager_port=ports["node-manager-port"]
         )
