@@ -33,7 +33,7 @@ from typing import Any
 import boto3
 import pytest
 
-from dupr_platform.ports import free_port
+from dupr_platform.ports import free_port, listening
 from dupr_platform.stack import MLFLOW_SERVER_ENV
 
 FAKE_KEY = "testing-key"
@@ -314,12 +314,6 @@ def mlflow_server(
 BIN = Path(sys.executable).parent
 
 
-def _listening(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
-        return True
-    return False
-
-
 def _ray_start(args: list[str], env: dict, log_path: Path) -> subprocess.Popen:
     with open(log_path, "ab") as log:
         return subprocess.Popen(
@@ -370,7 +364,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     try:
         deadline = time.monotonic() + 120
         while True:  # up once its job agent listens (`ray job submit` needs it) and jobs list
-            probe = _listening(agent) and subprocess.run(
+            probe = listening(agent) and subprocess.run(
                 [str(BIN / "ray"), "job", "list", "--address", address],
                 env=env,
                 capture_output=True,

@@ -25,3 +25,14 @@ def test_a_port_a_server_holds_is_skipped(monkeypatch):
         held.bind(("127.0.0.1", held_port))
         held.listen()
         assert free_port() == other
+
+
+def test_a_port_is_listening_while_a_server_accepts_on_it():
+    port = free_port()
+    assert not ports.listening(port)  # nothing there yet
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", port))
+        assert not ports.listening(port)  # bound, not yet accepting
+        server.listen()
+        assert ports.listening(port)
+    assert not ports.listening(port)

@@ -124,7 +124,10 @@ def test_rerun_after_a_crash_resumes_from_the_latest_checkpoint(local_ray, mlflo
     # One line: the cause, no retry, the last complete checkpoint (README, Failures).
     line = str(failed.value)
     assert "\n" not in line and line.startswith(f"data {data}: "), line
-    assert "consecutive images failed to decode" in line and "(rank 0; not retried)" in line
+    # Either rank may be the first to meet the missing data: rank 1 was, once, with two test
+    # processes on two cores (the other rank then fails of its loss, not of the data).
+    assert "consecutive images failed to decode" in line, line
+    assert re.search(r"\(rank [01]; not retried\)", line), line
     assert re.search(r"last complete checkpoint: \S+/checkpoint_epoch=000[123];", line), line
     client = MlflowClient(mlflow_server.uri)
     runs = client.search_runs(

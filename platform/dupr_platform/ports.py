@@ -47,3 +47,12 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:  # an unusual port range: the kernel's choice
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server accepts connections on `port` now: a started service is up."""
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False

@@ -40,7 +40,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from dupr_platform.ports import free_port
+from dupr_platform.ports import free_port, listening
 
 SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN")
 STATE = "stack.json"
@@ -150,11 +149,6 @@ def _tail(log: str, chars: int = 3000) -> str:
 def _http_ok(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=3) as resp:
         return resp.status == 200
-
-
-def _listening(port: int) -> bool:
-    with socket.create_connection((HOST, port), timeout=2):
-        return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,7 +372,7 @@ class Stack:
         agent = ports["dashboard-agent-listen-port"]
         _wait(
             "the Ray head",
-            lambda: _listening(port) and _http_ok(url) and _listening(agent),
+            lambda: listening(port, HOST) and _http_ok(url) and listening(agent, HOST),
             record,
             120,
         )
