@@ -39,13 +39,14 @@ def _submit(head, submission_id: str, overrides: list[str]) -> None:
             "RAY_JOB_STOP_WAIT_TIME_S": "30",
         }
     }
-    command = [
+    submit = _ray(
+        head,
         *("job", "submit", "--address", head.dashboard, "--no-wait"),
         *("--submission-id", submission_id, "--working-dir", str(ROOT)),
         *("--runtime-env-json", json.dumps(runtime_env)),
         *("--", "python", "pipelines/pretrain_and_eval.py", *overrides),
-    ]
-    submit = _ray(head, *command, timeout=300)
+        timeout=300,
+    )
     assert submit.returncode == 0, submit.stderr[-3000:]
 
 
